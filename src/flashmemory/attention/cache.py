@@ -1,0 +1,380 @@
+"""`transformers` Cache integration: full-attention layers keep their history in a :class:`KVStore`.
+
+This is the one module that knows the transformers Cache API (tested on 5.17 and 5.23).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from ..config import LSAConfig
+from ..indexer.chunk_keys import ChunkKeys
+from ..indexer.memory_indexer import MemoryIndexer
+from ..indexer.scoring import select_pages
+from ..memory.accounting import storage_bytes
+from ..memory.layout import SequenceBytes, plan_layout
+from ..memory.store import KVStore
+from ..models.adapter import backbone_spec
+from .hooks import CacheHooks
+
+
+@dataclass(slots=True)
+class CycleStats:
+    """What happened at cycle boundaries and how much device memory the KV took."""
+
+    boundaries: int = 0
+    pages_recalled: list[int] = field(default_factory=list)
+    select_seconds: float = 0.0
+    recall_seconds: float = 0.0
+    peak_device_bytes: int = 0
+    kept_fraction: list[float] = field(default_factory=list)
+
+
+class LSALayer(CacheLayerMixin):
+    """One full-attention layer whose history lives in the owner's :class:`KVStore`."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, owner: LSACache, layer_idx: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.num_seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = self.owner.layer_update(self.layer_idx, key_states, value_states)
+        self.num_seen += key_states.shape[-2]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.num_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.owner.in_decode:
+            return self.owner.store.layout.num_slots, 0
+        return self.num_seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def offload(self) -> None:
+        raise NotImplementedError("LSA keeps its own host mirror; transformers offloading does not apply")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("LSA keeps its own host mirror; transformers offloading does not apply")
+
+    def reset(self) -> None:
+        raise NotImplementedError("an LSACache serves one request; build a new one instead of resetting")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("LSACache cannot crop (no assisted or speculative decoding)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("LSACache does not support beam search")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("LSACache does not support expanding the batch after prefill")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("LSACache does not support selecting batch rows after prefill")
+
+
+class CompactSlidingLayer(DynamicSlidingWindowLayer):
+    """A sliding-window layer that does not keep the prompt's storage alive through a view of its tail."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if self.keys.untyped_storage().nbytes() > self.keys.numel() * self.keys.element_size():
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+        return keys, values
+
+
+class LSACache(Cache):
+    """A transformers ``Cache`` that runs Lookahead Sparse Attention on every full-attention layer.
+
+    Use it with ``model.generate(..., past_key_values=cache)`` or with :func:`flashmemory.generate`. It installs
+    forward pre-hooks on the model (to read the lookahead hidden states and hand the decode mask to attention);
+    :meth:`close` or leaving a ``with`` block removes them.
+
+    Args:
+        model: the causal LM the cache will be used with.
+        lsa: LSA settings.
+        indexer: a Memory Indexer for this backbone; ``None`` builds the zero-shot one from ``q_proj``.
+        max_new_tokens: most tokens that will be generated (sizes the host mirror and the chunk-key budget).
+        forced_pages: callable ``(cache) -> [B, K] page ids`` replacing the indexer (tests, oracle baselines).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lsa: LSAConfig | None = None,
+        indexer: MemoryIndexer | None = None,
+        *,
+        max_new_tokens: int = 256,
+        forced_pages=None,
+    ) -> None:
+        self.lsa = lsa or LSAConfig()
+        self.spec = backbone_spec(model)
+        impl = getattr(model.config, "_attn_implementation", "sdpa")
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(f"LSACache needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")
+        self.attn_impl = impl
+        targets = self.lsa.target_layers or self.spec.default_target_layers()
+        if indexer is None:
+            indexer = MemoryIndexer.from_model(model, targets, chunk_size=self.lsa.chunk_size)
+        if self.lsa.target_layers is not None and tuple(indexer.target_layers) != tuple(targets):
+            raise ValueError(f"indexer reads layers {indexer.target_layers} but LSAConfig asks for {targets}")
+        if indexer.spec.chunk_size != self.lsa.chunk_size:
+            raise ValueError(
+                f"indexer keys were built with chunk_size={indexer.spec.chunk_size}, "
+                f"LSAConfig has {self.lsa.chunk_size}"
+            )
+        self.indexer = indexer
+        self.targets = tuple(indexer.target_layers)
+        self.lsa_layers = self.spec.full_layers
+        layers: list[CacheLayerMixin] = []
+        for i, kind in enumerate(self.spec.layer_types):
+            if kind == "full_attention":
+                layers.append(LSALayer(self, i))
+            elif kind == "sliding_attention":
+                layers.append(CompactSlidingLayer(sliding_window=self.spec.sliding_window))
+            else:
+                raise ValueError(f"layer {i} is {kind!r}: LSACache supports full and sliding attention layers")
+        super().__init__(layers=layers)
+        self.max_new_tokens = max_new_tokens
+        self.forced_pages = forced_pages
+        self.store: KVStore | None = None
+        self.chunk_keys = ChunkKeys(self.targets, self.lsa.chunk_size)
+        self.pad_len: torch.Tensor | None = None
+        self.in_decode = False
+        self.steps_in_cycle = 0
+        self.stats = CycleStats()
+        self.lookahead: dict[int, torch.Tensor] = {}
+        self.lookahead_pos: torch.Tensor | None = None
+        self.lookahead_valid: torch.Tensor | None = None
+        self.hooks = CacheHooks(self, model)
+
+    def __enter__(self) -> LSACache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks this cache put on the model."""
+        self.hooks.remove()
+
+    @property
+    def first_lsa_layer(self) -> int:
+        return self.lsa_layers[0]
+
+    def layer_update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route one layer's new keys/values: whole prompt during prefill, one token per decode step."""
+        if not self.in_decode:
+            if self.store is None:
+                self._allocate(keys)
+            elif layer == self.first_lsa_layer:
+                raise NotImplementedError("LSACache takes the prompt in one forward pass (no chunked prefill)")
+            self.store.write_prefill(layer, keys, values)
+            if layer in self.targets:
+                self.chunk_keys.extend(layer, keys, 0, self.pad_len, keys.device)
+            return keys, values
+        if keys.shape[-2] != 1:
+            raise NotImplementedError("LSACache decodes one token per step per sequence")
+        return self.store.append(layer, keys, values)
+
+    def _allocate(self, keys: torch.Tensor) -> None:
+        batch, heads, seq_len, head_dim = keys.shape
+        if self.pad_len is None:
+            self.pad_len = torch.zeros(batch, dtype=torch.long)
+        elem = keys.element_size()
+        seq = self.sequence_bytes(elem)
+        max_len = seq_len + self.max_new_tokens
+        layout = plan_layout(
+            self.lsa,
+            seq,
+            context_len=seq_len,
+            max_len=max_len,
+            other_layers_full=self._other_bytes(seq_len, elem),
+        )
+        self.store = KVStore(self.lsa_layers, layout, self.lsa.recent)
+        self.store.allocate(
+            batch,
+            heads,
+            head_dim,
+            dtype=keys.dtype,
+            device=keys.device,
+            capacity=max_len,
+            pad_len=self.pad_len,
+        )
+
+    def sequence_bytes(self, elem: int) -> SequenceBytes:
+        """Per-sequence byte sizes for element size ``elem`` (used to plan and to report)."""
+        per_head_token = self.spec.num_kv_heads * self.spec.head_dim * elem
+        return SequenceBytes(
+            per_token=2 * per_head_token * len(self.lsa_layers),
+            per_chunk_key=per_head_token * len(self.targets),
+            other_layers=self._other_bytes(self.spec.sliding_window or 0, elem),
+        )
+
+    def _other_bytes(self, num_tokens: int, elem: int) -> int:
+        window = self.spec.sliding_window or 0
+        num_sliding = self.spec.num_layers - len(self.lsa_layers)
+        return 2 * num_sliding * min(num_tokens, window) * self.spec.num_kv_heads * self.spec.head_dim * elem
+
+    def begin_decode_step(self) -> None:
+        """Called once per decode forward, before the first LSA layer attends: boundary work, then the new slot."""
+        store = self.store
+        if not self.in_decode:
+            self.in_decode = True
+            self._boundary(first=True)
+        elif self.steps_in_cycle == self.lsa.interval:
+            self._boundary(first=False)
+        store.begin_step()
+        self.steps_in_cycle += 1
+        self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_kv_bytes())
+
+    def _boundary(self, first: bool) -> None:
+        store = self.store
+        t0 = time.perf_counter()
+        if not first:
+            flushed = store.flushed_len
+            store.end_cycle()
+            self._extend_chunk_keys(flushed)
+        self.steps_in_cycle = 0
+        pages = self._choose_pages()
+        t1 = time.perf_counter()
+        copied = store.recall(pages)
+        if store.device.type == "cuda":
+            torch.cuda.current_stream(store.device).synchronize()
+        t2 = time.perf_counter()
+        self.stats.boundaries += 1
+        self.stats.pages_recalled.append(copied)
+        self.stats.select_seconds += t1 - t0
+        self.stats.recall_seconds += t2 - t1
+
+    def _extend_chunk_keys(self, flushed: int) -> None:
+        store, c = self.store, self.lsa.chunk_size
+        start = self.chunk_keys.num_chunks * c
+        end = store.flushed_len // c * c
+        if end <= start:
+            return
+        for layer in self.targets:
+            keys = store.mirror_k[layer][:, :, start:end]
+            self.chunk_keys.extend(layer, keys, start, self.pad_len, store.device)
+
+    def _choose_pages(self) -> torch.Tensor:
+        store = self.store
+        if self.forced_pages is not None:
+            return self.forced_pages(self).to(store.device)
+        k = store.layout.num_page_slots
+        selectable = store.selectable_pages()
+        if k >= selectable:
+            pages = torch.arange(k, device=store.device).expand(store.batch, -1)
+            return torch.where(pages < selectable, pages, -1)
+        scores = self.indexer.score(
+            self.lookahead,
+            self.lookahead_pos,
+            self.chunk_keys.stacked(),
+            self.lsa.layer_reduce,
+            window_mask=self.lookahead_valid,
+        )
+        self.last_scores = scores
+        self.stats.kept_fraction.append(float((scores > self.lsa.threshold).float().mean()))
+        return select_pages(
+            scores,
+            num_selectable=selectable,
+            page_chunks=self.lsa.page_chunks,
+            num_slots=k,
+            threshold=self.lsa.threshold,
+            valid_chunks=self._valid_chunks(scores.shape[1]),
+            top_m=math.ceil(self.lsa.best_chunk_slots * min(k, selectable)),
+        )
+
+    def _valid_chunks(self, n: int) -> torch.Tensor:
+        c = self.lsa.chunk_size
+        ends = (torch.arange(n, device=self.store.device) + 1) * c
+        return ends[None, :] > self.store.pad_len[:, None]
+
+    def decode_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The attention mask of the current decode step for LSA layers. # [B, 1, 1, S]"""
+        mask = self.store.attention_mask()
+        if self.attn_impl == "eager":
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
+
+    def capture_lookahead(self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> None:
+        """Keep the newest ``query_window`` hidden states at a target layer (the next boundary's query).
+
+        Args:
+            layer: target decoder layer.
+            hidden: hidden states entering its attention in this forward. # [B, q, hidden]
+            position_ids: their rotary positions, if the caller passed them. # [B or 1, q]
+        """
+        window = self.lsa.query_window
+        new = hidden[:, -window:].detach()
+        old = self.lookahead.get(layer)
+        self.lookahead[layer] = (
+            new if old is None or hidden.shape[1] >= window else torch.cat([old, new], 1)[:, -window:]
+        )
+        if layer != self.targets[0]:
+            return
+        batch, q = hidden.shape[:2]
+        seen = self.layers[layer].get_seq_length()
+        index = torch.arange(seen, seen + q, device=hidden.device)[-window:]  # absolute (padded) indices
+        pad = (self.pad_len if self.pad_len is not None else torch.zeros(batch, dtype=torch.long)).to(hidden.device)
+        if position_ids is not None:
+            pos = position_ids[:, -window:].to(hidden.device).expand(batch, -1)
+        else:
+            pos = (index[None, :] - pad[:, None]).clamp(min=0)
+        valid = index[None, :] >= pad[:, None]
+        if self.lookahead_pos is not None and q < window:
+            pos = torch.cat([self.lookahead_pos, pos], 1)[:, -window:]
+            valid = torch.cat([self.lookahead_valid, valid], 1)[:, -window:]
+        self.lookahead_pos, self.lookahead_valid = pos, valid
+
+    def set_padding(self, attention_mask: torch.Tensor) -> None:
+        """Read left padding from a 2D attention mask at prefill; right padding is refused."""
+        mask = attention_mask.to(torch.bool)
+        pad = (~mask).long().cumprod(dim=1).sum(dim=1)
+        if bool((mask.sum(dim=1) != mask.shape[1] - pad).any()):
+            raise ValueError("LSACache needs left padding (tokenizer.padding_side = 'left')")
+        self.pad_len = pad.cpu()
+
+    def device_kv_bytes(self) -> int:
+        """Physical bytes of KV state on the device: reserves, chunk keys and the untouched layers' caches."""
+        tensors = [] if self.store is None else self.store.device_tensors()
+        tensors += self.chunk_keys.device_tensors()
+        for layer in self.layers:
+            if not isinstance(layer, LSALayer) and layer.is_initialized:
+                tensors += [layer.keys, layer.values]
+        return storage_bytes(tensors)
+
+    def full_kv_bytes(self, num_tokens: int | None = None) -> int:
+        """Bytes a plain ``DynamicCache`` holds for this batch at ``num_tokens`` tokens (default: now)."""
+        store = self.store
+        n = store.seq_len if num_tokens is None else num_tokens
+        elem = store.reserve_k[self.first_lsa_layer].element_size()
+        seq = self.sequence_bytes(elem)
+        return store.batch * (seq.per_token * n + self._other_bytes(n, elem))
+
+    def host_kv_bytes(self) -> int:
+        return 0 if self.store is None else storage_bytes(self.store.host_tensors())

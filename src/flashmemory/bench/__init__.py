@@ -1,0 +1,1 @@
+"""Tasks, methods and runners for measuring LSA."""

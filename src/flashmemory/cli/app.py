@@ -1,0 +1,115 @@
+"""Typer application: ``flashmemory ask | demo``; defaults come from :class:`LSAConfig`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..config import LSAConfig
+from .errors import friendly_errors
+from .pipeline import dump, indexer_eval, train
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lookahead Sparse Attention for long contexts.")
+OUT = Console()
+DEFAULTS = LSAConfig()
+
+
+def lsa_config(budget: float, interval: int, chunk_size: int, page_chunks: int, recent: int, sink: int) -> LSAConfig:
+    if not budget > 0:
+        raise ValueError(f"--budget must be a fraction in (0, 1] or a byte count > 1, got {budget}")
+    return LSAConfig(
+        budget=budget,
+        interval=interval,
+        chunk_size=chunk_size,
+        page_chunks=page_chunks,
+        recent=recent,
+        sink=sink,
+    )
+
+
+@app.command()
+@friendly_errors
+def ask(
+    question: str = typer.Option(..., "--question", "-q", help="Question about the context."),
+    context_file: Path = typer.Option(..., "--context-file", "-c", help="Text file with the long context."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Short name, HF folder or GGUF file."),
+    method: str = typer.Option("lsa", help="lsa or full."),
+    budget: float = typer.Option(DEFAULTS.budget, help="Device KV cap: fraction of the full cache, or bytes."),
+    max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
+    interval: int = typer.Option(DEFAULTS.interval, help="Decode steps per recall cycle."),
+    chunk_size: int = typer.Option(DEFAULTS.chunk_size, help="Tokens per scored chunk."),
+    page_chunks: int = typer.Option(DEFAULTS.page_chunks, help="Chunks per recalled page."),
+    recent: int = typer.Option(DEFAULTS.recent, help="Recent tokens always resident."),
+    sink: int = typer.Option(DEFAULTS.sink, help="First tokens always resident."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Answer a question about a long text file with LSA (or full attention)."""
+    from ..runtime.ask import ask_file
+
+    cfg = lsa_config(budget, interval, chunk_size, page_chunks, recent, sink)
+    result = ask_file(
+        model,
+        context_file,
+        question,
+        method=method,
+        lsa=cfg,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        progress=not as_json,
+    )
+    if as_json:
+        print(json.dumps(result))
+        return
+    OUT.print(f"[bold]answer:[/] {result['answer']}")
+    OUT.print(
+        f"[dim]{result['method']} · {result['context_tokens']} context tokens · device KV "
+        f"{result['kv_bytes_device'] / 2**20:.2f} MiB of {result['kv_bytes_full'] / 2**20:.2f} MiB "
+        f"({result['kv_ratio']:.1%}) · decode {result['decode_seconds']:.2f} s[/]"
+    )
+
+
+@app.command()
+@friendly_errors
+def demo(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Short name, HF folder or GGUF file."),
+    context_tokens: int = typer.Option(2048, help="Length of the document."),
+    budget: float = typer.Option(DEFAULTS.budget, help="LSA device KV cap (fraction of the full cache)."),
+    seed: int = typer.Option(0, help="Which document and fact."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+) -> None:
+    """A long document with a planted fact, answered by full attention and by LSA, side by side."""
+    from .demo import run_demo
+
+    cfg = lsa_config(
+        budget, DEFAULTS.interval, DEFAULTS.chunk_size, DEFAULTS.page_chunks, DEFAULTS.recent, DEFAULTS.sink
+    )
+    with OUT.status("loading the model and building the document..."):
+        report = run_demo(model, context_tokens=context_tokens, lsa=cfg, seed=seed, device=device, console=OUT)
+    table = Table(title=f"{report['question']}  (expected: {report['expected']})")
+    for col in ("method", "answer", "correct", "device KV", "of full", "decode s"):
+        table.add_column(col)
+    for row in report["rows"]:
+        table.add_row(
+            row["method"],
+            row["answer"][:60],
+            "yes" if row["correct"] else "no",
+            f"{row['kv_bytes_device'] / 2**20:.2f} MiB",
+            f"{row['kv_ratio']:.1%}",
+            f"{row['decode_seconds']:.2f}",
+        )
+    OUT.print(table)
+    OUT.print(f"[dim]{report['context_tokens']} tokens, fact at {report['depth']:.0%} depth, model {model}[/]")
+
+
+app.command()(dump)
+app.command()(train)
+app.command("indexer-eval")(indexer_eval)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,27 @@
+"""One clear line for bad input instead of a traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+from rich.console import Console
+
+ERR = Console(stderr=True)
+
+# Errors of the user's input or environment; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotImplementedError, OSError)
+
+
+def friendly_errors(fn):
+    """Turn user errors raised by ``fn`` into ``error: ...`` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            ERR.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,103 @@
+"""``flashmemory dump | train | indexer-eval``: the backbone-free indexer pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ..dump.capture import LabelConfig
+from ..train.trainer import TrainConfig
+from .errors import friendly_errors
+
+OUT = Console()
+LABELS = LabelConfig()
+TRAIN = TrainConfig()
+
+
+@friendly_errors
+def dump(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Short name, HF folder or GGUF file."),
+    data: str = typer.Option(
+        "n=64,val=8,min=2048,max=6144,seed=0",
+        help="JSONL file of prompts, or generator settings key=value,...",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Dump folder (resumed if it holds the same dump)."),
+    max_new_tokens: int = typer.Option(96, help="Decode steps recorded per prompt."),
+    chunk_size: int = typer.Option(LABELS.chunk_size, help="Tokens per chunk."),
+    top_p: float = typer.Option(LABELS.top_p, help="Attention mass of each layer's top-p chunk set."),
+    min_layers: int = typer.Option(LABELS.min_layers, help="Layers that must agree for a golden chunk."),
+    shard_size: int = typer.Option(8, help="Prompts per shard file."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+) -> None:
+    """Run the backbone with full attention over training prompts and record indexer training data."""
+    import torch
+
+    from ..dump.runner import run_dump
+    from ..dump.spec import build_prompts
+    from ..models import load_model, model_fingerprint
+    from ..runtime.ask import pick_device
+
+    if max_new_tokens < 2:
+        raise ValueError("--max-new-tokens must be >= 2 (targets look ahead over later steps)")
+    labels = LabelConfig(chunk_size=chunk_size, top_p=top_p, min_layers=min_layers)
+    dev = pick_device(device)
+    backbone, tokenizer = load_model(model, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    prompts = build_prompts(data, tokenizer)
+    OUT.print(f"dumping {len(prompts)} prompts with {model} on {dev} into {out}")
+    manifest = run_dump(
+        backbone,
+        tokenizer,
+        prompts,
+        out,
+        backbone=model,
+        fingerprint=model_fingerprint(backbone),
+        labels=labels,
+        max_new_tokens=max_new_tokens,
+        shard_size=shard_size,
+    )
+    steps = sum(m["num_steps"] for m in manifest["prompts"])
+    OUT.print(f"[green]done:[/] {len(manifest['prompts'])} prompts, {steps} decode steps in {out}")
+
+
+@friendly_errors
+def train(
+    dumps: list[Path] = typer.Option(..., "--dumps", "-d", help="Dump folders (repeat the option for several)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write."),
+    epochs: int = typer.Option(TRAIN.epochs, help="Most passes over the training prompts."),
+    lr: float = typer.Option(TRAIN.lr, help="Learning rate of the query projections."),
+    loss: str = typer.Option(TRAIN.loss, help="focal or bce."),
+    interval: int = typer.Option(TRAIN.interval, help="Lookahead horizon in decode steps."),
+    recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
+    seed: int = typer.Option(TRAIN.seed, help="Sampling seed."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Train the Memory Indexer's query tower from dumps only (no backbone is loaded)."""
+    from ..train.trainer import train_indexer
+
+    cfg = TrainConfig(epochs=epochs, lr=lr, loss=loss, interval=interval, recent=recent, seed=seed)
+    history = train_indexer(dumps, out, cfg, device=device)
+    best, zero = history["best"], history["zero_shot"]
+    OUT.print(
+        f"[green]saved[/] {out} (epoch {history['best_epoch']}): validation recall@15% "
+        f"{best['recall@0.15']:.3f} (zero-shot {zero['recall@0.15']:.3f}), kept at 0.5 {best['fraction_kept']:.3f}"
+    )
+
+
+@friendly_errors
+def indexer_eval(
+    dumps: list[Path] = typer.Option(..., "--dumps", "-d", help="Dump folders with held-out prompts."),
+    ckpt: Path = typer.Option(None, "--ckpt", help="Trained indexer checkpoint folder."),
+    out: Path = typer.Option(Path("indexer-eval"), "--out", "-o", help="Where to write the table and plot."),
+    split: str = typer.Option("validation", help="validation or train."),
+    interval: int = typer.Option(TRAIN.interval, help="Lookahead horizon in decode steps."),
+    recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
+) -> None:
+    """Recall of golden chunks vs fraction kept: trained, zero-shot, Quest-style, recent, random."""
+    from ..train.indexer_eval import evaluate_methods, markdown_table, write_report
+
+    report = evaluate_methods(dumps, ckpt, split=split, interval=interval, recent=recent)
+    write_report(report, out)
+    OUT.print(markdown_table(report))
+    OUT.print(f"[dim]written to {out}/indexer_eval.{{json,md,png}}[/]")

@@ -1,0 +1,91 @@
+"""Settings of Lookahead Sparse Attention, validated once at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class LSAConfig:
+    """How LSA keeps the KV cache of one request.
+
+    Args:
+        chunk_size: tokens per scoring unit (one frozen key per chunk and KV head). Default: 16.
+        page_chunks: chunks per recall unit; a page is ``chunk_size * page_chunks`` tokens. Default: 4.
+        interval: decode steps per cycle; the resident set only changes at cycle boundaries. Default: 64.
+        threshold: sigmoid score above which a chunk counts as kept for page density. Default: 0.5.
+        budget: hard cap on the device bytes of the sequence's KV (reserve, recent tail, sink, chunk keys),
+            as a fraction of the full cache when ``<= 1`` or as a number of bytes when ``> 1``.
+            ``None`` means "no cap": use ``max_pages`` instead. Default: 0.25.
+        max_pages: explicit number of page slots; only used when ``budget`` is None. Default: None.
+        recent: tokens at the end of the history that always stay resident. Default: 64.
+        sink: tokens at the start of the sequence that always stay resident. Default: 16.
+        target_layers: decoder layers whose hidden state and cached keys the indexer uses; ``None`` picks
+            three full-attention layers between 50% and 85% of the depth. Default: None.
+        layer_reduce: how per-layer chunk scores combine, ``"max"`` or ``"mean"``. Default: "max".
+        best_chunk_slots: fraction of the page slots given to the pages holding the highest-scored chunks
+            (the top-m fallback for precise retrieval); the rest go to the pages with most chunks above the
+            threshold. Default: 1.0.
+        query_window: newest tokens whose hidden states form the lookahead query; a chunk's score is the
+            max over them. At the first boundary these are the prompt's last tokens (its question). Default: 16.
+    """
+
+    chunk_size: int = 16
+    page_chunks: int = 4
+    interval: int = 64
+    threshold: float = 0.5
+    budget: float | None = 0.25
+    max_pages: int | None = None
+    recent: int = 64
+    sink: int = 16
+    target_layers: tuple[int, ...] | None = None
+    layer_reduce: str = "max"
+    best_chunk_slots: float = 1.0
+    query_window: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "page_chunks", "interval", "query_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LSAConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("recent", "sink"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"LSAConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.interval % self.chunk_size:
+            raise ValueError(
+                f"LSAConfig.interval ({self.interval}) must be a multiple of chunk_size ({self.chunk_size}) "
+                "so chunks complete exactly at cycle boundaries"
+            )
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"LSAConfig.threshold must be in (0, 1), got {self.threshold}")
+        if self.budget is None and self.max_pages is None:
+            raise ValueError("LSAConfig needs a budget (fraction or bytes) or max_pages")
+        if self.budget is not None and not self.budget > 0:
+            raise ValueError(f"LSAConfig.budget must be > 0 (a fraction in (0, 1] or bytes), got {self.budget}")
+        if self.max_pages is not None and self.max_pages < 0:
+            raise ValueError(f"LSAConfig.max_pages must be >= 0, got {self.max_pages}")
+        if not 0.0 <= self.best_chunk_slots <= 1.0:
+            raise ValueError(f"LSAConfig.best_chunk_slots must be in [0, 1], got {self.best_chunk_slots}")
+        if self.layer_reduce not in ("max", "mean"):
+            raise ValueError(f"LSAConfig.layer_reduce must be 'max' or 'mean', got {self.layer_reduce!r}")
+        if self.target_layers is not None:
+            self.target_layers = tuple(int(i) for i in self.target_layers)
+            if not self.target_layers:
+                raise ValueError("LSAConfig.target_layers must name at least one layer")
+
+    @property
+    def page_size(self) -> int:
+        """Tokens per page."""
+        return self.chunk_size * self.page_chunks
+
+    @property
+    def tail_capacity(self) -> int:
+        """Slots of the recent tail.
+
+        The tail starts on a page boundary (so every selectable page is complete in the host mirror), which
+        costs up to ``page_size - 1`` extra tokens, and grows by ``interval`` tokens per cycle.
+        """
+        return self.recent + self.page_size - 1 + self.interval
+
+    @property
+    def is_fractional_budget(self) -> bool:
+        return self.budget is not None and self.budget <= 1.0

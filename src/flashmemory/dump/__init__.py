@@ -1,0 +1,1 @@
+"""Offline dumps of a language model decoding over long prompts, the training data of the Memory Indexer."""

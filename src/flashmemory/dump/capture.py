@@ -1,0 +1,154 @@
+"""Run a backbone with full attention and record what the indexer needs, step by step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from ..indexer.chunk_keys import chunk_means
+from ..models.adapter import attention_module, backbone_spec
+from .labels import chunk_mass, golden_chunks, top_p_mask
+
+
+@dataclass(slots=True)
+class LabelConfig:
+    """How golden chunks are derived from attention.
+
+    Args:
+        chunk_size: tokens per chunk. Default: 16.
+        top_p: mass each layer's top-p set covers. Default: 0.6.
+        min_layers: layers that must agree for a chunk to be golden. Default: 3.
+    """
+
+    chunk_size: int = 16
+    top_p: float = 0.6
+    min_layers: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_layers < 1 or self.chunk_size < 1:
+            raise ValueError("min_layers and chunk_size must be >= 1")
+
+
+class AttentionRecorder:
+    """Pre-hooks on every full-attention layer that keep the newest token's hidden state and rotary angles."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.layers = backbone_spec(model).full_layers
+        self.hidden: dict[int, torch.Tensor] = {}
+        self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.handles = [
+            attention_module(model, layer).register_forward_pre_hook(self._hook(layer), with_kwargs=True)
+            for layer in self.layers
+        ]
+
+    def _hook(self, layer: int):
+        def hook(module, args, kwargs):
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.hidden[layer] = hidden[:, -1].detach()
+            cos, sin = kwargs["position_embeddings"]
+            self.rope[layer] = (cos[:, -1].detach(), sin[:, -1].detach())
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def attention_probs(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities of the newest token at ``layer`` over all cached keys (batch 1). # [H, T]"""
+        attn = attention_module(self.model, layer)
+        spec = backbone_spec(self.model)
+        h = self.hidden[layer][0]
+        q = attn.q_proj(h).view(spec.num_heads, spec.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            q = attn.q_norm(q)
+        cos, sin = self.rope[layer]
+        half = spec.head_dim // 2
+        q = q * cos[0] + torch.cat([-q[..., half:], q[..., :half]], -1) * sin[0]
+        k = keys[0].repeat_interleave(spec.num_heads // spec.num_kv_heads, 0)  # [H, T, D]
+        scores = torch.einsum("hd,htd->ht", q.float(), k.float()) * float(attn.scaling)
+        return torch.softmax(scores, dim=-1)
+
+
+@torch.no_grad()
+def capture_prompt(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    targets: tuple[int, ...],
+    labels: LabelConfig,
+    max_new_tokens: int,
+    eos_token_id: list[int],
+) -> dict[str, torch.Tensor]:
+    """Prefill ``input_ids`` (batch 1), decode greedily, and record one prompt's dump.
+
+    Step 0 is the last prompt token; step ``s > 0`` is the ``s``-th decode forward.
+
+    Returns:
+        ``hidden [S, L, hidden]`` (target layers), ``positions [S]``, golden CSR (``indptr``, ``indices``,
+        ``hits``), ``chunk_keys``/``chunk_kmin``/``chunk_kmax`` ``[L, Hkv, N, D]`` of the final sequence, and
+        ``tokens`` (prompt + generated ids).
+    """
+    from .labels import to_csr
+
+    recorder = AttentionRecorder(model)
+    cache = DynamicCache(config=model.config)
+    steps_hidden, steps_pos, golden, hits = [], [], [], []
+    tokens = input_ids[0].tolist()
+    try:
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        for step in range(max_new_tokens + 1):
+            seq_len = len(tokens)
+            masks = torch.stack(
+                [
+                    top_p_mask(
+                        chunk_mass(recorder.attention_probs(layer, cache.layers[layer].keys), labels.chunk_size),
+                        labels.top_p,
+                    )
+                    for layer in recorder.layers
+                ]
+            )
+            ids, count = golden_chunks(masks, min(labels.min_layers, len(recorder.layers)))
+            golden.append(ids.cpu())
+            hits.append(count.cpu())
+            steps_hidden.append(torch.stack([recorder.hidden[layer][0] for layer in targets]).to(torch.float16).cpu())
+            steps_pos.append(seq_len - 1)
+            if step == max_new_tokens:
+                break
+            tok = int(out.logits[0, -1].argmax())
+            if tok in eos_token_id:
+                break
+            tokens.append(tok)
+            out = model(
+                input_ids=torch.tensor([[tok]], device=input_ids.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+    finally:
+        recorder.remove()
+    zero = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+    record = {
+        "hidden": torch.stack(steps_hidden),
+        "positions": torch.tensor(steps_pos, dtype=torch.long),
+        "tokens": torch.tensor(tokens, dtype=torch.long),
+        **to_csr(golden, hits),
+    }
+    means, kmin, kmax = [], [], []
+    c = labels.chunk_size
+    for layer in targets:
+        keys = cache.layers[layer].keys  # [1, Hkv, T, D]
+        n = keys.shape[2] // c
+        blocks = keys[:, :, : n * c].unflatten(2, (n, c))
+        means.append(chunk_means(keys, 0, c, zero)[0])
+        kmin.append(blocks.amin(3)[0])
+        kmax.append(blocks.amax(3)[0])
+    record["chunk_keys"] = torch.stack(means).to(torch.float16).cpu()
+    record["chunk_kmin"] = torch.stack(kmin).to(torch.float16).cpu()
+    record["chunk_kmax"] = torch.stack(kmax).to(torch.float16).cpu()
+    return record

@@ -1,0 +1,93 @@
+"""Golden chunks from attention: per layer the top-p chunks by attention mass, golden where enough layers agree."""
+
+from __future__ import annotations
+
+import torch
+
+
+def chunk_mass(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Attention mass per chunk, summed over the chunk's tokens and averaged over heads.
+
+    Args:
+        probs: attention probabilities of one query over ``T`` keys. # [H, T]
+        chunk_size: tokens per chunk; a trailing partial chunk is dropped.
+
+    Returns:
+        Mass per complete chunk. # [N]
+    """
+    n = probs.shape[-1] // chunk_size
+    return probs[:, : n * chunk_size].float().view(probs.shape[0], n, chunk_size).sum(-1).mean(0)
+
+
+def top_p_mask(mass: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest set of chunks whose mass reaches ``top_p`` of the total (ties broken by index).
+
+    Args:
+        mass: chunk masses of one query. # [N]
+        top_p: fraction of the total mass to cover, in (0, 1].
+
+    Returns:
+        Boolean membership. # [N]
+    """
+    if mass.numel() == 0:
+        return torch.zeros(0, dtype=torch.bool, device=mass.device)
+    order = torch.argsort(mass, descending=True, stable=True)
+    sorted_mass = mass[order]
+    total = sorted_mass.sum()
+    before = torch.cumsum(sorted_mass, 0) - sorted_mass  # mass strictly above each chunk in the order
+    keep_sorted = before < top_p * total
+    keep = torch.zeros_like(keep_sorted)
+    keep[order] = keep_sorted
+    return keep
+
+
+def golden_chunks(layer_masks: torch.Tensor, min_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks that at least ``min_layers`` layers put in their top-p set.
+
+    Args:
+        layer_masks: top-p membership per layer. # [L, N]
+        min_layers: agreement needed.
+
+    Returns:
+        Golden chunk ids ``[G]`` and how many layers hit each of them ``[G]``.
+    """
+    hits = layer_masks.sum(0)
+    ids = torch.nonzero(hits >= min_layers).flatten()
+    return ids, hits[ids]
+
+
+def to_csr(rows: list[torch.Tensor], counts: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pack per-step golden ids (and hit counts) as CSR: ``indptr [S+1]``, ``indices [nnz]``, ``hits [nnz]``."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    indptr = torch.zeros(len(rows) + 1, dtype=torch.long)
+    indptr[1:] = torch.cumsum(lengths, 0)
+    indices = torch.cat([r.long().cpu() for r in rows]) if rows else torch.zeros(0, dtype=torch.long)
+    hits = torch.cat([c.to(torch.int16).cpu() for c in counts]) if counts else torch.zeros(0, dtype=torch.int16)
+    return {"indptr": indptr, "indices": indices.to(torch.int32), "hits": hits}
+
+
+def from_csr(csr: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of :func:`to_csr` for the ids: one tensor of chunk ids per step."""
+    ptr = csr["indptr"].tolist()
+    return [csr["indices"][ptr[i] : ptr[i + 1]].long() for i in range(len(ptr) - 1)]
+
+
+def lookahead_targets(golden: list[torch.Tensor], interval: int, num_chunks: int) -> torch.Tensor:
+    """Target of the query at step ``t``: union of golden chunks of steps ``t+1 .. t+interval``.
+
+    Args:
+        golden: golden ids per step (step 0 is the last prompt token).
+        interval: decode steps a resident set serves.
+        num_chunks: chunk count of the sequence.
+
+    Returns:
+        Boolean targets for every step that has at least one later step. # [S-1, N]
+    """
+    steps = len(golden)
+    hit = torch.zeros(steps, num_chunks, dtype=torch.bool)
+    for s, ids in enumerate(golden):
+        hit[s, ids[ids < num_chunks]] = True
+    out = torch.zeros(max(steps - 1, 0), num_chunks, dtype=torch.bool)
+    for t in range(steps - 1):
+        out[t] = hit[t + 1 : t + 1 + interval].any(0)
+    return out

@@ -1,0 +1,134 @@
+"""``flashmemory dump``: prompts -> backbone with full attention -> sharded records, resumable."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from ..indexer.checkpoint import save_indexer
+from ..indexer.memory_indexer import MemoryIndexer
+from ..models.adapter import backbone_spec
+from .capture import LabelConfig, capture_prompt
+from .shards import FORMAT, MANIFEST, DumpError, read_manifest, write_json_atomic, write_shard
+
+INIT_INDEXER = "init_indexer"
+
+
+def encode_chat(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as one user turn (the way ``flashmemory.generate`` prompts the model)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+def run_dump(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence,
+    out: str | Path,
+    *,
+    backbone: str,
+    fingerprint: str,
+    labels: LabelConfig | None = None,
+    target_layers: tuple[int, ...] | None = None,
+    max_new_tokens: int = 96,
+    shard_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Dump ``prompts`` (objects with ``text``, ``kind``, ``doc_ids`` and optionally ``split``) into ``out``.
+
+    A folder that already holds a dump of the same backbone and settings is resumed: finished prompts are
+    skipped. Anything else in ``out`` is refused rather than overwritten.
+
+    Returns:
+        The manifest.
+    """
+    labels = labels or LabelConfig()
+    out = Path(out)
+    spec = backbone_spec(model)
+    targets = tuple(target_layers or spec.default_target_layers())
+    settings = {
+        "backbone": backbone,
+        "fingerprint": fingerprint,
+        "target_layers": list(targets),
+        "labels": asdict(labels),
+        "max_new_tokens": max_new_tokens,
+        "num_prompts": len(prompts),
+    }
+    manifest = _open_manifest(out, settings)
+    done = {m["index"] for m in manifest["prompts"]}
+    if not (out / INIT_INDEXER).is_dir():
+        init = MemoryIndexer.from_model(
+            model, targets, chunk_size=labels.chunk_size, backbone=backbone, fingerprint=fingerprint
+        )
+        save_indexer(init, out / INIT_INDEXER)
+    eos = tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    device = next(model.parameters()).device
+    pending = [i for i in range(len(prompts)) if i not in done]
+    columns = (TextColumn("dump"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("dump", total=len(prompts), completed=len(done))
+        for start in range(0, len(pending), shard_size):
+            group = pending[start : start + shard_size]
+            shard = f"shard-{group[0]:05d}.safetensors"
+            records, metas = {}, []
+            for i in group:
+                p = prompts[i]
+                ids = encode_chat(tokenizer, p.text).to(device)
+                rec = capture_prompt(
+                    model,
+                    ids,
+                    targets=targets,
+                    labels=labels,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos_ids,
+                )
+                key = f"p{i:05d}"
+                records[key] = rec
+                metas.append(
+                    {
+                        "index": i,
+                        "key": key,
+                        "shard": shard,
+                        "kind": p.kind,
+                        "split": getattr(p, "split", "train"),
+                        "doc_ids": list(p.doc_ids),
+                        "prompt_tokens": int(ids.shape[1]),
+                        "num_steps": int(rec["hidden"].shape[0]),
+                        "num_chunks": int(rec["chunk_keys"].shape[2]),
+                    }
+                )
+                bar.advance(task)
+            write_shard(out / shard, records)
+            manifest["prompts"].extend(metas)
+            write_json_atomic(out / MANIFEST, manifest)
+    manifest["complete"] = len(manifest["prompts"]) == len(prompts)
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def _open_manifest(out: Path, settings: dict) -> dict:
+    if (out / MANIFEST).is_file():
+        manifest = read_manifest(out)
+        mismatch = [k for k, v in settings.items() if manifest.get(k) != v]
+        if mismatch:
+            raise DumpError(
+                f"{out} already holds a dump with other settings ({', '.join(mismatch)}); "
+                "use a new --out folder or delete the old one"
+            )
+        return manifest
+    if out.exists() and any(out.iterdir()):
+        raise DumpError(f"{out} exists and is not a dump folder; refusing to write into it")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"format": FORMAT, **settings, "prompts": [], "complete": False}
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,77 @@
+"""Indexer checkpoints: ``model.safetensors`` (query tower) + ``config.json`` (spec naming the backbone)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .memory_indexer import IndexerSpec, MemoryIndexer
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+FORMAT = "flashmemory-indexer/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or belongs to another backbone."""
+
+
+def save_indexer(indexer: MemoryIndexer, path: str | Path, *, extra: dict | None = None) -> Path:
+    """Write ``indexer`` to the folder ``path`` (created if needed)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().cpu().contiguous() for k, v in indexer.state_dict().items()}
+    save_file(tensors, path / WEIGHTS)
+    meta = {"format": FORMAT, "spec": indexer.spec.to_dict(), **(extra or {})}
+    (path / CONFIG).write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_indexer(
+    path: str | Path,
+    *,
+    fingerprint: str | None = None,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+) -> MemoryIndexer:
+    """Read an indexer folder.
+
+    Args:
+        path: folder written by :func:`save_indexer`.
+        fingerprint: the backbone's fingerprint; a different one in the checkpoint raises (or warns when
+            ``strict`` is False).
+        device: where to put the weights.
+        strict: refuse a fingerprint mismatch instead of warning.
+    """
+    path = Path(path)
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"{path} is not an indexer checkpoint (needs {CONFIG} and {WEIGHTS})")
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+        spec = IndexerSpec(**meta["spec"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / CONFIG} is corrupt: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    if fingerprint is not None and spec.fingerprint and spec.fingerprint != fingerprint:
+        message = (
+            f"indexer checkpoint {path} was trained for backbone {spec.backbone!r} (fingerprint "
+            f"{spec.fingerprint}), but the model has fingerprint {fingerprint}"
+        )
+        if strict:
+            raise CheckpointError(message)
+        import warnings
+
+        warnings.warn(message, stacklevel=2)
+    try:
+        state = load_file(path / WEIGHTS)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path / WEIGHTS} is corrupt: {exc}") from None
+    indexer = MemoryIndexer(spec)
+    missing, unexpected = indexer.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path / WEIGHTS} does not match its config: missing {missing}, unexpected {unexpected}")
+    return indexer.to(device)

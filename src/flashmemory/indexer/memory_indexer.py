@@ -1,0 +1,198 @@
+"""The Memory Indexer: query tower + frozen chunk keys -> which chunks the next cycle will attend to."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..models.adapter import apply_rope, attention_module, backbone_spec, rope_parameters
+from .query_tower import QueryTower
+from .scoring import chunk_logits
+
+
+@dataclass(slots=True)
+class IndexerSpec:
+    """Everything needed to rebuild an indexer without its backbone (stored in the checkpoint's JSON).
+
+    Args:
+        backbone: name of the backbone it was built from.
+        fingerprint: :func:`flashmemory.models.model_fingerprint` of that backbone ("" when unknown).
+        target_layers: decoder layers it reads.
+        hidden_size: residual width.
+        num_heads: query heads.
+        num_kv_heads: key/value heads.
+        head_dim: channels per head.
+        chunk_size: tokens per chunk the keys were averaged over.
+        use_bias: query projection has a bias.
+        use_q_norm: queries are RMS-normed per head.
+        rms_eps: epsilon of that norm.
+        rope_scaling: per target layer, the rotary output scaling.
+        trained: False for the zero-shot (q_proj-initialised) tower.
+    """
+
+    backbone: str
+    fingerprint: str
+    target_layers: list[int]
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    chunk_size: int
+    use_bias: bool = False
+    use_q_norm: bool = False
+    rms_eps: float = 1e-6
+    rope_scaling: list[float] | None = None
+    trained: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MemoryIndexer(nn.Module):
+    """Scores every chunk of the history for the coming cycle.
+
+    Args:
+        spec: shapes and provenance.
+        inv_freq: rotary inverse frequencies per target layer. # [L, D/2]
+    """
+
+    def __init__(self, spec: IndexerSpec, inv_freq: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        n = len(spec.target_layers)
+        self.tower = QueryTower(
+            n,
+            spec.hidden_size,
+            spec.num_heads,
+            spec.head_dim,
+            use_bias=spec.use_bias,
+            use_q_norm=spec.use_q_norm,
+            rms_eps=spec.rms_eps,
+        )
+        if inv_freq is None:
+            inv_freq = torch.zeros(n, spec.head_dim // 2)
+        self.register_buffer("inv_freq", inv_freq.float().clone())
+        if spec.rope_scaling is None:
+            spec.rope_scaling = [1.0] * n
+
+    @property
+    def target_layers(self) -> tuple[int, ...]:
+        return tuple(self.spec.target_layers)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        target_layers: tuple[int, ...],
+        *,
+        chunk_size: int,
+        backbone: str = "",
+        fingerprint: str = "",
+    ) -> MemoryIndexer:
+        """Zero-shot indexer: query projections copied from the target layers' ``q_proj``."""
+        bspec = backbone_spec(model)
+        bad = [i for i in target_layers if not 0 <= i < bspec.num_layers or bspec.layer_types[i] != "full_attention"]
+        if bad:
+            raise ValueError(
+                f"target layers {bad} are not full-attention layers of this model "
+                f"(full-attention layers: {bspec.full_layers})"
+            )
+        attn0 = attention_module(model, target_layers[0])
+        q_norm = getattr(attn0, "q_norm", None)
+        ropes = [rope_parameters(model, i) for i in target_layers]
+        spec = IndexerSpec(
+            backbone=backbone,
+            fingerprint=fingerprint,
+            target_layers=list(target_layers),
+            hidden_size=bspec.hidden_size,
+            num_heads=bspec.num_heads,
+            num_kv_heads=bspec.num_kv_heads,
+            head_dim=bspec.head_dim,
+            chunk_size=chunk_size,
+            use_bias=attn0.q_proj.bias is not None,
+            use_q_norm=q_norm is not None,
+            rms_eps=float(getattr(q_norm, "eps", getattr(q_norm, "variance_epsilon", 1e-6))) if q_norm else 1e-6,
+            rope_scaling=[scale for _, scale in ropes],
+        )
+        indexer = cls(spec, torch.stack([inv for inv, _ in ropes]))
+        with torch.no_grad():
+            for j, layer in enumerate(target_layers):
+                attn = attention_module(model, layer)
+                indexer.tower.q_proj[j].weight.copy_(attn.q_proj.weight.float())
+                if spec.use_bias:
+                    indexer.tower.q_proj[j].bias.copy_(attn.q_proj.bias.float())
+                if spec.use_q_norm:
+                    indexer.tower.q_norm[j].copy_(_effective_norm_weight(attn.q_norm, spec.head_dim))
+        param = next(model.parameters())
+        return indexer.to(device=param.device)
+
+    def layer_logits(
+        self,
+        j: int,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        window_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits of every chunk for target layer number ``j``: max over the lookahead window.
+
+        Args:
+            j: index into :attr:`target_layers`.
+            hidden: hidden states entering that layer's attention, ``[B, W, hidden]`` (or ``[B, hidden]``).
+            positions: absolute positions of those tokens. # [B, W] (or [B])
+            keys: that layer's chunk keys. # [B, Hkv, N, D]
+            window_mask: False for window slots that hold no real token (padding). # [B, W]
+
+        Returns:
+            Logits. # [B, N]
+        """
+        if hidden.dim() == 2:
+            hidden, positions = hidden[:, None], positions[:, None]
+        q, w = self.tower(j, hidden.to(self.inv_freq.device, self.tower.q_proj[j].weight.dtype))
+        q = apply_rope(q, positions.to(q.device), self.inv_freq[j], self.spec.rope_scaling[j])
+        logits = chunk_logits(q, w, self.tower.score_bias[j], keys.to(q.device))  # [B, W, N]
+        if window_mask is not None:
+            logits = logits.masked_fill(~window_mask.to(logits.device)[..., None], float("-inf"))
+        return logits.amax(1)
+
+    def score(
+        self,
+        hidden: dict[int, torch.Tensor],
+        positions: torch.Tensor,
+        keys: list[torch.Tensor],
+        reduce: str = "max",
+        window_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Probability that each chunk is needed in the coming cycle, combined over target layers.
+
+        Args:
+            hidden: per target decoder layer, hidden states of the lookahead window. # {layer: [B, W, hidden]}
+            positions: absolute positions of the window's tokens. # [B, W]
+            keys: chunk keys per target layer, in target order. # L x [B, Hkv, N, D]
+            reduce: ``"max"`` or ``"mean"`` over layers.
+            window_mask: False for window slots without a real token. # [B, W]
+
+        Returns:
+            Probabilities. # [B, N]
+        """
+        probs = torch.stack(
+            [
+                torch.sigmoid(self.layer_logits(j, hidden[layer], positions, keys[j], window_mask))
+                for j, layer in enumerate(self.target_layers)
+            ]
+        )
+        return probs.amax(0) if reduce == "max" else probs.mean(0)
+
+
+def _effective_norm_weight(norm: nn.Module, dim: int) -> torch.Tensor:
+    """The per-channel gain of an RMSNorm, whatever its parametrisation (Gemma stores ``gain - 1``).
+
+    The RMS of a vector of ones is 1, so normalising ones returns the gain itself, up to ``sqrt(1 + eps)``.
+    """
+    param = next(norm.parameters())
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+    with torch.no_grad():
+        out = norm(torch.ones(1, dim, dtype=param.dtype, device=param.device)).float()
+    return (out * (1.0 + eps) ** 0.5).squeeze(0).cpu()

@@ -1,0 +1,80 @@
+"""Chunk scores ``sigmoid(sum_h w_h * relu(q_h . k_h) + b)`` and page selection from them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def chunk_logits(q: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Pre-sigmoid score of every chunk for one target layer, per query token.
+
+    Args:
+        q: rotated queries of ``W`` lookahead tokens. # [B, W, H, D]
+        w: head weights. # [B, W, H]
+        bias: scalar score bias.
+        keys: chunk keys; query head ``h`` reads KV head ``h // (H / Hkv)``. # [B, Hkv, N, D]
+
+    Returns:
+        Logits. # [B, W, N]
+    """
+    b, t, h, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(b, t, hkv, h // hkv, d).to(keys.dtype)
+    dots = torch.einsum("bwkgd,bknd->bwkgn", qg, keys).float() / math.sqrt(d)  # [B, W, Hkv, G, N]
+    weighted = torch.relu(dots) * w.reshape(b, t, hkv, h // hkv, 1).float()
+    return weighted.sum((2, 3)) + bias.float()
+
+
+def select_pages(
+    scores: torch.Tensor,
+    *,
+    num_selectable: int,
+    page_chunks: int,
+    num_slots: int,
+    threshold: float,
+    valid_chunks: torch.Tensor | None = None,
+    top_m: int | None = None,
+) -> torch.Tensor:
+    """Fill the page slots: pages holding the best chunks first, then the densest pages.
+
+    Pages are ranked two ways: by their best chunk score (the top-m fallback, which keeps precise retrieval
+    working when a single chunk matters, or when the threshold keeps too many or too few chunks) and by
+    density, the number of chunks above ``threshold`` (ties broken by the best chunk). The first ``top_m``
+    slots take the best pages of the first ranking, the others the best remaining pages of the second.
+
+    Args:
+        scores: chunk probabilities. # [B, N]
+        num_selectable: pages that may be chosen (complete and before the recent tail).
+        page_chunks: chunks per page.
+        num_slots: page slots to fill (``K``).
+        threshold: probability above which a chunk counts as kept.
+        valid_chunks: False for chunks that hold no real token (padding). # [B, N]
+        top_m: slots given to the best-chunk ranking. Default: half the slots, rounded up.
+
+    Returns:
+        Page ids per slot, -1 where nothing is left to choose. # [B, K]
+    """
+    b, n = scores.shape
+    usable = min(num_selectable, n // page_chunks)
+    out = torch.full((b, num_slots), -1, dtype=torch.long, device=scores.device)
+    if usable <= 0 or num_slots <= 0:
+        return out
+    s = scores[:, : usable * page_chunks].float()
+    if valid_chunks is not None:
+        s = s.masked_fill(~valid_chunks[:, : usable * page_chunks], float("-inf"))
+    pages = s.view(b, usable, page_chunks)
+    best = pages.amax(-1)  # [B, P]
+    empty = best == float("-inf")
+    density = ((pages > threshold).sum(-1).float() + best.clamp(min=0.0, max=0.999)).masked_fill(empty, float("-inf"))
+    k = min(num_slots, usable)
+    m = min(k, (k + 1) // 2 if top_m is None else top_m)
+    first = best.topk(m, dim=-1).indices  # [B, m]
+    density = density.scatter(1, first, float("-inf"))
+    top_rest = density.topk(k - m, dim=-1)
+    rest = torch.where(top_rest.values > float("-inf"), top_rest.indices, -1)  # [B, k-m]
+    first = torch.where(torch.gather(empty, 1, first), -1, first)
+    chosen = torch.cat([first, rest], dim=1)
+    out[:, :k] = chosen.sort(dim=-1).values
+    return out

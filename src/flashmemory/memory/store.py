@@ -1,0 +1,253 @@
+"""KV memory store: the whole history in a host mirror, a fixed-size device reserve per layer, a page table.
+
+Layout per LSA-managed layer::
+
+    host mirror   [B, H, T_cap, D]   every token, pinned when CUDA is present
+    device reserve [B, H, S, D]      [sink | K page slots | recent tail], S fixed for the request
+
+The page table and the slot positions are shared by all layers: a sequence keeps the same pages resident in
+every layer. Copies between host and device happen only in :meth:`KVStore.recall` and
+:meth:`KVStore.end_cycle`, i.e. at cycle boundaries.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import ReserveLayout
+from .resident import page_aligned_tail_start, resident_positions
+
+
+@dataclass(slots=True)
+class TransferLog:
+    """Host/device traffic, for accounting and for tests that pin down when copies happen."""
+
+    pages_recalled: list[int] = field(default_factory=list)
+    h2d_bytes: int = 0
+    d2h_bytes: int = 0
+    copy_steps: list[int] = field(default_factory=list)
+
+
+class KVStore:
+    """Host mirror + device reserve for the LSA-managed layers of one batch of sequences.
+
+    Args:
+        layers: indices of the decoder layers the store manages.
+        layout: reserve regions.
+        recent: tokens the tail keeps at every boundary.
+    """
+
+    def __init__(self, layers: list[int], layout: ReserveLayout, recent: int) -> None:
+        self.layers = list(layers)
+        self.layout = layout
+        self.recent = recent
+        self.mirror_k: dict[int, torch.Tensor] = {}
+        self.mirror_v: dict[int, torch.Tensor] = {}
+        self.reserve_k: dict[int, torch.Tensor] = {}
+        self.reserve_v: dict[int, torch.Tensor] = {}
+        self.page_table: torch.Tensor | None = None  # [B, K] on the device
+        self.slot_pos: torch.Tensor | None = None  # [B, S] on the device
+        self.pad_len: torch.Tensor | None = None  # [B]
+        self.seq_len = 0
+        self.tail_start = 0
+        self.flushed_len = 0
+        self.step = 0
+        self.log = TransferLog()
+        self._copy_stream = None
+
+    def allocate(
+        self,
+        batch: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        capacity: int,
+        pad_len: torch.Tensor,
+    ) -> None:
+        """Create the mirror (``capacity`` tokens) and the reserve; called once before prefill writes."""
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda"
+        mirror_shape = (batch, num_heads, capacity, head_dim)
+        reserve_shape = (batch, num_heads, self.layout.num_slots, head_dim)
+        for layer in self.layers:
+            for mirror in (self.mirror_k, self.mirror_v):
+                mirror[layer] = torch.empty(mirror_shape, dtype=dtype, pin_memory=pin)
+            for reserve in (self.reserve_k, self.reserve_v):
+                reserve[layer] = torch.zeros(reserve_shape, dtype=dtype, device=self.device)
+        self.page_table = torch.full((batch, self.layout.num_page_slots), -1, dtype=torch.long, device=self.device)
+        self.pad_len = pad_len.to(self.device, torch.long)
+        if pin:
+            self._copy_stream = torch.cuda.Stream(self.device)
+
+    @property
+    def batch(self) -> int:
+        return 0 if self.page_table is None else self.page_table.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return next(iter(self.mirror_k.values())).shape[2]
+
+    def write_prefill(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store a prefilled layer: all tokens to the mirror, sink and tail straight into the reserve.
+
+        Args:
+            keys: post-RoPE keys of the prompt. # [B, H, T, D]
+            values: values of the prompt. # [B, H, T, D]
+        """
+        seq_len = keys.shape[2]
+        self._ensure_capacity(seq_len)
+        self.mirror_k[layer][:, :, :seq_len].copy_(keys, non_blocking=True)
+        self.mirror_v[layer][:, :, :seq_len].copy_(values, non_blocking=True)
+        self.log.d2h_bytes += 2 * keys.numel() * keys.element_size()
+        if layer == self.layers[0]:
+            self.seq_len = self.flushed_len = seq_len
+            self.tail_start = page_aligned_tail_start(seq_len, self.recent, self.layout.page_size)
+        self._fill_sink(layer, keys, values)
+        self._fill_tail(layer, keys, values)
+
+    def _fill_sink(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        lay = self.layout
+        if lay.sink == 0:
+            return
+        idx = (self.pad_len.view(-1, 1) + torch.arange(lay.sink, device=self.device)).clamp(max=keys.shape[2] - 1)
+        idx = idx.to(keys.device)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        self.reserve_k[layer][:, :, : lay.sink] = keys.gather(2, idx)
+        self.reserve_v[layer][:, :, : lay.sink] = values.gather(2, idx)
+
+    def _fill_tail(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        start, n = self.layout.tail_start, self.seq_len - self.tail_start
+        self.reserve_k[layer][:, :, start : start + n] = keys[:, :, self.tail_start : self.seq_len]
+        self.reserve_v[layer][:, :, start : start + n] = values[:, :, self.tail_start : self.seq_len]
+
+    def begin_step(self) -> None:
+        """Account for the token the coming decode step writes (same slot in every layer)."""
+        if self.seq_len - self.tail_start >= self.layout.tail_capacity:
+            raise RuntimeError("recent tail overflow: end_cycle() must run every `interval` steps")
+        self.seq_len += 1
+        self.step += 1
+        self.refresh_positions()
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one decode token into the tail and return the whole reserve of the layer.
+
+        Args:
+            keys: the new token's post-RoPE keys. # [B, H, 1, D]
+            values: its values. # [B, H, 1, D]
+
+        Returns:
+            The layer's reserve keys and values, ready for attention under :attr:`slot_pos`. # [B, H, S, D]
+        """
+        slot = self.layout.tail_start + (self.seq_len - 1 - self.tail_start)
+        self.reserve_k[layer][:, :, slot : slot + 1] = keys
+        self.reserve_v[layer][:, :, slot : slot + 1] = values
+        return self.reserve_k[layer], self.reserve_v[layer]
+
+    def end_cycle(self) -> None:
+        """Cycle boundary: flush the cycle's tokens to the mirror and slide the tail to its new page start."""
+        new_start = page_aligned_tail_start(self.seq_len, self.recent, self.layout.page_size)
+        shift = new_start - self.tail_start
+        lo, hi = self.flushed_len, self.seq_len
+        self._ensure_capacity(hi)
+        t0 = self.layout.tail_start
+        for layer in self.layers:
+            for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
+                res = reserve[layer]
+                src = res[:, :, t0 + lo - self.tail_start : t0 + hi - self.tail_start]
+                mirror[layer][:, :, lo:hi].copy_(src, non_blocking=True)
+                if shift:
+                    kept = self.seq_len - new_start
+                    res[:, :, t0 : t0 + kept] = res[:, :, t0 + shift : t0 + shift + kept].clone()
+        self.log.d2h_bytes += 2 * len(self.layers) * self._token_bytes() * (hi - lo)
+        self.flushed_len = hi
+        self.tail_start = new_start
+        self.refresh_positions()
+
+    def selectable_pages(self) -> int:
+        """Pages wholly before the tail: complete in the mirror, so they may be recalled."""
+        return self.tail_start // self.layout.page_size
+
+    def recall(self, pages: torch.Tensor) -> int:
+        """Make ``pages`` resident, copying only pages that were not already in a slot.
+
+        Args:
+            pages: page ids to keep per sequence, -1 for an unused slot; each row holds distinct ids. # [B, K]
+
+        Returns:
+            Number of pages copied from the host mirror.
+        """
+        if pages.shape != self.page_table.shape:
+            raise ValueError(f"expected pages of shape {tuple(self.page_table.shape)}, got {tuple(pages.shape)}")
+        old = self.page_table.cpu()
+        new = pages.cpu()
+        table = old.clone()
+        moves: list[tuple[int, int, int]] = []  # (sequence, slot, page)
+        for b in range(old.shape[0]):
+            want = {int(p) for p in new[b] if p >= 0}
+            keep = {int(p) for p in old[b] if p >= 0} & want
+            free = [s for s in range(old.shape[1]) if int(old[b, s]) not in keep]
+            incoming = sorted(want - keep)
+            for s in free:
+                table[b, s] = -1
+            for s, page in zip(free, incoming, strict=False):
+                table[b, s] = page
+                moves.append((b, s, page))
+        self._copy_pages(moves)
+        self.page_table = table.to(self.device)
+        self.log.pages_recalled.append(len(moves))
+        if moves:
+            self.log.copy_steps.append(self.step)
+        self.refresh_positions()
+        return len(moves)
+
+    def _copy_pages(self, moves: list[tuple[int, int, int]]) -> None:
+        if not moves:
+            return
+        size, base = self.layout.page_size, self.layout.page_start
+        stream = self._copy_stream
+        if stream is not None:
+            # An evicted slot may still be read by attention queued on the compute stream.
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            for layer in self.layers:
+                for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
+                    for b, slot, page in moves:
+                        dst = reserve[layer][b, :, base + slot * size : base + (slot + 1) * size]
+                        dst.copy_(mirror[layer][b, :, page * size : (page + 1) * size], non_blocking=True)
+        if stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.log.h2d_bytes += 2 * len(self.layers) * len(moves) * size * self._token_bytes() // self.batch
+
+    def refresh_positions(self) -> None:
+        self.slot_pos = resident_positions(self.layout, self.page_table, self.pad_len, self.tail_start, self.seq_len)
+
+    def attention_mask(self) -> torch.Tensor:
+        """Boolean mask of the slots a decode query may attend to. # [B, 1, 1, S]"""
+        return (self.slot_pos >= 0)[:, None, None, :]
+
+    def _token_bytes(self) -> int:
+        k = self.reserve_k[self.layers[0]]
+        return k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        new_cap = max(needed, 2 * self.capacity)
+        for mirror in (self.mirror_k, self.mirror_v):
+            for layer, old in mirror.items():
+                grown = torch.empty(
+                    (*old.shape[:2], new_cap, old.shape[3]), dtype=old.dtype, pin_memory=old.is_pinned()
+                )
+                grown[:, :, : old.shape[2]].copy_(old)
+                mirror[layer] = grown
+
+    def device_tensors(self) -> list[torch.Tensor]:
+        """Every tensor the store keeps on the device (for physical byte counts)."""
+        return [*self.reserve_k.values(), *self.reserve_v.values()]
+
+    def host_tensors(self) -> list[torch.Tensor]:
+        return [*self.mirror_k.values(), *self.mirror_v.values()]

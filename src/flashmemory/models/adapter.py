@@ -1,0 +1,135 @@
+"""What LSA needs to know about a decoder model, read from its config and modules (any family)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class BackboneSpec:
+    """Shapes and per-layer facts of a decoder backbone.
+
+    Args:
+        num_layers: decoder layers.
+        layer_types: ``"full_attention"``, ``"sliding_attention"``... per layer.
+        num_heads: query heads.
+        num_kv_heads: key/value heads.
+        head_dim: channels per head.
+        hidden_size: residual width.
+        sliding_window: window of the sliding layers, if any.
+        model_type: the config's ``model_type``.
+    """
+
+    num_layers: int
+    layer_types: tuple[str, ...]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    sliding_window: int | None
+    model_type: str
+
+    @property
+    def full_layers(self) -> list[int]:
+        """Layers that keep the whole history: the ones LSA manages."""
+        return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
+
+    def default_target_layers(self) -> tuple[int, ...]:
+        """Three full-attention layers spread between 50% and 85% of the depth."""
+        full = self.full_layers
+        if not full:
+            raise ValueError(f"{self.model_type} has no full-attention layer: nothing for LSA to manage")
+        picks = {full[min(len(full) - 1, int(f * len(full)))] for f in (0.5, 0.67, 0.84)}
+        return tuple(sorted(picks))
+
+
+def text_config(config):
+    """The decoder config of a (possibly multimodal) model config."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def backbone_spec(model_or_config) -> BackboneSpec:
+    """Read a :class:`BackboneSpec` from a model or its config."""
+    cfg = text_config(getattr(model_or_config, "config", model_or_config))
+    num_layers = cfg.num_hidden_layers
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is None:
+        sliding = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
+        layer_types = ["sliding_attention" if sliding else "full_attention"] * num_layers
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return BackboneSpec(
+        num_layers=num_layers,
+        layer_types=tuple(layer_types),
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=head_dim,
+        hidden_size=cfg.hidden_size,
+        sliding_window=getattr(cfg, "sliding_window", None),
+        model_type=getattr(cfg, "model_type", "unknown"),
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of a causal LM."""
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "layers"):
+        obj = model
+        try:
+            for name in path.split("."):
+                obj = getattr(obj, name)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def attention_module(model: nn.Module, layer_idx: int) -> nn.Module:
+    """The self-attention module of decoder layer ``layer_idx``."""
+    layer = decoder_layers(model)[layer_idx]
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or not hasattr(attn, "q_proj"):
+        raise ValueError(f"layer {layer_idx} of {type(model).__name__} has no self_attn.q_proj")
+    return attn
+
+
+def rope_parameters(model: nn.Module, layer_idx: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and output scaling of the rotary embedding used by ``layer_idx``.
+
+    Kept as plain numbers so a query tower can rotate its queries without the backbone.
+    """
+    spec = backbone_spec(model)
+    layer_type = spec.layer_types[layer_idx]
+    for owner in (
+        getattr(model, "model", None),
+        getattr(getattr(model, "model", None), "language_model", None),
+    ):
+        rotary = getattr(owner, "rotary_emb", None)
+        if rotary is None:
+            continue
+        inv = getattr(rotary, f"{layer_type}_inv_freq", None)
+        scale = getattr(rotary, f"{layer_type}_attention_scaling", None)
+        if inv is None:
+            inv, scale = getattr(rotary, "inv_freq", None), getattr(rotary, "attention_scaling", 1.0)
+        if inv is not None:
+            return inv.detach().float().cpu().clone(), float(scale if scale is not None else 1.0)
+    raise ValueError(f"cannot find the rotary embedding of {type(model).__name__}")
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Rotate ``x`` the way Llama-family attention rotates queries (half-split layout).
+
+    Args:
+        x: per-head vectors. # [..., H, D]
+        positions: absolute positions, broadcastable to ``x.shape[:-2]``.
+        inv_freq: inverse frequencies. # [D/2]
+        scaling: multiplier of cos and sin.
+    """
+    freqs = positions.to(torch.float32)[..., None] * inv_freq.to(x.device, torch.float32)  # [..., D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)[..., None, :]  # [..., 1, D]
+    cos, sin = (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

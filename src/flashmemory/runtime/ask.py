@@ -1,0 +1,86 @@
+"""One question about one long text file: the engine behind ``flashmemory ask``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import LSAConfig
+from ..models import load_model
+from .generate import METHODS, encode_prompts, generate
+from .stats import GenerationStats
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; anything else is checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+def read_context(path: str | Path) -> str:
+    """The text of a context file, refusing missing, unreadable and empty files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"context file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"context file {path} is not UTF-8 text ({exc.reason})") from None
+    if not text.strip():
+        raise ValueError(f"context file {path} is empty")
+    return text
+
+
+def build_prompt(context: str, question: str) -> str:
+    return f"{context}\n\nAnswer from the text above. {question}"
+
+
+def check_fits(model, tokenizer, prompt: str, max_new_tokens: int) -> int:
+    """Prompt tokens; raises when prompt + new tokens exceed the model's context window."""
+    n = int(encode_prompts(tokenizer, [prompt], chat=True)["input_ids"].shape[1])
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and n + max_new_tokens > limit:
+        raise ValueError(
+            f"the context is {n} tokens and {max_new_tokens} more will be generated, but the model "
+            f"handles at most {limit} tokens; shorten the context or lower --max-new-tokens"
+        )
+    return n
+
+
+def stats_record(answer: str, stats: GenerationStats) -> dict:
+    """The JSON object ``flashmemory ask --json`` prints."""
+    record = {"answer": answer, **stats.to_dict()}
+    return record
+
+
+def ask_file(
+    model_name: str,
+    context_file: str | Path,
+    question: str,
+    *,
+    method: str = "lsa",
+    lsa: LSAConfig | None = None,
+    max_new_tokens: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Answer ``question`` about the text in ``context_file``; returns the answer with its accounting."""
+    if not question.strip():
+        raise ValueError("the question is empty")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    context = read_context(context_file)
+    dev = pick_device(device)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    model, tokenizer = load_model(model_name, device=dev, dtype=dtype, progress=progress)
+    prompt = build_prompt(context, question)
+    check_fits(model, tokenizer, prompt, max_new_tokens)
+    result = generate(model, tokenizer, prompt, method=method, lsa=lsa, max_new_tokens=max_new_tokens)
+    return stats_record(result.text.strip(), result.stats)

@@ -1,0 +1,228 @@
+"""The decode loop: prefill with full attention, then LSA cycles (or a plain full cache for comparison)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+from ..attention.cache import LSACache
+from ..config import LSAConfig
+from ..indexer.memory_indexer import MemoryIndexer
+from ..memory.accounting import storage_bytes
+from .stats import GenerationStats
+
+METHODS = ("lsa", "full")
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """Output of :func:`generate`.
+
+    Args:
+        texts: decoded continuation per prompt.
+        token_ids: generated ids per prompt (up to and excluding EOS).
+        stats: time and memory accounting.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    stats: GenerationStats
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+
+def encode_prompts(tokenizer, prompts: list[str], *, chat: bool) -> dict[str, torch.Tensor]:
+    """Tokenise prompts with left padding (and the chat template when asked and available)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+
+
+@torch.no_grad()
+def generate_ids(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    method: str = "lsa",
+    lsa: LSAConfig | None = None,
+    indexer: MemoryIndexer | None = None,
+    max_new_tokens: int = 64,
+    eos_token_id: int | list[int] | None = None,
+    cache_factory=None,
+) -> tuple[torch.Tensor, GenerationStats]:
+    """Greedy decoding from token ids with LSA or a full cache.
+
+    Args:
+        model: causal LM.
+        input_ids: left-padded prompts. # [B, T]
+        attention_mask: 1 for real tokens. # [B, T]
+        method: ``"lsa"`` or ``"full"``.
+        lsa: LSA settings (``method="lsa"``). Default: ``LSAConfig()``.
+        indexer: Memory Indexer; ``None`` uses the zero-shot one.
+        max_new_tokens: decode steps at most.
+        eos_token_id: stop ids; a finished sequence keeps emitting its first EOS.
+        cache_factory: optional ``(model) -> Cache`` overriding the cache (tests).
+
+    Returns:
+        Generated ids ``[B, N]`` and the accounting.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device)
+    batch, context = input_ids.shape
+    stats = GenerationStats(method=method, batch_size=batch, context_tokens=context)
+    allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    if cache_factory is not None:
+        cache = cache_factory(model)
+    elif method == "lsa":
+        cache = LSACache(model, lsa or LSAConfig(), indexer, max_new_tokens=max_new_tokens)
+    else:
+        cache = DynamicCache(config=model.config)
+    stops = torch.tensor(_as_list(eos_token_id), device=device, dtype=torch.long)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    try:
+        t0 = time.perf_counter()
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        _sync(device)
+        stats.prefill_seconds = time.perf_counter() - t0
+        if allocated_before is not None:
+            stats.allocator_kv_bytes = torch.cuda.memory_allocated(device) - allocated_before
+        tokens, done = [], torch.zeros(batch, dtype=torch.bool, device=device)
+        next_pos = positions[:, -1:] + 1
+        t0 = time.perf_counter()
+        for _ in range(max_new_tokens):
+            tok = out.logits[:, -1].argmax(-1)
+            if tokens:
+                tok = torch.where(done, tokens[-1], tok)
+            tokens.append(tok)
+            done |= torch.isin(tok, stops)
+            if bool(done.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            out = model(
+                input_ids=tok[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_pos = next_pos + 1
+            if isinstance(cache, DynamicCache):
+                stats.kv_bytes_device = max(stats.kv_bytes_device, _dynamic_bytes(cache))
+        _sync(device)
+        stats.decode_seconds = time.perf_counter() - t0
+        stats.new_tokens = len(tokens)
+        _fill_cache_stats(stats, cache, context + len(tokens))
+    finally:
+        if isinstance(cache, LSACache):
+            cache.close()
+    return torch.stack(tokens, dim=1), stats
+
+
+def _fill_cache_stats(stats: GenerationStats, cache, final_len: int) -> None:
+    if isinstance(cache, LSACache):
+        cs = cache.stats
+        stats.kv_bytes_device = cs.peak_device_bytes or cache.device_kv_bytes()
+        stats.kv_bytes_full = cache.full_kv_bytes(final_len)
+        stats.kv_bytes_host = cache.host_kv_bytes()
+        stats.boundaries = cs.boundaries
+        stats.pages_recalled = list(cs.pages_recalled)
+        stats.select_seconds = cs.select_seconds
+        stats.recall_seconds = cs.recall_seconds
+        stats.page_slots = cache.store.layout.num_page_slots
+    else:
+        stats.kv_bytes_device = max(stats.kv_bytes_device, _dynamic_bytes(cache))
+        stats.kv_bytes_full = stats.kv_bytes_device
+
+
+def _dynamic_bytes(cache) -> int:
+    return storage_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str | list[str],
+    *,
+    method: str = "lsa",
+    lsa: LSAConfig | None = None,
+    indexer: MemoryIndexer | None = None,
+    max_new_tokens: int = 64,
+    chat: bool = True,
+) -> GenerationResult:
+    """Answer one prompt or a batch of prompts with LSA (or full attention for comparison).
+
+    Args:
+        model: causal LM from :func:`flashmemory.load_model` or ``transformers``.
+        tokenizer: its tokenizer.
+        prompt: one prompt or a list (decoded together, each with its own resident set).
+        method: ``"lsa"`` or ``"full"``. Default: "lsa".
+        lsa: LSA settings. Default: ``LSAConfig()``.
+        indexer: Memory Indexer; ``None`` uses the zero-shot one.
+        max_new_tokens: most tokens to generate. Default: 64.
+        chat: wrap prompts in the tokenizer's chat template when it has one. Default: True.
+
+    Returns:
+        Texts, token ids and :class:`GenerationStats`.
+    """
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("prompt is empty")
+    enc = encode_prompts(tokenizer, prompts, chat=chat)
+    eos = tokenizer.eos_token_id
+    ids, stats = generate_ids(
+        model,
+        enc["input_ids"],
+        enc["attention_mask"],
+        method=method,
+        lsa=lsa,
+        indexer=indexer,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+    )
+    token_ids = [_until_eos(row.tolist(), _as_list(eos)) for row in ids.cpu()]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+    return GenerationResult(texts=texts, token_ids=token_ids, stats=stats)
+
+
+def _until_eos(ids: list[int], stops: list[int]) -> list[int]:
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids

@@ -1,0 +1,1 @@
+"""Backbone-free training and evaluation of the Memory Indexer from dump folders."""

@@ -1,0 +1,100 @@
+"""``flashmemory indexer-eval``: recall of golden chunks vs fraction kept, for the indexer and baselines."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..indexer.checkpoint import load_indexer
+from .dataset import check_compatible, load_examples
+from .metrics import DEFAULT_FRACTIONS, RecallCurve
+from .scorers import indexer_logits, page_bound_scores, random_scores, recent_scores
+
+METHODS = ("trained", "zero-shot", "quest", "recent", "random")
+
+
+def evaluate_methods(
+    dump_dirs: Sequence[str | Path],
+    ckpt: str | Path | None,
+    *,
+    split: str = "validation",
+    interval: int = 64,
+    recent: int = 64,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """Recall curves of every method over all steps of the held-out prompts of ``dump_dirs``."""
+    dump_dirs = [Path(d) for d in dump_dirs]
+    manifest = check_compatible(dump_dirs)
+    prompts = load_examples(dump_dirs, split=split, interval=interval, recent=recent)
+    zero = load_indexer(dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"])
+    trained = load_indexer(ckpt, fingerprint=manifest["fingerprint"]) if ckpt is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    curves = {m: RecallCurve() for m in METHODS if m != "trained" or trained is not None}
+    with torch.no_grad():
+        for ex in prompts:
+            steps = torch.arange(ex.num_steps)
+            scores = {
+                "zero-shot": torch.sigmoid(indexer_logits(zero, ex, steps)).cpu(),
+                "quest": page_bound_scores(zero, ex, steps),
+                "recent": recent_scores(ex, steps),
+                "random": random_scores(ex, steps, gen),
+            }
+            if trained is not None:
+                scores["trained"] = torch.sigmoid(indexer_logits(trained, ex, steps)).cpu()
+            for method, s in scores.items():
+                thr = 0.5 if method in ("trained", "zero-shot") else None
+                for r in range(len(steps)):
+                    c = ex.candidates[r]
+                    curves[method].add(s[r, c], ex.targets[r, c], thr)
+    return {
+        "split": split,
+        "prompts": len(prompts),
+        "steps": sum(p.num_steps for p in prompts),
+        "fractions": list(DEFAULT_FRACTIONS),
+        "methods": {m: {"recall": c.recall(), **c.summary()} for m, c in curves.items()},
+    }
+
+
+def markdown_table(report: dict) -> str:
+    fracs = report["fractions"]
+    head = "| method | " + " | ".join(f"recall@{f:.0%}" for f in fracs) + " | kept@0.5 | recall@0.5 | F1@0.5 |"
+    rows = [head, "|" + "---|" * (len(fracs) + 4)]
+    for method, m in report["methods"].items():
+        cells = " | ".join(f"{r:.3f}" for r in m["recall"])
+        thr = (
+            f"{m['fraction_kept']:.3f} | {m['recall_at_kept']:.3f} | {m['f1_at_threshold']:.3f}"
+            if method in ("trained", "zero-shot")
+            else "– | – | –"
+        )
+        rows.append(f"| {method} | {cells} | {thr} |")
+    return "\n".join(rows)
+
+
+def plot_curves(report: dict, path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for method, m in report["methods"].items():
+        ax.plot(report["fractions"], m["recall"], marker="o", label=method)
+    ax.set_xlabel("fraction of candidate chunks kept")
+    ax.set_ylabel("recall of golden chunks (next cycle)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or f"{report['prompts']} held-out prompts, {report['steps']} queries")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path, title: str = "") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "indexer_eval.json").write_text(json.dumps(report, indent=1))
+    (out / "indexer_eval.md").write_text(markdown_table(report) + "\n")
+    plot_curves(report, out / "indexer_eval.png", title)

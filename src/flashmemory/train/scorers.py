@@ -1,0 +1,54 @@
+"""Chunk scorers evaluated on dumps: the indexer (trained or zero-shot) and the baselines it must beat."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..indexer.memory_indexer import MemoryIndexer
+from ..models.adapter import apply_rope
+from .dataset import PromptExamples
+
+
+def indexer_logits(
+    indexer: MemoryIndexer, ex: PromptExamples, steps: torch.Tensor, reduce: str = "max"
+) -> torch.Tensor:
+    """Indexer logits for ``steps`` of one prompt, combined over target layers. # [len(steps), N]"""
+    device = indexer.inv_freq.device
+    hidden = ex.hidden[steps].to(device, torch.float32)
+    pos = ex.positions[steps].to(device)
+    per_layer = []
+    for j in range(len(indexer.target_layers)):
+        keys = ex.keys[j].to(device, torch.float32).unsqueeze(0).expand(len(steps), -1, -1, -1)
+        per_layer.append(indexer.layer_logits(j, hidden[:, j], pos, keys))
+    stacked = torch.stack(per_layer)
+    return stacked.amax(0) if reduce == "max" else torch.logit(torch.sigmoid(stacked).mean(0), eps=1e-6)
+
+
+def recent_scores(ex: PromptExamples, steps: torch.Tensor) -> torch.Tensor:
+    """Newer chunks first: what a sliding window keeps."""
+    n = ex.keys.shape[2]
+    return torch.arange(n, dtype=torch.float32).expand(len(steps), -1)
+
+
+def random_scores(ex: PromptExamples, steps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(len(steps), ex.keys.shape[2], generator=generator)
+
+
+def page_bound_scores(indexer: MemoryIndexer, ex: PromptExamples, steps: torch.Tensor) -> torch.Tensor:
+    """Quest-style upper bound of ``q . k`` from per-chunk min/max keys, with the backbone's own queries."""
+    hidden = ex.hidden[steps].float()
+    pos = ex.positions[steps]
+    out = []
+    for j in range(len(indexer.target_layers)):
+        q, _ = indexer.tower(j, hidden[:, j].to(indexer.inv_freq.device))
+        q = apply_rope(q, pos.to(q.device), indexer.inv_freq[j], indexer.spec.rope_scaling[j]).cpu()  # [S, H, D]
+        hkv = ex.kmin.shape[1]
+        qg = q.view(q.shape[0], hkv, -1, q.shape[-1])  # [S, Hkv, G, D]
+        kmin, kmax = ex.kmin[j].float(), ex.kmax[j].float()  # [Hkv, N, D]
+        lo = qg.unsqueeze(-2) * kmin[None, :, None]  # [S, Hkv, G, N, D]
+        hi = qg.unsqueeze(-2) * kmax[None, :, None]
+        bound = torch.maximum(lo, hi).sum(-1) / math.sqrt(q.shape[-1])  # [S, Hkv, G, N]
+        out.append(bound.amax((1, 2)))
+    return torch.stack(out).amax(0).detach()

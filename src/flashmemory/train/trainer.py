@@ -1,0 +1,239 @@
+"""``flashmemory train``: fit the query tower on dumps; the backbone is never loaded."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..indexer.checkpoint import load_indexer, save_indexer
+from ..indexer.memory_indexer import MemoryIndexer
+from .dataset import PromptExamples, check_compatible, load_examples
+from .metrics import RecallCurve
+from .scorers import indexer_logits
+
+
+@dataclass(slots=True)
+class TrainConfig:
+    """Trainer settings.
+
+    Args:
+        epochs: passes over the training prompts at most. Default: 12.
+        lr: AdamW learning rate of the query projections. Default: 1e-4.
+        head_lr: learning rate of head weights and score bias, which start far from their optimum. Default: 1e-2.
+        weight_decay: AdamW weight decay. Default: 1e-2.
+        clip: gradient-norm clip. Default: 1.0.
+        steps_per_prompt: decode steps sampled per prompt per batch. Default: 16.
+        prompts_per_batch: prompts per optimiser step. Default: 4.
+        negatives_per_positive: random negatives sampled per positive. Default: 3.
+        hard_negatives_per_positive: highest-scoring negatives added per positive. Default: 1.
+        loss: ``"focal"`` or ``"bce"``. Default: "focal".
+        gamma: focal-loss exponent. Default: 2.0.
+        interval: decode steps per cycle (lookahead horizon). Default: 64.
+        recent: always-resident tail tokens (not the indexer's decision). Default: 64.
+        patience: epochs without validation improvement before stopping. Default: 3.
+        select_fraction: kept fraction whose recall picks the best epoch. Default: 0.15.
+        seed: sampling seed. Default: 0.
+    """
+
+    epochs: int = 12
+    lr: float = 1e-4
+    head_lr: float = 1e-2
+    weight_decay: float = 1e-2
+    clip: float = 1.0
+    steps_per_prompt: int = 16
+    prompts_per_batch: int = 4
+    negatives_per_positive: int = 3
+    hard_negatives_per_positive: int = 1
+    loss: str = "focal"
+    gamma: float = 2.0
+    interval: int = 64
+    recent: int = 64
+    patience: int = 3
+    select_fraction: float = 0.15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("focal", "bce"):
+            raise ValueError(f"loss must be 'focal' or 'bce', got {self.loss!r}")
+        if self.epochs < 1 or self.steps_per_prompt < 1 or self.prompts_per_batch < 1:
+            raise ValueError("epochs, steps_per_prompt and prompts_per_batch must be >= 1")
+
+
+def example_loss(logits: torch.Tensor, ex: PromptExamples, steps: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
+    """Per-chunk loss on positives, sampled negatives and mined hard negatives, over candidate chunks only."""
+    targets = ex.targets[steps]
+    cand = ex.candidates[steps]
+    weights = ex.weights.expand_as(targets).clone()
+    pos = targets & cand
+    neg = cand & ~targets
+    chosen = pos.clone()
+    for r in range(len(steps)):
+        n_pos = int(pos[r].sum())
+        neg_ids = neg[r].nonzero().flatten()
+        if n_pos == 0 or neg_ids.numel() == 0:
+            continue
+        k = min(neg_ids.numel(), cfg.negatives_per_positive * n_pos)
+        chosen[r, neg_ids[torch.randperm(neg_ids.numel(), generator=gen)[:k]]] = True
+        h = min(neg_ids.numel(), cfg.hard_negatives_per_positive * n_pos)
+        hard = logits[r, neg_ids].detach().topk(h).indices
+        chosen[r, neg_ids[hard]] = True
+    if not bool(chosen.any()):
+        return None
+    x, y, w = logits[chosen], targets[chosen].float(), weights[chosen]
+    bce = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    if cfg.loss == "focal":
+        p = torch.sigmoid(x)
+        pt = torch.where(y > 0, p, 1 - p)
+        bce = bce * (1 - pt).pow(cfg.gamma)
+    return (bce * w).sum() / w.sum()
+
+
+def evaluate(indexer: MemoryIndexer, prompts: list[PromptExamples], threshold: float = 0.5) -> dict:
+    """Validation metrics of ``indexer`` over every step of ``prompts``."""
+    curve = RecallCurve()
+    losses = []
+    with torch.no_grad():
+        for ex in prompts:
+            steps = torch.arange(ex.num_steps)
+            logits = indexer_logits(indexer, ex, steps).cpu()
+            for r in range(len(steps)):
+                c = ex.candidates[r]
+                curve.add(torch.sigmoid(logits[r, c]), ex.targets[r, c], threshold)
+            c = ex.candidates
+            losses.append(F.binary_cross_entropy_with_logits(logits[c], ex.targets[c].float()).item())
+    return {"loss": sum(losses) / len(losses), **curve.summary()}
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world
+
+
+def train_indexer(
+    dump_dirs: Sequence[str | Path],
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    *,
+    init: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Train a Memory Indexer from dump folders and write the best checkpoint (by validation) to ``out``.
+
+    Works under ``torchrun``: each rank takes every ``world``-th prompt and gradients are averaged.
+
+    Returns:
+        History: per-epoch training loss and validation metrics, best epoch and its metrics.
+    """
+    cfg = cfg or TrainConfig()
+    out = Path(out)
+    dump_dirs = [Path(d) for d in dump_dirs]
+    manifest = check_compatible(dump_dirs)
+    rank, world = _distributed()
+    train = load_examples(dump_dirs, split="train", interval=cfg.interval, recent=cfg.recent)
+    val = load_examples(dump_dirs, split="validation", interval=cfg.interval, recent=cfg.recent)
+    indexer = load_indexer(init or dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"]).to(device)
+    model = indexer
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(indexer)
+    heads = [p for n, p in indexer.named_parameters() if "head_weight" in n or "score_bias" in n]
+    rest = [p for n, p in indexer.named_parameters() if not ("head_weight" in n or "score_bias" in n)]
+    opt = torch.optim.AdamW(
+        [{"params": rest, "lr": cfg.lr}, {"params": heads, "lr": cfg.head_lr}], weight_decay=cfg.weight_decay
+    )
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    rng = random.Random(cfg.seed)
+    history = {"config": asdict(cfg), "epochs": [], "zero_shot": evaluate(indexer, val)}
+    best, best_state, stale = -1.0, None, 0
+    mine = train[rank::world]
+    columns = (
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, disable=not progress or rank != 0) as bar:
+        for epoch in range(cfg.epochs):
+            order = list(range(len(mine)))
+            rng.shuffle(order)
+            batches = [order[i : i + cfg.prompts_per_batch] for i in range(0, len(order), cfg.prompts_per_batch)]
+            task = bar.add_task("train", total=len(batches), epoch=epoch + 1)
+            losses = []
+            model.train()
+            for batch in batches:
+                opt.zero_grad()
+                terms = []
+                for i in batch:
+                    ex = mine[i]
+                    steps = torch.randperm(ex.num_steps, generator=gen)[: cfg.steps_per_prompt]
+                    logits = indexer_logits(indexer, ex, steps).cpu()
+                    loss = example_loss(logits, ex, steps, cfg, gen)
+                    if loss is not None:
+                        terms.append(loss)
+                if terms:
+                    total = torch.stack(terms).mean()
+                    total.backward()
+                    torch.nn.utils.clip_grad_norm_(indexer.parameters(), cfg.clip)
+                    opt.step()
+                    losses.append(total.item())
+                bar.advance(task)
+            metrics = evaluate(indexer, val)
+            key = (
+                metrics[f"recall@{cfg.select_fraction:g}"]
+                if f"recall@{cfg.select_fraction:g}" in metrics
+                else -metrics["loss"]
+            )
+            history["epochs"].append({"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)), **metrics})
+            if key > best:
+                best, best_state, stale = key, copy.deepcopy(indexer.state_dict()), 0
+                history["best_epoch"] = epoch + 1
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+    indexer.load_state_dict(best_state)
+    indexer.spec.trained = True
+    history["best"] = history["epochs"][history["best_epoch"] - 1]
+    if rank == 0:
+        save_indexer(indexer, out, extra={"training": {"dumps": [str(d) for d in dump_dirs], "best": history["best"]}})
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        plot_history(history, out / "training_curve.png")
+    return history
+
+
+def plot_history(history: dict, path: Path) -> None:
+    """Training loss and validation recall per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [e["epoch"] for e in history["epochs"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [e["train_loss"] for e in history["epochs"]], marker="o", label="train")
+    a.plot(epochs, [e["loss"] for e in history["epochs"]], marker="o", label="validation (BCE)")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    for key in ("recall@0.05", "recall@0.1", "recall@0.15", "recall@0.2"):
+        b.plot(epochs, [e[key] for e in history["epochs"]], marker="o", label=key)
+        b.axhline(history["zero_shot"][key], ls=":", color=b.lines[-1].get_color())
+    b.set_xlabel("epoch")
+    b.set_ylabel("validation recall (dotted: zero-shot)")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

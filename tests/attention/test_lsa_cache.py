@@ -1,0 +1,143 @@
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from flashmemory.attention.cache import LSACache
+from flashmemory.config import LSAConfig
+from flashmemory.memory.layout import BudgetError
+from flashmemory.models.tiny import TINY_FAMILIES, tiny_model
+from flashmemory.runtime.generate import generate_ids
+
+from ..conftest import SMALL_LSA
+from .decode_helpers import greedy_logits
+
+ALL_PAGES = LSAConfig(budget=None, max_pages=10_000, **SMALL_LSA)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_lsa_cache_keeping_every_page_equals_full_attention(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (1, 203))
+    ref_tokens, ref_logits = greedy_logits(model, ids, DynamicCache(config=model.config), 40)
+    with LSACache(model, ALL_PAGES, max_new_tokens=50) as cache:
+        tokens, logits = greedy_logits(model, ids, cache, 40)
+        assert cache.stats.boundaries == 3
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+    # and both equal one forward pass over the whole sequence
+    whole = model(torch.cat([ids, tokens], 1)).logits[:, ids.shape[1] - 1 :]
+    torch.testing.assert_close(logits, whole, atol=1e-4, rtol=0)
+
+
+def test_batch_with_left_padding_equals_each_sequence_alone():
+    model = tiny_model("llama")
+    a = torch.randint(1, 200, (1, 260))
+    b = torch.randint(1, 200, (1, 190))
+    ids = torch.zeros(2, 260, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0], mask[0] = a, 1
+    ids[1, 70:], mask[1, 70:] = b, 1
+    lsa = LSAConfig(budget=None, max_pages=10_000, **SMALL_LSA)
+    batch_tokens, stats = generate_ids(model, ids, mask, lsa=lsa, max_new_tokens=40)
+    assert stats.boundaries >= 3
+    for row, seq in enumerate((a, b)):
+        alone, _ = generate_ids(model, seq, method="full", max_new_tokens=40)
+        assert torch.equal(batch_tokens[row], alone[0])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_forced_resident_set_equals_masked_attention(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (1, 240))
+    gen = torch.Generator().manual_seed(7)
+
+    def forced(cache):
+        n = cache.store.selectable_pages()
+        k = cache.store.layout.num_page_slots
+        return torch.randperm(n, generator=gen)[:k].view(1, -1)
+
+    lsa = LSAConfig(budget=None, max_pages=5, **SMALL_LSA)
+    resident = []
+    with LSACache(model, lsa, max_new_tokens=60, forced_pages=forced) as cache:
+
+        def record(step):
+            pos = cache.store.slot_pos[0]
+            resident.append(pos[pos >= 0].tolist())
+
+        tokens, logits = greedy_logits(model, ids, cache, 50, on_step=record)
+        assert cache.stats.boundaries == 4
+
+    def reference_mask(step):
+        length = ids.shape[1] + step + 1
+        mask = torch.zeros(1, 1, 1, length, dtype=torch.bool)
+        mask[0, 0, 0, resident[step]] = True
+        return mask
+
+    # Replay the same tokens through a full cache, masking everything LSA did not keep.
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    ref = [out.logits[:, -1]]
+    for step in range(tokens.shape[1]):
+        out = model(input_ids=tokens[:, step : step + 1], past_key_values=cache, attention_mask=reference_mask(step))
+        ref.append(out.logits[:, -1])
+    torch.testing.assert_close(logits, torch.stack(ref, 1), atol=1e-4, rtol=0)
+    full_tokens, _ = greedy_logits(model, ids, DynamicCache(config=model.config), 50)
+    assert len(resident[0]) < ids.shape[1], "the forced set should leave tokens out"
+
+
+def test_model_generate_accepts_lsa_cache():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 300))
+    lsa = LSAConfig(budget=0.5, **SMALL_LSA)
+    ours, _ = generate_ids(model, ids, lsa=lsa, max_new_tokens=40)
+    with LSACache(model, lsa, max_new_tokens=40) as cache:
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=40,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        assert cache.stats.boundaries >= 3
+        assert cache.store.layout.num_page_slots < cache.store.selectable_pages()
+    assert torch.equal(out[:, ids.shape[1] :], ours)
+
+
+def test_recall_happens_only_at_cycle_boundaries():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 400))
+    lsa = LSAConfig(budget=0.4, **SMALL_LSA)
+    with LSACache(model, lsa, max_new_tokens=80) as cache:
+        greedy_logits(model, ids, cache, 80)
+        steps = cache.store.log.copy_steps
+        assert steps, "some pages must have been recalled"
+        assert all(s % lsa.interval == 0 for s in steps), steps
+        assert cache.stats.boundaries == 5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_device_kv_stays_within_budget_at_2k(family):
+    model = tiny_model(family)
+    ids = torch.randint(1, 200, (1, 2048))
+    for budget in (0.2, 0.25, 0.5):
+        _, stats = generate_ids(model, ids, lsa=LSAConfig(budget=budget), max_new_tokens=70)
+        full_at_context = stats.kv_bytes_full * 2048 // (2048 + stats.new_tokens)
+        assert stats.kv_bytes_device <= budget * full_at_context + 1
+        assert stats.kv_ratio <= budget
+        assert stats.page_slots > 0
+
+
+def test_budget_too_small_is_a_clear_error():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 512))
+    with pytest.raises(BudgetError, match="cannot hold the always-resident part"):
+        generate_ids(model, ids, lsa=LSAConfig(budget=0.05), max_new_tokens=8)
+
+
+def test_lsa_cache_refuses_unsupported_attention():
+    model = tiny_model("llama")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="sdpa"):
+        LSACache(model, LSAConfig())

@@ -1,0 +1,163 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flashmemory.indexer.checkpoint import CheckpointError, load_indexer, save_indexer
+from flashmemory.indexer.chunk_keys import chunk_means
+from flashmemory.indexer.memory_indexer import MemoryIndexer
+from flashmemory.indexer.scoring import chunk_logits, select_pages
+from flashmemory.models.adapter import apply_rope, attention_module, backbone_spec
+from flashmemory.models.tiny import tiny_model
+
+
+def capture_attention_inputs(model, layer, ids):
+    """Hidden state entering ``layer``'s attention, and the keys it caches (post-RoPE)."""
+    seen = {}
+    attn = attention_module(model, layer)
+
+    def pre(module, args, kwargs):
+        seen["hidden"] = kwargs["hidden_states"]
+        seen["cos_sin"] = kwargs["position_embeddings"]
+
+    from transformers.cache_utils import DynamicCache
+
+    handle = attn.register_forward_pre_hook(pre, with_kwargs=True)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    handle.remove()
+    return seen, cache.layers[layer].keys
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_zero_shot_query_equals_the_layers_rotated_query(family):
+    model = tiny_model(family)
+    spec = backbone_spec(model)
+    layer = spec.full_layers[-1]
+    ids = torch.randint(0, model.config.vocab_size, (1, 37))
+    seen, _ = capture_attention_inputs(model, layer, ids)
+    indexer = MemoryIndexer.from_model(model, (layer,), chunk_size=8)
+    attn = attention_module(model, layer)
+    hidden = seen["hidden"][0]  # [T, hidden]
+    q = attn.q_proj(hidden).view(hidden.shape[0], -1, spec.head_dim)
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    cos, sin = seen["cos_sin"]
+    half = spec.head_dim // 2
+    rot = torch.cat([-q[..., half:], q[..., :half]], -1)
+    expected = q * cos[0][:, None] + rot * sin[0][:, None]
+    ours, _ = indexer.tower(0, hidden)
+    ours = apply_rope(ours, torch.arange(hidden.shape[0]), indexer.inv_freq[0], indexer.spec.rope_scaling[0])
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_zero_shot_logit_is_mean_attention_logit_per_chunk():
+    model = tiny_model("llama")
+    spec = backbone_spec(model)
+    layer = spec.full_layers[-1]
+    ids = torch.randint(0, model.config.vocab_size, (1, 64))
+    seen, keys = capture_attention_inputs(model, layer, ids)
+    indexer = MemoryIndexer.from_model(model, (layer,), chunk_size=8)
+    hidden = seen["hidden"][:, -1]
+    pos = torch.tensor([63])
+    ck = chunk_means(keys, 0, 8, torch.zeros(1, dtype=torch.long))
+    ours = indexer.layer_logits(0, hidden, pos, ck)  # [1, 8]
+    q, _ = indexer.tower(0, hidden)
+    q = apply_rope(q, pos, indexer.inv_freq[0], 1.0)[0]  # [H, D]
+    group = spec.num_heads // spec.num_kv_heads
+    k = keys[0].repeat_interleave(group, 0)  # [H, T, D]
+    logits = torch.einsum("hd,htd->ht", q, k) / math.sqrt(spec.head_dim)
+    per_chunk = logits.view(spec.num_heads, 8, 8).mean(-1)  # mean attention logit of each chunk
+    expected = torch.relu(per_chunk).mean(0)
+    torch.testing.assert_close(ours[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_chunk_means_ignores_padding():
+    keys = torch.arange(2 * 1 * 8 * 2, dtype=torch.float32).view(2, 1, 8, 2)
+    out = chunk_means(keys, 0, 4, torch.tensor([0, 3]))
+    torch.testing.assert_close(out[0, 0, 0], keys[0, 0, :4].mean(0))
+    torch.testing.assert_close(out[1, 0, 0], keys[1, 0, 3])
+    torch.testing.assert_close(out[1, 0, 1], keys[1, 0, 4:].mean(0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_pages=st.integers(1, 12),
+    slots=st.integers(1, 6),
+    page_chunks=st.integers(1, 4),
+    seed=st.integers(0, 999),
+)
+def test_select_pages_keeps_best_chunks_then_densest_pages(num_pages, slots, page_chunks, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(2, num_pages * page_chunks + 3, generator=gen)
+    pages = select_pages(scores, num_selectable=num_pages, page_chunks=page_chunks, num_slots=slots, threshold=0.5)
+    assert pages.shape == (2, slots)
+    view = scores[:, : num_pages * page_chunks].view(2, num_pages, page_chunks)
+    best = view.amax(-1)
+    density = (view > 0.5).sum(-1).float() + best.clamp(max=0.999)
+    k = min(slots, num_pages)
+    m = (k + 1) // 2
+    for b in range(2):
+        chosen = [p for p in pages[b].tolist() if p >= 0]
+        assert len(chosen) == k == len(set(chosen))
+        by_best = best[b].argsort(descending=True)[:m].tolist()
+        assert set(by_best) <= set(chosen), "pages holding the best chunks must be kept"
+        others = [p for p in range(num_pages) if p not in chosen]
+        rest = [p for p in chosen if p not in by_best]
+        if others and rest:
+            assert min(density[b, rest]) >= max(density[b, others]), "remaining slots go to the densest pages"
+
+
+def test_select_pages_never_picks_padding_only_pages():
+    scores = torch.ones(1, 8)
+    valid = torch.tensor([[False, False, False, False, True, True, True, True]])
+    pages = select_pages(scores, num_selectable=4, page_chunks=2, num_slots=3, threshold=0.5, valid_chunks=valid)
+    assert sorted(p for p in pages[0].tolist() if p >= 0) == [2, 3]
+
+
+def test_chunk_logits_shapes_and_relu():
+    q = torch.randn(3, 6, 4, 8)
+    w = torch.full((3, 6, 4), 0.25)
+    keys = torch.randn(3, 2, 5, 8)
+    out = chunk_logits(q, w, torch.tensor(0.0), keys)
+    assert out.shape == (3, 6, 5)
+    assert (out >= 0).all()
+    # each window token is scored on its own
+    torch.testing.assert_close(out[:, 2], chunk_logits(q[:, 2:3], w[:, 2:3], torch.tensor(0.0), keys)[:, 0])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model("qwen3")
+    layers = tuple(backbone_spec(model).default_target_layers())
+    indexer = MemoryIndexer.from_model(model, layers, chunk_size=8, backbone="tiny-qwen3", fingerprint="abc")
+    save_indexer(indexer, tmp_path / "ck")
+    loaded = load_indexer(tmp_path / "ck", fingerprint="abc")
+    for (name, a), (_, b) in zip(indexer.state_dict().items(), loaded.state_dict().items(), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), msg=name)
+    assert loaded.spec == indexer.spec
+
+
+def test_checkpoint_fingerprint_mismatch_is_refused(tmp_path):
+    model = tiny_model("llama")
+    indexer = MemoryIndexer.from_model(model, (2,), chunk_size=8, backbone="tiny", fingerprint="abc")
+    save_indexer(indexer, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        load_indexer(tmp_path / "ck", fingerprint="other")
+    with pytest.warns(UserWarning, match="fingerprint"):
+        load_indexer(tmp_path / "ck", fingerprint="other", strict=False)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    model = tiny_model("llama")
+    path = save_indexer(MemoryIndexer.from_model(model, (2,), chunk_size=8), tmp_path / "ck")
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_indexer(path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_indexer(path)
+    with pytest.raises(CheckpointError, match="not an indexer checkpoint"):
+        load_indexer(tmp_path / "missing")

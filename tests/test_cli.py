@@ -1,0 +1,55 @@
+"""Bad input to the CLI gets one clear line and exit status 2, before any model is loaded."""
+
+import pytest
+from typer.testing import CliRunner
+
+from flashmemory.cli import app
+
+
+@pytest.fixture
+def context(tmp_path):
+    path = tmp_path / "doc.txt"
+    path.write_text("Some long text. " * 50)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        pytest.param(["--context-file", "nope.txt", "--question", "q?"], "context file not found", id="missing-file"),
+        pytest.param(["--question", "   "], "question is empty", id="empty-question"),
+        pytest.param(["--question", "q?", "--budget", "-0.5"], "--budget", id="budget-negative"),
+        pytest.param(["--question", "q?", "--method", "magic"], "unknown method", id="bad-method"),
+        pytest.param(["--question", "q?", "--interval", "20"], "multiple of chunk_size", id="bad-interval"),
+        pytest.param(["--question", "q?", "--max-new-tokens", "0"], "max-new-tokens", id="no-tokens"),
+        pytest.param(["--question", "q?", "--model", "no-such-model"], "no-such-model", id="unknown-model"),
+    ],
+)
+def test_ask_rejects_bad_input(context, args, message):
+    full = ["ask", *args] if "--context-file" in args else ["ask", "--context-file", str(context), *args]
+    res = CliRunner().invoke(app, full)
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_ask_rejects_empty_context_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    res = CliRunner().invoke(app, ["ask", "--context-file", str(empty), "--question", "q?"])
+    assert res.exit_code == 2 and "is empty" in res.output
+
+
+def test_train_rejects_missing_dump(tmp_path):
+    res = CliRunner().invoke(app, ["train", "--dumps", str(tmp_path / "none"), "--out", str(tmp_path / "ck")])
+    assert res.exit_code == 2 and "not a dump folder" in res.output
+
+
+def test_indexer_eval_rejects_corrupt_checkpoint(tmp_path):
+    res = CliRunner().invoke(app, ["indexer-eval", "--dumps", str(tmp_path), "--ckpt", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "not a dump folder" in res.output
+
+
+def test_dump_rejects_bad_data_spec(tmp_path):
+    res = CliRunner().invoke(app, ["dump", "--data", "n=3,bogus=1", "--out", str(tmp_path / "d"), "--model", "nope"])
+    assert res.exit_code == 2

@@ -1,0 +1,49 @@
+import torch
+
+from flashmemory.dump.labels import chunk_mass, from_csr, golden_chunks, lookahead_targets, to_csr, top_p_mask
+
+
+def test_chunk_mass_sums_tokens_and_averages_heads():
+    probs = torch.zeros(2, 8)
+    probs[0, 0:2] = 0.5  # head 0 looks at chunk 0
+    probs[1, 6] = 1.0  # head 1 looks at chunk 3
+    mass = chunk_mass(probs, 2)
+    torch.testing.assert_close(mass, torch.tensor([0.5, 0.0, 0.0, 0.5]))
+
+
+def test_top_p_mask_takes_the_smallest_covering_set():
+    mass = torch.tensor([0.05, 0.5, 0.3, 0.15])
+    assert top_p_mask(mass, 0.6).tolist() == [False, True, True, False]
+    assert top_p_mask(mass, 0.5).tolist() == [False, True, False, False]
+    assert top_p_mask(mass, 1.0).tolist() == [True, True, True, True]
+
+
+def test_golden_needs_min_layers():
+    masks = torch.tensor(
+        [
+            [1, 1, 0, 0],
+            [1, 0, 1, 0],
+            [1, 1, 0, 0],
+            [0, 1, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
+    ids, hits = golden_chunks(masks, 3)
+    assert ids.tolist() == [0, 1]
+    assert hits.tolist() == [3, 3]
+
+
+def test_csr_round_trip():
+    rows = [torch.tensor([1, 5]), torch.tensor([], dtype=torch.long), torch.tensor([0, 2, 9])]
+    counts = [torch.tensor([3, 4]), torch.tensor([], dtype=torch.long), torch.tensor([3, 3, 5])]
+    csr = to_csr(rows, counts)
+    assert csr["indptr"].tolist() == [0, 2, 2, 5]
+    back = from_csr(csr)
+    assert [r.tolist() for r in back] == [r.tolist() for r in rows]
+    assert csr["hits"].tolist() == [3, 4, 3, 3, 5]
+
+
+def test_lookahead_targets_union_the_next_interval_steps():
+    golden = [torch.tensor([0]), torch.tensor([1]), torch.tensor([2]), torch.tensor([3])]
+    t = lookahead_targets(golden, interval=2, num_chunks=5)
+    assert t.int().tolist() == [[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 0]]

@@ -1,0 +1,131 @@
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from flashmemory.dump.capture import LabelConfig
+from flashmemory.dump.runner import run_dump
+from flashmemory.dump.shards import DumpError, read_manifest
+from flashmemory.models.tiny import tiny_model
+from flashmemory.train.indexer_eval import evaluate_methods, markdown_table
+from flashmemory.train.trainer import TrainConfig, train_indexer
+
+from .fake_tokenizer import CharTokenizer, Prompt
+
+LABELS = LabelConfig(chunk_size=8, top_p=0.6, min_layers=2)
+
+
+def prompts(n_train=4, n_val=2, length=260):
+    rng = random.Random(0)
+    make = lambda: "".join(rng.choice("abcdefghij klmnop") for _ in range(length))  # noqa: E731
+    return [Prompt(make(), "train") for _ in range(n_train)] + [Prompt(make(), "validation") for _ in range(n_val)]
+
+
+@pytest.fixture(scope="module")
+def dump_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dump")
+    model = tiny_model("llama")
+    run_dump(
+        model,
+        CharTokenizer(),
+        prompts(),
+        out,
+        backbone="tiny",
+        fingerprint="fp-tiny",
+        labels=LABELS,
+        max_new_tokens=40,
+        shard_size=4,
+        progress=False,
+    )
+    return out
+
+
+def test_dump_manifest_and_records(dump_dir):
+    manifest = read_manifest(dump_dir)
+    assert manifest["complete"] and len(manifest["prompts"]) == 6
+    assert {m["split"] for m in manifest["prompts"]} == {"train", "validation"}
+    assert all(m["num_steps"] == 41 for m in manifest["prompts"])
+    assert (dump_dir / "init_indexer" / "model.safetensors").is_file()
+
+
+def test_dump_resumes_without_redoing_work(dump_dir, monkeypatch):
+    import flashmemory.dump.runner as runner
+
+    def boom(*a, **k):
+        raise AssertionError("a finished prompt was dumped again")
+
+    monkeypatch.setattr(runner, "capture_prompt", boom)
+    manifest = run_dump(
+        tiny_model("llama"),
+        CharTokenizer(),
+        prompts(),
+        dump_dir,
+        backbone="tiny",
+        fingerprint="fp-tiny",
+        labels=LABELS,
+        max_new_tokens=40,
+        shard_size=4,
+        progress=False,
+    )
+    assert manifest["complete"]
+
+
+def test_dump_refuses_other_settings(dump_dir):
+    with pytest.raises(DumpError, match="other settings"):
+        run_dump(
+            tiny_model("llama"),
+            CharTokenizer(),
+            prompts(),
+            dump_dir,
+            backbone="tiny",
+            fingerprint="other",
+            labels=LABELS,
+            max_new_tokens=40,
+            progress=False,
+        )
+
+
+def test_training_reduces_loss_and_writes_checkpoint(dump_dir, tmp_path):
+    cfg = TrainConfig(epochs=4, interval=16, recent=16, steps_per_prompt=8, prompts_per_batch=2, patience=4, lr=1e-3)
+    history = train_indexer([dump_dir], tmp_path / "ck", cfg, progress=False)
+    assert (tmp_path / "ck" / "model.safetensors").is_file()
+    assert (tmp_path / "ck" / "training_curve.png").is_file()
+    losses = [e["train_loss"] for e in history["epochs"]]
+    assert losses[-1] < losses[0]
+    report = evaluate_methods([dump_dir], tmp_path / "ck", interval=16, recent=16)
+    assert set(report["methods"]) == {"trained", "zero-shot", "quest", "recent", "random"}
+    assert "| trained |" in markdown_table(report)
+
+
+def test_training_never_imports_a_model_class(dump_dir, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith("transformers.models") or name == "transformers.modeling_utils":
+                    raise ImportError("model classes are blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from flashmemory.train.trainer import TrainConfig, train_indexer
+        cfg = TrainConfig(epochs=1, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2)
+        train_indexer([{str(dump_dir)!r}], {str(tmp_path / "ck")!r}, cfg, progress=False)
+        assert not any(m.startswith("transformers.models") for m in sys.modules), "a model class was imported"
+        print("ok")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "ok" in res.stdout
+
+
+def test_corrupt_shard_is_a_clear_error(dump_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dump_dir, copy)
+    shard = sorted(copy.glob("shard-*.safetensors"))[0]
+    shard.write_bytes(b"\x00" * 20)
+    with pytest.raises(DumpError, match="corrupt"):
+        train_indexer([copy], tmp_path / "ck", TrainConfig(epochs=1, interval=16, recent=16), progress=False)
