@@ -58,9 +58,12 @@ class LSALayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.keys, self.values = self.owner.layer_update(self.layer_idx, key_states, value_states)
+        keys, values = self.owner.layer_update(self.layer_idx, key_states, value_states)
         self.num_seen += key_states.shape[-2]
-        return self.keys, self.values
+        # Point at the reserve, never at the prompt's keys: holding those would keep the full KV alive.
+        store = self.owner.store
+        self.keys, self.values = store.reserve_k[self.layer_idx], store.reserve_v[self.layer_idx]
+        return keys, values
 
     def get_seq_length(self) -> int:
         return self.num_seen

@@ -51,7 +51,8 @@ def read_jsonl(path: Path) -> list[DumpPrompt]:
         split = row.get("split", "train")
         if split not in ("train", "validation"):
             raise ValueError(f"{path}:{i + 1} split must be 'train' or 'validation', got {split!r}")
-        prompts.append(DumpPrompt(str(text), row.get("kind", "file"), (f"{path.name}:{i + 1}",), split))
+        doc_ids = tuple(row.get("doc_ids") or (f"{path.name}:{i + 1}",))
+        prompts.append(DumpPrompt(str(text), row.get("kind", "file"), doc_ids, split))
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts

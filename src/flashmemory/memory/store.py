@@ -163,6 +163,9 @@ class KVStore:
                     kept = self.seq_len - new_start
                     res[:, :, t0 : t0 + kept] = res[:, :, t0 + shift : t0 + shift + kept].clone()
         self.log.d2h_bytes += 2 * len(self.layers) * self._token_bytes() * (hi - lo)
+        if self.device.type == "cuda":
+            # The flushed tokens are read on the host next (new chunk keys); the copies are asynchronous.
+            torch.cuda.current_stream(self.device).synchronize()
         self.flushed_len = hi
         self.tail_start = new_start
         self.refresh_positions()

@@ -107,11 +107,13 @@ def generate_ids(
             position_ids=positions,
             past_key_values=cache,
             use_cache=True,
+            logits_to_keep=1,
         )
         _sync(device)
         stats.prefill_seconds = time.perf_counter() - t0
         if allocated_before is not None:
             stats.allocator_kv_bytes = torch.cuda.memory_allocated(device) - allocated_before
+            torch.cuda.reset_peak_memory_stats(device)
         tokens, done = [], torch.zeros(batch, dtype=torch.bool, device=device)
         next_pos = positions[:, -1:] + 1
         t0 = time.perf_counter()
@@ -136,6 +138,8 @@ def generate_ids(
                 stats.kv_bytes_device = max(stats.kv_bytes_device, _dynamic_bytes(cache))
         _sync(device)
         stats.decode_seconds = time.perf_counter() - t0
+        if allocated_before is not None:
+            stats.allocator_decode_peak_bytes = torch.cuda.max_memory_allocated(device) - allocated_before
         stats.new_tokens = len(tokens)
         _fill_cache_stats(stats, cache, context + len(tokens))
     finally:

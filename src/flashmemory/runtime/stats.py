@@ -25,6 +25,8 @@ class GenerationStats:
         recall_seconds: time spent copying pages.
         page_slots: page slots of the reserve (``K``).
         allocator_kv_bytes: on CUDA, allocator bytes held after prefill minus before (cross-check).
+        allocator_decode_peak_bytes: on CUDA, peak allocator bytes during decode minus before prefill
+            (KV plus decode-time temporaries).
     """
 
     method: str
@@ -42,6 +44,7 @@ class GenerationStats:
     recall_seconds: float = 0.0
     page_slots: int | None = None
     allocator_kv_bytes: int | None = None
+    allocator_decode_peak_bytes: int | None = None
 
     @property
     def kv_ratio(self) -> float:
