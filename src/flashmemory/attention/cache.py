@@ -299,6 +299,7 @@ class LSACache(Cache):
             self.chunk_keys.stacked(),
             self.lsa.layer_reduce,
             window_mask=self.lookahead_valid,
+            chunk_offset=self.store.pad_len,
         )
         self.last_scores = scores
         self.stats.kept_fraction.append(float((scores > self.lsa.threshold).float().mean()))
@@ -333,7 +334,8 @@ class LSACache(Cache):
             position_ids: their rotary positions, if the caller passed them. # [B or 1, q]
         """
         window = self.lsa.query_window
-        new = hidden[:, -window:].detach()
+        # A copy, not a view: a view would keep the prompt's whole hidden-state tensor alive on the device.
+        new = hidden[:, -window:].detach().clone()
         old = self.lookahead.get(layer)
         self.lookahead[layer] = (
             new if old is None or hidden.shape[1] >= window else torch.cat([old, new], 1)[:, -window:]

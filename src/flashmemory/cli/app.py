@@ -46,6 +46,7 @@ def ask(
     recent: int = typer.Option(DEFAULTS.recent, help="Recent tokens always resident."),
     sink: int = typer.Option(DEFAULTS.sink, help="First tokens always resident."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    indexer: str = typer.Option("auto", help="auto (shipped checkpoint if it matches), zero-shot, or a folder."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Answer a question about a long text file with LSA (or full attention)."""
@@ -61,6 +62,7 @@ def ask(
         max_new_tokens=max_new_tokens,
         device=device,
         progress=not as_json,
+        indexer=indexer,
     )
     if as_json:
         print(json.dumps(result))
@@ -81,6 +83,7 @@ def demo(
     budget: float = typer.Option(DEFAULTS.budget, help="LSA device KV cap (fraction of the full cache)."),
     seed: int = typer.Option(0, help="Which document and fact."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    indexer: str = typer.Option("auto", help="auto (shipped checkpoint if it matches), zero-shot, or a folder."),
 ) -> None:
     """A long document with a planted fact, answered by full attention and by LSA, side by side."""
     from .demo import run_demo
@@ -89,7 +92,9 @@ def demo(
         budget, DEFAULTS.interval, DEFAULTS.chunk_size, DEFAULTS.page_chunks, DEFAULTS.recent, DEFAULTS.sink
     )
     with OUT.status("loading the model and building the document..."):
-        report = run_demo(model, context_tokens=context_tokens, lsa=cfg, seed=seed, device=device, console=OUT)
+        report = run_demo(
+            model, context_tokens=context_tokens, lsa=cfg, seed=seed, device=device, indexer=indexer, console=OUT
+        )
     table = Table(title=f"{report['question']}  (expected: {report['expected']})")
     for col in ("method", "answer", "correct", "device KV", "of full", "decode s"):
         table.add_column(col)

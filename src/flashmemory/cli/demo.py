@@ -19,6 +19,7 @@ def run_demo(
     lsa: LSAConfig,
     seed: int,
     device: str,
+    indexer: str = "auto",
     console: Console | None = None,
 ) -> dict:
     """Answer one planted-fact question with ``full`` and ``lsa``; returns rows for a table."""
@@ -32,7 +33,7 @@ def run_demo(
     for method in ("full", "lsa"):
         if console is not None:
             console.log(f"answering with {method}...")
-        result = generate(model, tokenizer, task.prompt, method=method, lsa=lsa, max_new_tokens=32)
+        result = generate(model, tokenizer, task.prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=32)
         row = stats_record(result.text.strip(), result.stats)
         row["correct"] = task.is_correct(result.text)
         rows.append(row)

@@ -67,6 +67,13 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write."),
     epochs: int = typer.Option(TRAIN.epochs, help="Most passes over the training prompts."),
     lr: float = typer.Option(TRAIN.lr, help="Learning rate of the query projections."),
+    head_lr: float = typer.Option(TRAIN.head_lr, help="Learning rate of head weights, score bias, distance prior."),
+    patience: int = typer.Option(TRAIN.patience, help="Epochs without validation gain before stopping."),
+    steps_per_prompt: int = typer.Option(TRAIN.steps_per_prompt, help="Decode steps sampled per prompt per batch."),
+    window: int = typer.Option(TRAIN.window, help="Newest steps forming each lookahead query."),
+    frequent_weight: float = typer.Option(
+        TRAIN.frequent_weight, help="Loss weight of chunks positive in >80% of steps."
+    ),
     loss: str = typer.Option(TRAIN.loss, help="focal or bce."),
     interval: int = typer.Option(TRAIN.interval, help="Lookahead horizon in decode steps."),
     recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
@@ -76,7 +83,19 @@ def train(
     """Train the Memory Indexer's query tower from dumps only (no backbone is loaded)."""
     from ..train.trainer import train_indexer
 
-    cfg = TrainConfig(epochs=epochs, lr=lr, loss=loss, interval=interval, recent=recent, seed=seed)
+    cfg = TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        head_lr=head_lr,
+        patience=patience,
+        steps_per_prompt=steps_per_prompt,
+        window=window,
+        frequent_weight=frequent_weight,
+        loss=loss,
+        interval=interval,
+        recent=recent,
+        seed=seed,
+    )
     history = train_indexer(dumps, out, cfg, device=device)
     best, zero = history["best"], history["zero_shot"]
     OUT.print(
@@ -93,11 +112,12 @@ def indexer_eval(
     split: str = typer.Option("validation", help="validation or train."),
     interval: int = typer.Option(TRAIN.interval, help="Lookahead horizon in decode steps."),
     recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
+    window: int = typer.Option(TRAIN.window, help="Newest steps forming each lookahead query."),
 ) -> None:
     """Recall of golden chunks vs fraction kept: trained, zero-shot, Quest-style, recent, random."""
     from ..train.indexer_eval import evaluate_methods, markdown_table, write_report
 
-    report = evaluate_methods(dumps, ckpt, split=split, interval=interval, recent=recent)
+    report = evaluate_methods(dumps, ckpt, split=split, interval=interval, recent=recent, window=window)
     write_report(report, out)
     OUT.print(markdown_table(report))
     OUT.print(f"[dim]written to {out}/indexer_eval.{{json,md,png}}[/]")

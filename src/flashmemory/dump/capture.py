@@ -50,9 +50,9 @@ class AttentionRecorder:
     def _hook(self, layer: int):
         def hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.hidden[layer] = hidden[:, -1].detach()
+            self.hidden[layer] = hidden[:, -1].detach().clone()  # a view would pin the prompt's hidden states
             cos, sin = kwargs["position_embeddings"]
-            self.rope[layer] = (cos[:, -1].detach(), sin[:, -1].detach())
+            self.rope[layer] = (cos[:, -1].detach().clone(), sin[:, -1].detach().clone())
 
         return hook
 

@@ -72,6 +72,7 @@ def load_indexer(
         raise CheckpointError(f"{path / WEIGHTS} is corrupt: {exc}") from None
     indexer = MemoryIndexer(spec)
     missing, unexpected = indexer.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "distance_bias"]  # absent from zero-shot checkpoints: stays zero
     if missing or unexpected:
         raise CheckpointError(f"{path / WEIGHTS} does not match its config: missing {missing}, unexpected {unexpected}")
     return indexer.to(device)

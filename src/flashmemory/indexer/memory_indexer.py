@@ -11,6 +11,14 @@ from ..models.adapter import apply_rope, attention_module, backbone_spec, rope_p
 from .query_tower import QueryTower
 from .scoring import chunk_logits
 
+NUM_DISTANCE_BUCKETS = 24
+
+
+def distance_buckets(distance: torch.Tensor) -> torch.Tensor:
+    """Bucket of a token distance: 0 for d <= 1, else floor(log2 d), capped at the last bucket."""
+    d = distance.clamp(min=1).float()
+    return torch.log2(d).floor().long().clamp(max=NUM_DISTANCE_BUCKETS - 1)
+
 
 @dataclass(slots=True)
 class IndexerSpec:
@@ -74,6 +82,9 @@ class MemoryIndexer(nn.Module):
         if inv_freq is None:
             inv_freq = torch.zeros(n, spec.head_dim // 2)
         self.register_buffer("inv_freq", inv_freq.float().clone())
+        # A learned prior on how far back a chunk lies (log2 buckets of token distance); zero = no prior, so the
+        # zero-shot indexer scores like attention alone.
+        self.distance_bias = nn.Parameter(torch.zeros(n, NUM_DISTANCE_BUCKETS))
         if spec.rope_scaling is None:
             spec.rope_scaling = [1.0] * n
 
@@ -135,6 +146,7 @@ class MemoryIndexer(nn.Module):
         positions: torch.Tensor,
         keys: torch.Tensor,
         window_mask: torch.Tensor | None = None,
+        chunk_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of every chunk for target layer number ``j``: max over the lookahead window.
 
@@ -144,6 +156,7 @@ class MemoryIndexer(nn.Module):
             positions: absolute positions of those tokens. # [B, W] (or [B])
             keys: that layer's chunk keys. # [B, Hkv, N, D]
             window_mask: False for window slots that hold no real token (padding). # [B, W]
+            chunk_offset: left padding per sequence, to put chunks in the positions' frame. # [B]
 
         Returns:
             Logits. # [B, N]
@@ -153,9 +166,22 @@ class MemoryIndexer(nn.Module):
         q, w = self.tower(j, hidden.to(self.inv_freq.device, self.tower.q_proj[j].weight.dtype))
         q = apply_rope(q, positions.to(q.device), self.inv_freq[j], self.spec.rope_scaling[j])
         logits = chunk_logits(q, w, self.tower.score_bias[j], keys.to(q.device))  # [B, W, N]
+        logits = logits + self._distance_prior(j, positions.to(q.device), keys.shape[2], chunk_offset)
         if window_mask is not None:
             logits = logits.masked_fill(~window_mask.to(logits.device)[..., None], float("-inf"))
         return logits.amax(1)
+
+    def _distance_prior(
+        self, j: int, positions: torch.Tensor, num_chunks: int, chunk_offset: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Learned bias by distance from each query token to each chunk's last token. # [B, W, N]"""
+        c = self.spec.chunk_size
+        last = (torch.arange(num_chunks, device=positions.device) + 1) * c - 1  # [N]
+        if chunk_offset is not None:
+            last = last[None, :] - chunk_offset.to(positions.device)[:, None]  # [B, N]
+            last = last[:, None, :]
+        distance = positions[..., None] - last
+        return self.distance_bias[j][distance_buckets(distance)]
 
     def score(
         self,
@@ -164,6 +190,7 @@ class MemoryIndexer(nn.Module):
         keys: list[torch.Tensor],
         reduce: str = "max",
         window_mask: torch.Tensor | None = None,
+        chunk_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Probability that each chunk is needed in the coming cycle, combined over target layers.
 
@@ -173,13 +200,14 @@ class MemoryIndexer(nn.Module):
             keys: chunk keys per target layer, in target order. # L x [B, Hkv, N, D]
             reduce: ``"max"`` or ``"mean"`` over layers.
             window_mask: False for window slots without a real token. # [B, W]
+            chunk_offset: left padding per sequence. # [B]
 
         Returns:
             Probabilities. # [B, N]
         """
         probs = torch.stack(
             [
-                torch.sigmoid(self.layer_logits(j, hidden[layer], positions, keys[j], window_mask))
+                torch.sigmoid(self.layer_logits(j, hidden[layer], positions, keys[j], window_mask, chunk_offset))
                 for j, layer in enumerate(self.target_layers)
             ]
         )

@@ -68,6 +68,7 @@ def ask_file(
     max_new_tokens: int = 64,
     device: str = "auto",
     progress: bool = True,
+    indexer: str = "auto",
 ) -> dict:
     """Answer ``question`` about the text in ``context_file``; returns the answer with its accounting."""
     if not question.strip():
@@ -82,5 +83,5 @@ def ask_file(
     model, tokenizer = load_model(model_name, device=dev, dtype=dtype, progress=progress)
     prompt = build_prompt(context, question)
     check_fits(model, tokenizer, prompt, max_new_tokens)
-    result = generate(model, tokenizer, prompt, method=method, lsa=lsa, max_new_tokens=max_new_tokens)
+    result = generate(model, tokenizer, prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=max_new_tokens)
     return stats_record(result.text.strip(), result.stats)

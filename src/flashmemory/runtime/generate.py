@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicCache
 from ..attention.cache import LSACache
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
+from ..indexer.shipped import resolve_indexer
 from ..memory.accounting import storage_bytes
 from .stats import GenerationStats
 
@@ -186,7 +187,7 @@ def generate(
     *,
     method: str = "lsa",
     lsa: LSAConfig | None = None,
-    indexer: MemoryIndexer | None = None,
+    indexer: MemoryIndexer | str | None = "auto",
     max_new_tokens: int = 64,
     chat: bool = True,
 ) -> GenerationResult:
@@ -198,7 +199,8 @@ def generate(
         prompt: one prompt or a list (decoded together, each with its own resident set).
         method: ``"lsa"`` or ``"full"``. Default: "lsa".
         lsa: LSA settings. Default: ``LSAConfig()``.
-        indexer: Memory Indexer; ``None`` uses the zero-shot one.
+        indexer: ``"auto"`` (the shipped trained indexer of this backbone, else zero-shot), ``"zero-shot"``,
+            a checkpoint folder, or a :class:`MemoryIndexer`. Default: "auto".
         max_new_tokens: most tokens to generate. Default: 64.
         chat: wrap prompts in the tokenizer's chat template when it has one. Default: True.
 
@@ -210,6 +212,8 @@ def generate(
         raise ValueError("prompt is empty")
     enc = encode_prompts(tokenizer, prompts, chat=chat)
     eos = tokenizer.eos_token_id
+    if method == "lsa":
+        indexer = resolve_indexer(model, indexer)
     ids, stats = generate_ids(
         model,
         enc["input_ids"],

@@ -24,6 +24,7 @@ def evaluate_methods(
     interval: int = 64,
     recent: int = 64,
     seed: int = 0,
+    window: int = 16,
 ) -> dict[str, dict]:
     """Recall curves of every method over all steps of the held-out prompts of ``dump_dirs``."""
     dump_dirs = [Path(d) for d in dump_dirs]
@@ -37,13 +38,13 @@ def evaluate_methods(
         for ex in prompts:
             steps = torch.arange(ex.num_steps)
             scores = {
-                "zero-shot": torch.sigmoid(indexer_logits(zero, ex, steps)).cpu(),
+                "zero-shot": torch.sigmoid(indexer_logits(zero, ex, steps, window=window)).cpu(),
                 "quest": page_bound_scores(zero, ex, steps),
                 "recent": recent_scores(ex, steps),
                 "random": random_scores(ex, steps, gen),
             }
             if trained is not None:
-                scores["trained"] = torch.sigmoid(indexer_logits(trained, ex, steps)).cpu()
+                scores["trained"] = torch.sigmoid(indexer_logits(trained, ex, steps, window=window)).cpu()
             for method, s in scores.items():
                 thr = 0.5 if method in ("trained", "zero-shot") else None
                 for r in range(len(steps)):
@@ -54,6 +55,7 @@ def evaluate_methods(
         "prompts": len(prompts),
         "steps": sum(p.num_steps for p in prompts),
         "fractions": list(DEFAULT_FRACTIONS),
+        "window": window,
         "methods": {m: {"recall": c.recall(), **c.summary()} for m, c in curves.items()},
     }
 

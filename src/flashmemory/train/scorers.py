@@ -11,17 +11,41 @@ from ..models.adapter import apply_rope
 from .dataset import PromptExamples
 
 
+def window_index(steps: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the ``window`` newest steps up to each of ``steps``, and which of them exist.
+
+    Returns:
+        Indices ``[len(steps), window]`` (clamped to 0) and a validity mask of the same shape.
+    """
+    offsets = torch.arange(window - 1, -1, -1)
+    idx = steps[:, None] - offsets[None, :]
+    return idx.clamp(min=0), idx >= 0
+
+
 def indexer_logits(
-    indexer: MemoryIndexer, ex: PromptExamples, steps: torch.Tensor, reduce: str = "max"
+    indexer: MemoryIndexer, ex: PromptExamples, steps: torch.Tensor, reduce: str = "max", window: int = 1
 ) -> torch.Tensor:
-    """Indexer logits for ``steps`` of one prompt, combined over target layers. # [len(steps), N]"""
+    """Indexer logits for ``steps`` of one prompt, max over a lookahead window and combined over layers.
+
+    Args:
+        indexer: the scorer.
+        ex: one prompt's examples.
+        steps: which steps to score. # [S]
+        reduce: ``"max"`` or ``"mean"`` over target layers.
+        window: newest steps forming each query (the runtime's ``query_window``). Default: 1.
+
+    Returns:
+        Logits. # [S, N]
+    """
     device = indexer.inv_freq.device
-    hidden = ex.hidden[steps].to(device, torch.float32)
-    pos = ex.positions[steps].to(device)
+    idx, valid = window_index(steps, window)
+    hidden = ex.hidden[idx].to(device, torch.float32)  # [S, W, L, hidden]
+    pos = ex.positions[idx].to(device)
+    valid = valid.to(device)
     per_layer = []
     for j in range(len(indexer.target_layers)):
         keys = ex.keys[j].to(device, torch.float32).unsqueeze(0).expand(len(steps), -1, -1, -1)
-        per_layer.append(indexer.layer_logits(j, hidden[:, j], pos, keys))
+        per_layer.append(indexer.layer_logits(j, hidden[:, :, j], pos, keys, valid))
     stacked = torch.stack(per_layer)
     return stacked.amax(0) if reduce == "max" else torch.logit(torch.sigmoid(stacked).mean(0), eps=1e-6)
 

@@ -42,6 +42,8 @@ class TrainConfig:
         patience: epochs without validation improvement before stopping. Default: 3.
         select_fraction: kept fraction whose recall picks the best epoch. Default: 0.15.
         seed: sampling seed. Default: 0.
+        window: newest steps forming each lookahead query, as the runtime's ``query_window``. Default: 16.
+        frequent_weight: loss weight of chunks positive in more than 80% of a prompt's steps. Default: 0.2.
     """
 
     epochs: int = 12
@@ -60,6 +62,8 @@ class TrainConfig:
     patience: int = 3
     select_fraction: float = 0.15
     seed: int = 0
+    window: int = 16
+    frequent_weight: float = 0.2
 
     def __post_init__(self) -> None:
         if self.loss not in ("focal", "bce"):
@@ -97,14 +101,14 @@ def example_loss(logits: torch.Tensor, ex: PromptExamples, steps: torch.Tensor, 
     return (bce * w).sum() / w.sum()
 
 
-def evaluate(indexer: MemoryIndexer, prompts: list[PromptExamples], threshold: float = 0.5) -> dict:
+def evaluate(indexer: MemoryIndexer, prompts: list[PromptExamples], threshold: float = 0.5, window: int = 1) -> dict:
     """Validation metrics of ``indexer`` over every step of ``prompts``."""
     curve = RecallCurve()
     losses = []
     with torch.no_grad():
         for ex in prompts:
             steps = torch.arange(ex.num_steps)
-            logits = indexer_logits(indexer, ex, steps).cpu()
+            logits = indexer_logits(indexer, ex, steps, window=window).cpu()
             for r in range(len(steps)):
                 c = ex.candidates[r]
                 curve.add(torch.sigmoid(logits[r, c]), ex.targets[r, c], threshold)
@@ -143,20 +147,23 @@ def train_indexer(
     dump_dirs = [Path(d) for d in dump_dirs]
     manifest = check_compatible(dump_dirs)
     rank, world = _distributed()
-    train = load_examples(dump_dirs, split="train", interval=cfg.interval, recent=cfg.recent)
+    train = load_examples(
+        dump_dirs, split="train", interval=cfg.interval, recent=cfg.recent, frequent_weight=cfg.frequent_weight
+    )
     val = load_examples(dump_dirs, split="validation", interval=cfg.interval, recent=cfg.recent)
     indexer = load_indexer(init or dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"]).to(device)
     model = indexer
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(indexer)
-    heads = [p for n, p in indexer.named_parameters() if "head_weight" in n or "score_bias" in n]
-    rest = [p for n, p in indexer.named_parameters() if not ("head_weight" in n or "score_bias" in n)]
+    fast = ("head_weight", "score_bias", "distance_bias")
+    heads = [p for n, p in indexer.named_parameters() if any(f in n for f in fast)]
+    rest = [p for n, p in indexer.named_parameters() if not any(f in n for f in fast)]
     opt = torch.optim.AdamW(
         [{"params": rest, "lr": cfg.lr}, {"params": heads, "lr": cfg.head_lr}], weight_decay=cfg.weight_decay
     )
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     rng = random.Random(cfg.seed)
-    history = {"config": asdict(cfg), "epochs": [], "zero_shot": evaluate(indexer, val)}
+    history = {"config": asdict(cfg), "epochs": [], "zero_shot": evaluate(indexer, val, window=cfg.window)}
     best, best_state, stale = -1.0, None, 0
     mine = train[rank::world]
     columns = (
@@ -179,7 +186,7 @@ def train_indexer(
                 for i in batch:
                     ex = mine[i]
                     steps = torch.randperm(ex.num_steps, generator=gen)[: cfg.steps_per_prompt]
-                    logits = indexer_logits(indexer, ex, steps).cpu()
+                    logits = indexer_logits(indexer, ex, steps, window=cfg.window).cpu()
                     loss = example_loss(logits, ex, steps, cfg, gen)
                     if loss is not None:
                         terms.append(loss)
@@ -190,7 +197,7 @@ def train_indexer(
                     opt.step()
                     losses.append(total.item())
                 bar.advance(task)
-            metrics = evaluate(indexer, val)
+            metrics = evaluate(indexer, val, window=cfg.window)
             key = (
                 metrics[f"recall@{cfg.select_fraction:g}"]
                 if f"recall@{cfg.select_fraction:g}" in metrics

@@ -1,0 +1,126 @@
+"""Peak device KV bytes of full attention vs LSA on planted-fact prompts, side by side in one process.
+
+python benchmarks/kv_memory.py --model qwen2.5-coder-0.5b --lengths 8192,16384,32768 --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from flashmemory import LSAConfig, generate, load_model
+from flashmemory.bench.planted_fact import planted_fact
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()} CPU (torch {torch.__version__})"
+
+
+def commit() -> str:
+    if os.environ.get("FLASHMEMORY_COMMIT"):
+        return os.environ["FLASHMEMORY_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--lengths", default="8192,16384,32768")
+    ap.add_argument("--budget", type=float, default=0.15)
+    ap.add_argument("--samples", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=100, help="first planted-fact seed (tests use 0-11)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tok = load_model(args.model, device=device, dtype=dtype, progress=False)
+    lsa = LSAConfig(budget=args.budget)
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        for s in range(args.samples):
+            task = planted_fact(tok, length, seed=args.seed + s)
+            for method in ("full", "lsa"):
+                t0 = time.perf_counter()
+                res = generate(model, tok, task.prompt, method=method, lsa=lsa, max_new_tokens=args.max_new_tokens)
+                row = {
+                    "length": length,
+                    "seed": args.seed + s,
+                    "method": method,
+                    "correct": task.is_correct(res.text),
+                    "answer": res.text.strip()[:80],
+                    "wall_seconds": time.perf_counter() - t0,
+                    **res.stats.to_dict(),
+                }
+                rows.append(row)
+                print(json.dumps({k: row[k] for k in ("length", "method", "correct", "kv_bytes_device", "kv_ratio")}))
+    meta = {
+        "command": "python benchmarks/kv_memory.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "commit": commit(),
+        "machine": machine(),
+        "model": args.model,
+        "dtype": str(dtype),
+        "lsa": {
+            "budget": lsa.budget,
+            "chunk_size": lsa.chunk_size,
+            "page_chunks": lsa.page_chunks,
+            "interval": lsa.interval,
+            "recent": lsa.recent,
+            "sink": lsa.sink,
+            "query_window": lsa.query_window,
+            "indexer": "zero-shot",
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kv_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "kv_memory.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"# Peak device KV: full vs LSA ({meta['model']}, {meta['dtype']})",
+        "",
+        f"Machine: {meta['machine']} · commit `{meta['commit']}` · LSA budget {meta['lsa']['budget']} "
+        f"(zero-shot indexer)",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "| context | method | correct | peak device KV (MiB) | full KV (MiB) | ratio | allocator after prefill (MiB) "
+        "| allocator decode peak (MiB) | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["length"], r["method"]), []).append(r)
+    mib = 2**20
+    for (length, method), rs in sorted(groups.items()):
+
+        def avg(key, rs=rs):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            return sum(vals) / len(vals) if vals else float("nan")
+
+        tps = sum(r["new_tokens"] for r in rs) / max(1e-9, sum(r["decode_seconds"] for r in rs))
+        lines.append(
+            f"| {length} | {method} | {sum(r['correct'] for r in rs)}/{len(rs)} | {avg('kv_bytes_device') / mib:.1f} "
+            f"| {avg('kv_bytes_full') / mib:.1f} | {avg('kv_ratio'):.3f} | {avg('allocator_kv_bytes') / mib:.1f} "
+            f"| {avg('allocator_decode_peak_bytes') / mib:.1f} | {tps:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Held-out planted-fact questions: full attention vs LSA (zero-shot and trained indexer) at one budget.
+
+    python benchmarks/planted_fact_eval.py --model smollm2-135m --lengths 2048,4096 --samples 10 --budget 0.2 \
+        --ckpt src/flashmemory/checkpoints/smollm2-135m --out benchmarks/results/planted_fact_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from flashmemory import LSAConfig, generate, load_indexer, load_model, model_fingerprint
+from flashmemory.bench.planted_fact import planted_fact
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def commit() -> str:
+    if os.environ.get("FLASHMEMORY_COMMIT"):
+        return os.environ["FLASHMEMORY_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--lengths", default="2048,4096")
+    ap.add_argument("--budget", type=float, default=0.2)
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=200, help="first seed; tests use 0-11, kv_memory 100+")
+    ap.add_argument("--ckpt", type=Path, default=None, help="trained indexer (adds the lsa-trained method)")
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tok = load_model(args.model, device=device, dtype=dtype, progress=False)
+    methods = {"full": ("full", None), "lsa-zeroshot": ("lsa", None)}
+    if args.ckpt is not None:
+        trained = load_indexer(args.ckpt, fingerprint=model_fingerprint(model), device=device)
+        methods["lsa-trained"] = ("lsa", trained)
+    lsa = LSAConfig(budget=args.budget)
+    rows = []
+    for length in (int(x) for x in args.lengths.split(",")):
+        for s in range(args.samples):
+            task = planted_fact(tok, length, seed=args.seed + s)
+            for name, (method, indexer) in methods.items():
+                t0 = time.perf_counter()
+                res = generate(
+                    model, tok, task.prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=args.max_new_tokens
+                )
+                rows.append(
+                    {
+                        "length": length,
+                        "seed": args.seed + s,
+                        "method": name,
+                        "correct": task.is_correct(res.text),
+                        "answer": res.text.strip()[:80],
+                        "wall_seconds": time.perf_counter() - t0,
+                        **res.stats.to_dict(),
+                    }
+                )
+                print(json.dumps({k: rows[-1][k] for k in ("length", "seed", "method", "correct", "kv_ratio")}))
+    meta = {
+        "command": "python benchmarks/planted_fact_eval.py "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
+        "commit": commit(),
+        "machine": machine(),
+        "model": args.model,
+        "budget": args.budget,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "planted_fact.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    table = markdown(meta, rows)
+    (args.out / "planted_fact.md").write_text(table)
+    print(table)
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"# Held-out planted facts: {meta['model']}, LSA budget {meta['budget']}",
+        "",
+        f"Machine: {meta['machine']} · commit `{meta['commit']}`",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "| context | method | correct | mean device KV ratio | mean pages recalled / boundary |",
+        "|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["length"], r["method"]), []).append(r)
+    for (length, method), rs in sorted(groups.items()):
+        ratio = sum(r["kv_ratio"] for r in rs) / len(rs)
+        recalls = [p for r in rs for p in r["pages_recalled"]]
+        per = f"{sum(recalls) / len(recalls):.1f}" if recalls else "–"
+        lines.append(f"| {length} | {method} | {sum(r['correct'] for r in rs)}/{len(rs)} | {ratio:.3f} | {per} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

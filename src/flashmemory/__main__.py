@@ -1,0 +1,5 @@
+"""``python -m flashmemory`` runs the CLI."""
+
+from .cli import main
+
+main()

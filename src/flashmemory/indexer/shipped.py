@@ -1,0 +1,60 @@
+"""Indexer checkpoints shipped inside the package, found by the backbone's fingerprint."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models.adapter import backbone_spec
+from ..models.loader import model_fingerprint
+from .checkpoint import CONFIG, load_indexer
+from .memory_indexer import MemoryIndexer
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def shipped_checkpoints() -> dict[str, dict]:
+    """``{folder name: spec}`` of every checkpoint shipped with the package."""
+    out = {}
+    for config in sorted(SHIPPED_DIR.glob(f"*/{CONFIG}")):
+        out[config.parent.name] = json.loads(config.read_text())["spec"]
+    return out
+
+
+def resolve_indexer(model: nn.Module, indexer: str | Path | MemoryIndexer | None) -> MemoryIndexer | None:
+    """Turn the ``indexer`` argument of the runtime into an indexer.
+
+    Args:
+        model: the backbone.
+        indexer: ``"auto"`` (the shipped checkpoint whose fingerprint matches the model, else zero-shot),
+            ``"zero-shot"`` / None (built from the model's ``q_proj``), a checkpoint folder, or an indexer.
+
+    Returns:
+        An indexer on the model's device, or None for the zero-shot one.
+    """
+    if indexer is None or isinstance(indexer, MemoryIndexer) or indexer == "zero-shot":
+        return None if indexer == "zero-shot" else indexer
+    device = next(model.parameters()).device
+    fingerprint = model_fingerprint(model)
+    if indexer != "auto":
+        return load_indexer(indexer, fingerprint=fingerprint, device=device)
+    spec = backbone_spec(model)
+    for name, ck in shipped_checkpoints().items():
+        if ck["fingerprint"] == fingerprint:
+            return load_indexer(SHIPPED_DIR / name, fingerprint=fingerprint, device=device).to(torch.float32)
+        same_shape = (ck["hidden_size"], ck["num_heads"], ck["num_kv_heads"]) == (
+            spec.hidden_size,
+            spec.num_heads,
+            spec.num_kv_heads,
+        )
+        if same_shape:
+            warnings.warn(
+                f"the shipped indexer {name!r} has this model's shape but another fingerprint "
+                f"({ck['fingerprint']} vs {fingerprint}); using the zero-shot indexer instead",
+                stacklevel=2,
+            )
+    return None

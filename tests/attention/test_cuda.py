@@ -1,0 +1,63 @@
+"""The equivalence ladder and the byte accounting on a CUDA device (run on the GPU machine)."""
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from flashmemory.attention.cache import LSACache
+from flashmemory.config import LSAConfig
+from flashmemory.models.tiny import tiny_model
+from flashmemory.runtime.generate import generate_ids
+
+from ..conftest import SMALL_LSA
+from .decode_helpers import greedy_logits
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_lsa_cache_keeping_every_page_equals_full_attention_cuda(family):
+    model = tiny_model(family).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (1, 203), device="cuda")
+    ref_tokens, ref_logits = greedy_logits(model, ids, DynamicCache(config=model.config), 40)
+    with LSACache(model, LSAConfig(budget=None, max_pages=10_000, **SMALL_LSA), max_new_tokens=50) as cache:
+        tokens, logits = greedy_logits(model, ids, cache, 40)
+        assert cache.store.mirror_k[cache.first_lsa_layer].is_pinned()
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+
+
+def test_forced_resident_set_equals_masked_attention_cuda():
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(0, model.config.vocab_size, (1, 240), device="cuda")
+    gen = torch.Generator().manual_seed(7)
+
+    def forced(cache):
+        n, k = cache.store.selectable_pages(), cache.store.layout.num_page_slots
+        return torch.randperm(n, generator=gen)[:k].view(1, -1)
+
+    resident = []
+    with LSACache(model, LSAConfig(budget=None, max_pages=5, **SMALL_LSA), max_new_tokens=60, forced_pages=forced) as c:
+        tokens, logits = greedy_logits(
+            model, ids, c, 50, on_step=lambda s: resident.append(c.store.slot_pos[0][c.store.slot_pos[0] >= 0].tolist())
+        )
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    ref = [out.logits[:, -1]]
+    for step in range(tokens.shape[1]):
+        mask = torch.zeros(1, 1, 1, ids.shape[1] + step + 1, dtype=torch.bool, device="cuda")
+        mask[0, 0, 0, resident[step]] = True
+        out = model(input_ids=tokens[:, step : step + 1], past_key_values=cache, attention_mask=mask)
+        ref.append(out.logits[:, -1])
+    torch.testing.assert_close(logits, torch.stack(ref, 1), atol=1e-4, rtol=0)
+
+
+def test_device_kv_bytes_agree_with_the_allocator():
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    ids = torch.randint(1, 200, (2, 4096), device="cuda")
+    _, stats = generate_ids(model, ids, lsa=LSAConfig(budget=0.25), max_new_tokens=70)
+    assert stats.kv_ratio <= 0.25
+    # the allocator also holds the last logits, page table and lookahead window: a small slack
+    assert abs(stats.allocator_kv_bytes - stats.kv_bytes_device) < 0.05 * stats.kv_bytes_device + 2**20
+    _, full = generate_ids(model, ids, method="full", max_new_tokens=70)
+    assert stats.kv_bytes_device < 0.3 * full.kv_bytes_device

@@ -1,0 +1,34 @@
+import pytest
+
+import flashmemory.indexer.shipped as shipped
+from flashmemory.indexer.checkpoint import save_indexer
+from flashmemory.indexer.memory_indexer import MemoryIndexer
+from flashmemory.models import model_fingerprint, tiny_model
+
+
+def test_auto_picks_the_checkpoint_with_the_models_fingerprint(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    trained = MemoryIndexer.from_model(model, (2, 3), chunk_size=16, fingerprint=model_fingerprint(model))
+    trained.tower.score_bias.data.fill_(-3.0)
+    save_indexer(trained, tmp_path / "tiny-llama")
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path)
+    found = shipped.resolve_indexer(model, "auto")
+    assert found is not None and float(found.tower.score_bias[0]) == -3.0
+    assert shipped.resolve_indexer(model, "zero-shot") is None
+
+
+def test_auto_warns_and_falls_back_on_another_backbone(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    other = tiny_model("llama", seed=1)
+    save_indexer(
+        MemoryIndexer.from_model(other, (2, 3), chunk_size=16, fingerprint=model_fingerprint(other)), tmp_path / "x"
+    )
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path)
+    with pytest.warns(UserWarning, match="another fingerprint"):
+        assert shipped.resolve_indexer(model, "auto") is None
+
+
+def test_every_shipped_checkpoint_loads():
+    for name, spec in shipped.shipped_checkpoints().items():
+        assert spec["trained"], name
+        assert spec["fingerprint"], name
