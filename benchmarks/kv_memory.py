@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=100, help="first planted-fact seed (tests use 0-11)")
+    ap.add_argument("--indexers", default="zero-shot,auto", help="comma list: zero-shot, auto (shipped), or folders")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,13 +53,16 @@ def main() -> None:
     for length in (int(x) for x in args.lengths.split(",")):
         for s in range(args.samples):
             task = planted_fact(tok, length, seed=args.seed + s)
-            for method in ("full", "lsa"):
+            runs = [("full", "full", None)] + [(f"lsa/{ix}", "lsa", ix) for ix in args.indexers.split(",")]
+            for name, method, indexer in runs:
                 t0 = time.perf_counter()
-                res = generate(model, tok, task.prompt, method=method, lsa=lsa, max_new_tokens=args.max_new_tokens)
+                res = generate(
+                    model, tok, task.prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=args.max_new_tokens
+                )
                 row = {
                     "length": length,
                     "seed": args.seed + s,
-                    "method": method,
+                    "method": name,
                     "correct": task.is_correct(res.text),
                     "answer": res.text.strip()[:80],
                     "wall_seconds": time.perf_counter() - t0,
@@ -95,7 +99,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"# Peak device KV: full vs LSA ({meta['model']}, {meta['dtype']})",
         "",
         f"Machine: {meta['machine']} · commit `{meta['commit']}` · LSA budget {meta['lsa']['budget']} "
-        f"(zero-shot indexer)",
+        "(`lsa/auto` = the shipped trained indexer)",
         "",
         f"Command: `{meta['command']}`",
         "",

@@ -11,13 +11,16 @@ from ..models.adapter import apply_rope, attention_module, backbone_spec, rope_p
 from .query_tower import QueryTower
 from .scoring import chunk_logits
 
-NUM_DISTANCE_BUCKETS = 24
+NUM_DISTANCE_BUCKETS = 48
+EXACT_BUCKETS = 16  # the nearest chunks each get their own bucket, so the prior can express plain recency
 
 
-def distance_buckets(distance: torch.Tensor) -> torch.Tensor:
-    """Bucket of a token distance: 0 for d <= 1, else floor(log2 d), capped at the last bucket."""
-    d = distance.clamp(min=1).float()
-    return torch.log2(d).floor().long().clamp(max=NUM_DISTANCE_BUCKETS - 1)
+def distance_buckets(distance: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Bucket of a token distance: one bucket per chunk for the nearest ``EXACT_BUCKETS`` chunks, then four per
+    doubling of the distance, capped at the last bucket."""
+    chunks = distance.clamp(min=0).div(chunk_size, rounding_mode="floor")
+    far = EXACT_BUCKETS + (torch.log2(chunks.clamp(min=EXACT_BUCKETS).float() / EXACT_BUCKETS) * 4).floor().long()
+    return torch.where(chunks < EXACT_BUCKETS, chunks, far).clamp(max=NUM_DISTANCE_BUCKETS - 1)
 
 
 @dataclass(slots=True)
@@ -181,7 +184,7 @@ class MemoryIndexer(nn.Module):
             last = last[None, :] - chunk_offset.to(positions.device)[:, None]  # [B, N]
             last = last[:, None, :]
         distance = positions[..., None] - last
-        return self.distance_bias[j][distance_buckets(distance)]
+        return self.distance_bias[j][distance_buckets(distance, c)]
 
     def score(
         self,
