@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,21 +14,7 @@ import torch
 
 from flashmemory import LSAConfig, generate, load_model
 from flashmemory.bench.planted_fact import planted_fact
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()} CPU (torch {torch.__version__})"
-
-
-def commit() -> str:
-    if os.environ.get("FLASHMEMORY_COMMIT"):
-        return os.environ["FLASHMEMORY_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from flashmemory.bench.record import command_line, git_commit, machine_description
 
 
 def main() -> None:
@@ -71,10 +54,9 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("length", "method", "correct", "kv_bytes_device", "kv_ratio")}))
     meta = {
-        "command": "python benchmarks/kv_memory.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "commit": commit(),
-        "machine": machine(),
+        "command": command_line("benchmarks/kv_memory.py", vars(args)),
+        "commit": git_commit(),
+        "machine": machine_description(),
         "model": args.model,
         "dtype": str(dtype),
         "lsa": {

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,21 +15,7 @@ import torch
 
 from flashmemory import LSAConfig, generate, load_indexer, load_model, model_fingerprint
 from flashmemory.bench.planted_fact import planted_fact
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores (torch {torch.__version__})"
-
-
-def commit() -> str:
-    if os.environ.get("FLASHMEMORY_COMMIT"):
-        return os.environ["FLASHMEMORY_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from flashmemory.bench.record import command_line, git_commit, machine_description
 
 
 def main() -> None:
@@ -76,10 +59,9 @@ def main() -> None:
                 )
                 print(json.dumps({k: rows[-1][k] for k in ("length", "seed", "method", "correct", "kv_ratio")}))
     meta = {
-        "command": "python benchmarks/planted_fact_eval.py "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-        "commit": commit(),
-        "machine": machine(),
+        "command": command_line("benchmarks/planted_fact_eval.py", vars(args)),
+        "commit": git_commit(),
+        "machine": machine_description(),
         "model": args.model,
         "budget": args.budget,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 
@@ -91,7 +92,10 @@ def generate_ids(
     attention_mask = attention_mask.to(device)
     batch, context = input_ids.shape
     stats = GenerationStats(method=method, batch_size=batch, context_tokens=context)
-    allocated_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+    allocated_before = None
+    if device.type == "cuda":
+        gc.collect()  # an earlier cache freed later by the collector would skew the allocator cross-check
+        allocated_before = torch.cuda.memory_allocated(device)
     if cache_factory is not None:
         cache = cache_factory(model)
     elif method == "lsa":

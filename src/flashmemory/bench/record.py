@@ -1,0 +1,34 @@
+"""Provenance of a recorded result: which machine and which commit produced it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import torch
+
+
+def machine_description() -> str:
+    """The accelerator (or CPU) and the torch version, in words."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def git_commit() -> str:
+    """Short commit of the working tree; ``FLASHMEMORY_COMMIT`` wins (copies of a tree may lack ``.git``)."""
+    if os.environ.get("FLASHMEMORY_COMMIT"):
+        return os.environ["FLASHMEMORY_COMMIT"]
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def command_line(script: str, args: dict) -> str:
+    """The command that reproduces a run from its parsed arguments."""
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if v is not None)
+    return f"python {script} {flags}"
