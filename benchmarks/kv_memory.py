@@ -43,13 +43,13 @@ def main() -> None:
                     model, tok, task.prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=args.max_new_tokens
                 )
                 row = {
+                    **res.stats.to_dict(),
                     "length": length,
                     "seed": args.seed + s,
                     "method": name,
                     "correct": task.is_correct(res.text),
                     "answer": res.text.strip()[:80],
                     "wall_seconds": time.perf_counter() - t0,
-                    **res.stats.to_dict(),
                 }
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("length", "method", "correct", "kv_bytes_device", "kv_ratio")}))

@@ -48,13 +48,13 @@ def main() -> None:
                 )
                 rows.append(
                     {
+                        **res.stats.to_dict(),
                         "length": length,
                         "seed": args.seed + s,
                         "method": name,
                         "correct": task.is_correct(res.text),
                         "answer": res.text.strip()[:80],
                         "wall_seconds": time.perf_counter() - t0,
-                        **res.stats.to_dict(),
                     }
                 )
                 print(json.dumps({k: rows[-1][k] for k in ("length", "seed", "method", "correct", "kv_ratio")}))

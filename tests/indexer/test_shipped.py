@@ -29,6 +29,9 @@ def test_auto_warns_and_falls_back_on_another_backbone(tmp_path, monkeypatch):
 
 
 def test_every_shipped_checkpoint_loads():
+    from flashmemory.indexer.checkpoint import load_indexer
+
     for name, spec in shipped.shipped_checkpoints().items():
-        assert spec["trained"], name
-        assert spec["fingerprint"], name
+        assert spec["trained"] and spec["fingerprint"], name
+        indexer = load_indexer(shipped.SHIPPED_DIR / name, fingerprint=spec["fingerprint"])
+        assert indexer.spec.fingerprint == spec["fingerprint"]
