@@ -129,3 +129,46 @@ def test_corrupt_shard_is_a_clear_error(dump_dir, tmp_path):
     shard.write_bytes(b"\x00" * 20)
     with pytest.raises(DumpError, match="corrupt"):
         train_indexer([copy], tmp_path / "ck", TrainConfig(epochs=1, interval=16, recent=16), progress=False)
+
+
+def test_training_under_two_ranks_keeps_weights_in_sync(dump_dir, tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from flashmemory.train import trainer
+        from flashmemory.train.trainer import TrainConfig, train_indexer
+        seen = {{}}
+        real_save = trainer.save_indexer
+        def spy(indexer, path, **kw):
+            seen["saved"] = True
+            return real_save(indexer, path, **kw)
+        trainer.save_indexer = spy
+        cfg = TrainConfig(epochs=2, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=1, window=4)
+        history = train_indexer([{str(dump_dir)!r}], {str(tmp_path / "ck")!r}, cfg, progress=False)
+        print("rank", torch.distributed.get_rank(), "saved", seen.get("saved", False))
+        print("metrics", sorted((k, v) for k, v in history["best"].items() if k != "train_loss"))
+        """
+    )
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+        env["MASTER_PORT"] = str(port)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    assert "rank 0 saved True" in outs[0][0]
+    assert "rank 1 saved False" in outs[1][0]
+    # identical validation metrics on both ranks (each rank's own training loss differs): equal weights
+    metrics = [next(line for line in out.splitlines() if line.startswith("metrics")) for out, _ in outs]
+    assert metrics[0] == metrics[1]

