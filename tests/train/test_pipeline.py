@@ -165,7 +165,7 @@ def test_training_under_two_ranks_keeps_weights_in_sync(dump_dir, tmp_path):
             )
         )
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-2000:]
     assert "rank 0 saved True" in outs[0][0]
     assert "rank 1 saved False" in outs[1][0]

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,10 +107,12 @@ def hotpotqa() -> tuple[list[dict[str, Any]], list[str]]:
 
 def _word_file(name: str) -> list[str]:
     if importlib.util.find_spec("wonderwords") is None:
-        raise ValueError(f"RULER's word lists come from the wonderwords package; install it with: {WONDERWORDS_INSTALL}")
-    from wonderwords import random_word
+        raise ValueError(f"RULER's word lists come from the wonderwords package; install with: {WONDERWORDS_INSTALL}")
+    with warnings.catch_warnings():  # wonderwords 2.2 reads its lists with a deprecated importlib.resources call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from wonderwords import random_word
 
-    return random_word._get_words_from_text_file(name)
+        return random_word._get_words_from_text_file(name)
 
 
 @functools.cache

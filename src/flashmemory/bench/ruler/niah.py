@@ -80,7 +80,8 @@ class NiahBuilder:
                 )
                 for _ in range(size)
             ]
-        for position, needle in zip(sorted(rng.sample(range(size), len(needles)), reverse=True), needles):
+        positions = sorted(rng.sample(range(size), len(needles)), reverse=True)
+        for position, needle in zip(positions, needles, strict=True):
             lines.insert(position, needle)
         return "\n".join(lines)
 

@@ -26,6 +26,11 @@ class QaBuilder:
         self.seed = seed
         self.max_size = len(self.docs)
 
+    @property
+    def num_questions(self) -> int:
+        """How many samples can be generated: one per answerable question."""
+        return len(self.qas)
+
     def min_size(self, index: int) -> int:
         """The question's own documents; RULER cannot build a prompt with fewer (HotpotQA has ten)."""
         return len(self.qas[index]["context"])

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flashmemory.bench.ruler.data import task_configs, task_templates
-from flashmemory.bench.ruler.prompt import TaskBuilder, fit_sample, fit_size
+from flashmemory.bench.ruler.prompt import Prompt, TaskBuilder, fit_sample, fit_size
 from flashmemory.bench.ruler.scoring import postprocess_pred, string_match_all, string_match_part
 
 RULER_TASKS: tuple[str, ...] = (
@@ -61,12 +62,12 @@ def _base_task(task: str) -> str:
     # The metric only depends on the base task; the names are fixed by RULER's synthetic.yaml.
     if task.startswith("niah"):
         return "niah"
-    return {"vt": "variable_tracking", "cwe": "common_words_extraction", "fwe": "freq_words_extraction"}.get(
-        task, "qa"
-    )
+    return {"vt": "variable_tracking", "cwe": "common_words_extraction", "fwe": "freq_words_extraction"}.get(task, "qa")
 
 
-def _builder(base: str, args: dict[str, Any], spec: dict[str, Any], seed: int, length: int, count) -> TaskBuilder:
+def _builder(
+    base: str, args: dict[str, Any], spec: dict[str, Any], seed: int, length: int, count: Callable[[str], int]
+) -> TaskBuilder:
     # Imported here so that scoring works without the generators' optional dependencies.
     if base == "niah":
         from flashmemory.bench.ruler.niah import NiahBuilder
@@ -108,19 +109,19 @@ def generate_ruler(task: str, tokenizer: Tokenizer, *, length: int, num_samples:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
     builder = _builder(config["task"], config["args"], spec, seed, length, count)
-    if hasattr(builder, "qas") and num_samples > len(builder.qas):
-        raise ValueError(f"{task} has only {len(builder.qas)} questions")
+    available = getattr(builder, "num_questions", None)
+    if available is not None and num_samples > available:
+        raise ValueError(f"{task} has only {available} questions; RULER asks them in order, one per sample")
 
-    def sized(rng_seed: str, index: int):
-        def build(size: int):
+    def sized(rng_seed: str, index: int) -> Callable[[int], Prompt]:
+        # A fresh generator per build makes a resized prompt differ from the previous one only by its size.
+        def build(size: int) -> Prompt:
             return builder.build(random.Random(rng_seed), size, index)
 
         return build
 
     calibrate = sized(f"{seed}:calibration", 0)
-    start = fit_size(
-        lambda n: count(calibrate(n).text), budget, low=builder.min_size(0), high=builder.max_size
-    )
+    start = fit_size(lambda n: count(calibrate(n).text), budget, low=builder.min_size(0), high=builder.max_size)
     samples = []
     for index in range(num_samples):
         build = sized(f"{seed}:{index}", index)

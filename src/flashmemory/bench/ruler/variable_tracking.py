@@ -19,9 +19,7 @@ class VariableTrackingBuilder:
 
     max_size = None
 
-    def __init__(
-        self, args: dict[str, Any], spec: dict[str, Any], *, seed: int, count: Callable[[str], int]
-    ) -> None:
+    def __init__(self, args: dict[str, Any], spec: dict[str, Any], *, seed: int, count: Callable[[str], int]) -> None:
         self.num_chains = args["num_chains"]
         self.num_hops = args["num_hops"]
         self.template, self.prefix = spec["template"], spec["answer_prefix"]

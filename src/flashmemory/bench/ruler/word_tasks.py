@@ -90,6 +90,6 @@ class FrequentWordsBuilder:
         vocab[0] = "..."  # RULER makes the most frequent "word" noise the model is told to ignore
         ranks = np.arange(1, len(vocab) + 1)
         counts = (size * (ranks**-self.alpha) / riemann_zeta(self.alpha)).astype(int)
-        sampled = [word for word, n in zip(vocab, counts) for _ in range(int(n))]
+        sampled = [word for word, n in zip(vocab, counts, strict=True) for _ in range(int(n))]
         random.Random(self.seed).shuffle(sampled)
         return Prompt(self.template.format(context=" ".join(sampled), query=""), self.prefix, vocab[1:4])
