@@ -141,3 +141,12 @@ def test_lsa_cache_refuses_unsupported_attention():
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ValueError, match="sdpa"):
         LSACache(model, LSAConfig())
+
+
+def test_closed_cache_refuses_to_decode():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 64))
+    cache = LSACache(model, LSAConfig(budget=None, max_pages=100, **SMALL_LSA))
+    cache.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        model(input_ids=ids, past_key_values=cache, use_cache=True)

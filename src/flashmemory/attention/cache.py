@@ -173,6 +173,7 @@ class LSACache(Cache):
         self.lookahead: dict[int, torch.Tensor] = {}
         self.lookahead_pos: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
+        self.closed = False
         self.hooks = CacheHooks(self, model)
 
     def __enter__(self) -> LSACache:
@@ -182,8 +183,9 @@ class LSACache(Cache):
         self.close()
 
     def close(self) -> None:
-        """Remove the hooks this cache put on the model."""
+        """Remove the hooks this cache put on the model; the cache cannot decode afterwards."""
         self.hooks.remove()
+        self.closed = True
 
     @property
     def first_lsa_layer(self) -> int:
@@ -191,6 +193,8 @@ class LSACache(Cache):
 
     def layer_update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Route one layer's new keys/values: whole prompt during prefill, one token per decode step."""
+        if self.closed:
+            raise RuntimeError("this LSACache was closed (its hooks are gone); build a new one for a new request")
         if not self.in_decode:
             if self.store is None:
                 self._allocate(keys)
@@ -259,9 +263,8 @@ class LSACache(Cache):
         store = self.store
         t0 = time.perf_counter()
         if not first:
-            flushed = store.flushed_len
             store.end_cycle()
-            self._extend_chunk_keys(flushed)
+            self._extend_chunk_keys()
         self.steps_in_cycle = 0
         pages = self._choose_pages()
         t1 = time.perf_counter()
@@ -274,7 +277,7 @@ class LSACache(Cache):
         self.stats.select_seconds += t1 - t0
         self.stats.recall_seconds += t2 - t1
 
-    def _extend_chunk_keys(self, flushed: int) -> None:
+    def _extend_chunk_keys(self) -> None:
         store, c = self.store, self.lsa.chunk_size
         start = self.chunk_keys.num_chunks * c
         end = store.flushed_len // c * c
