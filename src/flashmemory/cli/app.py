@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import LSAConfig
+from .bench import bench
 from .errors import friendly_errors
 from .pipeline import dump, indexer_eval, train
 
@@ -114,6 +115,7 @@ def demo(
 app.command()(dump)
 app.command()(train)
 app.command("indexer-eval")(indexer_eval)
+app.command()(bench)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ class TrainConfig:
     Args:
         epochs: passes over the training prompts at most. Default: 12.
         lr: AdamW learning rate of the query projections. Default: 1e-4.
-        head_lr: learning rate of head weights and score bias, which start far from their optimum. Default: 1e-2.
+        head_lr: learning rate of the biases (head weights, score) and of the distance prior. Default: 1e-2.
         weight_decay: AdamW weight decay. Default: 1e-2.
         clip: gradient-norm clip. Default: 1.0.
         steps_per_prompt: decode steps sampled per prompt per batch. Default: 16.
@@ -162,7 +162,9 @@ def train_indexer(
     )
     val = load_examples(dump_dirs, split="validation", interval=cfg.interval, recent=cfg.recent)
     indexer = load_indexer(init or dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"]).to(device)
-    fast = ("head_weight", "score_bias", "distance_bias")
+    # Biases and the distance prior start far from their optimum and are cheap to move; the matrices (query
+    # projection, head-weight projection) multiply hidden states of large norm and need the small rate.
+    fast = ("head_weight.bias", "score_bias", "distance_bias")
     heads = [p for n, p in indexer.named_parameters() if any(f in n for f in fast)]
     rest = [p for n, p in indexer.named_parameters() if not any(f in n for f in fast)]
     opt = torch.optim.AdamW(

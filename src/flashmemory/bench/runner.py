@@ -1,0 +1,386 @@
+"""``flashmemory bench``: every method on every task, length and sample, resumable, with summaries and a plot.
+
+One JSON line per (task, length, sample, method) goes to ``results.jsonl`` as soon as it is known, so a crashed
+or interrupted run picks up where it stopped; ``summary.json``, ``summary.md`` and ``accuracy_vs_kv.png`` are
+rebuilt from that file at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from statistics import mean
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..config import LSAConfig
+from .methods import METHODS, get_method
+from .record import git_commit, machine_description
+from .ruler import RULER_TASKS, generate_ruler, score_ruler
+
+TASKSETS: dict[str, tuple[str, ...]] = {"ruler": RULER_TASKS}
+RESULTS, CONFIG = "results.jsonl", "config.json"
+# Settings that change what a row means: a rerun into the same folder must agree on them to reuse rows.
+_PINNED = ("taskset_family", "model", "budget", "seed", "lsa")
+
+Loader = Callable[[str, str], tuple[torch.nn.Module, object]]
+
+
+def parse_taskset(taskset: str) -> tuple[str, list[str]]:
+    """``"ruler"`` -> all RULER tasks; ``"ruler:niah_single_1,vt"`` -> those tasks.
+
+    Args:
+        taskset: family name, optionally followed by ``:`` and a comma-separated task list.
+
+    Returns:
+        The family and its tasks, in the given order.
+    """
+    family, _, picked = taskset.partition(":")
+    if family not in TASKSETS:
+        raise ValueError(f"unknown taskset {family!r}; valid tasksets: {', '.join(TASKSETS)}")
+    valid = TASKSETS[family]
+    tasks = [t.strip() for t in picked.split(",") if t.strip()] if picked else list(valid)
+    unknown = [t for t in tasks if t not in valid]
+    if unknown:
+        raise ValueError(f"unknown {family} task(s) {', '.join(unknown)}; valid tasks: {', '.join(valid)}")
+    if not tasks:
+        raise ValueError(f"taskset {taskset!r} names no task; valid tasks: {', '.join(valid)}")
+    return family, list(dict.fromkeys(tasks))
+
+
+def validate_options(lengths: list[int], methods: list[str], samples: int, budget: float) -> None:
+    """Refuse bad options before the model is loaded (the length limit is checked once it is)."""
+    if not lengths:
+        raise ValueError("--lengths needs at least one length")
+    if any(n < 1 for n in lengths):
+        raise ValueError(f"--lengths must be positive token counts, got {lengths}")
+    if not methods:
+        raise ValueError(f"--methods needs at least one method; valid methods: {', '.join(METHODS)}")
+    for name in methods:
+        get_method(name)
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
+    if not budget > 0:
+        raise ValueError(f"--budget must be a fraction in (0, 1] or a byte count > 1, got {budget}")
+
+
+def default_loader(model_name: str, device: str) -> tuple[torch.nn.Module, object]:
+    """Load a packaged model, HF folder or GGUF file on ``device`` (bf16 on CUDA, fp32 on CPU)."""
+    from ..models import load_model
+    from ..runtime.ask import pick_device
+
+    dev = pick_device(device)
+    return load_model(model_name, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
+
+
+def encode_sample(tokenizer, text: str, answer_prefix: str) -> dict[str, torch.Tensor]:
+    """Token ids of one RULER prompt: the chat template around the question, then the answer prefix.
+
+    As RULER does for chat models, the user turn is the prompt without its answer prefix, and the prefix is
+    appended after the generation prompt so the model continues the answer. Without a chat template the
+    prompt is used as is (it already ends with the prefix).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        user = text[: len(text) - len(answer_prefix)] if answer_prefix and text.endswith(answer_prefix) else text
+        chat = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        enc = tokenizer(chat + answer_prefix, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=True)
+    ids = torch.as_tensor(enc["input_ids"])
+    mask = enc.get("attention_mask") if hasattr(enc, "get") else None
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else torch.as_tensor(mask)}
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["task"], int(row["length"]), int(row["sample"]), row["method"])
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A crash mid-write leaves at most one torn last line; that row is simply recomputed.
+            continue
+    return rows
+
+
+def _repair_rows(path: Path) -> list[dict]:
+    # Rows appended after a torn line would be glued onto it; keep only whole rows before appending more.
+    rows = _read_rows(path)
+    if path.exists() and len(rows) != len(path.read_text(encoding="utf-8").splitlines()):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return rows
+
+
+def _check_resume(out: Path, config: dict) -> None:
+    path = out / CONFIG
+    if not path.exists():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    changed = [k for k in _PINNED if old.get(k) != config[k]]
+    if changed and (out / RESULTS).exists():
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in changed)
+        raise ValueError(f"{out} holds results of another run ({details}); use a new --out folder")
+
+
+@contextmanager
+def _progress(enabled: bool, total: int) -> Iterator[Callable[..., None]]:
+    if not enabled:
+        yield lambda **_: None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=False) as bar:
+        job = bar.add_task("bench", total=total)
+        yield lambda **kw: bar.update(job, advance=1, **kw)
+
+
+def run_bench(
+    taskset: str,
+    model_name: str,
+    *,
+    lengths: list[int],
+    methods: list[str],
+    samples: int,
+    out: Path,
+    budget: float,
+    seed: int,
+    device: str,
+    progress: bool = True,
+    load: Loader | None = None,
+    lsa: LSAConfig | None = None,
+    command: str | None = None,
+) -> dict:
+    """Run ``methods`` on every task × length × sample of ``taskset`` and summarise into ``out``.
+
+    Args:
+        taskset: ``"ruler"`` or ``"ruler:task1,task2"``.
+        model_name: packaged short name, HF folder or GGUF file (passed to ``load``).
+        lengths: total token lengths (prompt plus generation) to generate samples at.
+        methods: names from :data:`flashmemory.bench.methods.METHODS`.
+        samples: samples per task and length.
+        out: output folder; rows already in ``out/results.jsonl`` are not recomputed.
+        budget: LSA device KV cap, a fraction of the full cache (<= 1) or bytes.
+        seed: seed of the samples and of the ``random`` baseline.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        progress: show a progress bar.
+        load: ``(model_name, device) -> (model, tokenizer)``; default :func:`default_loader`.
+        lsa: other LSA settings (its budget is replaced by ``budget``). Default: ``LSAConfig()``.
+        command: command line recorded in ``config.json``. Default: ``sys.argv``.
+
+    Returns:
+        The summary (also written to ``out/summary.json``).
+    """
+    family, tasks = parse_taskset(taskset)
+    lengths = list(dict.fromkeys(int(n) for n in lengths))
+    methods = list(dict.fromkeys(methods))
+    validate_options(lengths, methods, samples, budget)
+    cfg = dataclasses.replace(lsa or LSAConfig(), budget=budget)
+    config = {
+        "command": command or shlex.join(sys.argv),
+        "taskset": taskset,
+        "taskset_family": family,
+        "tasks": tasks,
+        "model": model_name,
+        "lengths": lengths,
+        "methods": methods,
+        "samples": samples,
+        "budget": budget,
+        "seed": seed,
+        "device": device,
+        "lsa": dataclasses.asdict(cfg),
+        "commit": git_commit(),
+        "machine": machine_description(),
+    }
+    config["lsa"]["target_layers"] = cfg.target_layers and list(cfg.target_layers)
+    out = Path(out)
+    _check_resume(out, config)
+    model, tokenizer = (load or default_loader)(model_name, device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and max(lengths) > limit:
+        raise ValueError(f"--lengths {max(lengths)} exceeds the model's context window ({limit} tokens)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    done = {_row_key(r) for r in _repair_rows(out / RESULTS)}
+    runners = {name: get_method(name, seed=seed) for name in methods}
+    total = len(tasks) * len(lengths) * samples * len(methods)
+    with _progress(progress, total) as advance, (out / RESULTS).open("a", encoding="utf-8") as sink:
+        for task in tasks:
+            for length in lengths:
+                keys = [(task, length, i, m) for i in range(samples) for m in methods]
+                if all(k in done for k in keys):
+                    for _ in keys:
+                        advance(description=f"{task} @ {length} (cached)")
+                    continue
+                for sample in generate_ruler(task, tokenizer, length=length, num_samples=samples, seed=seed):
+                    enc = encode_sample(tokenizer, sample.input, sample.answer_prefix)
+                    for name in methods:
+                        advance(description=f"{task} @ {length} #{sample.index} {name}")
+                        if (task, length, sample.index, name) in done:
+                            continue
+                        row = _run_one(runners[name], model, tokenizer, enc, sample, cfg)
+                        sink.write(json.dumps(row) + "\n")
+                        sink.flush()
+    rows = [r for r in _read_rows(out / RESULTS) if _row_key(r)[0] in tasks]
+    wanted = {(t, n, i, m) for t in tasks for n in lengths for i in range(samples) for m in methods}
+    summary = summarize([r for r in rows if _row_key(r) in wanted], config)
+    write_summary(out, summary)
+    return summary
+
+
+def _run_one(method, model, tokenizer, enc: dict, sample, cfg: LSAConfig) -> dict:
+    ids, stats = method.run(
+        model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens=sample.max_new_tokens, lsa=cfg
+    )
+    pred = tokenizer.decode(ids[0], skip_special_tokens=True)
+    full = stats.kv_bytes_full or stats.kv_bytes_device
+    return {
+        "task": sample.task,
+        "length": sample.length,
+        "sample": sample.index,
+        "method": method.name,
+        "score": score_ruler(sample.task, [pred], [sample.outputs]),
+        "prediction": pred,
+        "outputs": list(sample.outputs),
+        "prompt_tokens": int(enc["input_ids"].shape[1]),
+        "new_tokens": stats.new_tokens,
+        "kv_bytes_device": stats.kv_bytes_device,
+        "kv_bytes_full": full,
+        "kv_ratio": stats.kv_bytes_device / full if full else 0.0,
+        "prefill_seconds": stats.prefill_seconds,
+        "decode_seconds": stats.decode_seconds,
+        "boundaries": stats.boundaries,
+        "page_slots": stats.page_slots,
+    }
+
+
+def summarize(rows: list[dict], config: dict) -> dict:
+    """Per method × length: mean over tasks of the per-task mean score, mean KV ratio and decode time.
+
+    Args:
+        rows: result rows of this run.
+        config: the resolved run settings (copied into the summary).
+
+    Returns:
+        ``{"config", "overall": [...], "per_task": [...]}``.
+    """
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], int(r["length"]), r["task"])].append(r)
+    per_task = [
+        {
+            "method": m,
+            "length": n,
+            "task": t,
+            "score": mean(r["score"] for r in rs),
+            "kv_ratio": mean(r["kv_ratio"] for r in rs),
+            "decode_seconds": mean(r["decode_seconds"] for r in rs),
+            "samples": len(rs),
+        }
+        for (m, n, t), rs in groups.items()
+    ]
+    by_cell: dict[tuple, list[dict]] = defaultdict(list)
+    for cell in per_task:
+        by_cell[(cell["method"], cell["length"])].append(cell)
+    overall = [
+        {
+            "method": m,
+            "length": n,
+            "score": mean(c["score"] for c in cells),
+            "kv_ratio": mean(c["kv_ratio"] for c in cells),
+            "decode_seconds": mean(c["decode_seconds"] for c in cells),
+            "tasks": len(cells),
+            "rows": sum(c["samples"] for c in cells),
+        }
+        for (m, n), cells in by_cell.items()
+    ]
+    order = {m: i for i, m in enumerate(config["methods"])}
+    overall.sort(key=lambda c: (c["length"], order.get(c["method"], len(order))))
+    per_task.sort(key=lambda c: (c["task"], c["length"], order.get(c["method"], len(order))))
+    return {"config": config, "overall": overall, "per_task": per_task}
+
+
+def summary_markdown(summary: dict) -> str:
+    """The summary as two Markdown tables: method × length, then task × (method @ length)."""
+    cfg = summary["config"]
+    lines = [
+        f"# {cfg['taskset']} on {cfg['model']}",
+        "",
+        f"budget {cfg['budget']}, {cfg['samples']} samples per task and length, seed {cfg['seed']}, "
+        f"commit {cfg['commit']}, {cfg['machine']}",
+        "",
+        "| method | length | score | device KV / full | decode s | tasks |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for c in summary["overall"]:
+        lines.append(
+            f"| {c['method']} | {c['length']} | {c['score']:.2f} | {c['kv_ratio']:.1%} | "
+            f"{c['decode_seconds']:.2f} | {c['tasks']} |"
+        )
+    cols = [(c["method"], c["length"]) for c in summary["overall"]]
+    cells = {(c["task"], c["method"], c["length"]): c["score"] for c in summary["per_task"]}
+    tasks = list(dict.fromkeys(c["task"] for c in summary["per_task"]))
+    lines += ["", "| task | " + " | ".join(f"{m} @ {n}" for m, n in cols) + " |", "|---" + "|---:" * len(cols) + "|"]
+    for t in tasks:
+        vals = [cells.get((t, m, n)) for m, n in cols]
+        lines.append(f"| {t} | " + " | ".join("" if v is None else f"{v:.2f}" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_kv(summary: dict, path: Path) -> None:
+    """Scatter of score against device KV fraction: one marker shape per method, one point per length."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Figure + the Agg canvas directly: no pyplot, so no global backend state and no display needed.
+    fig = Figure(figsize=(6, 4.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    markers = "os^Dvx*P"
+    methods = list(dict.fromkeys(c["method"] for c in summary["overall"]))
+    for i, m in enumerate(methods):
+        cells = [c for c in summary["overall"] if c["method"] == m]
+        ax.scatter([c["kv_ratio"] for c in cells], [c["score"] for c in cells], marker=markers[i % 8], label=m)
+        for c in cells:
+            ax.annotate(
+                str(c["length"]), (c["kv_ratio"], c["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    ax.set_xlabel("device KV / full cache")
+    ax.set_ylabel("score (%)")
+    ax.set_xlim(0, 1.05)
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(f"{summary['config']['taskset']} on {summary['config']['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    """Write ``summary.json``, ``summary.md`` and ``accuracy_vs_kv.png`` into ``out``."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
+    plot_accuracy_vs_kv(summary, out / "accuracy_vs_kv.png")
+
+
+__all__ = ["TASKSETS", "default_loader", "encode_sample", "parse_taskset", "run_bench", "summarize", "write_summary"]

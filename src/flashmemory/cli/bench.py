@@ -1,0 +1,61 @@
+"""``flashmemory bench TASKSET``: compare methods on a long-context task set (register with ``app.command()``)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..config import LSAConfig
+from .errors import friendly_errors
+
+OUT = Console()
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated token counts, got {text!r}") from None
+
+
+@friendly_errors
+def bench(
+    taskset: str = typer.Argument(..., help="ruler, or ruler:task1,task2 to pick tasks."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Short name, HF folder or GGUF file."),
+    lengths: str = typer.Option("4096", help="Comma-separated total lengths in tokens (prompt + answer)."),
+    methods: str = typer.Option("full,lsa,recent,random", help="Comma-separated methods to compare."),
+    samples: int = typer.Option(5, help="Samples per task and length."),
+    budget: float = typer.Option(LSAConfig().budget, help="LSA device KV cap: fraction of the full cache, or bytes."),
+    out: Path = typer.Option(Path("bench-out"), "--out", "-o", help="Output folder (resumed if it exists)."),
+    seed: int = typer.Option(0, help="Seed of the samples and of the random baseline."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+) -> None:
+    """Run every method on every task, length and sample; write results.jsonl, summaries and a plot."""
+    from ..bench.runner import run_bench
+
+    summary = run_bench(
+        taskset,
+        model,
+        lengths=_int_list(lengths, "--lengths"),
+        methods=[m.strip() for m in methods.split(",") if m.strip()],
+        samples=samples,
+        out=out,
+        budget=budget,
+        seed=seed,
+        device=device,
+        command=shlex.join(["flashmemory", *sys.argv[1:]]),
+    )
+    table = Table(title=f"{taskset} on {model}")
+    for col in ("method", "length", "score", "device KV / full", "decode s"):
+        table.add_column(col)
+    for c in summary["overall"]:
+        table.add_row(
+            c["method"], str(c["length"]), f"{c['score']:.2f}", f"{c['kv_ratio']:.1%}", f"{c['decode_seconds']:.2f}"
+        )
+    OUT.print(table)
+    OUT.print(f"[dim]results in {out} (results.jsonl, summary.md, accuracy_vs_kv.png)[/]")

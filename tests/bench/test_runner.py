@@ -1,0 +1,177 @@
+"""The benchmark runner on a tiny random llama with a character tokenizer and stand-in RULER samples."""
+
+import json
+
+import pytest
+import torch
+
+from flashmemory.bench import methods as methods_mod
+from flashmemory.bench import runner
+from flashmemory.bench.ruler import RulerSample
+from flashmemory.config import LSAConfig
+from flashmemory.models.tiny import tiny_model
+
+SMALL = LSAConfig(chunk_size=8, page_chunks=2, interval=16, recent=16, sink=4)
+ALL = ["full", "lsa", "lsa-zeroshot", "recent", "random"]
+
+
+class CharTokenizer:
+    """One id per character; ids 0-2 are the tiny model's pad/eos/bos and never come from text."""
+
+    chat_template = None
+    eos_token_id = 1
+    eos_token = "\x01"
+    pad_token = None
+    padding_side = "right"
+
+    def encode(self, text, add_special_tokens=True):
+        return [min(max(ord(c), 3), 250) for c in text]
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True, padding=False):
+        ids = self.encode(text)
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        return {"input_ids": ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if 3 <= i <= 250)
+
+
+def fake_ruler(task, tokenizer, *, length, num_samples, seed):
+    out = []
+    for i in range(num_samples):
+        text = f"{task} sample {i} seed {seed}. " + "The grass is green. " * 14 + "The key is 42. Answer:"
+        out.append(RulerSample(task, i, text, ["42"], length, " Answer:", len(text), max_new_tokens=20))
+    return out
+
+
+@pytest.fixture
+def bench(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "generate_ruler", fake_ruler)
+    model = tiny_model("llama", vocab_size=256)
+
+    def call(out=None, taskset="ruler:niah_single_1,vt", **kw):
+        args = dict(
+            lengths=[512],
+            methods=ALL,
+            samples=2,
+            out=out or tmp_path / "run",
+            budget=0.6,
+            seed=0,
+            device="cpu",
+            progress=False,
+            load=lambda name, device: (model, CharTokenizer()),
+            lsa=SMALL,
+        )
+        args.update(kw)
+        return runner.run_bench(taskset, "tiny", **args)
+
+    return call
+
+
+def _rows(path):
+    return [json.loads(line) for line in (path / "results.jsonl").read_text().splitlines()]
+
+
+def test_every_method_runs_with_same_device_bytes(bench, tmp_path):
+    summary = bench()
+    rows = _rows(tmp_path / "run")
+    assert len(rows) == 2 * 2 * len(ALL)  # tasks x samples x methods
+    assert {r["method"] for r in rows} == set(ALL)
+    by = {(r["task"], r["sample"], r["method"]): r for r in rows}
+    for task in ("niah_single_1", "vt"):
+        for i in range(2):
+            lsa = by[task, i, "lsa"]
+            assert 0 < lsa["kv_ratio"] < 1
+            assert by[task, i, "full"]["kv_ratio"] == 1.0
+            for baseline in ("lsa-zeroshot", "recent", "random"):
+                assert by[task, i, baseline]["kv_bytes_device"] == lsa["kv_bytes_device"]
+            assert lsa["boundaries"] >= 1 and lsa["page_slots"] >= 1
+    assert {c["method"] for c in summary["overall"]} == set(ALL)
+    for name in ("summary.json", "summary.md", "accuracy_vs_kv.png", "config.json"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["tasks"] == ["niah_single_1", "vt"] and config["commit"] and config["machine"]
+    assert "| niah_single_1 |" in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_rerun_skips_finished_rows(bench, tmp_path, monkeypatch):
+    bench(methods=["full", "recent"])
+    before = _rows(tmp_path / "run")
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed a finished row")
+
+    for cls in (methods_mod.FullAttention, methods_mod.LSAMethod):
+        monkeypatch.setattr(cls, "run", boom)
+    summary = bench(methods=["full", "recent"])
+    assert _rows(tmp_path / "run") == before
+    assert len(summary["overall"]) == 2
+
+
+def test_torn_last_line_is_recomputed(bench, tmp_path):
+    bench(methods=["full"], samples=1)
+    path = tmp_path / "run" / "results.jsonl"
+    path.write_text(path.read_text().splitlines()[0] + "\n" + '{"task": "vt", "len')
+    bench(methods=["full"], samples=1)
+    assert {(r["task"], r["method"]) for r in _rows_ok(path)} == {("niah_single_1", "full"), ("vt", "full")}
+
+
+def _rows_ok(path):
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(methods=["full", "oracle"]), "unknown method 'oracle'; valid methods: full, lsa"),
+        (dict(taskset="ruler:niah_single_1,nope"), "unknown ruler task(s) nope; valid tasks: niah_single_1"),
+        (dict(taskset="longbench"), "unknown taskset 'longbench'; valid tasksets: ruler"),
+        (dict(samples=0), "--samples must be >= 1"),
+        (dict(budget=0.0), "--budget must be a fraction"),
+        (dict(budget=-1.0), "--budget must be a fraction"),
+        (dict(lengths=[]), "--lengths needs at least one length"),
+        (dict(lengths=[100_000]), "exceeds the model's context window (8192 tokens)"),
+    ],
+)
+def test_bad_options(bench, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        bench(**kwargs)
+    assert message in str(err.value)
+
+
+def test_changed_settings_refuse_the_folder(bench):
+    bench(methods=["full"], samples=1)
+    with pytest.raises(ValueError, match="holds results of another run"):
+        bench(methods=["full"], samples=1, budget=0.7)
+
+
+def test_baseline_page_choosers():
+    class Store:
+        batch = 2
+
+        def __init__(self, slots, selectable):
+            self.layout = type("L", (), {"num_page_slots": slots})()
+            self._sel = selectable
+
+        def selectable_pages(self):
+            return self._sel
+
+    cache = type("C", (), {})()
+    cache.store = Store(3, 10)
+    recent = methods_mod.RecentPages().page_chooser()(cache)
+    assert recent.tolist() == [[7, 8, 9], [7, 8, 9]]
+    choose = methods_mod.RandomPages(seed=1).page_chooser()
+    a, b = choose(cache), choose(cache)
+    assert a.shape == (2, 3) and ((a >= 0) & (a < 10)).all() and not torch.equal(a, b)
+    assert all(len(set(row)) == 3 for row in a.tolist())
+    assert torch.equal(a, methods_mod.RandomPages(seed=1).page_chooser()(cache))
+    cache.store = Store(4, 2)
+    assert methods_mod.RecentPages().page_chooser()(cache).tolist() == [[0, 1, -1, -1]] * 2
+    assert sorted(methods_mod.RandomPages().page_chooser()(cache)[0].tolist()) == [-1, -1, 0, 1]
