@@ -173,6 +173,7 @@ class LSACache(Cache):
         self.lookahead: dict[int, torch.Tensor] = {}
         self.lookahead_pos: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
+        self.last_scores: torch.Tensor | None = None  # chunk probabilities of the latest boundary, for inspection
         self.closed = False
         self.hooks = CacheHooks(self, model)
 

@@ -16,8 +16,3 @@ def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
-
-
-def device_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
-    """Storage bytes of the tensors that live on an accelerator (or on the CPU when it is the device)."""
-    return storage_bytes(tensors)

@@ -164,6 +164,7 @@ def _fill_cache_stats(stats: GenerationStats, cache, final_len: int) -> None:
         stats.select_seconds = cs.select_seconds
         stats.recall_seconds = cs.recall_seconds
         stats.page_slots = cache.store.layout.num_page_slots
+        stats.kept_fraction = list(cs.kept_fraction)
     else:
         stats.kv_bytes_device = max(stats.kv_bytes_device, _dynamic_bytes(cache))
         stats.kv_bytes_full = stats.kv_bytes_device

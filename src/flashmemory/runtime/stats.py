@@ -24,6 +24,7 @@ class GenerationStats:
         select_seconds: time spent scoring chunks and choosing pages.
         recall_seconds: time spent copying pages.
         page_slots: page slots of the reserve (``K``).
+        kept_fraction: per boundary scored by the indexer, the fraction of chunks above the threshold.
         allocator_kv_bytes: on CUDA, allocator bytes held after prefill minus before (cross-check).
         allocator_decode_peak_bytes: on CUDA, peak allocator bytes during decode minus before prefill
             (KV plus decode-time temporaries).
@@ -43,6 +44,7 @@ class GenerationStats:
     select_seconds: float = 0.0
     recall_seconds: float = 0.0
     page_slots: int | None = None
+    kept_fraction: list[float] = field(default_factory=list)
     allocator_kv_bytes: int | None = None
     allocator_decode_peak_bytes: int | None = None
 
