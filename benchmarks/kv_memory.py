@@ -10,11 +10,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from flashmemory import LSAConfig, generate, load_model
+from flashmemory import LSAConfig, generate
 from flashmemory.bench.planted_fact import planted_fact
 from flashmemory.bench.record import command_line, git_commit, machine_description
+from flashmemory.runtime.ask import load_on
 
 
 def main() -> None:
@@ -28,9 +27,8 @@ def main() -> None:
     ap.add_argument("--indexers", default="zero-shot,auto", help="comma list: zero-shot, auto (shipped), or folders")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, tok = load_model(args.model, device=device, dtype=dtype, progress=False)
+    model, tok = load_on(args.model, "auto", progress=False)
+    dtype = model.dtype
     lsa = LSAConfig(budget=args.budget)
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):

@@ -11,11 +11,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from flashmemory import LSAConfig, generate, load_indexer, load_model, model_fingerprint
+from flashmemory import LSAConfig, generate, load_indexer, model_fingerprint
 from flashmemory.bench.planted_fact import planted_fact
 from flashmemory.bench.record import command_line, git_commit, machine_description
+from flashmemory.runtime.ask import load_on
 
 
 def main() -> None:
@@ -29,9 +28,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, tok = load_model(args.model, device=device, dtype=dtype, progress=False)
+    model, tok = load_on(args.model, "auto", progress=False)
+    device = model.device
     methods = {"full": ("full", None), "lsa-zeroshot": ("lsa", None)}
     if args.ckpt is not None:
         trained = load_indexer(args.ckpt, fingerprint=model_fingerprint(model), device=device)

@@ -73,11 +73,9 @@ def validate_options(lengths: list[int], methods: list[str], samples: int, budge
 
 def default_loader(model_name: str, device: str) -> tuple[torch.nn.Module, object]:
     """Load a packaged model, HF folder or GGUF file on ``device`` (bf16 on CUDA, fp32 on CPU)."""
-    from ..models import load_model
-    from ..runtime.ask import pick_device
+    from ..runtime.ask import load_on
 
-    dev = pick_device(device)
-    return load_model(model_name, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    return load_on(model_name, device)
 
 
 def encode_sample(tokenizer, text: str, answer_prefix: str) -> dict[str, torch.Tensor]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from rich.console import Console
 
 from ..bench.planted_fact import planted_fact
 from ..config import LSAConfig
-from ..models import load_model
-from ..runtime.ask import check_fits, pick_device, stats_record
+from ..runtime.ask import check_fits, load_on, stats_record
 from ..runtime.generate import generate
 
 
@@ -25,8 +23,7 @@ def run_demo(
     """Answer one planted-fact question with ``full`` and ``lsa``; returns rows for a table."""
     if context_tokens < 256:
         raise ValueError(f"--context-tokens must be >= 256, got {context_tokens}")
-    dev = pick_device(device)
-    model, tokenizer = load_model(model_name, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    model, tokenizer = load_on(model_name, device)
     task = planted_fact(tokenizer, context_tokens, seed=seed)
     n = check_fits(model, tokenizer, task.prompt, 32)
     rows = []

@@ -32,20 +32,18 @@ def dump(
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
 ) -> None:
     """Run the backbone with full attention over training prompts and record indexer training data."""
-    import torch
 
     from ..dump.runner import run_dump
     from ..dump.spec import build_prompts
-    from ..models import load_model, model_fingerprint
-    from ..runtime.ask import pick_device
+    from ..models import model_fingerprint
+    from ..runtime.ask import load_on
 
     if max_new_tokens < 2:
         raise ValueError("--max-new-tokens must be >= 2 (targets look ahead over later steps)")
     labels = LabelConfig(chunk_size=chunk_size, top_p=top_p, min_layers=min_layers)
-    dev = pick_device(device)
-    backbone, tokenizer = load_model(model, device=dev, dtype=torch.float32 if dev.type == "cpu" else torch.bfloat16)
+    backbone, tokenizer = load_on(model, device)
     prompts = build_prompts(data, tokenizer)
-    OUT.print(f"dumping {len(prompts)} prompts with {model} on {dev} into {out}")
+    OUT.print(f"dumping {len(prompts)} prompts with {model} on {backbone.device} into {out}")
     manifest = run_dump(
         backbone,
         tokenizer,

@@ -22,6 +22,13 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
+def load_on(model_name: str, device: str = "auto", *, progress: bool = True):
+    """Load a model for inference on ``device`` (``auto``/``cpu``/``cuda``): bf16 on CUDA, fp32 on the CPU."""
+    dev = pick_device(device)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    return load_model(model_name, device=dev, dtype=dtype, progress=progress)
+
+
 def read_context(path: str | Path) -> str:
     """The text of a context file, refusing missing, unreadable and empty files."""
     path = Path(path)
@@ -78,9 +85,7 @@ def ask_file(
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     context = read_context(context_file)
-    dev = pick_device(device)
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    model, tokenizer = load_model(model_name, device=dev, dtype=dtype, progress=progress)
+    model, tokenizer = load_on(model_name, device, progress=progress)
     prompt = build_prompt(context, question)
     check_fits(model, tokenizer, prompt, max_new_tokens)
     result = generate(model, tokenizer, prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=max_new_tokens)
