@@ -38,12 +38,15 @@ def resolve_indexer(model: nn.Module, indexer: str | Path | MemoryIndexer | None
     """
     if indexer is None or isinstance(indexer, MemoryIndexer) or indexer == "zero-shot":
         return None if indexer == "zero-shot" else indexer
+    shipped = shipped_checkpoints() if indexer == "auto" else {}
+    if indexer == "auto" and not shipped:
+        return None  # nothing to match: skip hashing the weights on every call
     device = next(model.parameters()).device
     fingerprint = model_fingerprint(model)
     if indexer != "auto":
         return load_indexer(indexer, fingerprint=fingerprint, device=device)
     spec = backbone_spec(model)
-    for name, ck in shipped_checkpoints().items():
+    for name, ck in shipped.items():
         if ck["fingerprint"] == fingerprint:
             return load_indexer(SHIPPED_DIR / name, fingerprint=fingerprint, device=device).to(torch.float32)
         same_shape = (ck["hidden_size"], ck["num_heads"], ck["num_kv_heads"]) == (
