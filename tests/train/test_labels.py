@@ -47,3 +47,21 @@ def test_lookahead_targets_union_the_next_interval_steps():
     golden = [torch.tensor([0]), torch.tensor([1]), torch.tensor([2]), torch.tensor([3])]
     t = lookahead_targets(golden, interval=2, num_chunks=5)
     assert t.int().tolist() == [[0, 1, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 1, 0]]
+
+
+def test_decidable_leaves_out_sink_and_recent_chunks():
+    from flashmemory.dump.capture import LabelConfig
+
+    cfg = LabelConfig(chunk_size=4, sink=4, recent=8)
+    # 40 tokens = 10 chunks; chunk 0 touches the sink, chunks 8-9 reach into the newest 8 tokens.
+    assert cfg.decidable(10, 40).tolist() == [False] + [True] * 7 + [False, False]
+
+
+def test_far_chunk_is_golden_once_resident_mass_is_left_out():
+    from flashmemory.dump.capture import LabelConfig
+
+    cfg = LabelConfig(chunk_size=4, sink=4, recent=8, top_p=0.6)
+    mass = torch.tensor([0.5, 0.01, 0.01, 0.1, 0.01, 0.01, 0.01, 0.01, 0.2, 0.16])  # sink + tail hold 86%
+    assert not top_p_mask(mass, cfg.top_p)[3]  # with everything in, the sink and the tail fill the top-p set
+    kept = top_p_mask(mass * cfg.decidable(10, 40), cfg.top_p)
+    assert kept.nonzero().flatten().tolist() == [3]

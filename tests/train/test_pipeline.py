@@ -4,6 +4,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from flashmemory.dump.capture import LabelConfig
 from flashmemory.dump.runner import run_dump
@@ -172,3 +173,17 @@ def test_training_under_two_ranks_keeps_weights_in_sync(dump_dir, tmp_path):
     # identical validation metrics on both ranks (each rank's own training loss differs): equal weights
     metrics = [next(line for line in out.splitlines() if line.startswith("metrics")) for out, _ in outs]
     assert metrics[0] == metrics[1]
+
+
+def test_dump_keeps_the_prompt_tail_for_the_first_window(dump_dir):
+    from flashmemory.dump.shards import iter_records
+    from flashmemory.train.dataset import load_examples
+
+    _, rec = next(iter_records(dump_dir, "train"))
+    assert rec["prefix_hidden"].shape[0] == 15 and rec["prefix_hidden"].shape[1:] == rec["hidden"].shape[1:]
+    assert rec["prefix_positions"].tolist() == list(range(int(rec["positions"][0]) - 15, int(rec["positions"][0])))
+    ex = load_examples([dump_dir], split="train", interval=16, recent=16, sink=0)[0]
+    hidden, pos, valid = ex.windows(torch.tensor([0, 3]), 16)
+    assert valid.all()  # step 0's window is the 15 prompt tokens before it plus itself
+    assert pos[0].tolist() == list(range(int(ex.positions[0]) - 15, int(ex.positions[0]) + 1))
+    assert torch.equal(hidden[1, -1], ex.hidden[3]) and torch.equal(hidden[0, 0], ex.prefix_hidden[0])

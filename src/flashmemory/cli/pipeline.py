@@ -28,6 +28,8 @@ def dump(
     chunk_size: int = typer.Option(LABELS.chunk_size, help="Tokens per chunk."),
     top_p: float = typer.Option(LABELS.top_p, help="Attention mass of each layer's top-p chunk set."),
     min_layers: int = typer.Option(LABELS.min_layers, help="Layers that must agree for a golden chunk."),
+    sink: int = typer.Option(LABELS.sink, help="Always-resident leading tokens, left out of the top-p cut."),
+    recent: int = typer.Option(LABELS.recent, help="Always-resident newest tokens, left out of the top-p cut."),
     shard_size: int = typer.Option(8, help="Prompts per shard file."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
 ) -> None:
@@ -40,7 +42,7 @@ def dump(
 
     if max_new_tokens < 2:
         raise ValueError("--max-new-tokens must be >= 2 (targets look ahead over later steps)")
-    labels = LabelConfig(chunk_size=chunk_size, top_p=top_p, min_layers=min_layers)
+    labels = LabelConfig(chunk_size=chunk_size, top_p=top_p, min_layers=min_layers, sink=sink, recent=recent)
     backbone, tokenizer = load_on(model, device)
     prompts = build_prompts(data, tokenizer)
     OUT.print(f"dumping {len(prompts)} prompts with {model} on {backbone.device} into {out}")

@@ -21,24 +21,41 @@ class LabelConfig:
         chunk_size: tokens per chunk. Default: 16.
         top_p: mass each layer's top-p set covers. Default: 0.6.
         min_layers: layers that must agree for a chunk to be golden. Default: 3.
+        sink: leading tokens that are always resident; chunks touching them are left out of the top-p cut.
+            Default: 16.
+        recent: newest tokens that are always resident; chunks reaching into them are left out too. Default: 64.
+
+    Sink and recent chunks soak up most of the attention mass, and the runtime keeps them whatever the indexer
+    says; left in, they crowd the far chunks the indexer actually has to find out of the top-p set.
     """
 
     chunk_size: int = 16
     top_p: float = 0.6
     min_layers: int = 3
+    sink: int = 16
+    recent: int = 64
 
     def __post_init__(self) -> None:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_layers < 1 or self.chunk_size < 1:
             raise ValueError("min_layers and chunk_size must be >= 1")
+        if self.sink < 0 or self.recent < 0:
+            raise ValueError("sink and recent must be >= 0")
+
+    def decidable(self, num_chunks: int, seq_len: int) -> torch.Tensor:
+        """Chunks the indexer decides on when the newest token is at ``seq_len - 1``. # [N]"""
+        c = self.chunk_size
+        start = torch.arange(num_chunks) * c
+        return (start >= self.sink) & (start + c <= seq_len - self.recent)
 
 
 class AttentionRecorder:
     """Pre-hooks on every full-attention layer that keep the newest token's hidden state and rotary angles."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, keep: int = 1) -> None:
         self.model = model
+        self.keep = max(1, keep)
         self.layers = backbone_spec(model).full_layers
         self.hidden: dict[int, torch.Tensor] = {}
         self.rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -50,7 +67,9 @@ class AttentionRecorder:
     def _hook(self, layer: int):
         def hook(module, args, kwargs):
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.hidden[layer] = hidden[:, -1].detach().clone()  # a view would pin the prompt's hidden states
+            # The prompt's newest tokens form the runtime's first lookahead window, so prefill keeps a few of them;
+            # a clone, because a view would pin all of the prompt's hidden states.
+            self.hidden[layer] = hidden[:, -self.keep :].detach().clone()
             cos, sin = kwargs["position_embeddings"]
             self.rope[layer] = (cos[:, -1].detach().clone(), sin[:, -1].detach().clone())
 
@@ -64,7 +83,7 @@ class AttentionRecorder:
         """Attention probabilities of the newest token at ``layer`` over all cached keys (batch 1). # [H, T]"""
         attn = attention_module(self.model, layer)
         spec = backbone_spec(self.model)
-        h = self.hidden[layer][0]
+        h = self.hidden[layer][0, -1]
         q = attn.q_proj(h).view(spec.num_heads, spec.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q = attn.q_norm(q)
@@ -76,6 +95,14 @@ class AttentionRecorder:
         return torch.softmax(scores, dim=-1)
 
 
+def _decidable_mass(
+    recorder: AttentionRecorder, layer: int, keys: torch.Tensor, labels: LabelConfig, seq_len: int
+) -> torch.Tensor:
+    """Chunk masses of the newest token at ``layer``, zero for always-resident chunks. # [N]"""
+    mass = chunk_mass(recorder.attention_probs(layer, keys), labels.chunk_size)
+    return mass * labels.decidable(mass.shape[0], seq_len).to(mass.device)
+
+
 @torch.no_grad()
 def capture_prompt(
     model: nn.Module,
@@ -85,6 +112,7 @@ def capture_prompt(
     labels: LabelConfig,
     max_new_tokens: int,
     eos_token_id: list[int],
+    query_window: int = 16,
 ) -> dict[str, torch.Tensor]:
     """Prefill ``input_ids`` (batch 1), decode greedily, and record one prompt's dump.
 
@@ -92,12 +120,13 @@ def capture_prompt(
 
     Returns:
         ``hidden [S, L, hidden]`` (target layers), ``positions [S]``, golden CSR (``indptr``, ``indices``,
-        ``hits``), ``chunk_keys``/``chunk_kmin``/``chunk_kmax`` ``[L, Hkv, N, D]`` of the final sequence, and
-        ``tokens`` (prompt + generated ids).
+        ``hits``), ``chunk_keys``/``chunk_kmin``/``chunk_kmax`` ``[L, Hkv, N, D]`` of the final sequence,
+        ``tokens`` (prompt + generated ids), and ``prefix_hidden [P, L, hidden]`` / ``prefix_positions [P]``: the
+        ``query_window - 1`` prompt tokens before step 0, which join it in the first lookahead window.
     """
     from .labels import to_csr
 
-    recorder = AttentionRecorder(model)
+    recorder = AttentionRecorder(model, keep=query_window)
     cache = DynamicCache(config=model.config)
     steps_hidden, steps_pos, golden, hits = [], [], [], []
     tokens = input_ids[0].tolist()
@@ -108,7 +137,7 @@ def capture_prompt(
             masks = torch.stack(
                 [
                     top_p_mask(
-                        chunk_mass(recorder.attention_probs(layer, cache.layers[layer].keys), labels.chunk_size),
+                        _decidable_mass(recorder, layer, cache.layers[layer].keys, labels, seq_len),
                         labels.top_p,
                     )
                     for layer in recorder.layers
@@ -117,7 +146,10 @@ def capture_prompt(
             ids, count = golden_chunks(masks, min(labels.min_layers, len(recorder.layers)))
             golden.append(ids.cpu())
             hits.append(count.cpu())
-            steps_hidden.append(torch.stack([recorder.hidden[layer][0] for layer in targets]).to(torch.float16).cpu())
+            if step == 0:
+                prefix = torch.stack([recorder.hidden[layer][0, :-1] for layer in targets], 1)  # [P, L, hidden]
+            newest = torch.stack([recorder.hidden[layer][0, -1] for layer in targets])
+            steps_hidden.append(newest.to(torch.float16).cpu())
             steps_pos.append(seq_len - 1)
             if step == max_new_tokens:
                 break
@@ -137,6 +169,8 @@ def capture_prompt(
         "hidden": torch.stack(steps_hidden),
         "positions": torch.tensor(steps_pos, dtype=torch.long),
         "tokens": torch.tensor(tokens, dtype=torch.long),
+        "prefix_hidden": prefix.to(torch.float16).cpu(),
+        "prefix_positions": torch.arange(input_ids.shape[1] - 1 - prefix.shape[0], input_ids.shape[1] - 1),
         **to_csr(golden, hits),
     }
     means, kmin, kmax = [], [], []

@@ -26,6 +26,9 @@ class PromptExamples:
         kmax: per-chunk maximum keys. # [L, Hkv, N, D]
         weights: down-weights chunks positive in most steps of the prompt. # [N]
         kind: prompt kind.
+        prefix_hidden: hidden states of the prompt tokens just before step 0, which join it in the first
+            lookahead window (empty for dumps that did not record them). # [P, L, hidden]
+        prefix_positions: their positions. # [P]
     """
 
     hidden: torch.Tensor
@@ -37,10 +40,28 @@ class PromptExamples:
     kmax: torch.Tensor
     weights: torch.Tensor
     kind: str
+    prefix_hidden: torch.Tensor | None = None
+    prefix_positions: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
         return self.targets.shape[0]
+
+    def windows(self, steps: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The lookahead windows ending at ``steps``: the ``window`` newest tokens, prompt prefix included.
+
+        Returns:
+            Hidden states ``[S, W, L, hidden]``, positions ``[S, W]`` and which slots hold a token ``[S, W]``.
+        """
+        hidden, positions = self.hidden, self.positions
+        if self.prefix_hidden is not None and self.prefix_hidden.shape[0]:
+            hidden = torch.cat([self.prefix_hidden.to(hidden.dtype), hidden])
+            positions = torch.cat([self.prefix_positions.to(positions.dtype), positions])
+        p = hidden.shape[0] - self.hidden.shape[0]
+        idx = steps[:, None] + p - torch.arange(window - 1, -1, -1)[None, :]
+        valid = idx >= 0
+        idx = idx.clamp(min=0)
+        return hidden[idx], positions[idx], valid
 
 
 def check_compatible(dirs: Sequence[str | Path]) -> dict:
@@ -62,6 +83,7 @@ def load_examples(
     split: str | None,
     interval: int,
     recent: int,
+    sink: int = 16,
     frequent: float = 0.8,
     frequent_weight: float = 0.2,
 ) -> list[PromptExamples]:
@@ -72,6 +94,7 @@ def load_examples(
         split: ``"train"``, ``"validation"`` or None for all.
         interval: decode steps a resident set serves.
         recent: tokens always resident at the end; chunks there are not the indexer's to choose.
+        sink: tokens always resident at the start; chunks touching them are not the indexer's either.
         frequent: a chunk positive in more than this fraction of a prompt's steps is down-weighted...
         frequent_weight: ...to this weight (attention sinks and the question itself are easy positives).
     """
@@ -87,7 +110,7 @@ def load_examples(
                 continue
             pos = rec["positions"][: targets.shape[0]]
             ends = (torch.arange(n) + 1) * chunk
-            candidates = ends[None, :] <= (pos[:, None] + 1 - recent)
+            candidates = (ends[None, :] <= (pos[:, None] + 1 - recent)) & (ends[None, :] - chunk >= sink)
             targets &= candidates
             freq = targets.float().sum(0) / max(1, targets.shape[0])
             weights = torch.where(freq > frequent, torch.tensor(frequent_weight), torch.tensor(1.0))
@@ -102,6 +125,8 @@ def load_examples(
                     kmax=rec["chunk_kmax"],
                     weights=weights,
                     kind=meta.get("kind", ""),
+                    prefix_hidden=rec.get("prefix_hidden"),
+                    prefix_positions=rec.get("prefix_positions"),
                 )
             )
     if not out:

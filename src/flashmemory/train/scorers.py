@@ -11,17 +11,6 @@ from ..models.adapter import apply_rope
 from .dataset import PromptExamples
 
 
-def window_index(steps: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the ``window`` newest steps up to each of ``steps``, and which of them exist.
-
-    Returns:
-        Indices ``[len(steps), window]`` (clamped to 0) and a validity mask of the same shape.
-    """
-    offsets = torch.arange(window - 1, -1, -1)
-    idx = steps[:, None] - offsets[None, :]
-    return idx.clamp(min=0), idx >= 0
-
-
 def indexer_logits(
     indexer: MemoryIndexer, ex: PromptExamples, steps: torch.Tensor, reduce: str = "max", window: int = 1
 ) -> torch.Tensor:
@@ -38,10 +27,9 @@ def indexer_logits(
         Logits. # [S, N]
     """
     device = indexer.inv_freq.device
-    idx, valid = window_index(steps, window)
-    hidden = ex.hidden[idx].to(device, torch.float32)  # [S, W, L, hidden]
-    pos = ex.positions[idx].to(device)
-    valid = valid.to(device)
+    hidden, pos, valid = ex.windows(steps, window)
+    hidden = hidden.to(device, torch.float32)  # [S, W, L, hidden]
+    pos, valid = pos.to(device), valid.to(device)
     per_layer = []
     for j in range(len(indexer.target_layers)):
         keys = ex.keys[j].to(device, torch.float32).unsqueeze(0).expand(len(steps), -1, -1, -1)

@@ -39,6 +39,7 @@ class TrainConfig:
         gamma: focal-loss exponent. Default: 2.0.
         interval: decode steps per cycle (lookahead horizon). Default: 64.
         recent: always-resident tail tokens (not the indexer's decision). Default: 64.
+        sink: always-resident leading tokens (not the indexer's decision either). Default: 16.
         patience: epochs without validation improvement before stopping. Default: 3.
         select_fraction: kept fraction whose recall picks the best epoch. Default: 0.15.
         seed: sampling seed. Default: 0.
@@ -59,6 +60,7 @@ class TrainConfig:
     gamma: float = 2.0
     interval: int = 64
     recent: int = 64
+    sink: int = 16
     patience: int = 3
     select_fraction: float = 0.15
     seed: int = 0
@@ -158,9 +160,14 @@ def train_indexer(
     manifest = check_compatible(dump_dirs)
     rank, world = _distributed()
     train = load_examples(
-        dump_dirs, split="train", interval=cfg.interval, recent=cfg.recent, frequent_weight=cfg.frequent_weight
+        dump_dirs,
+        split="train",
+        interval=cfg.interval,
+        recent=cfg.recent,
+        sink=cfg.sink,
+        frequent_weight=cfg.frequent_weight,
     )
-    val = load_examples(dump_dirs, split="validation", interval=cfg.interval, recent=cfg.recent)
+    val = load_examples(dump_dirs, split="validation", interval=cfg.interval, recent=cfg.recent, sink=cfg.sink)
     indexer = load_indexer(init or dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"]).to(device)
     # Biases and the distance prior start far from their optimum and are cheap to move; the matrices (query
     # projection, head-weight projection) multiply hidden states of large norm and need the small rate.
