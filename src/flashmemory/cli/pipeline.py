@@ -75,6 +75,10 @@ def train(
         TRAIN.frequent_weight, help="Loss weight of chunks positive in >80% of steps."
     ),
     loss: str = typer.Option(TRAIN.loss, help="focal or bce."),
+    boundary_weight: float = typer.Option(
+        TRAIN.boundary_weight, help="Loss weight of the steps where the runtime asks the indexer."
+    ),
+    select_on: str = typer.Option(TRAIN.select_on, help="Best epoch by recall over 'all' or 'boundary' steps."),
     interval: int = typer.Option(TRAIN.interval, help="Lookahead horizon in decode steps."),
     recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
     seed: int = typer.Option(TRAIN.seed, help="Sampling seed."),
@@ -92,6 +96,8 @@ def train(
         window=window,
         frequent_weight=frequent_weight,
         loss=loss,
+        boundary_weight=boundary_weight,
+        select_on=select_on,
         interval=interval,
         recent=recent,
         seed=seed,
@@ -113,11 +119,14 @@ def indexer_eval(
     interval: int = typer.Option(TRAIN.interval, help="Lookahead horizon in decode steps."),
     recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
     window: int = typer.Option(TRAIN.window, help="Newest steps forming each lookahead query."),
+    steps: str = typer.Option("all", help="Score 'all' decode steps or only the 'boundary' steps."),
 ) -> None:
     """Recall of golden chunks vs fraction kept: trained, zero-shot, Quest-style, recent, random."""
     from ..train.indexer_eval import evaluate_methods, markdown_table, write_report
 
-    report = evaluate_methods(dumps, ckpt, split=split, interval=interval, recent=recent, window=window)
+    report = evaluate_methods(
+        dumps, ckpt, split=split, interval=interval, recent=recent, window=window, steps=steps
+    )
     write_report(report, out)
     OUT.print(markdown_table(report))
     OUT.print(f"[dim]written to {out}/indexer_eval.{{json,md,png}}[/]")

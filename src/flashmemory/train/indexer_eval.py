@@ -25,8 +25,13 @@ def evaluate_methods(
     recent: int = 64,
     seed: int = 0,
     window: int = 16,
+    steps: str = "all",
 ) -> dict[str, dict]:
-    """Recall curves of every method over all steps of the held-out prompts of ``dump_dirs``."""
+    """Recall curves of every method over the held-out prompts of ``dump_dirs``: over ``"all"`` their steps, or
+    over the ``"boundary"`` steps only (every ``interval``-th, where the runtime asks the indexer)."""
+    if steps not in ("all", "boundary"):
+        raise ValueError(f"steps must be 'all' or 'boundary', got {steps!r}")
+    stride = interval if steps == "boundary" else 1
     dump_dirs = [Path(d) for d in dump_dirs]
     manifest = check_compatible(dump_dirs)
     prompts = load_examples(dump_dirs, split=split, interval=interval, recent=recent)
@@ -36,24 +41,25 @@ def evaluate_methods(
     curves = {m: RecallCurve() for m in METHODS if m != "trained" or trained is not None}
     with torch.no_grad():
         for ex in prompts:
-            steps = torch.arange(ex.num_steps)
+            chosen = torch.arange(0, ex.num_steps, stride)
             scores = {
-                "zero-shot": torch.sigmoid(indexer_logits(zero, ex, steps, window=window)).cpu(),
-                "quest": page_bound_scores(zero, ex, steps),
-                "recent": recent_scores(ex, steps),
-                "random": random_scores(ex, steps, gen),
+                "zero-shot": torch.sigmoid(indexer_logits(zero, ex, chosen, window=window)).cpu(),
+                "quest": page_bound_scores(zero, ex, chosen),
+                "recent": recent_scores(ex, chosen),
+                "random": random_scores(ex, chosen, gen),
             }
             if trained is not None:
-                scores["trained"] = torch.sigmoid(indexer_logits(trained, ex, steps, window=window)).cpu()
+                scores["trained"] = torch.sigmoid(indexer_logits(trained, ex, chosen, window=window)).cpu()
             for method, s in scores.items():
                 thr = 0.5 if method in ("trained", "zero-shot") else None
-                for r in range(len(steps)):
-                    c = ex.candidates[r]
-                    curves[method].add(s[r, c], ex.targets[r, c], thr)
+                for r, step in enumerate(chosen.tolist()):
+                    c = ex.candidates[step]
+                    curves[method].add(s[r, c], ex.targets[step, c], thr)
     return {
         "split": split,
         "prompts": len(prompts),
-        "steps": sum(p.num_steps for p in prompts),
+        "steps": sum(len(range(0, p.num_steps, stride)) for p in prompts),
+        "step_kind": steps,
         "fractions": list(DEFAULT_FRACTIONS),
         "window": window,
         "methods": {m: {"recall": c.recall(), **c.summary()} for m, c in curves.items()},

@@ -45,6 +45,11 @@ class TrainConfig:
         seed: sampling seed. Default: 0.
         window: newest steps forming each lookahead query, as the runtime's ``query_window``. Default: 16.
         frequent_weight: loss weight of chunks positive in more than 80% of a prompt's steps. Default: 0.2.
+        boundary_weight: loss weight of the steps where the runtime actually asks the indexer (every
+            ``interval``-th step, starting with the first after prefill, whose window is the prompt's end);
+            these steps are always sampled. Default: 1.0.
+        select_on: validation metrics that pick the best epoch: ``"all"`` steps or ``"boundary"`` steps only.
+            Default: "all".
     """
 
     epochs: int = 12
@@ -66,10 +71,16 @@ class TrainConfig:
     seed: int = 0
     window: int = 16
     frequent_weight: float = 0.2
+    boundary_weight: float = 1.0
+    select_on: str = "all"
 
     def __post_init__(self) -> None:
         if self.loss not in ("focal", "bce"):
             raise ValueError(f"loss must be 'focal' or 'bce', got {self.loss!r}")
+        if self.select_on not in ("all", "boundary"):
+            raise ValueError(f"select_on must be 'all' or 'boundary', got {self.select_on!r}")
+        if self.boundary_weight <= 0:
+            raise ValueError(f"boundary_weight must be > 0, got {self.boundary_weight}")
         if self.epochs < 1 or self.steps_per_prompt < 1 or self.prompts_per_batch < 1:
             raise ValueError("epochs, steps_per_prompt and prompts_per_batch must be >= 1")
 
@@ -79,6 +90,7 @@ def example_loss(logits: torch.Tensor, ex: PromptExamples, steps: torch.Tensor, 
     targets = ex.targets[steps]
     cand = ex.candidates[steps]
     weights = ex.weights.expand_as(targets).clone()
+    weights[steps % cfg.interval == 0] *= cfg.boundary_weight
     pos = targets & cand
     neg = cand & ~targets
     chosen = pos.clone()
@@ -103,9 +115,16 @@ def example_loss(logits: torch.Tensor, ex: PromptExamples, steps: torch.Tensor, 
     return (bce * w).sum() / w.sum()
 
 
-def evaluate(indexer: MemoryIndexer, prompts: list[PromptExamples], threshold: float = 0.5, window: int = 1) -> dict:
-    """Validation metrics of ``indexer`` over every step of ``prompts``."""
-    curve = RecallCurve()
+def evaluate(
+    indexer: MemoryIndexer,
+    prompts: list[PromptExamples],
+    threshold: float = 0.5,
+    window: int = 1,
+    interval: int = 64,
+) -> dict:
+    """Validation metrics of ``indexer`` over every step of ``prompts``, and (prefixed ``boundary_``) over the
+    steps where the runtime asks the indexer."""
+    curve, at_boundary = RecallCurve(), RecallCurve()
     losses = []
     with torch.no_grad():
         for ex in prompts:
@@ -114,9 +133,12 @@ def evaluate(indexer: MemoryIndexer, prompts: list[PromptExamples], threshold: f
             for r in range(len(steps)):
                 c = ex.candidates[r]
                 curve.add(torch.sigmoid(logits[r, c]), ex.targets[r, c], threshold)
+                if r % interval == 0:
+                    at_boundary.add(torch.sigmoid(logits[r, c]), ex.targets[r, c], threshold)
             c = ex.candidates
             losses.append(F.binary_cross_entropy_with_logits(logits[c], ex.targets[c].float()).item())
-    return {"loss": sum(losses) / len(losses), **curve.summary()}
+    boundary = {f"boundary_{k}": v for k, v in at_boundary.summary().items()}
+    return {"loss": sum(losses) / len(losses), **curve.summary(), **boundary}
 
 
 def _distributed() -> tuple[int, int]:
@@ -179,7 +201,8 @@ def train_indexer(
     )
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     rng = random.Random(cfg.seed)
-    history = {"config": asdict(cfg), "epochs": [], "zero_shot": evaluate(indexer, val, window=cfg.window)}
+    zero_shot = evaluate(indexer, val, window=cfg.window, interval=cfg.interval)
+    history = {"config": asdict(cfg), "epochs": [], "zero_shot": zero_shot}
     best, best_state, stale = -1.0, None, 0
     mine = train[rank::world]
     # Every rank takes the same number of optimiser steps, or the gradient all-reduce would wait forever.
@@ -206,6 +229,7 @@ def train_indexer(
                 for i in batch:
                     ex = mine[i]
                     steps = torch.randperm(ex.num_steps, generator=gen)[: cfg.steps_per_prompt]
+                    steps = torch.unique(torch.cat([torch.arange(0, ex.num_steps, cfg.interval), steps]))
                     logits = indexer_logits(indexer, ex, steps, window=cfg.window).cpu()
                     loss = example_loss(logits, ex, steps, cfg, gen)
                     if loss is not None:
@@ -220,12 +244,9 @@ def train_indexer(
                     torch.nn.utils.clip_grad_norm_(indexer.parameters(), cfg.clip)
                     opt.step()
                 bar.advance(task)
-            metrics = evaluate(indexer, val, window=cfg.window)
-            key = (
-                metrics[f"recall@{cfg.select_fraction:g}"]
-                if f"recall@{cfg.select_fraction:g}" in metrics
-                else -metrics["loss"]
-            )
+            metrics = evaluate(indexer, val, window=cfg.window, interval=cfg.interval)
+            name = ("boundary_" if cfg.select_on == "boundary" else "") + f"recall@{cfg.select_fraction:g}"
+            key = metrics[name] if name in metrics else -metrics["loss"]
             history["epochs"].append({"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)), **metrics})
             if key > best:
                 best, best_state, stale = key, copy.deepcopy(indexer.state_dict()), 0
