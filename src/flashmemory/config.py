@@ -28,6 +28,11 @@ class LSAConfig:
             threshold. Default: 1.0.
         query_window: newest tokens whose hidden states form the lookahead query; a chunk's score is the
             max over them. At the first boundary these are the prompt's last tokens (its question). Default: 16.
+        attention_backend: decode attention over the reserve: ``"mask"`` (transformers' attention with a mask
+            over the whole reserve), ``"triton"`` (paged sparse decode kernel, host-sync-free recall, CUDA-graph
+            capturable steps), ``"torch"`` (the same fast path with the kernel's torch reference), or ``"auto"``
+            (``"triton"`` on CUDA when Triton is importable, else ``"mask"``). Used by
+            :func:`flashmemory.attention.fast_path.build_lsa_cache`. Default: "auto".
     """
 
     chunk_size: int = 16
@@ -42,6 +47,7 @@ class LSAConfig:
     layer_reduce: str = "max"
     best_chunk_slots: float = 1.0
     query_window: int = 16
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "page_chunks", "interval", "query_window"):
@@ -67,6 +73,11 @@ class LSAConfig:
             raise ValueError(f"LSAConfig.best_chunk_slots must be in [0, 1], got {self.best_chunk_slots}")
         if self.layer_reduce not in ("max", "mean"):
             raise ValueError(f"LSAConfig.layer_reduce must be 'max' or 'mean', got {self.layer_reduce!r}")
+        if self.attention_backend not in ("auto", "mask", "triton", "torch"):
+            raise ValueError(
+                "LSAConfig.attention_backend must be 'auto', 'mask', 'triton' or 'torch', "
+                f"got {self.attention_backend!r}"
+            )
         if self.target_layers is not None:
             self.target_layers = tuple(int(i) for i in self.target_layers)
             if not self.target_layers:

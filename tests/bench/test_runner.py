@@ -130,7 +130,7 @@ def _rows_ok(path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(methods=["full", "oracle"]), "unknown method 'oracle'; valid methods: full, lsa"),
+        (dict(methods=["full", "h2o"]), "unknown method 'h2o'; valid methods: full, lsa"),
         (dict(taskset="ruler:niah_single_1,nope"), "unknown ruler task(s) nope; valid tasks: niah_single_1"),
         (dict(taskset="longbench"), "unknown taskset 'longbench'; valid tasksets: ruler"),
         (dict(samples=0), "--samples must be >= 1"),

@@ -125,6 +125,8 @@ class LSACache(Cache):
         forced_pages: callable ``(cache) -> [B, K] page ids`` replacing the indexer (tests, oracle baselines).
     """
 
+    store_class = KVStore
+
     def __init__(
         self,
         model: nn.Module,
@@ -223,7 +225,7 @@ class LSACache(Cache):
             max_len=max_len,
             other_layers_full=self._other_bytes(seq_len, elem),
         )
-        self.store = KVStore(self.lsa_layers, layout, self.lsa.recent)
+        self.store = self.store_class(self.lsa_layers, layout, self.lsa.recent)
         self.store.allocate(
             batch,
             heads,
@@ -306,7 +308,7 @@ class LSACache(Cache):
             chunk_offset=self.store.pad_len,
         )
         self.last_scores = scores
-        self.stats.kept_fraction.append(float((scores > self.lsa.threshold).float().mean()))
+        self._record_kept(scores)
         return select_pages(
             scores,
             num_selectable=selectable,
@@ -316,6 +318,9 @@ class LSACache(Cache):
             valid_chunks=self._valid_chunks(scores.shape[1]),
             top_m=math.ceil(self.lsa.best_chunk_slots * min(k, selectable)),
         )
+
+    def _record_kept(self, scores: torch.Tensor) -> None:
+        self.stats.kept_fraction.append(float((scores > self.lsa.threshold).float().mean()))
 
     def _valid_chunks(self, n: int) -> torch.Tensor:
         c = self.lsa.chunk_size
@@ -384,6 +389,9 @@ class LSACache(Cache):
         elem = store.reserve_k[self.first_lsa_layer].element_size()
         seq = self.sequence_bytes(elem)
         return store.batch * (seq.per_token * n + self._other_bytes(n, elem))
+
+    def sync_stats(self) -> None:
+        """Bring counters that live on the device into :attr:`stats` (a no-op here; see the fast path)."""
 
     def host_kv_bytes(self) -> int:
         return 0 if self.store is None else storage_bytes(self.store.host_tensors())

@@ -21,23 +21,33 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..config import LSAConfig
+from .longbench import LOCAL_TASKS as LONGBENCH_LOCAL_TASKS
+from .longbench import LONGBENCH_TASKS, generate_longbench, load_longbench, score_longbench
+from .longmemeval import LONGMEMEVAL_TASKS, generate_longmemeval, load_longmemeval, score_longmemeval
 from .methods import METHODS, get_method
 from .record import git_commit, machine_description
 from .ruler import RULER_TASKS, generate_ruler, score_ruler
 
-TASKSETS: dict[str, tuple[str, ...]] = {"ruler": RULER_TASKS}
+TASKSETS: dict[str, tuple[str, ...]] = {
+    "ruler": RULER_TASKS,
+    "longbench-v2": LONGBENCH_LOCAL_TASKS,
+    "longmemeval": LONGMEMEVAL_TASKS,
+}
+# Tasks of the tasksets that also read published data (--data): LongBench-v2 has six domains, three built locally.
+PUBLISHED_TASKS: dict[str, tuple[str, ...]] = {"longbench-v2": LONGBENCH_TASKS, "longmemeval": LONGMEMEVAL_TASKS}
 RESULTS, CONFIG = "results.jsonl", "config.json"
 # Settings that change what a row means: a rerun into the same folder must agree on them to reuse rows.
-_PINNED = ("taskset_family", "model", "budget", "seed", "lsa")
+_PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data")
 
 Loader = Callable[[str, str], tuple[torch.nn.Module, object]]
 
 
-def parse_taskset(taskset: str) -> tuple[str, list[str]]:
+def parse_taskset(taskset: str, data: Path | None = None) -> tuple[str, list[str]]:
     """``"ruler"`` -> all RULER tasks; ``"ruler:niah_single_1,vt"`` -> those tasks.
 
     Args:
         taskset: family name, optionally followed by ``:`` and a comma-separated task list.
+        data: published data file of the taskset (``longbench-v2``, ``longmemeval``), or None for local tasks.
 
     Returns:
         The family and its tasks, in the given order.
@@ -45,7 +55,9 @@ def parse_taskset(taskset: str) -> tuple[str, list[str]]:
     family, _, picked = taskset.partition(":")
     if family not in TASKSETS:
         raise ValueError(f"unknown taskset {family!r}; valid tasksets: {', '.join(TASKSETS)}")
-    valid = TASKSETS[family]
+    if data is not None and family not in PUBLISHED_TASKS:
+        raise ValueError(f"--data is for the tasksets {', '.join(PUBLISHED_TASKS)}, not {family}")
+    valid = TASKSETS[family] if data is None else PUBLISHED_TASKS[family]
     tasks = [t.strip() for t in picked.split(",") if t.strip()] if picked else list(valid)
     unknown = [t for t in tasks if t not in valid]
     if unknown:
@@ -87,6 +99,9 @@ def encode_sample(tokenizer, text: str, answer_prefix: str) -> dict[str, torch.T
     """
     if getattr(tokenizer, "chat_template", None):
         user = text[: len(text) - len(answer_prefix)] if answer_prefix and text.endswith(answer_prefix) else text
+        # The blank line that separates a prompt from its answer prefix in plain text is not part of the user turn
+        # (RULER's prompts have none there, so this changes nothing for them).
+        user = user.rstrip()
         chat = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
         )
@@ -167,6 +182,7 @@ def run_bench(
     load: Loader | None = None,
     lsa: LSAConfig | None = None,
     command: str | None = None,
+    data: Path | None = None,
 ) -> dict:
     """Run ``methods`` on every task × length × sample of ``taskset`` and summarise into ``out``.
 
@@ -184,11 +200,15 @@ def run_bench(
         load: ``(model_name, device) -> (model, tokenizer)``; default :func:`default_loader`.
         lsa: other LSA settings (its budget is replaced by ``budget``). Default: ``LSAConfig()``.
         command: command line recorded in ``config.json``. Default: ``sys.argv``.
+        data: published data of ``longbench-v2`` (``data.json``) or ``longmemeval`` (``longmemeval_s.json`` ...);
+            None generates the local tasks.
 
     Returns:
         The summary (also written to ``out/summary.json``).
     """
-    family, tasks = parse_taskset(taskset)
+    family, tasks = parse_taskset(taskset, data)
+    if data is not None:  # a missing or malformed file is refused before the model is loaded
+        (load_longbench if family == "longbench-v2" else load_longmemeval)(data)
     lengths = list(dict.fromkeys(int(n) for n in lengths))
     methods = list(dict.fromkeys(methods))
     validate_options(lengths, methods, samples, budget)
@@ -201,11 +221,14 @@ def run_bench(
         "model": model_name,
         "lengths": lengths,
         "methods": methods,
+        # What each method's device KV bytes consist of (a masking method is charged the whole cache).
+        "method_notes": {name: get_method(name).kv_note for name in methods},
         "samples": samples,
         "budget": budget,
         "seed": seed,
         "device": device,
         "lsa": dataclasses.asdict(cfg),
+        "data": None if data is None else str(Path(data).expanduser().resolve()),
         "commit": git_commit(),
         "machine": machine_description(),
     }
@@ -230,13 +253,13 @@ def run_bench(
                     for _ in keys:
                         advance(description=f"{task} @ {length} (cached)")
                     continue
-                for sample in generate_ruler(task, tokenizer, length=length, num_samples=samples, seed=seed):
+                for sample in _generate(family, task, tokenizer, length, samples, seed, data):
                     enc = encode_sample(tokenizer, sample.input, sample.answer_prefix)
                     for name in methods:
                         advance(description=f"{task} @ {length} #{sample.index} {name}")
                         if (task, length, sample.index, name) in done:
                             continue
-                        row = _run_one(runners[name], model, tokenizer, enc, sample, cfg)
+                        row = _run_one(runners[name], model, tokenizer, enc, sample, cfg, family)
                         sink.write(json.dumps(row) + "\n")
                         sink.flush()
     rows = [r for r in _read_rows(out / RESULTS) if _row_key(r)[0] in tasks]
@@ -246,7 +269,23 @@ def run_bench(
     return summary
 
 
-def _run_one(method, model, tokenizer, enc: dict, sample, cfg: LSAConfig) -> dict:
+def _generate(family: str, task: str, tokenizer, length: int, samples: int, seed: int, data: Path | None) -> list:
+    if family == "longbench-v2":
+        return generate_longbench(task, tokenizer, length=length, num_samples=samples, seed=seed, data=data)
+    if family == "longmemeval":
+        return generate_longmemeval(task, tokenizer, length=length, num_samples=samples, seed=seed, data=data)
+    return generate_ruler(task, tokenizer, length=length, num_samples=samples, seed=seed)
+
+
+def _score(family: str, sample, prediction: str) -> float:
+    if family == "longbench-v2":
+        return score_longbench(sample, prediction)
+    if family == "longmemeval":
+        return score_longmemeval(sample, prediction)
+    return score_ruler(sample.task, [prediction], [sample.outputs])
+
+
+def _run_one(method, model, tokenizer, enc: dict, sample, cfg: LSAConfig, family: str = "ruler") -> dict:
     ids, stats = method.run(
         model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens=sample.max_new_tokens, lsa=cfg
     )
@@ -257,7 +296,7 @@ def _run_one(method, model, tokenizer, enc: dict, sample, cfg: LSAConfig) -> dic
         "length": sample.length,
         "sample": sample.index,
         "method": method.name,
-        "score": score_ruler(sample.task, [pred], [sample.outputs]),
+        "score": _score(family, sample, pred),
         "prediction": pred,
         "outputs": list(sample.outputs),
         "prompt_tokens": int(enc["input_ids"].shape[1]),
@@ -269,6 +308,9 @@ def _run_one(method, model, tokenizer, enc: dict, sample, cfg: LSAConfig) -> dic
         "decode_seconds": stats.decode_seconds,
         "boundaries": stats.boundaries,
         "page_slots": stats.page_slots,
+        # What a task set adds per sample: the item's id and the labels its summary is grouped by.
+        "info": getattr(sample, "info", {}),
+        "buckets": getattr(sample, "buckets", {}),
     }
 
 
@@ -315,7 +357,25 @@ def summarize(rows: list[dict], config: dict) -> dict:
     order = {m: i for i, m in enumerate(config["methods"])}
     overall.sort(key=lambda c: (c["length"], order.get(c["method"], len(order))))
     per_task.sort(key=lambda c: (c["task"], c["length"], order.get(c["method"], len(order))))
-    return {"config": config, "overall": overall, "per_task": per_task}
+    per_bucket = _bucket_cells(rows)
+    per_bucket.sort(key=lambda c: (c["bucket"], c["length"], order.get(c["method"], len(order))))
+    return {"config": config, "overall": overall, "per_task": per_task, "per_bucket": per_bucket}
+
+
+def _bucket_cells(rows: list[dict]) -> list[dict]:
+    """Mean score per method x length x bucket label (``difficulty=hard``, ``question_type=multi-session``...).
+
+    Buckets cut across tasks, as LongBench-v2 reports easy/hard and short/medium/long over all its domains; each
+    sample counts once.
+    """
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        for key, value in (r.get("buckets") or {}).items():
+            groups[(r["method"], int(r["length"]), f"{key}={value}")].append(r["score"])
+    return [
+        {"method": m, "length": n, "bucket": b, "score": mean(scores), "samples": len(scores)}
+        for (m, n, b), scores in groups.items()
+    ]
 
 
 def summary_markdown(summary: dict) -> str:
@@ -335,6 +395,9 @@ def summary_markdown(summary: dict) -> str:
             f"| {c['method']} | {c['length']} | {c['score']:.2f} | {c['kv_ratio']:.1%} | "
             f"{c['decode_seconds']:.2f} | {c['tasks']} |"
         )
+    notes = cfg.get("method_notes") or {}
+    if notes:
+        lines += ["", "Device KV per method:", ""] + [f"- `{m}`: {note}" for m, note in notes.items() if note]
     cols = [(c["method"], c["length"]) for c in summary["overall"]]
     cells = {(c["task"], c["method"], c["length"]): c["score"] for c in summary["per_task"]}
     tasks = list(dict.fromkeys(c["task"] for c in summary["per_task"]))
@@ -342,6 +405,15 @@ def summary_markdown(summary: dict) -> str:
     for t in tasks:
         vals = [cells.get((t, m, n)) for m, n in cols]
         lines.append(f"| {t} | " + " | ".join("" if v is None else f"{v:.2f}" for v in vals) + " |")
+    buckets = {(c["bucket"], c["method"], c["length"]): c for c in summary.get("per_bucket", [])}
+    if buckets:
+        head = "| bucket (samples) | " + " | ".join(f"{m} @ {n}" for m, n in cols) + " |"
+        lines += ["", head, "|---" + "|---:" * len(cols) + "|"]
+        for b in dict.fromkeys(key[0] for key in buckets):
+            found = [buckets.get((b, m, n)) for m, n in cols]
+            count = max(c["samples"] for c in found if c)
+            vals = " | ".join("" if c is None else f"{c['score']:.2f}" for c in found)
+            lines.append(f"| {b} ({count}) | {vals} |")
     return "\n".join(lines) + "\n"
 
 

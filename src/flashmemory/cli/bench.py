@@ -25,7 +25,9 @@ def _int_list(text: str, option: str) -> list[int]:
 
 @friendly_errors
 def bench(
-    taskset: str = typer.Argument(..., help="ruler, or ruler:task1,task2 to pick tasks."),
+    taskset: str = typer.Argument(
+        ..., help="ruler, longbench-v2 or longmemeval; add :task1,task2 to pick tasks (e.g. longbench-v2:code_repo)."
+    ),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Short name, HF folder or GGUF file."),
     lengths: str = typer.Option("4096", help="Comma-separated total lengths in tokens (prompt + answer)."),
     methods: str = typer.Option("full,lsa,recent,random", help="Comma-separated methods to compare."),
@@ -34,6 +36,9 @@ def bench(
     out: Path = typer.Option(Path("bench-out"), "--out", "-o", help="Output folder (resumed if it exists)."),
     seed: int = typer.Option(0, help="Seed of the samples and of the random baseline."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    data: Path | None = typer.Option(
+        None, help="Published data instead of the local tasks: LongBench-v2's data.json or a LongMemEval file."
+    ),
 ) -> None:
     """Run every method on every task, length and sample; write results.jsonl, summaries and a plot."""
     from ..bench.runner import run_bench
@@ -49,6 +54,7 @@ def bench(
         seed=seed,
         device=device,
         command=shlex.join(["flashmemory", *sys.argv[1:]]),
+        data=data,
     )
     table = Table(title=f"{taskset} on {model}")
     for col in ("method", "length", "score", "device KV / full", "decode s"):

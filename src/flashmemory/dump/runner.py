@@ -17,6 +17,38 @@ from .capture import LabelConfig, capture_prompt
 from .shards import FORMAT, MANIFEST, DumpError, read_manifest, write_json_atomic, write_shard
 
 INIT_INDEXER = "init_indexer"
+# Backbones whose dumps need their own capture (labels, keys, tower), by config ``model_type``; the module is
+# imported only when such a model is dumped. It provides label_config, default_target_layers, init_indexer and
+# capture_prompt with the signatures of the generic ones below.
+CAPTURE_BACKENDS = {"deepseek_v4": "flashmemory.deepseek_v4.capture"}
+
+
+class GenericCapture:
+    """Capture for decoder models with full-attention layers: labels from attention mass per chunk."""
+
+    @staticmethod
+    def label_config(model: nn.Module, labels: LabelConfig) -> LabelConfig:
+        return labels
+
+    @staticmethod
+    def default_target_layers(model: nn.Module) -> tuple[int, ...]:
+        return backbone_spec(model).default_target_layers()
+
+    @staticmethod
+    def init_indexer(model: nn.Module, targets: tuple[int, ...], **kwargs) -> MemoryIndexer:
+        return MemoryIndexer.from_model(model, targets, **kwargs)
+
+    @staticmethod
+    def capture_prompt(*args, **kwargs) -> dict[str, torch.Tensor]:
+        return capture_prompt(*args, **kwargs)
+
+
+def capture_backend(model: nn.Module):
+    """The capture backend of ``model``: :data:`CAPTURE_BACKENDS` by model type, else :class:`GenericCapture`."""
+    from importlib import import_module
+
+    name = CAPTURE_BACKENDS.get(getattr(model.config, "model_type", ""))
+    return GenericCapture if name is None else import_module(name)
 
 
 def encode_chat(tokenizer, text: str) -> torch.Tensor:
@@ -51,10 +83,10 @@ def run_dump(
     Returns:
         The manifest.
     """
-    labels = labels or LabelConfig()
+    backend = capture_backend(model)
+    labels = backend.label_config(model, labels or LabelConfig())
     out = Path(out)
-    spec = backbone_spec(model)
-    targets = tuple(target_layers or spec.default_target_layers())
+    targets = tuple(target_layers or backend.default_target_layers(model))
     settings = {
         "backbone": backbone,
         "fingerprint": fingerprint,
@@ -66,7 +98,7 @@ def run_dump(
     manifest = _open_manifest(out, settings)
     done = {m["index"] for m in manifest["prompts"]}
     if not (out / INIT_INDEXER).is_dir():
-        init = MemoryIndexer.from_model(
+        init = backend.init_indexer(
             model, targets, chunk_size=labels.chunk_size, backbone=backbone, fingerprint=fingerprint
         )
         save_indexer(init, out / INIT_INDEXER)
@@ -84,7 +116,7 @@ def run_dump(
             for i in group:
                 p = prompts[i]
                 ids = encode_chat(tokenizer, p.text).to(device)
-                rec = capture_prompt(
+                rec = backend.capture_prompt(
                     model,
                     ids,
                     targets=targets,

@@ -13,6 +13,9 @@ from .memory_indexer import IndexerSpec, MemoryIndexer
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = "flashmemory-indexer/1"
+# Indexers with their own query tower, by checkpoint format: the module (imported only to read such a
+# checkpoint) provides SPEC_CLASS and INDEXER_CLASS, subclasses of IndexerSpec and MemoryIndexer.
+TOWER_FORMATS = {"flashmemory-indexer-deepseek-v4/1": "flashmemory.deepseek_v4.memory_indexer"}
 
 
 class CheckpointError(ValueError):
@@ -25,7 +28,7 @@ def save_indexer(indexer: MemoryIndexer, path: str | Path, *, extra: dict | None
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in indexer.state_dict().items()}
     save_file(tensors, path / WEIGHTS)
-    meta = {"format": FORMAT, "spec": indexer.spec.to_dict(), **(extra or {})}
+    meta = {"format": getattr(indexer, "checkpoint_format", FORMAT), "spec": indexer.spec.to_dict(), **(extra or {})}
     (path / CONFIG).write_text(json.dumps(meta, indent=2))
     return path
 
@@ -51,11 +54,10 @@ def load_indexer(
         raise CheckpointError(f"{path} is not an indexer checkpoint (needs {CONFIG} and {WEIGHTS})")
     try:
         meta = json.loads((path / CONFIG).read_text())
-        spec = IndexerSpec(**meta["spec"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        spec_class, indexer_class = _classes(meta.get("format"), path)
+        spec = spec_class(**meta["spec"])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path / CONFIG} is corrupt: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     if fingerprint is not None and spec.fingerprint and spec.fingerprint != fingerprint:
         message = (
             f"indexer checkpoint {path} was trained for backbone {spec.backbone!r} (fingerprint "
@@ -70,9 +72,20 @@ def load_indexer(
         state = load_file(path / WEIGHTS)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path / WEIGHTS} is corrupt: {exc}") from None
-    indexer = MemoryIndexer(spec)
+    indexer = indexer_class(spec)
     missing, unexpected = indexer.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "distance_bias"]  # absent from zero-shot checkpoints: stays zero
     if missing or unexpected:
         raise CheckpointError(f"{path / WEIGHTS} does not match its config: missing {missing}, unexpected {unexpected}")
     return indexer.to(device)
+
+
+def _classes(fmt: str | None, path: Path) -> tuple[type, type]:
+    if fmt == FORMAT:
+        return IndexerSpec, MemoryIndexer
+    if fmt in TOWER_FORMATS:
+        from importlib import import_module
+
+        module = import_module(TOWER_FORMATS[fmt])
+        return module.SPEC_CLASS, module.INDEXER_CLASS
+    raise CheckpointError(f"{path} has format {fmt!r}, expected {FORMAT!r} or one of {sorted(TOWER_FORMATS)}")

@@ -640,7 +640,7 @@ def load_model(
     with _hf_progress_bars(progress):
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                str(folder), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+                str(folder), dtype=dtype, local_files_only=True, attn_implementation=_attention_for(folder)
             )
         except Exception as exc:  # OSError (no weights), ValueError/KeyError (unknown model type), ...
             raise ModelLoadError(
@@ -658,6 +658,19 @@ def load_model(
         raise ModelLoadError(f"Cannot move the model to device '{target_device}': {exc}") from exc
     model.eval()
     return model, tokenizer
+
+
+# Architectures transformers runs with eager attention only (DeepSeek-V4: per-head sinks, compressed entries
+# appended inside the attention block), by config model_type.
+EAGER_ONLY = ("deepseek_v4",)
+
+
+def _attention_for(folder: Path) -> str:
+    try:
+        model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        model_type = None
+    return "eager" if model_type in EAGER_ONLY else "sdpa"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from ..attention.cache import LSACache
+from ..attention.fast_path import build_lsa_cache
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
@@ -99,7 +100,7 @@ def generate_ids(
     if cache_factory is not None:
         cache = cache_factory(model)
     elif method == "lsa":
-        cache = LSACache(model, lsa or LSAConfig(), indexer, max_new_tokens=max_new_tokens)
+        cache = build_lsa_cache(model, lsa or LSAConfig(), indexer, max_new_tokens=max_new_tokens)
     else:
         cache = DynamicCache(config=model.config)
     stops = torch.tensor(_as_list(eos_token_id), device=device, dtype=torch.long)
@@ -155,6 +156,7 @@ def generate_ids(
 
 def _fill_cache_stats(stats: GenerationStats, cache, final_len: int) -> None:
     if isinstance(cache, LSACache):
+        cache.sync_stats()
         cs = cache.stats
         stats.kv_bytes_device = cs.peak_device_bytes or cache.device_kv_bytes()
         stats.kv_bytes_full = cache.full_kv_bytes(final_len)

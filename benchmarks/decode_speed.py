@@ -1,0 +1,622 @@
+"""Long-context decode speed: full attention vs LSA, side by side, on random-weight models with real shapes.
+
+For each model shape (Llama-3-8B, Qwen2.5-7B), context (32K, 128K, 512K) and batch (1, and the largest batch that
+fits the memory cap for each method) it times decode steps of the whole model (every layer) on a KV state filled
+with random values (no prefill: its cost is not what is measured):
+
+- ``full_sdpa``: transformers' own path, ``DynamicCache`` + its sdpa attention (eager; that cache appends by
+  concatenation and cannot be graph-captured);
+- ``full_kernel``: our paged sparse decode kernel with every page resident (CUDA graph), which isolates what LSA
+  changes from what the kernel and the graph change;
+- ``lsa``: the LSA reserve at the budget (pages planned by the library's ``plan_layout``), same kernel, eager
+  and CUDA graph.
+
+The decode steps run through a small benchmark cache that holds the reserve exactly as the LSA store lays it out
+and reaches the same registered attention function; the per-cycle work (Memory Indexer scoring over every chunk
+key, page selection, device-side move planning and the page copies from a pinned host mirror) is timed separately
+with the library's own functions and amortised over the cycle. The host mirror is one sequence's mirror shared by
+all sequences (host RAM cannot hold hundreds of GB of mirrors here); copies read it exactly as they would a
+per-sequence mirror.
+
+Writes ``decode_speed.json`` and ``decode_speed.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+
+from flashmemory.attention.fast_path import SparseDecodeMask, attention_key
+from flashmemory.attention.sparse_decode import sparse_decode
+from flashmemory.attention.sparse_decode_ref import ResidentSet
+from flashmemory.config import LSAConfig
+from flashmemory.indexer.memory_indexer import MemoryIndexer
+from flashmemory.indexer.scoring import select_pages
+from flashmemory.memory.async_store import plan_moves
+from flashmemory.memory.layout import SequenceBytes, plan_layout
+from flashmemory.memory.resident import page_aligned_tail_start
+
+GiB = 2**30
+SHAPES = {
+    "llama3-8b": lambda layers: LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=layers or 32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+        max_position_embeddings=1 << 20,
+        rope_theta=5e5,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-7b": lambda layers: Qwen2Config(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=layers or 28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=1 << 20,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+    ),
+    "tiny": lambda layers: LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers or 2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        max_position_embeddings=1 << 16,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+@dataclass
+class Row:
+    model: str
+    method: str
+    context: int
+    batch: int
+    graph: bool
+    step_ms: float = float("nan")
+    tokens_per_s: float = float("nan")
+    attention_ms: float = float("nan")
+    indexer_ms_per_step: float = 0.0
+    recall_ms_per_step: float = 0.0
+    peak_device_gib: float = float("nan")
+    device_kv_gib: float = float("nan")
+    kv_read_gib_per_step: float = float("nan")
+    floor_ms: float = float("nan")
+    over_floor: float = float("nan")
+    note: str = ""
+
+
+@dataclass
+class Report:
+    device: str
+    torch: str
+    args: dict
+    copy_tb_s: float = 0.0
+    h2d_gb_s: float = 0.0
+    rows: list[dict] = field(default_factory=list)
+    recall: list[dict] = field(default_factory=list)
+    capacity: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class ReserveLayer(CacheLayerMixin):
+    """One layer's reserve ``[B, Hkv, S, D]``; the step's token goes to the slot the device counter names."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, state: ResidentSet, slot: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.state, self.slot = keys, values, state, slot
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys.index_copy_(2, self.slot, key_states)
+        self.values.index_copy_(2, self.slot, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        return self.keys.shape[2], 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class ReserveCache(Cache):
+    def __init__(self, layers: list[ReserveLayer]) -> None:
+        super().__init__(layers=layers)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, reps: int) -> float:
+    """Median milliseconds of ``fn`` (CUDA events on the GPU)."""
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measure_ceilings(device) -> tuple[float, float]:
+    """Device copy bandwidth (bytes read + written, TB/s) and pinned host-to-device bandwidth (GB/s)."""
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    n = 2 * GiB
+    a = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    b = torch.empty_like(a)
+    ms = timed(lambda: b.copy_(a), device, 10)
+    host = torch.empty(GiB, dtype=torch.uint8, pin_memory=True).random_()
+    dev = torch.empty(GiB, dtype=torch.uint8, device=device)
+    ms_h2d = timed(lambda: dev.copy_(host, non_blocking=True), device, 5)
+    return 2 * n / ms / 1e9, GiB / ms_h2d / 1e6
+
+
+def weight_bytes_read(model) -> int:
+    """Bytes of the parameters a decode step reads (the input embedding is only gathered, not read whole)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    return total - emb.numel() * emb.element_size()
+
+
+def kv_geometry(cfg) -> tuple[int, int, int]:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
+
+
+def lsa_plan(cfg, lsa: LSAConfig, context: int, max_new: int):
+    layers, hkv, d = kv_geometry(cfg)
+    per_head_token = hkv * d * 2
+    num_targets = 3
+    seq = SequenceBytes(per_token=2 * per_head_token * layers, per_chunk_key=per_head_token * num_targets)
+    layout = plan_layout(lsa, seq, context_len=context, max_len=context + max_new, other_layers_full=0)
+    chunk_key_bytes = math.ceil((context + max_new) / lsa.chunk_size) * seq.per_chunk_key
+    return layout, seq, chunk_key_bytes
+
+
+def random_(t: torch.Tensor) -> torch.Tensor:
+    return t.normal_(0, 1)
+
+
+class Bench:
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.lsa = LSAConfig(budget=args.budget)
+        self.report = Report(
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            torch=torch.__version__,
+            args=vars(args),
+        )
+        self.copy_tb_s, self.h2d_gb_s = measure_ceilings(device)
+        self.report.copy_tb_s, self.report.h2d_gb_s = self.copy_tb_s, self.h2d_gb_s
+        self.use_graph = device.type == "cuda"
+        self.backend = "triton" if device.type == "cuda" else "torch"
+
+    # ----- shared pieces
+    def floor_ms(self, weight_bytes: int, kv_bytes: float) -> float:
+        return (weight_bytes + kv_bytes) / (self.copy_tb_s * 1e12) * 1e3 if self.copy_tb_s == self.copy_tb_s else 0.0
+
+    def decode_steps(self, model, cache, batch, context, hooks_state=None, graph=False, steps=None):
+        """Median step time in ms of ``model`` decoding one token per sequence with ``cache``."""
+        steps = steps or self.args.steps
+        ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=self.device)
+        pos = torch.full((batch, 1), context, device=self.device)
+
+        def step():
+            return model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+        with torch.no_grad():
+            step()  # warm-up (compiles kernels)
+            sync(self.device)
+            if not graph:
+                return timed(step, self.device, steps)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+            return timed(g.replay, self.device, steps)
+
+    def reserve_state(self, cfg, batch, context, lsa_pages: int | None):
+        """Random reserves of every layer plus their resident set (all pages for ``lsa_pages=None``)."""
+        layers, hkv, d = kv_geometry(cfg)
+        page, sink = self.lsa.page_size, self.lsa.sink
+        if lsa_pages is None:
+            tail_start, num_pages, tail_cap = context, context // page, self.args.steps * 4 + 8
+            table = torch.arange(num_pages, device=self.device).expand(batch, -1).contiguous()
+        else:
+            tail_start = page_aligned_tail_start(context, self.lsa.recent, page)
+            num_pages, tail_cap = lsa_pages, self.lsa.tail_capacity
+            selectable = tail_start // page
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            table = torch.stack(
+                [
+                    torch.randperm(selectable, device=self.device, generator=gen)[:num_pages].sort().values
+                    for _ in range(batch)
+                ]
+            )
+        slots = sink + num_pages * page + tail_cap
+        i32 = lambda v: torch.full((batch,), v, dtype=torch.int32, device=self.device)  # noqa: E731
+        rs = ResidentSet(table, i32(sink), i32(sink), i32(tail_start), i32(context), sink, page)
+        slot = torch.tensor([sink + num_pages * page + context - 1 - tail_start], device=self.device)
+        dtype = self.args.dtype
+        res = []
+        for _ in range(layers):
+            k = random_(torch.empty(batch, hkv, slots, d, dtype=dtype, device=self.device))
+            v = random_(torch.empty(batch, hkv, slots, d, dtype=dtype, device=self.device))
+            res.append(ReserveLayer(k, v, rs, slot))
+        resident = (
+            sink + (min(context, tail_start) - sink if lsa_pages is None else num_pages * page) + (context - tail_start)
+        )
+        return ReserveCache(res), rs, slot, resident
+
+    def install_hooks(self, model, rs, slot):
+        """Forward pre-hooks: advance the device counters per step; hand attention the resident set."""
+        mask = SparseDecodeMask(rs, self.backend)
+
+        def on_model(module, args, kwargs):
+            rs.seq_len.add_(1)
+            slot.add_(1)
+
+        def on_attn(module, args, kwargs):
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        handles = [model.register_forward_pre_hook(on_model, with_kwargs=True)]
+        for layer in model.model.layers:
+            handles.append(layer.self_attn.register_forward_pre_hook(on_attn, with_kwargs=True))
+        return handles
+
+    # ----- methods
+    def run_full_sdpa(self, name, model, batch, context) -> Row:
+        cfg = model.config
+        layers, hkv, d = kv_geometry(cfg)
+        row = Row(name, "full_sdpa", context, batch, graph=False)
+        torch.cuda.reset_peak_memory_stats(self.device) if self.device.type == "cuda" else None
+        cache = DynamicCache(config=cfg)
+        for i in range(layers):
+            k = random_(torch.empty(batch, hkv, context, d, dtype=self.args.dtype, device=self.device))
+            v = random_(torch.empty(batch, hkv, context, d, dtype=self.args.dtype, device=self.device))
+            cache.update(k, v, i)
+            del k, v
+        kv_bytes = 2 * layers * batch * context * hkv * d * self.args.dtype.itemsize
+        row.step_ms = self.decode_steps(model, cache, batch, context)
+        q = random_(torch.empty(batch, cfg.num_attention_heads, 1, d, dtype=self.args.dtype, device=self.device))
+        k0, v0 = cache.layers[0].keys, cache.layers[0].values
+        attn = timed(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k0, v0, enable_gqa=True), self.device, 10
+        )
+        row.attention_ms = attn * layers
+        row.note = "attention_ms: sdpa only; each step also concatenates the whole cache (DynamicCache)"
+        self.finish(row, model, kv_bytes, kv_bytes)
+        return row
+
+    def run_kernel(self, name, model, batch, context, lsa_pages: int | None, graph: bool, chunk_key_bytes=0) -> Row:
+        cfg = model.config
+        layers, hkv, d = kv_geometry(cfg)
+        row = Row(name, "full_kernel" if lsa_pages is None else "lsa", context, batch, graph=graph)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        cache, rs, slot, resident = self.reserve_state(cfg, batch, context, lsa_pages)
+        handles = self.install_hooks(model, rs, slot)
+        try:
+            row.step_ms = self.decode_steps(model, cache, batch, context, graph=graph)
+        finally:
+            for h in handles:
+                h.remove()
+        k0, v0 = cache.layers[0].keys, cache.layers[0].values
+        q = random_(torch.empty(batch, cfg.num_attention_heads, d, dtype=self.args.dtype, device=self.device))
+        row.attention_ms = layers * timed(lambda: sparse_decode(q, k0, v0, rs, backend=self.backend), self.device, 10)
+        token_bytes = 2 * layers * hkv * d * self.args.dtype.itemsize
+        device_kv = storage_kv(cache) + batch * chunk_key_bytes
+        self.finish(row, model, device_kv, batch * (resident + 1) * token_bytes)
+        return row
+
+    def finish(self, row: Row, model, device_kv: int, kv_read: float) -> None:
+        row.tokens_per_s = row.batch / row.step_ms * 1e3
+        row.device_kv_gib = device_kv / GiB
+        row.kv_read_gib_per_step = kv_read / GiB
+        if self.device.type == "cuda":
+            row.peak_device_gib = torch.cuda.max_memory_allocated(self.device) / GiB
+        row.floor_ms = self.floor_ms(weight_bytes_read(model), kv_read)
+        row.over_floor = row.step_ms / row.floor_ms if row.floor_ms else float("nan")
+
+    # ----- per-cycle work
+    def cycle_costs(self, name, model, batch, context, num_pages) -> dict:
+        """Indexer scoring + selection, move planning and page copies of one boundary, in ms."""
+        cfg = model.config
+        layers, hkv, d = kv_geometry(cfg)
+        lsa, dev, dtype = self.lsa, self.device, self.args.dtype
+        n = context // lsa.chunk_size
+        targets = tuple(range(layers // 2, min(layers, layers // 2 + 3)))
+        indexer = MemoryIndexer.from_model(model, targets, chunk_size=lsa.chunk_size).to(dev)
+        window = lsa.query_window
+        hidden = {t: torch.randn(batch, window, cfg.hidden_size, device=dev, dtype=dtype) for t in targets}
+        pos = torch.arange(context - window, context, device=dev).expand(batch, -1)
+        keys = [random_(torch.empty(batch, hkv, n, d, dtype=dtype, device=dev)) for _ in targets]
+        selectable = page_aligned_tail_start(context, lsa.recent, lsa.page_size) // lsa.page_size
+        old = torch.stack([torch.randperm(selectable, device=dev)[:num_pages].sort().values for _ in range(batch)])
+
+        def score_and_select():
+            s = indexer.score(hidden, pos, keys, lsa.layer_reduce)
+            return select_pages(
+                s, num_selectable=selectable, page_chunks=lsa.page_chunks, num_slots=num_pages, threshold=lsa.threshold
+            )
+
+        with torch.no_grad():
+            score_and_select()
+            indexer_ms = timed(score_and_select, dev, 5)
+        out = {"model": name, "context": context, "batch": batch, "indexer_ms": indexer_ms}
+        # recall: a share of the page slots changes; the copies read a pinned one-sequence mirror (see docstring)
+        mirror_k = torch.empty(1, hkv, context, d, dtype=dtype, pin_memory=dev.type == "cuda")
+        mirror_k.view(torch.int16).fill_(0x3C00)  # cheap non-zero fill (randn over GiBs on the host is slow)
+        slots = lsa.sink + num_pages * lsa.page_size + lsa.tail_capacity
+        reserve = torch.empty(batch, hkv, slots, d, dtype=dtype, device=dev)
+        token_bytes = hkv * d * dtype.itemsize
+        for churn in self.args.churn:
+            changed = max(1, int(churn * num_pages))
+            new = old.clone()
+            fresh = torch.stack([torch.randperm(selectable, device=dev)[: num_pages + changed] for _ in range(batch)])
+            # replace `changed` slots with pages not resident before
+            for b in range(batch):
+                cand = fresh[b][~torch.isin(fresh[b], old[b])][:changed]
+                new[b, : cand.numel()] = cand
+            table, moves = plan_moves(old, new)
+            n_moves = int((moves >= 0).sum())
+
+            def recall(new=new, moves=moves):
+                plan_moves(old, new)
+                copy_all(mirror_k.expand(batch, -1, -1, -1), reserve, moves, lsa, 2 * layers, self.device)
+
+            recall()
+            ms = timed(recall, dev, 3)
+            moved = n_moves * lsa.page_size * token_bytes * 2 * layers
+            out[f"recall_ms_churn_{churn}"] = ms
+            out[f"recall_gb_s_churn_{churn}"] = moved / ms / 1e6
+            out[f"pages_moved_churn_{churn}"] = n_moves
+        return out
+
+    # ----- capacity
+    def max_batch(self, weight_bytes: int, per_seq: float, overhead: float) -> int:
+        return max(0, int((self.args.mem_cap_gib * GiB - weight_bytes - overhead) // per_seq))
+
+
+def storage_kv(cache: ReserveCache) -> int:
+    return sum(
+        layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes() for layer in cache.layers
+    )
+
+
+def copy_all(mirror, reserve, moves, lsa: LSAConfig, copies: int, device) -> None:
+    """``copies`` page copies of one boundary (K and V of every layer) from the pinned mirror."""
+    if device.type == "cuda":
+        from flashmemory.memory.page_copy_triton import copy_pages
+
+        for _ in range(copies):
+            copy_pages(mirror, reserve, moves, lsa.page_size, lsa.sink)
+        return
+    rows, slots = (moves >= 0).nonzero(as_tuple=True)
+    for _ in range(copies):
+        for r, s in zip(rows.tolist(), slots.tolist(), strict=True):
+            p = int(moves[r, s])
+            dst = lsa.sink + s * lsa.page_size
+            reserve[r, :, dst : dst + lsa.page_size] = mirror[r, :, p * lsa.page_size : (p + 1) * lsa.page_size]
+
+
+def run_model(bench: Bench, name: str) -> None:
+    args, dev, rep = bench.args, bench.device, bench.report
+    cfg = SHAPES[name](args.layers)
+    cfg._attn_implementation = "sdpa"
+    t0 = time.perf_counter()
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=args.dtype, attn_implementation="sdpa").eval()
+    with torch.no_grad():  # real random values: never time on whatever fresh memory holds
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    print(f"[{name}] built in {time.perf_counter() - t0:.1f}s", flush=True)
+    wbytes = weight_bytes_read(model)
+    layers, hkv, d = kv_geometry(cfg)
+    token_bytes = 2 * layers * hkv * d * args.dtype.itemsize
+    overhead = 1.5 * GiB if dev.type == "cuda" else 0
+    for context in args.contexts:
+        layout, seq, ck_bytes = lsa_plan(cfg, bench.lsa, context, 4 * args.steps)
+        full_seq = token_bytes * (context + 4 * args.steps) * (1 + 1 / layers)  # cat: one extra layer transiently
+        lsa_seq = layout.num_slots * token_bytes + ck_bytes
+        b_full = bench.max_batch(wbytes, full_seq, overhead)
+        b_lsa = bench.max_batch(wbytes, lsa_seq, overhead)
+        rep.capacity.append(
+            {
+                "model": name,
+                "context": context,
+                "cap_gib": args.mem_cap_gib,
+                "full_max_batch": b_full,
+                "lsa_max_batch": b_lsa,
+                "full_gib_per_seq": full_seq / GiB,
+                "lsa_gib_per_seq": lsa_seq / GiB,
+                "page_slots": layout.num_page_slots,
+            }
+        )
+        print(f"[{name} {context}] cap {args.mem_cap_gib} GiB: full fits {b_full}, lsa fits {b_lsa}", flush=True)
+        batches_full = sorted({b for b in (1, b_full) if b >= 1})
+        batches_lsa = sorted({b for b in (1, min(b_full, b_lsa) if b_full else 1, b_lsa) if b >= 1})
+        model.set_attn_implementation(attention_key("sdpa"))
+        jobs = []
+        for b in batches_full:
+            jobs.append(("full_sdpa", b, None))
+        for b in batches_full:
+            jobs.append(("full_kernel", b, None))
+        for b in batches_lsa:
+            jobs.append(("lsa", b, False))
+            if bench.use_graph:
+                jobs.append(("lsa", b, True))
+        for method, b, graph in jobs:
+            try:
+                if method == "full_sdpa":
+                    model.set_attn_implementation("sdpa")
+                    row = bench.run_full_sdpa(name, model, b, context)
+                    model.set_attn_implementation(attention_key("sdpa"))
+                elif method == "full_kernel":
+                    row = bench.run_kernel(name, model, b, context, None, graph=bench.use_graph)
+                else:
+                    row = bench.run_kernel(
+                        name, model, b, context, layout.num_page_slots, graph=graph, chunk_key_bytes=ck_bytes
+                    )
+                rep.rows.append(asdict(row))
+                print(
+                    f"  {method:11s} b={b:3d} graph={row.graph!s:5s} {row.step_ms:8.2f} ms/step "
+                    f"{row.tokens_per_s:9.1f} tok/s  floor x{row.over_floor:.2f}  kv {row.device_kv_gib:.1f} GiB",
+                    flush=True,
+                )
+            except torch.OutOfMemoryError as e:
+                rep.errors.append(f"{name} {context} {method} b={b}: out of memory ({str(e).splitlines()[0]})")
+                print("  OOM", method, b, flush=True)
+            finally:
+                gc.collect()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+        model.set_attn_implementation("sdpa")
+        for b in batches_lsa:
+            try:
+                costs = bench.cycle_costs(name, model, b, context, layout.num_page_slots)
+                rep.recall.append(costs)
+                print(
+                    f"  cycle b={b}: {json.dumps({k: round(v, 3) for k, v in costs.items() if isinstance(v, float)})}",
+                    flush=True,
+                )
+            except torch.OutOfMemoryError as e:
+                rep.errors.append(f"{name} {context} cycle b={b}: out of memory ({str(e).splitlines()[0]})")
+            finally:
+                gc.collect()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    del model
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def amortise(report: Report, interval: int, churn: float) -> None:
+    """Add the per-step share of indexer and recall time (one boundary per ``interval`` steps) to LSA rows."""
+    cost = {(c["model"], c["context"], c["batch"]): c for c in report.recall}
+    for row in report.rows:
+        c = cost.get((row["model"], row["context"], row["batch"]))
+        if row["method"] != "lsa" or c is None:
+            continue
+        row["indexer_ms_per_step"] = c["indexer_ms"] / interval
+        row["recall_ms_per_step"] = c[f"recall_ms_churn_{churn}"] / interval
+        total = row["step_ms"] + row["indexer_ms_per_step"] + row["recall_ms_per_step"]
+        row["tokens_per_s_with_cycle"] = row["batch"] / total * 1e3
+        row["cycle_share"] = (row["indexer_ms_per_step"] + row["recall_ms_per_step"]) / total
+
+
+def markdown(report: Report, churn: float) -> str:
+    lines = [
+        f"# Decode speed, full attention vs LSA ({report.device}, torch {report.torch})",
+        "",
+        f"Device copy ceiling {report.copy_tb_s:.2f} TB/s (read+write); pinned H2D {report.h2d_gb_s:.1f} GB/s. "
+        f"Memory cap {report.args['mem_cap_gib']} GiB. LSA budget {report.args['budget']}. "
+        f"Cycle costs amortised over {report.args['interval']} steps with {churn:.0%} of page slots changing.",
+        "",
+        "| model | ctx | method | batch | graph | ms/step | tok/s | tok/s incl. cycle | attn ms | idx ms/step "
+        "| recall ms/step | floor ms | ×floor | device KV GiB | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report.rows:
+        lines.append(
+            f"| {r['model']} | {r['context'] // 1024}K | {r['method']} | {r['batch']} | {'y' if r['graph'] else 'n'} "
+            f"| {r['step_ms']:.2f} | {r['tokens_per_s']:.1f} "
+            f"| {r.get('tokens_per_s_with_cycle', r['tokens_per_s']):.1f} "
+            f"| {r['attention_ms']:.2f} | {r['indexer_ms_per_step']:.3f} | {r['recall_ms_per_step']:.3f} "
+            f"| {r['floor_ms']:.2f} | {r['over_floor']:.2f} | {r['device_kv_gib']:.2f} | {r['peak_device_gib']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Capacity at the memory cap",
+        "",
+        "| model | ctx | full GiB/seq | LSA GiB/seq | full fits | LSA fits |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in report.capacity:
+        lines.append(
+            f"| {c['model']} | {c['context'] // 1024}K | {c['full_gib_per_seq']:.2f} | "
+            f"{c['lsa_gib_per_seq']:.2f} | {c['full_max_batch']} | {c['lsa_max_batch']} |"
+        )
+    lines += ["", "## Per-cycle work (one boundary)", "", "```"]
+    lines += [json.dumps(c) for c in report.recall]
+    lines += ["```"]
+    if report.errors:
+        lines += ["", "## Errors", ""] + [f"- {e}" for e in report.errors]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--models", default="llama3-8b,qwen2.5-7b")
+    p.add_argument("--contexts", default="32768,131072,524288")
+    p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the real depth)")
+    p.add_argument("--budget", type=float, default=0.15)
+    p.add_argument("--mem-cap-gib", type=float, default=120.0)
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps per measurement")
+    p.add_argument("--churn", default="0.25,1.0", help="shares of page slots that change per boundary")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args()
+    args.contexts = [int(x) for x in args.contexts.split(",")]
+    args.churn = [float(x) for x in args.churn.split(",")]
+    args.dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    bench = Bench(args, device)
+    args.interval = bench.lsa.interval
+    print(f"copy {bench.copy_tb_s:.2f} TB/s, H2D {bench.h2d_gb_s:.1f} GB/s", flush=True)
+    bench.report.args = {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items()}
+    args.out.mkdir(parents=True, exist_ok=True)
+    churn = args.churn[0]
+    for name in args.models.split(","):
+        run_model(bench, name)
+        amortise(bench.report, bench.lsa.interval, churn)  # written after every model: a cut-off run keeps results
+        (args.out / "decode_speed.json").write_text(json.dumps(asdict(bench.report), indent=1, default=str))
+        (args.out / "decode_speed.md").write_text(markdown(bench.report, churn))
+    print(markdown(bench.report, churn))
+
+
+if __name__ == "__main__":
+    main()

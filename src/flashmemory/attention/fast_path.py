@@ -1,0 +1,232 @@
+"""The GPU fast path of LSA: paged sparse decode attention, host-sync-free boundaries, graph-capturable steps.
+
+:class:`FastLSACache` is an :class:`LSACache` whose decode steps
+
+- attend with :func:`~flashmemory.attention.sparse_decode.sparse_decode` straight over the reserve, through
+  the page table, instead of transformers' attention with a mask over every slot;
+- keep their per-step state on the device (:class:`~flashmemory.memory.async_store.AsyncKVStore`), so no
+  step waits for the host and a CUDA graph of one indexer-free step can be replayed (see
+  :mod:`flashmemory.runtime.graph_step`);
+- recall pages on a side stream at boundaries, with chunk keys taken from the reserve's tail and no host sync.
+
+It reaches the kernel through an attention implementation registered under a new name (existing names are never
+replaced): the model's implementation is switched to it while the cache is open and restored by :meth:`close`.
+For every call that is not an LSA decode step it runs the model's original attention (sdpa or eager) and mask.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from ..config import LSAConfig
+from ..indexer.memory_indexer import MemoryIndexer
+from ..memory.async_store import AsyncKVStore
+from .cache import LSACache, LSALayer
+from .sparse_decode import resolve_backend, sparse_decode, triton_available
+from .sparse_decode_ref import ResidentSet
+
+_BASES = {"sdpa": (sdpa_attention_forward, sdpa_mask), "eager": (eager_attention_forward, eager_mask)}
+
+
+@dataclass(slots=True)
+class SparseDecodeMask:
+    """Stands in for the attention mask of an LSA layer during a fast-path decode step.
+
+    Args:
+        resident: what the reserve holds (device tensors updated in place).
+        backend: ``"triton"`` or ``"torch"``.
+    """
+
+    resident: ResidentSet
+    backend: str
+
+
+def _make_attention(base: str):
+    fallback = _BASES[base][0]
+
+    def lsa_sparse_attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask,
+        dropout: float = 0.0,
+        scaling: float | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """transformers attention signature; query ``[B, Hq, q, D]``, key/value ``[B, Hkv, S, D]``."""
+        if not isinstance(attention_mask, SparseDecodeMask):
+            return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        out = sparse_decode(
+            query[:, :, 0], key, value, attention_mask.resident, scaling, backend=attention_mask.backend
+        )
+        return out.unsqueeze(1), None  # [B, 1, Hq, D], the layout transformers' attention functions return
+
+    return lsa_sparse_attention
+
+
+def attention_key(base: str) -> str:
+    """Register (once) and return the name of the fast-path attention over the base implementation ``base``."""
+    name = f"lsa_sparse_{base}"  # a name without "flash": transformers reads those as flash-attention kernels
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_attention(base))
+        AttentionMaskInterface.register(name, _BASES[base][1])
+    return name
+
+
+def resolve_attention_backend(lsa: LSAConfig, device: torch.device) -> str:
+    """``"auto"`` becomes ``"triton"`` on CUDA with Triton importable, else ``"mask"``."""
+    if lsa.attention_backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "mask"
+    if lsa.attention_backend == "triton":
+        resolve_backend("triton", device)  # clear error when Triton is missing
+    return lsa.attention_backend
+
+
+class FastLSACache(LSACache):
+    """:class:`LSACache` on the fast path (see the module docstring). Same arguments, plus ``backend``.
+
+    Args:
+        backend: sparse decode backend, ``"triton"`` or ``"torch"``. Default: "triton".
+    """
+
+    store_class = AsyncKVStore
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lsa: LSAConfig | None = None,
+        indexer: MemoryIndexer | None = None,
+        *,
+        backend: str = "triton",
+        **kwargs,
+    ) -> None:
+        super().__init__(model, lsa, indexer, **kwargs)
+        if backend not in ("triton", "torch"):
+            raise ValueError(f"FastLSACache backend must be 'triton' or 'torch', got {backend!r}")
+        self.backend = backend
+        self._model = model
+        self._base_impl = self.attn_impl
+        self._kept_pending: list[torch.Tensor] = []
+        self._mask: SparseDecodeMask | None = None
+        model.set_attn_implementation(attention_key(self._base_impl))
+
+    def close(self) -> None:
+        if not self.closed:
+            self._model.set_attn_implementation(self._base_impl)
+        super().close()
+
+    def decode_mask(self, dtype: torch.dtype) -> SparseDecodeMask:
+        if self._mask is None:
+            s = self.store
+            rs = ResidentSet(
+                s.page_table, s.sink_len, s.lo, s.tail_start_dev, s.seq_len_dev, s.layout.sink, s.layout.page_size
+            )
+            self._mask = SparseDecodeMask(rs, self.backend)
+        return self._mask
+
+    def _boundary(self, first: bool) -> None:
+        store = self.store
+        t0 = time.perf_counter()
+        if not first:
+            self._extend_chunk_keys_from_tail()
+            store.end_cycle()
+        self.steps_in_cycle = 0
+        pages = self._choose_pages()
+        t1 = time.perf_counter()
+        store.recall(pages)
+        t2 = time.perf_counter()
+        self.stats.boundaries += 1
+        # host time to enqueue the work: the device does it asynchronously (see sync_stats for the counts)
+        self.stats.select_seconds += t1 - t0
+        self.stats.recall_seconds += t2 - t1
+
+    def _extend_chunk_keys_from_tail(self) -> None:
+        """New chunk keys from the reserve's tail before it slides: no round trip through the host mirror."""
+        store, c = self.store, self.lsa.chunk_size
+        start = self.chunk_keys.num_chunks * c
+        end = store.seq_len // c * c
+        if end <= start:
+            return
+        for layer in self.targets:
+            self.chunk_keys.extend(layer, store.reserve_tokens(layer, start, end), start, self.pad_len, store.device)
+
+    def _record_kept(self, scores: torch.Tensor) -> None:
+        # a device scalar now, a float in sync_stats: reading it here would stall the host on the device
+        self._kept_pending.append((scores > self.lsa.threshold).float().mean())
+
+    def capture_lookahead(self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> None:
+        """As in :class:`LSACache`, but a full window rolls in place during decode (graph-capturable)."""
+        buf = self.lookahead.get(layer)
+        window = self.lsa.query_window
+        if hidden.shape[1] != 1 or buf is None or buf.shape[1] < window:
+            super().capture_lookahead(layer, hidden, position_ids)
+            if layer == self.targets[0]:  # own the buffers (they may be expanded views) so they can roll in place
+                self.lookahead_pos = self.lookahead_pos.clone()
+                self.lookahead_valid = self.lookahead_valid.clone()
+            return
+        buf[:, :-1].copy_(buf[:, 1:].clone())
+        buf[:, -1:].copy_(hidden)
+        if layer != self.targets[0]:
+            return
+        pos, valid = self.lookahead_pos, self.lookahead_valid
+        new_pos = (
+            pos[:, -1:] + 1 if position_ids is None else position_ids[:, -1:].to(pos.device).expand_as(pos[:, -1:])
+        )
+        pos[:, :-1].copy_(pos[:, 1:].clone())
+        pos[:, -1:].copy_(new_pos)
+        valid[:, :-1].copy_(valid[:, 1:].clone())
+        valid[:, -1:].fill_(True)
+
+    def next_step_is_boundary(self) -> bool:
+        """Whether the coming decode step starts with boundary work (indexer and recall; never graph-replayed)."""
+        return not self.in_decode or self.steps_in_cycle == self.lsa.interval
+
+    def advance_replayed_step(self) -> None:
+        """Host bookkeeping of one decode step whose device work a CUDA graph replayed."""
+        if self.next_step_is_boundary():
+            raise RuntimeError("a boundary step cannot be replayed from a graph: run it eagerly")
+        self.store.advance_host()
+        self.steps_in_cycle += 1
+        for layer in self.layers:
+            if isinstance(layer, LSALayer):
+                layer.num_seen += 1
+
+    def sync_stats(self) -> None:
+        """Read the device-side copy counts into :attr:`stats` (waits for them)."""
+        counts = self.store.sync_log() if self.store is not None else []
+        self.stats.pages_recalled = list(counts)
+        self.stats.kept_fraction.extend(float(k) for k in self._kept_pending)
+        self._kept_pending.clear()
+
+
+def build_lsa_cache(
+    model: nn.Module,
+    lsa: LSAConfig | None = None,
+    indexer: MemoryIndexer | None = None,
+    **kwargs,
+) -> LSACache:
+    """An :class:`LSACache` on the attention backend ``lsa.attention_backend`` asks for (``"auto"`` resolved here).
+
+    Args:
+        model: the causal LM.
+        lsa: LSA settings. Default: ``LSAConfig()``.
+        indexer: Memory Indexer; ``None`` builds the zero-shot one.
+        **kwargs: passed to the cache (``max_new_tokens``, ``forced_pages``).
+    """
+    lsa = lsa or LSAConfig()
+    device = next(model.parameters()).device
+    backend = resolve_attention_backend(lsa, device)
+    if backend != "mask" and getattr(model.config, "_attn_implementation", "sdpa") not in _BASES:
+        backend = "mask" if lsa.attention_backend == "auto" else backend
+    if backend == "mask":
+        return LSACache(model, lsa, indexer, **kwargs)
+    return FastLSACache(model, lsa, indexer, backend=backend, **kwargs)

@@ -1,0 +1,83 @@
+"""Byte sizes shared by the benchmark's methods: the full cache, and the tokens LSA's budget buys.
+
+Peers are compared with LSA at the same budget. A method that selects tokens (Quest-, InfLLM-style) attends to
+as many history tokens as LSA's page slots hold; a method that evicts tokens (kvpress) keeps the budget's
+fraction of the prompt. These helpers derive both from the model's shapes exactly as :class:`LSACache` plans
+its reserve, so the budgets agree by construction.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import LSAConfig
+from ..memory.layout import SequenceBytes, plan_layout
+from ..models.adapter import backbone_spec
+
+
+def _token_bytes(model: nn.Module, elem: int) -> tuple[int, int]:
+    spec = backbone_spec(model)
+    return spec.num_kv_heads * spec.head_dim * elem, spec.num_layers - len(spec.full_layers)
+
+
+def sequence_bytes(model: nn.Module, lsa: LSAConfig, elem: int) -> SequenceBytes:
+    """Per-sequence byte sizes of LSA on ``model`` (mirrors ``LSACache.sequence_bytes``)."""
+    spec = backbone_spec(model)
+    per_head_token, num_sliding = _token_bytes(model, elem)
+    targets = lsa.target_layers or spec.default_target_layers()
+    window = spec.sliding_window or 0
+    return SequenceBytes(
+        per_token=2 * per_head_token * len(spec.full_layers),
+        per_chunk_key=per_head_token * len(targets),
+        other_layers=2 * num_sliding * window * per_head_token,
+    )
+
+
+def full_kv_bytes(model: nn.Module, batch: int, num_tokens: int, elem: int) -> int:
+    """Bytes a plain full cache holds for ``batch`` sequences of ``num_tokens`` tokens.
+
+    Sliding-window layers hold at most their window.
+    """
+    spec = backbone_spec(model)
+    per_head_token, num_sliding = _token_bytes(model, elem)
+    window = min(num_tokens, spec.sliding_window or 0)
+    per_seq = 2 * per_head_token * (len(spec.full_layers) * num_tokens + num_sliding * window)
+    return batch * per_seq
+
+
+def lsa_page_tokens(model: nn.Module, lsa: LSAConfig, context_len: int, max_new_tokens: int, elem: int) -> int:
+    """History tokens LSA's page slots hold at this budget (besides sink and recent tail).
+
+    Args:
+        model: the backbone.
+        lsa: LSA settings (budget, page size, sink, recent).
+        context_len: prompt tokens.
+        max_new_tokens: most decode steps.
+        elem: bytes per element of the cache.
+
+    Raises:
+        BudgetError: when the budget cannot hold LSA's always-resident part (the same refusal as LSA's).
+    """
+    spec = backbone_spec(model)
+    per_head_token, num_sliding = _token_bytes(model, elem)
+    other_full = 2 * num_sliding * min(context_len, spec.sliding_window or 0) * per_head_token
+    layout = plan_layout(
+        lsa,
+        sequence_bytes(model, lsa, elem),
+        context_len=context_len,
+        max_len=context_len + max_new_tokens,
+        other_layers_full=other_full,
+    )
+    return layout.num_page_slots * layout.page_size
+
+
+def kept_fraction(model: nn.Module, lsa: LSAConfig, context_len: int, elem: int) -> float:
+    """The fraction of the prompt's KV a budget keeps: the budget itself, or bytes over the full prompt cache."""
+    if lsa.budget is None:
+        raise ValueError("peers need LSAConfig.budget (a fraction or bytes), not max_pages")
+    if lsa.budget <= 1.0:
+        return float(lsa.budget)
+    return min(1.0, lsa.budget / full_kv_bytes(model, 1, context_len, elem))
+
+
+__all__ = ["full_kv_bytes", "kept_fraction", "lsa_page_tokens", "sequence_bytes"]

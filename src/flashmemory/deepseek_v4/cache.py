@@ -1,0 +1,340 @@
+"""`transformers` Cache for DeepSeek-V4 with LSA on the CSA layers.
+
+After prefill every CSA layer's compressed attention entries and lightning-indexer keys go to the host mirror of
+an :class:`EntryStore`; the device keeps the reserve (sink, resident pages of 64 entries, recent tail), the raw
+sliding windows and the HCA entries. During decode the compressor and the lightning indexer get the resident
+entries only, and the indexer's top-k is restricted to them (see :mod:`.hooks`). Every ``interval`` tokens the
+Memory Indexer scores all entries with the lookahead query and the densest/best pages are recalled.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4CSACache, DeepseekV4HCACache
+
+from ..attention.cache import CompactSlidingLayer, CycleStats
+from ..config import LSAConfig
+from ..indexer.chunk_keys import ChunkKeys
+from ..indexer.scoring import select_pages
+from ..memory.accounting import storage_bytes
+from .accounting import entry_config, full_cache_bytes, layer_state_tensors, plan_reserve
+from .entry_store import EntryStore
+from .hooks import DeepseekV4Hooks
+from .memory_indexer import DeepseekV4MemoryIndexer
+from .spec import CSA, HCA, SLIDING, attention, deepseek_v4_spec
+
+STREAMS = {"compressor": 0, "indexer": 1}
+
+
+def deepseek_v4_lsa_config(**overrides) -> LSAConfig:
+    """LSA settings for DeepSeek-V4: a chunk is one CSA entry (4 tokens), a page 64 entries (256 tokens)."""
+    return LSAConfig(**{"chunk_size": 4, "page_chunks": 64, **overrides})
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() <= t.numel() * t.element_size()
+
+
+class CompactState:
+    """Mixin for V4 cache layers: the window and pending tokens never keep a prompt-sized tensor alive.
+
+    transformers' layers keep views (the last window of the prompt's keys, the leftover of the prompt's
+    projection) whose storage is the whole prompt's until the next token replaces them; here they are copied, so
+    the device bytes LSA reports are the state itself. Values and outputs are unchanged.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        if not _owns_storage(self.keys):
+            self.keys = self.values = self.keys.clone()
+        return out
+
+    def store_compression_weights(self, name: str, kv: torch.Tensor, gate: torch.Tensor):
+        out = super().store_compression_weights(name, kv, gate)
+        self.buffer_kv[name], self.buffer_gate[name] = self.buffer_kv[name].clone(), self.buffer_gate[name].clone()
+        return out
+
+
+class CompactHCALayer(CompactState, DeepseekV4HCACache):
+    """transformers' HCA layer with :class:`CompactState`."""
+
+    _layer_type = None  # never registered in transformers' layer-type mapping: importing patches nothing
+
+
+class LSACSALayer(CompactState, DeepseekV4CSACache):
+    """A CSA cache layer whose compressed entries and indexer keys live in the owner's :class:`EntryStore`.
+
+    The sliding window, the pending windows and the overlap state stay as in transformers' own layer (with
+    :class:`CompactState`).
+    """
+
+    _layer_type = None
+    is_compileable = False
+
+    def __init__(self, owner: DeepseekV4LSACache, config, layer_idx: int) -> None:
+        super().__init__(config)
+        self.owner, self.layer_idx = owner, layer_idx
+
+    def update_compressor_states(self, name: str, compressed: torch.Tensor) -> torch.Tensor:
+        self.entry_count[name] += compressed.shape[1]
+        return self.owner.entries_update(self.layer_idx, name, compressed, self.entry_count[name])
+
+    def reset(self) -> None:
+        raise NotImplementedError("a DeepseekV4LSACache serves one request; build a new one instead of resetting")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("DeepseekV4LSACache does not support beam search")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("DeepseekV4LSACache cannot crop")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("DeepseekV4LSACache does not support expanding the batch after prefill")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("DeepseekV4LSACache does not support selecting batch rows after prefill")
+
+
+class DeepseekV4LSACache(Cache):
+    """LSA for ``DeepseekV4ForCausalLM``: use with ``model.generate(..., past_key_values=cache)`` or
+    :func:`flashmemory.deepseek_v4.generate_ids`.
+
+    Args:
+        model: the DeepSeek-V4 causal LM.
+        lsa: LSA settings in tokens; ``chunk_size`` must be the CSA rate. Default: :func:`deepseek_v4_lsa_config`.
+        indexer: a V4 Memory Indexer; ``None`` builds the zero-shot one from the native lightning indexers.
+        max_new_tokens: most tokens that will be generated (sizes the mirror and the key budget).
+        forced_pages: callable ``(cache) -> [B, K] page ids`` replacing the indexer (tests, oracle baselines).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lsa: LSAConfig | None = None,
+        indexer: DeepseekV4MemoryIndexer | None = None,
+        *,
+        max_new_tokens: int = 256,
+        forced_pages=None,
+    ) -> None:
+        self.spec = deepseek_v4_spec(model)
+        self.lsa = lsa or deepseek_v4_lsa_config()
+        self.entry_lsa = entry_config(self.lsa, self.spec.csa_rate)
+        targets = self.lsa.target_layers or self.spec.default_target_layers()
+        self.spec.check_targets(tuple(targets))
+        if indexer is None:
+            indexer = DeepseekV4MemoryIndexer.from_model(model, tuple(targets))
+        if not isinstance(indexer, DeepseekV4MemoryIndexer):
+            raise ValueError("DeepSeek-V4 needs a DeepSeek-V4 Memory Indexer (its keys are the native indexer keys)")
+        if self.lsa.target_layers is not None and tuple(indexer.target_layers) != tuple(targets):
+            raise ValueError(f"indexer reads layers {indexer.target_layers} but LSAConfig asks for {targets}")
+        self.indexer = indexer
+        self.targets = tuple(indexer.target_layers)
+        self.key_perm = indexer.key_permutation
+        config = model.config
+        layers = []
+        for i, kind in enumerate(self.spec.layer_types):
+            if kind == CSA:
+                layers.append(LSACSALayer(self, config, i))
+            elif kind == HCA:
+                layers.append(CompactHCALayer(config))
+            else:
+                assert kind == SLIDING, kind
+                layers.append(CompactSlidingLayer(sliding_window=self.spec.sliding_window))
+        super().__init__(layers=layers)
+        self.layer_devices = {i: next(attention(model, i).parameters()).device for i in self.spec.csa_layers}
+        self.max_new_tokens = max_new_tokens
+        self.forced_pages = forced_pages
+        self.store: EntryStore | None = None
+        self.chunk_keys = ChunkKeys(self.targets, 1)
+        self.pending: dict[int, dict[int, torch.Tensor]] = {}
+        self.context_tokens = 0
+        self.tokens_seen = 0
+        self.in_decode = False
+        self.active = False
+        self.steps_in_cycle = 0
+        self.stats = CycleStats()
+        self.lookahead: dict[int, torch.Tensor] = {}
+        self.lookahead_pos: torch.Tensor | None = None
+        self.last_scores: torch.Tensor | None = None
+        self.closed = False
+        self.hooks = DeepseekV4Hooks(self, model)
+
+    def __enter__(self) -> DeepseekV4LSACache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks this cache put on the model; the cache cannot decode afterwards."""
+        self.hooks.remove()
+        self.closed = True
+
+    def begin_forward(self, num_tokens: int, batch: int) -> None:
+        """Called before every forward pass that carries this cache."""
+        if self.closed:
+            raise RuntimeError("this DeepseekV4LSACache was closed; build a new one for a new request")
+        if self.tokens_seen == 0:
+            self.context_tokens = num_tokens
+            self.tokens_seen = num_tokens
+        elif num_tokens != 1:
+            raise NotImplementedError("DeepseekV4LSACache takes the prompt in one pass, then one token per step")
+        else:
+            self.begin_decode_step()
+        self.active = True
+
+    def entries_update(self, layer: int, name: str, compressed: torch.Tensor, count: int) -> torch.Tensor:
+        """Route new compressed entries of one stream; return what attention / the indexer may read.
+
+        Args:
+            name: ``"compressor"`` (attention entries) or ``"indexer"`` (lightning-indexer keys).
+            compressed: entries completed by this forward. # [B, n, width]
+            count: entries of this stream after this forward.
+
+        Returns:
+            Prefill: all entries ``[B, n, width]``. Decode: the resident entries in entry order ``[B, S, width]``.
+        """
+        stream = STREAMS[name]
+        if not self.in_decode:
+            if count != compressed.shape[1]:
+                raise NotImplementedError("DeepseekV4LSACache takes the prompt in one forward pass")
+            self._prefill_entries(layer, stream, compressed)
+            return compressed
+        if compressed.shape[1]:
+            if count != self.store.seq_len:
+                raise RuntimeError(f"layer {layer} has {count} {name} entries, the store expected {self.store.seq_len}")
+            self.store.append_entry(layer, stream, compressed)
+        return self.store.resident(layer, stream)
+
+    def _prefill_entries(self, layer: int, stream: int, compressed: torch.Tensor) -> None:
+        pending = self.pending.setdefault(layer, {})
+        pending[stream] = compressed
+        if len(pending) < 2:
+            return  # the compressor runs before the indexer: wait for the indexer keys of the same entries
+        entries, keys = pending.pop(0)[:, None], pending.pop(1)[:, None]  # [B, 1, N, width]
+        del self.pending[layer]
+        if self.store is None:
+            self._allocate(entries, keys)
+        self.store.write_prefill(layer, entries, keys)
+        if layer in self.targets:
+            zeros = torch.zeros(entries.shape[0], dtype=torch.long)
+            self.chunk_keys.extend(layer, keys[..., self.key_perm.to(keys.device)], 0, zeros, keys.device)
+
+    def _allocate(self, entries: torch.Tensor, keys: torch.Tensor) -> None:
+        layout = plan_reserve(
+            self.spec,
+            self.lsa,
+            num_targets=len(self.targets),
+            context_tokens=self.context_tokens,
+            max_new_tokens=self.max_new_tokens,
+            elem=entries.element_size(),
+        )
+        self.store = EntryStore(self.spec.csa_layers, layout, self.entry_lsa.recent, self.layer_devices)
+        self.store.allocate_entries(
+            entries.shape[0],
+            (entries.shape[-1], keys.shape[-1]),
+            dtype=entries.dtype,
+            device=entries.device,
+            capacity=(self.context_tokens + self.max_new_tokens) // self.spec.csa_rate + 1,
+        )
+
+    def begin_decode_step(self) -> None:
+        """Boundary work when a cycle starts, then account for the entry this token completes (if any)."""
+        if not self.in_decode:
+            if self.pending:
+                raise RuntimeError(f"prefill left entries without indexer keys in layers {sorted(self.pending)}")
+            self.in_decode = True
+            self._boundary(first=True)
+        elif self.steps_in_cycle == self.lsa.interval:
+            self._boundary(first=False)
+        self.tokens_seen += 1
+        if self.tokens_seen % self.spec.csa_rate == 0:
+            self.store.begin_step()  # the compressors close a window with this token: one new entry
+        self.steps_in_cycle += 1
+        self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_kv_bytes())
+
+    def _boundary(self, first: bool) -> None:
+        store = self.store
+        t0 = time.perf_counter()
+        if not first:
+            store.end_cycle()
+            self._extend_chunk_keys()
+        self.steps_in_cycle = 0
+        pages = self._choose_pages()
+        t1 = time.perf_counter()
+        copied = store.recall(pages)
+        if store.device.type == "cuda":
+            torch.cuda.current_stream(store.device).synchronize()
+        self.stats.boundaries += 1
+        self.stats.pages_recalled.append(copied)
+        self.stats.select_seconds += t1 - t0
+        self.stats.recall_seconds += time.perf_counter() - t1
+
+    def _extend_chunk_keys(self) -> None:
+        start, end = self.chunk_keys.num_chunks, self.store.flushed_len
+        if end <= start:
+            return
+        zeros = torch.zeros(self.store.batch, dtype=torch.long)
+        for layer in self.targets:
+            keys = self.store.mirror_v[layer][:, :, start:end][..., self.key_perm]
+            self.chunk_keys.extend(layer, keys, start, zeros, self.layer_devices[layer])
+
+    def _choose_pages(self) -> torch.Tensor:
+        store = self.store
+        if self.forced_pages is not None:
+            return self.forced_pages(self).to(store.device)
+        k, selectable = store.layout.num_page_slots, store.selectable_pages()
+        if k >= selectable:
+            pages = torch.arange(k, device=store.device).expand(store.batch, -1)
+            return torch.where(pages < selectable, pages, -1)
+        scores = self.indexer.score(
+            self.lookahead, self.lookahead_pos, self.chunk_keys.stacked(), self.lsa.layer_reduce
+        ).to(store.device)
+        self.last_scores = scores
+        self.stats.kept_fraction.append(float((scores > self.lsa.threshold).float().mean()))
+        return select_pages(
+            scores,
+            num_selectable=selectable,
+            page_chunks=self.lsa.page_chunks,
+            num_slots=k,
+            threshold=self.lsa.threshold,
+            top_m=math.ceil(self.lsa.best_chunk_slots * min(k, selectable)),
+        )
+
+    def capture_lookahead(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        """Keep the newest ``query_window`` tower inputs of a target layer (the next boundary's query).
+
+        Args:
+            hidden: ``[q_residual | x]`` of this forward's tokens. # [B, q, q_lora_rank + hidden]
+            positions: their positions. # [B or 1, q]
+        """
+        window = self.lsa.query_window
+        new = hidden[:, -window:].detach().clone()  # a view would keep the prompt's activations alive
+        old = self.lookahead.get(layer)
+        self.lookahead[layer] = new if old is None else torch.cat([old, new], 1)[:, -window:]
+        if layer == self.targets[0]:
+            pos = positions[:, -window:].expand(hidden.shape[0], -1)
+            old_pos = self.lookahead_pos
+            self.lookahead_pos = pos if old_pos is None else torch.cat([old_pos, pos], 1)[:, -window:]
+
+    def device_kv_bytes(self) -> int:
+        """Physical bytes of KV state on the device: reserves, Memory-Indexer keys, windows, HCA, compressor state."""
+        tensors = [] if self.store is None else self.store.device_tensors()
+        tensors += self.chunk_keys.device_tensors()
+        for layer in self.layers:
+            tensors += [t for group in layer_state_tensors(layer).values() for t in group]
+        return storage_bytes(tensors)
+
+    def full_kv_bytes(self, num_tokens: int | None = None) -> int:
+        """Bytes transformers' own cache holds for this batch at ``num_tokens`` tokens (default: now)."""
+        n = self.tokens_seen if num_tokens is None else num_tokens
+        elem = self.store.reserve_k[self.spec.csa_layers[0]].element_size()
+        return full_cache_bytes(self.spec, n, elem=elem, batch=self.store.batch).total
+
+    def host_kv_bytes(self) -> int:
+        return 0 if self.store is None else storage_bytes(self.store.host_tensors())

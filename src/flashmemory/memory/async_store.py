@@ -1,0 +1,217 @@
+"""A KV store whose per-step path and recall never wait for the host.
+
+Differences from :class:`KVStore`:
+
+- the bounds of the resident set (``sink_len``, ``lo``, ``tail_start``, ``seq_len``) and the slot of the newest
+  token live in small device tensors updated in place, so a decode step reads them on the device and a CUDA
+  graph that captured one step stays valid after later steps and boundaries;
+- recall plans its moves on the device (which slot keeps its page, which page goes to which free slot) and, on
+  CUDA with Triton, copies the incoming pages straight from the pinned mirror on a side stream; per-layer
+  events let the compute stream wait for a layer's pages just before that layer attends;
+- the tail flush at a boundary runs on the same side stream and the tail slides after it on the device, with
+  no host synchronisation.
+
+Counts that only the device knows (pages copied per boundary) are kept as device tensors and read back by
+:meth:`AsyncKVStore.sync_log` when the caller wants numbers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .resident import page_aligned_tail_start, resident_positions
+from .store import KVStore
+
+
+def plan_moves(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-side diff of two page tables: keep what stays, put incoming pages into freed slots.
+
+    Args:
+        old: page id per slot now, -1 for empty. # [B, K]
+        new: page ids wanted, distinct per row, -1 for unused entries (any order). # [B, K]
+
+    Returns:
+        ``(table, moves)``: the new page id per slot, and the page to copy into each slot (-1 where the slot
+        keeps its content or stays empty). # [B, K], [B, K]
+    """
+    b, k = old.shape
+    device = old.device
+    keep = ((old[:, :, None] == new[:, None, :]) & (old[:, :, None] >= 0)).any(-1)  # old slot keeps its page
+    resident = ((new[:, :, None] == old[:, None, :]) & (new[:, :, None] >= 0)).any(-1)
+    incoming = (new >= 0) & ~resident
+    free = ~keep
+    free_rank = torch.cumsum(free.long(), 1) - 1
+    in_rank = torch.cumsum(incoming.long(), 1) - 1
+    slots = torch.arange(k, device=device).expand(b, -1)
+    # the r-th free slot; column k collects the entries that are not free
+    slot_of_rank = torch.full((b, k + 1), k, dtype=torch.long, device=device)
+    slot_of_rank.scatter_(1, torch.where(free, free_rank, k), slots)
+    target = torch.gather(slot_of_rank, 1, torch.where(incoming, in_rank, k))  # slot per incoming page
+    moves = torch.full((b, k + 1), -1, dtype=torch.long, device=device)
+    moves.scatter_(1, torch.where(incoming, target, k), torch.where(incoming, new, -1))
+    moves = moves[:, :k].contiguous()
+    table = torch.where(moves >= 0, moves, torch.where(keep, old, -1))
+    return table, moves
+
+
+class AsyncKVStore(KVStore):
+    """:class:`KVStore` with device-resident step state and host-sync-free recall (see the module docstring)."""
+
+    def allocate(self, batch: int, num_heads: int, head_dim: int, **kwargs) -> None:
+        super().allocate(batch, num_heads, head_dim, **kwargs)
+        dev = self.device
+        self.sink_len = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.lo = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.tail_start_dev = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.seq_len_dev = torch.zeros(batch, dtype=torch.int32, device=dev)
+        self.write_slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.use_triton_copy = dev.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.layer_events: dict[int, torch.cuda.Event] = {}
+        self._pending_counts: list[tuple[int, torch.Tensor]] = []
+        self._moves: torch.Tensor | None = None
+
+    def refresh_positions(self) -> None:
+        """Recompute every bound from the host counters (prefill and boundaries only; never inside a step)."""
+        super().refresh_positions()
+        pad = self.pad_len
+        sink_end = torch.clamp(pad + self.layout.sink, max=self.tail_start)
+        self.sink_len.copy_((sink_end - pad).clamp(min=0))
+        self.lo.copy_(torch.maximum(sink_end, pad))
+        self.tail_start_dev.fill_(self.tail_start)
+        self.seq_len_dev.fill_(self.seq_len)
+        self.write_slot.fill_(self.layout.tail_start + self.seq_len - 1 - self.tail_start)
+
+    def begin_step(self) -> None:
+        """Advance by one token: host counters for scheduling, device counters for the step's kernels."""
+        if self.seq_len - self.tail_start >= self.layout.tail_capacity:
+            raise RuntimeError("recent tail overflow: end_cycle() must run every `interval` steps")
+        self.seq_len += 1
+        self.step += 1
+        self.seq_len_dev.add_(1)
+        self.write_slot.add_(1)
+
+    def advance_host(self) -> None:
+        """Host half of :meth:`begin_step`, for a step whose device half a CUDA graph replays."""
+        self.seq_len += 1
+        self.step += 1
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        event = self.layer_events.pop(layer, None)
+        if event is not None:
+            # this layer's recalled pages were copied on the side stream: wait on the device, not the host
+            torch.cuda.current_stream(self.device).wait_event(event)
+        self.reserve_k[layer].index_copy_(2, self.write_slot, keys)
+        self.reserve_v[layer].index_copy_(2, self.write_slot, values)
+        return self.reserve_k[layer], self.reserve_v[layer]
+
+    def attention_mask(self) -> torch.Tensor:
+        # slot_pos is only refreshed at boundaries here; rebuild it for callers of the masked path
+        pos = resident_positions(self.layout, self.page_table, self.pad_len, self.tail_start, self.seq_len)
+        return (pos >= 0)[:, None, None, :]
+
+    def reserve_tokens(self, layer: int, start: int, end: int) -> torch.Tensor:
+        """Keys of positions ``[start, end)`` still held by the tail (before it slides). # [B, H, end-start, D]"""
+        if start < self.tail_start or end > self.seq_len:
+            raise ValueError(f"positions [{start}, {end}) are not all in the tail [{self.tail_start}, {self.seq_len})")
+        t0 = self.layout.tail_start - self.tail_start
+        return self.reserve_k[layer][:, :, t0 + start : t0 + end]
+
+    def end_cycle(self) -> None:
+        if self.device.type != "cuda":
+            return super().end_cycle()
+        new_start = page_aligned_tail_start(self.seq_len, self.recent, self.layout.page_size)
+        shift = new_start - self.tail_start
+        lo, hi = self.flushed_len, self.seq_len
+        stream, current = self._copy_stream, torch.cuda.current_stream(self.device)
+        if hi > self.capacity:
+            stream.synchronize()  # growing re-allocates the mirror on the host: no copy may still target it
+            self._ensure_capacity(hi)
+        t0 = self.layout.tail_start
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            for layer in self.layers:
+                for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
+                    src = reserve[layer][:, :, t0 + lo - self.tail_start : t0 + hi - self.tail_start]
+                    mirror[layer][:, :, lo:hi].copy_(src, non_blocking=True)
+        self.log.d2h_bytes += 2 * len(self.layers) * self._token_bytes() * (hi - lo)
+        if shift:
+            current.wait_stream(stream)  # the slide overwrites tail slots the flush is still reading
+            kept = self.seq_len - new_start
+            for layer in self.layers:
+                for res in (self.reserve_k[layer], self.reserve_v[layer]):
+                    res[:, :, t0 : t0 + kept] = res[:, :, t0 + shift : t0 + shift + kept].clone()
+        self.flushed_len = hi
+        self.tail_start = new_start
+        self.refresh_positions()
+
+    def recall(self, pages: torch.Tensor) -> int:
+        """Make ``pages`` resident. Returns the number of pages copied, or -1 when only the device knows it yet.
+
+        On CUDA with Triton nothing here waits for the host; :meth:`sync_log` reads the counts later.
+        """
+        if pages.shape != self.page_table.shape:
+            raise ValueError(f"expected pages of shape {tuple(self.page_table.shape)}, got {tuple(pages.shape)}")
+        if self.device.type == "cuda" and not self.use_triton_copy:
+            table = self.page_table  # keep the tensor that kernels and graphs hold; the base class rebinds it
+            copied = super().recall(pages)
+            table.copy_(self.page_table)
+            self.page_table = table
+            self.refresh_positions()
+            return copied
+        table, moves = plan_moves(self.page_table, pages.to(self.device, torch.long))
+        count = (moves >= 0).sum()
+        if self.device.type == "cuda":
+            self._copy_moves_async(moves)
+        else:
+            self._copy_moves_host(moves)
+        self.page_table.copy_(table)
+        self._pending_counts.append((self.step, count))
+        self.refresh_positions()
+        return -1 if self.device.type == "cuda" else self.sync_log()[-1]
+
+    def _copy_moves_host(self, moves: torch.Tensor) -> None:
+        size, base = self.layout.page_size, self.layout.page_start
+        rows, slots = (moves >= 0).nonzero(as_tuple=True)
+        pages = moves[rows, slots]
+        src = (pages[:, None] * size + torch.arange(size)).flatten()  # [M*P]
+        dst = (base + slots[:, None] * size + torch.arange(size)).flatten()
+        rows = rows.repeat_interleave(size)
+        for layer in self.layers:
+            for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
+                reserve[layer][rows, :, dst] = mirror[layer][rows, :, src].to(reserve[layer].device)
+
+    def _copy_moves_async(self, moves: torch.Tensor) -> None:
+        from .page_copy_triton import copy_pages
+
+        stream, current = self._copy_stream, torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)  # moves are computed there, and evicted slots may still be read there
+        moves = moves.contiguous()
+        self._moves = moves  # keep the move list alive until the side stream has used it
+        moves.record_stream(stream)
+        with torch.cuda.stream(stream):
+            for layer in self.layers:
+                for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
+                    copy_pages(mirror[layer], reserve[layer], moves, self.layout.page_size, self.layout.sink)
+                event = torch.cuda.Event()
+                event.record(stream)
+                self.layer_events[layer] = event
+
+    def sync_log(self) -> list[int]:
+        """Read the pending per-boundary copy counts back into :attr:`log` (waits for them); returns all counts."""
+        size = self.layout.page_size
+        per_page = 2 * len(self.layers) * size * self._token_bytes() // self.batch
+        for step, count in self._pending_counts:
+            n = int(count)
+            self.log.pages_recalled.append(n)
+            self.log.h2d_bytes += n * per_page
+            if n:
+                self.log.copy_steps.append(step)
+        self._pending_counts.clear()
+        return self.log.pages_recalled
+
+    def wait_recall(self) -> None:
+        """Make the compute stream wait for every pending page copy (before reading the reserve directly)."""
+        for layer in list(self.layer_events):
+            torch.cuda.current_stream(self.device).wait_event(self.layer_events.pop(layer))

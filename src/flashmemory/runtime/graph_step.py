@@ -1,0 +1,72 @@
+"""Decode steps replayed from a CUDA graph: one capture of an indexer-free step, replayed until the model ends.
+
+Between boundaries an LSA decode step does the same device work every time (the new token goes to the tail slot
+the device counter names, attention reads the bounds from device tensors), so one captured step serves every
+later one. Boundary steps (indexer, tail flush, recall) run eagerly; they update the state in place, so the graph
+stays valid after them. Removing the launch gaps of an eager transformers forward is what lets a small batch
+approach its bandwidth floor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention.cache import LSALayer
+from ..attention.fast_path import FastLSACache
+
+
+class GraphDecodeStep:
+    """Run decode steps of ``model`` with a :class:`FastLSACache`, replaying a CUDA graph between boundaries.
+
+    Args:
+        model: the causal LM (every decoder layer full attention: sliding-window caches reallocate per step).
+        cache: an open fast-path cache after prefill.
+    """
+
+    def __init__(self, model: nn.Module, cache: FastLSACache) -> None:
+        if not isinstance(cache, FastLSACache):
+            raise ValueError("graph replay needs a FastLSACache (attention_backend 'triton' or 'torch')")
+        if not all(isinstance(layer, LSALayer) for layer in cache.layers):
+            raise ValueError("graph replay needs every decoder layer to be a full-attention LSA layer")
+        self.model = model
+        self.cache = cache
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.replays = 0
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step.
+
+        Args:
+            input_ids: the newest token per sequence. # [B, 1]
+            position_ids: its rotary position. # [B, 1]
+
+        Returns:
+            Next-token logits; a graph output that the next step overwrites (clone to keep). # [B, V]
+        """
+        if self.cache.next_step_is_boundary():
+            out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+            return out.logits[:, -1]
+        if self.graph is None:
+            self._capture(input_ids, position_ids)
+        else:
+            self.static_ids.copy_(input_ids)
+            self.static_pos.copy_(position_ids)
+            self.cache.advance_replayed_step()
+        self.graph.replay()
+        self.replays += 1
+        return self.logits
+
+    def _capture(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> None:
+        # Capturing records the step without running it; its host bookkeeping happens once, here, and the replay
+        # that follows in __call__ does the device work of this same step.
+        self.static_ids = input_ids.clone()
+        self.static_pos = position_ids.clone()
+        self.graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(self.graph):
+            out = self.model(
+                input_ids=self.static_ids, position_ids=self.static_pos, past_key_values=self.cache, use_cache=True
+            )
+        self.logits = out.logits[:, -1]

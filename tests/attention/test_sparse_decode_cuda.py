@@ -1,0 +1,125 @@
+"""The Triton sparse decode kernel, device-side recall and CUDA-graph replay on a CUDA device."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashmemory.attention.cache import LSACache
+from flashmemory.attention.fast_path import FastLSACache
+from flashmemory.attention.sparse_decode import sparse_decode
+from flashmemory.config import LSAConfig
+from flashmemory.models.tiny import tiny_model
+from flashmemory.runtime.graph_step import GraphDecodeStep
+
+from ..conftest import SMALL_LSA
+from .decode_helpers import greedy_logits
+from .sparse_decode_cases import random_case
+
+pytestmark = pytest.mark.cuda
+
+SHAPES = [
+    pytest.param(1, 1, 1, 16, 0, 16, 1, 16, id="mha-one-page"),
+    pytest.param(2, 4, 2, 16, 4, 16, 3, 24, id="gqa2-ragged"),
+    pytest.param(3, 8, 2, 64, 16, 32, 5, 63, id="gqa4-odd-tail"),
+    pytest.param(2, 6, 3, 40, 5, 24, 4, 17, id="odd-head-dim-and-page"),
+    pytest.param(4, 32, 8, 128, 16, 64, 60, 100, id="llama-heads"),
+    pytest.param(2, 28, 4, 128, 16, 64, 300, 129, id="qwen-heads-long"),
+    pytest.param(1, 32, 8, 128, 16, 64, 2000, 192, id="llama-128k-resident"),
+]
+BOUND = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+
+
+def sdpa_over_valid_keys(q, k, v, rs):
+    """scaled_dot_product_attention in fp32 over each sequence's valid slots (gathered)."""
+    valid = rs.slot_positions(k.shape[2]) >= 0
+    out = []
+    for b in range(q.shape[0]):
+        idx = valid[b].nonzero().squeeze(1)
+        kb, vb = k[b][:, idx].float(), v[b][:, idx].float()
+        qb = q[b].float().unsqueeze(1)  # [Hq, 1, D]
+        out.append(F.scaled_dot_product_attention(qb[None], kb[None], vb[None], enable_gqa=True)[0, :, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("b, hq, hkv, d, sink, page, num_pages, tail_cap", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sparse_decode_triton(b, hq, hkv, d, sink, page, num_pages, tail_cap, dtype):
+    for seed in range(3):  # fresh random inputs and resident sets every time
+        q, k, v, rs = random_case(
+            b,
+            hq,
+            hkv,
+            d,
+            sink=sink,
+            page=page,
+            num_pages=num_pages,
+            tail_cap=tail_cap,
+            dtype=dtype,
+            device="cuda",
+            seed=seed,
+        )
+        valid = rs.slot_positions(k.shape[2]) >= 0
+        poisoned = ~valid[:, None, :, None]
+        ref = sdpa_over_valid_keys(q, k, v, rs)
+        # slots the kernel must skip hold NaN: reading any of them would poison the output
+        out = sparse_decode(
+            q, k.masked_fill(poisoned, float("nan")), v.masked_fill(poisoned, float("nan")), rs, backend="triton"
+        )
+        assert out.dtype == dtype and not out.isnan().any()
+        err = float((out.float() - ref).norm() / ref.norm())
+        assert err < BOUND[dtype], f"relative error {err:.2e}"
+
+
+def test_sparse_decode_triton_strided_reserve_and_scale():
+    q, k, v, rs = random_case(
+        2, 8, 2, 64, sink=4, page=32, num_pages=6, tail_cap=40, dtype=torch.bfloat16, device="cuda", seed=5
+    )
+    big = torch.randn(2, 2, k.shape[2], 2, 64, device="cuda", dtype=torch.bfloat16)
+    big[:, :, :, 0], big[:, :, :, 1] = k, v
+    out = sparse_decode(q, big[:, :, :, 0], big[:, :, :, 1], rs, scale=0.05, backend="triton")
+    ref = sparse_decode(q, k, v, rs, scale=0.05, backend="torch")
+    assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1.5e-2
+
+
+def _forced(seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def forced(cache):
+        n, k = cache.store.selectable_pages(), cache.store.layout.num_page_slots
+        return torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(cache.store.batch)])
+
+    return forced
+
+
+def test_fast_path_triton_equals_masked_path_cuda():
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(0, model.config.vocab_size, (2, 240), device="cuda")
+    lsa = LSAConfig(budget=None, max_pages=5, **SMALL_LSA)
+    with LSACache(model, lsa, max_new_tokens=60, forced_pages=_forced(7)) as cache:
+        ref_tokens, ref_logits = greedy_logits(model, ids, cache, 50)
+    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=_forced(7), backend="triton") as cache:
+        tokens, logits = greedy_logits(model, ids, cache, 50)
+        cache.sync_stats()
+        assert cache.store.mirror_k[0].is_pinned() and sum(cache.stats.pages_recalled) > 5
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_graph_replayed_steps_equal_eager_steps_cuda(family):
+    model = tiny_model(family).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (2, 240), device="cuda")
+    lsa = LSAConfig(budget=None, max_pages=5, **SMALL_LSA)
+    steps = 45  # crosses two boundaries after the capture: the graph must survive recall and tail slides
+    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=_forced(3), backend="triton") as cache:
+        eager_tokens, eager_logits = greedy_logits(model, ids, cache, steps)
+    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=_forced(3), backend="triton") as cache:
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        logits, runner = [out.logits[:, -1]], GraphDecodeStep(model, cache)
+        pos = torch.full((2, 1), ids.shape[1], device="cuda")
+        for step in range(steps):
+            tok = eager_tokens[:, step : step + 1]  # feed the same tokens so every step is comparable
+            logits.append(runner(tok, pos).clone())
+            pos = pos + 1
+        assert runner.replays > 30
+    torch.testing.assert_close(torch.stack(logits, 1), eager_logits, atol=1e-5, rtol=0)
