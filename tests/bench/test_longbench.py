@@ -4,7 +4,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from flashmemory.bench import runner
 from flashmemory.bench.longbench import (
@@ -22,28 +21,8 @@ from flashmemory.bench.longbench.prompt import truncate_middle
 from flashmemory.models.tiny import tiny_model
 from flashmemory.runtime.stats import GenerationStats
 
-
-class WordTokenizer:
-    """Words and punctuation marks (with the whitespace before them) are tokens, about as many as BPE gives."""
-
-    chat_template = None
-    _piece = re.compile(r"\s*\w+|\s*[^\w\s]|\s+")
-
-    def __init__(self):
-        self.vocab: dict[str, int] = {}
-        self.pieces: list[str] = []
-
-    def encode(self, text, add_special_tokens=False):
-        ids = []
-        for piece in self._piece.findall(text):
-            if piece not in self.vocab:
-                self.vocab[piece] = len(self.pieces)
-                self.pieces.append(piece)
-            ids.append(self.vocab[piece])
-        return ids
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(self.pieces[i] for i in ids)
+from .data_files import load_error
+from .fake_tokenizers import CharTokenizer, WordTokenizer
 
 
 def _record(i, domain="Code Repository Understanding", answer="B", context="def f():\n    return 1\n", **kw):
@@ -126,12 +105,7 @@ def test_load_longbench(data_file):
     ids=["missing", "not-json", "not-list", "empty", "no-field", "bad-answer", "bad-domain", "not-str", "not-object"],
 )  # fmt: skip
 def test_load_longbench_bad_files(tmp_path, content, message):
-    path = tmp_path / "data.json"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises((ValueError, FileNotFoundError)) as err:
-        load_longbench(path)
-    assert message in str(err.value)
+    assert message in load_error(load_longbench, tmp_path / "data.json", content)
 
 
 def test_truncate_middle_keeps_both_ends():
@@ -259,23 +233,6 @@ def test_local_item_answers_are_right(task):
 
 
 # ------------------------------------------------------------------------------------------ through the runner
-
-
-class CharTokenizer:
-    """One id per character (3-250), as the tiny model's vocabulary allows; no chat template."""
-
-    chat_template = None
-    eos_token_id = 1
-
-    def encode(self, text, add_special_tokens=False):
-        return [min(max(ord(c), 3), 250) for c in text]
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True):
-        ids = torch.tensor([self.encode(text)])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids)
 
 
 class ScriptedMethod:

@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from flashmemory.bench import runner
 from flashmemory.bench.longmemeval import (
@@ -23,14 +22,8 @@ from flashmemory.bench.longmemeval import (
 from flashmemory.models.tiny import tiny_model
 from flashmemory.runtime.stats import GenerationStats
 
-
-class WordTokenizer:
-    """Words and punctuation marks (with the whitespace before them) are tokens, about as many as BPE gives."""
-
-    chat_template = None
-
-    def encode(self, text, add_special_tokens=False):
-        return re.findall(r"\s*\w+|\s*[^\w\s]|\s+", text)
+from .data_files import load_error
+from .fake_tokenizers import CharTokenizer, WordTokenizer
 
 
 def _turns(*texts, answer_at=None):
@@ -145,12 +138,7 @@ def test_load_longmemeval(data_file):
     ids=["missing", "not-json", "not-list", "empty", "no-field", "bad-type", "ragged", "bad-role", "no-answer"],
 )  # fmt: skip
 def test_load_longmemeval_bad_files(tmp_path, content, message):
-    path = tmp_path / "data.json"
-    if content is not None:
-        path.write_text(content)
-    with pytest.raises((ValueError, FileNotFoundError)) as err:
-        load_longmemeval(path)
-    assert message in str(err.value)
+    assert message in load_error(load_longmemeval, tmp_path / "data.json", content)
 
 
 def test_fit_history_drops_oldest_sessions(data_file):
@@ -240,20 +228,6 @@ def test_generate_longmemeval_local_is_deterministic_and_fills_the_length():
 
 def test_bench_longmemeval_local(monkeypatch, tmp_path):
     """The local generator through the runner, with a method that always refuses: only abstention scores."""
-
-    class CharTokenizer:
-        chat_template = None
-        eos_token_id = 1
-
-        def encode(self, text, add_special_tokens=False):
-            return [min(max(ord(c), 3), 250) for c in text]
-
-        def __call__(self, text, return_tensors=None, add_special_tokens=True):
-            ids = torch.tensor([self.encode(text)])
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-        def decode(self, ids, skip_special_tokens=True):
-            return "".join(chr(i) for i in ids)
 
     class Refuser:
         name, kv_note = "full", "scripted"

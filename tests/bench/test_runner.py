@@ -11,30 +11,10 @@ from flashmemory.bench.ruler import RulerSample
 from flashmemory.config import LSAConfig
 from flashmemory.models.tiny import tiny_model
 
+from .fake_tokenizers import CharTokenizer
+
 SMALL = LSAConfig(chunk_size=8, page_chunks=2, interval=16, recent=16, sink=4)
 ALL = ["full", "lsa", "lsa-zeroshot", "recent", "random"]
-
-
-class CharTokenizer:
-    """One id per character; ids 0-2 are the tiny model's pad/eos/bos and never come from text."""
-
-    chat_template = None
-    eos_token_id = 1
-    eos_token = "\x01"
-    pad_token = None
-    padding_side = "right"
-
-    def encode(self, text, add_special_tokens=True):
-        return [min(max(ord(c), 3), 250) for c in text]
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True, padding=False):
-        ids = self.encode(text)
-        if return_tensors == "pt":
-            return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-        return {"input_ids": ids}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids if 3 <= i <= 250)
 
 
 def fake_ruler(task, tokenizer, *, length, num_samples, seed):

@@ -1,7 +1,4 @@
 import random
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from flashmemory.dump.shards import iter_records, read_manifest
 from flashmemory.indexer.checkpoint import CheckpointError, load_indexer, save_indexer
 from flashmemory.train.trainer import TrainConfig, train_indexer
 
+from ..train.blocked_imports import train_without_model_classes
 from ..train.fake_tokenizer import CharTokenizer, Prompt
 from .helpers import MODEL, decode, small_lsa
 
@@ -117,21 +115,9 @@ def test_v4_checkpoint_round_trip_is_exact(tmp_path):
 
 
 def test_v4_training_never_imports_a_model_class(dump_dir, tmp_path):
-    script = textwrap.dedent(
-        f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.startswith("transformers.models") or name == "transformers.modeling_utils":
-                    raise ImportError("model classes are blocked: " + name)
-        sys.meta_path.insert(0, Block())
-        from flashmemory.train.trainer import TrainConfig, train_indexer
-        cfg = TrainConfig(epochs=1, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2, window=4)
-        train_indexer([{str(dump_dir)!r}], {str(tmp_path / "ck")!r}, cfg, progress=False)
-        assert "flashmemory.deepseek_v4.memory_indexer" in sys.modules
-        print("ok")
-        """
+    train_without_model_classes(
+        dump_dir,
+        tmp_path / "ck",
+        "epochs=1, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2, window=4",
+        'assert "flashmemory.deepseek_v4.memory_indexer" in sys.modules',
     )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "ok" in res.stdout

@@ -13,6 +13,7 @@ from flashmemory.models.tiny import tiny_model
 from flashmemory.train.indexer_eval import evaluate_methods, markdown_table
 from flashmemory.train.trainer import TrainConfig, train_indexer
 
+from .blocked_imports import train_without_model_classes
 from .fake_tokenizer import CharTokenizer, Prompt
 
 LABELS = LabelConfig(chunk_size=8, top_p=0.6, min_layers=2)
@@ -101,24 +102,12 @@ def test_training_reduces_loss_and_writes_checkpoint(dump_dir, tmp_path):
 
 
 def test_training_never_imports_a_model_class(dump_dir, tmp_path):
-    script = textwrap.dedent(
-        f"""
-        import sys, importlib.abc
-        class Block(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.startswith("transformers.models") or name == "transformers.modeling_utils":
-                    raise ImportError("model classes are blocked: " + name)
-        sys.meta_path.insert(0, Block())
-        from flashmemory.train.trainer import TrainConfig, train_indexer
-        cfg = TrainConfig(epochs=1, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2)
-        train_indexer([{str(dump_dir)!r}], {str(tmp_path / "ck")!r}, cfg, progress=False)
-        assert not any(m.startswith("transformers.models") for m in sys.modules), "a model class was imported"
-        print("ok")
-        """
+    train_without_model_classes(
+        dump_dir,
+        tmp_path / "ck",
+        "epochs=1, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2",
+        'assert not any(m.startswith("transformers.models") for m in sys.modules), "a model class was imported"',
     )
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "ok" in res.stdout
 
 
 def test_corrupt_shard_is_a_clear_error(dump_dir, tmp_path):

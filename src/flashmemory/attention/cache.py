@@ -5,10 +5,6 @@ This is the one module that knows the transformers Cache API (tested on 5.17 and
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
@@ -16,24 +12,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from ..config import LSAConfig
 from ..indexer.chunk_keys import ChunkKeys
 from ..indexer.memory_indexer import MemoryIndexer
-from ..indexer.scoring import select_pages
-from ..memory.accounting import storage_bytes
 from ..memory.layout import SequenceBytes, plan_layout
 from ..memory.store import KVStore
 from ..models.adapter import backbone_spec
+from .cycle import CycleStats, LSACycle
 from .hooks import CacheHooks
 
-
-@dataclass(slots=True)
-class CycleStats:
-    """What happened at cycle boundaries and how much device memory the KV took."""
-
-    boundaries: int = 0
-    pages_recalled: list[int] = field(default_factory=list)
-    select_seconds: float = 0.0
-    recall_seconds: float = 0.0
-    peak_device_bytes: int = 0
-    kept_fraction: list[float] = field(default_factory=list)
+__all__ = ["CompactSlidingLayer", "CycleStats", "LSACache", "LSALayer"]
 
 
 class LSALayer(CacheLayerMixin):
@@ -110,7 +95,7 @@ class CompactSlidingLayer(DynamicSlidingWindowLayer):
         return keys, values
 
 
-class LSACache(Cache):
+class LSACache(LSACycle, Cache):
     """A transformers ``Cache`` that runs Lookahead Sparse Attention on every full-attention layer.
 
     Use it with ``model.generate(..., past_key_values=cache)`` or with :func:`flashmemory.generate`. It installs
@@ -164,31 +149,12 @@ class LSACache(Cache):
             else:
                 raise ValueError(f"layer {i} is {kind!r}: LSACache supports full and sliding attention layers")
         super().__init__(layers=layers)
-        self.max_new_tokens = max_new_tokens
-        self.forced_pages = forced_pages
+        self.init_cycle(max_new_tokens, forced_pages)
         self.store: KVStore | None = None
         self.chunk_keys = ChunkKeys(self.targets, self.lsa.chunk_size)
         self.pad_len: torch.Tensor | None = None
-        self.in_decode = False
-        self.steps_in_cycle = 0
-        self.stats = CycleStats()
-        self.lookahead: dict[int, torch.Tensor] = {}
-        self.lookahead_pos: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
-        self.last_scores: torch.Tensor | None = None  # chunk probabilities of the latest boundary, for inspection
-        self.closed = False
         self.hooks = CacheHooks(self, model)
-
-    def __enter__(self) -> LSACache:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Remove the hooks this cache put on the model; the cache cannot decode afterwards."""
-        self.hooks.remove()
-        self.closed = True
 
     @property
     def first_lsa_layer(self) -> int:
@@ -250,36 +216,6 @@ class LSACache(Cache):
         num_sliding = self.spec.num_layers - len(self.lsa_layers)
         return 2 * num_sliding * min(num_tokens, window) * self.spec.num_kv_heads * self.spec.head_dim * elem
 
-    def begin_decode_step(self) -> None:
-        """Called once per decode forward, before the first LSA layer attends: boundary work, then the new slot."""
-        store = self.store
-        if not self.in_decode:
-            self.in_decode = True
-            self._boundary(first=True)
-        elif self.steps_in_cycle == self.lsa.interval:
-            self._boundary(first=False)
-        store.begin_step()
-        self.steps_in_cycle += 1
-        self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_kv_bytes())
-
-    def _boundary(self, first: bool) -> None:
-        store = self.store
-        t0 = time.perf_counter()
-        if not first:
-            store.end_cycle()
-            self._extend_chunk_keys()
-        self.steps_in_cycle = 0
-        pages = self._choose_pages()
-        t1 = time.perf_counter()
-        copied = store.recall(pages)
-        if store.device.type == "cuda":
-            torch.cuda.current_stream(store.device).synchronize()
-        t2 = time.perf_counter()
-        self.stats.boundaries += 1
-        self.stats.pages_recalled.append(copied)
-        self.stats.select_seconds += t1 - t0
-        self.stats.recall_seconds += t2 - t1
-
     def _extend_chunk_keys(self) -> None:
         store, c = self.store, self.lsa.chunk_size
         start = self.chunk_keys.num_chunks * c
@@ -290,16 +226,8 @@ class LSACache(Cache):
             keys = store.mirror_k[layer][:, :, start:end]
             self.chunk_keys.extend(layer, keys, start, self.pad_len, store.device)
 
-    def _choose_pages(self) -> torch.Tensor:
-        store = self.store
-        if self.forced_pages is not None:
-            return self.forced_pages(self).to(store.device)
-        k = store.layout.num_page_slots
-        selectable = store.selectable_pages()
-        if k >= selectable:
-            pages = torch.arange(k, device=store.device).expand(store.batch, -1)
-            return torch.where(pages < selectable, pages, -1)
-        scores = self.indexer.score(
+    def _score_chunks(self) -> torch.Tensor:
+        return self.indexer.score(
             self.lookahead,
             self.lookahead_pos,
             self.chunk_keys.stacked(),
@@ -307,20 +235,6 @@ class LSACache(Cache):
             window_mask=self.lookahead_valid,
             chunk_offset=self.store.pad_len,
         )
-        self.last_scores = scores
-        self._record_kept(scores)
-        return select_pages(
-            scores,
-            num_selectable=selectable,
-            page_chunks=self.lsa.page_chunks,
-            num_slots=k,
-            threshold=self.lsa.threshold,
-            valid_chunks=self._valid_chunks(scores.shape[1]),
-            top_m=math.ceil(self.lsa.best_chunk_slots * min(k, selectable)),
-        )
-
-    def _record_kept(self, scores: torch.Tensor) -> None:
-        self.stats.kept_fraction.append(float((scores > self.lsa.threshold).float().mean()))
 
     def _valid_chunks(self, n: int) -> torch.Tensor:
         c = self.lsa.chunk_size
@@ -342,15 +256,10 @@ class LSACache(Cache):
             hidden: hidden states entering its attention in this forward. # [B, q, hidden]
             position_ids: their rotary positions, if the caller passed them. # [B or 1, q]
         """
-        window = self.lsa.query_window
-        # A copy, not a view: a view would keep the prompt's whole hidden-state tensor alive on the device.
-        new = hidden[:, -window:].detach().clone()
-        old = self.lookahead.get(layer)
-        self.lookahead[layer] = (
-            new if old is None or hidden.shape[1] >= window else torch.cat([old, new], 1)[:, -window:]
-        )
+        self._keep_lookahead_hidden(layer, hidden)
         if layer != self.targets[0]:
             return
+        window = self.lsa.query_window
         batch, q = hidden.shape[:2]
         seen = self.layers[layer].get_seq_length()
         index = torch.arange(seen, seen + q, device=hidden.device)[-window:]  # absolute (padded) indices
@@ -373,14 +282,13 @@ class LSACache(Cache):
             raise ValueError("LSACache needs left padding (tokenizer.padding_side = 'left')")
         self.pad_len = pad.cpu()
 
-    def device_kv_bytes(self) -> int:
-        """Physical bytes of KV state on the device: reserves, chunk keys and the untouched layers' caches."""
-        tensors = [] if self.store is None else self.store.device_tensors()
-        tensors += self.chunk_keys.device_tensors()
+    def _other_device_tensors(self) -> list[torch.Tensor]:
+        # the sliding-window layers' caches, untouched by LSA
+        tensors = []
         for layer in self.layers:
             if not isinstance(layer, LSALayer) and layer.is_initialized:
                 tensors += [layer.keys, layer.values]
-        return storage_bytes(tensors)
+        return tensors
 
     def full_kv_bytes(self, num_tokens: int | None = None) -> int:
         """Bytes a plain ``DynamicCache`` holds for this batch at ``num_tokens`` tokens (default: now)."""
@@ -392,6 +300,3 @@ class LSACache(Cache):
 
     def sync_stats(self) -> None:
         """Bring counters that live on the device into :attr:`stats` (a no-op here; see the fast path)."""
-
-    def host_kv_bytes(self) -> int:
-        return 0 if self.store is None else storage_bytes(self.store.host_tensors())

@@ -16,7 +16,6 @@ For every call that is not an LSA decode step it runs the model's original atten
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -133,21 +132,15 @@ class FastLSACache(LSACache):
             self._mask = SparseDecodeMask(rs, self.backend)
         return self._mask
 
-    def _boundary(self, first: bool) -> None:
-        store = self.store
-        t0 = time.perf_counter()
-        if not first:
-            self._extend_chunk_keys_from_tail()
-            store.end_cycle()
-        self.steps_in_cycle = 0
-        pages = self._choose_pages()
-        t1 = time.perf_counter()
-        store.recall(pages)
-        t2 = time.perf_counter()
-        self.stats.boundaries += 1
-        # host time to enqueue the work: the device does it asynchronously (see sync_stats for the counts)
-        self.stats.select_seconds += t1 - t0
-        self.stats.recall_seconds += t2 - t1
+    def _close_cycle(self) -> None:
+        # key the cycle's chunks before end_cycle slides the tail they are read from
+        self._extend_chunk_keys_from_tail()
+        self.store.end_cycle()
+
+    def _recall(self, pages: torch.Tensor) -> None:
+        # only enqueued: the boundary's times are the host's, the device copies asynchronously and sync_stats
+        # reads the counts
+        self.store.recall(pages)
 
     def _extend_chunk_keys_from_tail(self) -> None:
         """New chunk keys from the reserve's tail before it slides: no round trip through the host mirror."""

@@ -1,4 +1,4 @@
-"""One prompt of a question-answering task set (LongBench-v2, LongMemEval), shaped like a RULER sample.
+"""One prompt of a benchmark task set (RULER, LongBench-v2, LongMemEval).
 
 The runner reads the same fields from every sample (``task``, ``index``, ``input``, ``answer_prefix``,
 ``outputs``, ``max_new_tokens``...); ``info`` carries what a task set adds to each result row (the item's id,

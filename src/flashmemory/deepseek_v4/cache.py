@@ -9,19 +9,15 @@ Memory Indexer scores all entries with the lookahead query and the densest/best 
 
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4CSACache, DeepseekV4HCACache
 
-from ..attention.cache import CompactSlidingLayer, CycleStats
+from ..attention.cache import CompactSlidingLayer
+from ..attention.cycle import LSACycle
 from ..config import LSAConfig
 from ..indexer.chunk_keys import ChunkKeys
-from ..indexer.scoring import select_pages
-from ..memory.accounting import storage_bytes
 from .accounting import entry_config, full_cache_bytes, layer_state_tensors, plan_reserve
 from .entry_store import EntryStore
 from .hooks import DeepseekV4Hooks
@@ -100,7 +96,7 @@ class LSACSALayer(CompactState, DeepseekV4CSACache):
         raise NotImplementedError("DeepseekV4LSACache does not support selecting batch rows after prefill")
 
 
-class DeepseekV4LSACache(Cache):
+class DeepseekV4LSACache(LSACycle, Cache):
     """LSA for ``DeepseekV4ForCausalLM``: use with ``model.generate(..., past_key_values=cache)`` or
     :func:`flashmemory.deepseek_v4.generate_ids`.
 
@@ -147,33 +143,14 @@ class DeepseekV4LSACache(Cache):
                 layers.append(CompactSlidingLayer(sliding_window=self.spec.sliding_window))
         super().__init__(layers=layers)
         self.layer_devices = {i: next(attention(model, i).parameters()).device for i in self.spec.csa_layers}
-        self.max_new_tokens = max_new_tokens
-        self.forced_pages = forced_pages
+        self.init_cycle(max_new_tokens, forced_pages)
         self.store: EntryStore | None = None
         self.chunk_keys = ChunkKeys(self.targets, 1)
         self.pending: dict[int, dict[int, torch.Tensor]] = {}
         self.context_tokens = 0
         self.tokens_seen = 0
-        self.in_decode = False
         self.active = False
-        self.steps_in_cycle = 0
-        self.stats = CycleStats()
-        self.lookahead: dict[int, torch.Tensor] = {}
-        self.lookahead_pos: torch.Tensor | None = None
-        self.last_scores: torch.Tensor | None = None
-        self.closed = False
         self.hooks = DeepseekV4Hooks(self, model)
-
-    def __enter__(self) -> DeepseekV4LSACache:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Remove the hooks this cache put on the model; the cache cannot decode afterwards."""
-        self.hooks.remove()
-        self.closed = True
 
     def begin_forward(self, num_tokens: int, batch: int) -> None:
         """Called before every forward pass that carries this cache."""
@@ -245,35 +222,14 @@ class DeepseekV4LSACache(Cache):
 
     def begin_decode_step(self) -> None:
         """Boundary work when a cycle starts, then account for the entry this token completes (if any)."""
-        if not self.in_decode:
-            if self.pending:
-                raise RuntimeError(f"prefill left entries without indexer keys in layers {sorted(self.pending)}")
-            self.in_decode = True
-            self._boundary(first=True)
-        elif self.steps_in_cycle == self.lsa.interval:
-            self._boundary(first=False)
+        if not self.in_decode and self.pending:
+            raise RuntimeError(f"prefill left entries without indexer keys in layers {sorted(self.pending)}")
+        super().begin_decode_step()
+
+    def _begin_store_step(self) -> None:
         self.tokens_seen += 1
         if self.tokens_seen % self.spec.csa_rate == 0:
             self.store.begin_step()  # the compressors close a window with this token: one new entry
-        self.steps_in_cycle += 1
-        self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_kv_bytes())
-
-    def _boundary(self, first: bool) -> None:
-        store = self.store
-        t0 = time.perf_counter()
-        if not first:
-            store.end_cycle()
-            self._extend_chunk_keys()
-        self.steps_in_cycle = 0
-        pages = self._choose_pages()
-        t1 = time.perf_counter()
-        copied = store.recall(pages)
-        if store.device.type == "cuda":
-            torch.cuda.current_stream(store.device).synchronize()
-        self.stats.boundaries += 1
-        self.stats.pages_recalled.append(copied)
-        self.stats.select_seconds += t1 - t0
-        self.stats.recall_seconds += time.perf_counter() - t1
 
     def _extend_chunk_keys(self) -> None:
         start, end = self.chunk_keys.num_chunks, self.store.flushed_len
@@ -284,27 +240,9 @@ class DeepseekV4LSACache(Cache):
             keys = self.store.mirror_v[layer][:, :, start:end][..., self.key_perm]
             self.chunk_keys.extend(layer, keys, start, zeros, self.layer_devices[layer])
 
-    def _choose_pages(self) -> torch.Tensor:
-        store = self.store
-        if self.forced_pages is not None:
-            return self.forced_pages(self).to(store.device)
-        k, selectable = store.layout.num_page_slots, store.selectable_pages()
-        if k >= selectable:
-            pages = torch.arange(k, device=store.device).expand(store.batch, -1)
-            return torch.where(pages < selectable, pages, -1)
-        scores = self.indexer.score(
-            self.lookahead, self.lookahead_pos, self.chunk_keys.stacked(), self.lsa.layer_reduce
-        ).to(store.device)
-        self.last_scores = scores
-        self.stats.kept_fraction.append(float((scores > self.lsa.threshold).float().mean()))
-        return select_pages(
-            scores,
-            num_selectable=selectable,
-            page_chunks=self.lsa.page_chunks,
-            num_slots=k,
-            threshold=self.lsa.threshold,
-            top_m=math.ceil(self.lsa.best_chunk_slots * min(k, selectable)),
-        )
+    def _score_chunks(self) -> torch.Tensor:
+        keys = self.chunk_keys.stacked()
+        return self.indexer.score(self.lookahead, self.lookahead_pos, keys, self.lsa.layer_reduce).to(self.store.device)
 
     def capture_lookahead(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         """Keep the newest ``query_window`` tower inputs of a target layer (the next boundary's query).
@@ -314,27 +252,18 @@ class DeepseekV4LSACache(Cache):
             positions: their positions. # [B or 1, q]
         """
         window = self.lsa.query_window
-        new = hidden[:, -window:].detach().clone()  # a view would keep the prompt's activations alive
-        old = self.lookahead.get(layer)
-        self.lookahead[layer] = new if old is None else torch.cat([old, new], 1)[:, -window:]
+        self._keep_lookahead_hidden(layer, hidden)
         if layer == self.targets[0]:
             pos = positions[:, -window:].expand(hidden.shape[0], -1)
             old_pos = self.lookahead_pos
             self.lookahead_pos = pos if old_pos is None else torch.cat([old_pos, pos], 1)[:, -window:]
 
-    def device_kv_bytes(self) -> int:
-        """Physical bytes of KV state on the device: reserves, Memory-Indexer keys, windows, HCA, compressor state."""
-        tensors = [] if self.store is None else self.store.device_tensors()
-        tensors += self.chunk_keys.device_tensors()
-        for layer in self.layers:
-            tensors += [t for group in layer_state_tensors(layer).values() for t in group]
-        return storage_bytes(tensors)
+    def _other_device_tensors(self) -> list[torch.Tensor]:
+        # every layer's own state: sliding windows, HCA entries, compressor and overlap buffers
+        return [t for layer in self.layers for group in layer_state_tensors(layer).values() for t in group]
 
     def full_kv_bytes(self, num_tokens: int | None = None) -> int:
         """Bytes transformers' own cache holds for this batch at ``num_tokens`` tokens (default: now)."""
         n = self.tokens_seen if num_tokens is None else num_tokens
         elem = self.store.reserve_k[self.spec.csa_layers[0]].element_size()
         return full_cache_bytes(self.spec, n, elem=elem, batch=self.store.batch).total
-
-    def host_kv_bytes(self) -> int:
-        return 0 if self.store is None else storage_bytes(self.store.host_tensors())

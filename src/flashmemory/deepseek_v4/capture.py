@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..dump.capture import LabelConfig
-from ..dump.labels import golden_chunks, to_csr, top_p_mask
+from ..dump.capture import LabelConfig, record_steps
+from ..dump.labels import top_p_mask
 from .memory_indexer import DeepseekV4MemoryIndexer
 from .spec import deepseek_v4_spec, native_indexer
 
@@ -114,41 +114,26 @@ def capture_prompt(
     spec = deepseek_v4_spec(model)
     recorder = SelectionRecorder(model, targets, keep=query_window)
     cache = DynamicCache(config=model.config)
-    min_layers = min(labels.min_layers, len(recorder.layers))
-    steps_hidden, golden, hits = [], [], []
-    tokens = input_ids[0].tolist()
-    try:
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        for step in range(max_new_tokens + 1):
-            masks = torch.stack(
-                [selection_mask(recorder.scores[i], spec.index_topk, labels.top_p) for i in recorder.layers]
-            )
-            ids, count = golden_chunks(masks, min_layers)
-            golden.append(ids.cpu())
-            hits.append(count.cpu())
-            if step == 0:
-                prefix = torch.stack([recorder.hidden[i][:-1] for i in targets], 1)  # [P, L, ...]
-            steps_hidden.append(torch.stack([recorder.hidden[i][-1] for i in targets]).to(torch.float16).cpu())
-            if step == max_new_tokens:
-                break
-            tok = int(out.logits[0, -1].argmax())
-            if tok in eos_token_id:
-                break
-            tokens.append(tok)
-            out = model(input_ids=torch.tensor([[tok]], device=input_ids.device), past_key_values=cache, use_cache=True)
-    finally:
-        recorder.remove()
-    prompt_len = input_ids.shape[1]
+
+    def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        masks = [selection_mask(recorder.scores[i], spec.index_topk, labels.top_p) for i in recorder.layers]
+        return torch.stack(masks), torch.stack([recorder.hidden[i] for i in targets], 1)
+
+    record = record_steps(
+        model,
+        input_ids,
+        cache,
+        recorder,
+        observe,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        min_layers=min(labels.min_layers, len(recorder.layers)),
+    )
     perm = DeepseekV4MemoryIndexer.permutation_for(spec)
     keys = torch.stack([cache.layers[i].compressed_kv["indexer"][0][:, perm] for i in targets])[:, None]
     keys = keys.to(torch.float16).cpu()  # [L, 1, N, D_idx]
     return {
-        "hidden": torch.stack(steps_hidden),
-        "positions": torch.arange(prompt_len - 1, prompt_len - 1 + len(steps_hidden), dtype=torch.long),
-        "tokens": torch.tensor(tokens, dtype=torch.long),
-        "prefix_hidden": prefix.to(torch.float16).cpu(),
-        "prefix_positions": torch.arange(prompt_len - 1 - prefix.shape[0], prompt_len - 1),
-        **to_csr(golden, hits),
+        **record,
         "chunk_keys": keys,
         "chunk_kmin": keys.clone(),  # one key per entry: its bounds are the key itself
         "chunk_kmax": keys.clone(),

@@ -8,7 +8,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..config import LSAConfig
 from ..memory.accounting import storage_bytes
-from ..runtime.generate import GenerationResult, encode_prompts
+from ..runtime.generate import GenerationResult, copy_cycle_stats, decode_result, encode_prompts, prompt_list
 from ..runtime.generate import generate_ids as generic_generate_ids
 from ..runtime.stats import GenerationStats
 from .accounting import layer_state_tensors
@@ -78,15 +78,9 @@ def generate_ids(
             holder["cache"].close()
     cache = holder["cache"]
     if isinstance(cache, DeepseekV4LSACache):
-        cs = cache.stats
-        stats.kv_bytes_device = max(cs.peak_device_bytes, cache.device_kv_bytes())
+        stats.kv_bytes_device = max(cache.stats.peak_device_bytes, cache.device_kv_bytes())
         stats.kv_bytes_full = cache.full_kv_bytes()
-        stats.kv_bytes_host = cache.host_kv_bytes()
-        stats.boundaries = cs.boundaries
-        stats.pages_recalled = list(cs.pages_recalled)
-        stats.select_seconds, stats.recall_seconds = cs.select_seconds, cs.recall_seconds
-        stats.page_slots = cache.store.layout.num_page_slots
-        stats.kept_fraction = list(cs.kept_fraction)
+        copy_cycle_stats(stats, cache)
     else:
         # Entries only grow, so the final storage is the peak (the generic loop counts windows only).
         stats.kv_bytes_device = stats.kv_bytes_full = stock_cache_bytes(cache)
@@ -105,10 +99,7 @@ def generate(
     chat: bool = True,
 ) -> GenerationResult:
     """Answer one prompt (or prompts of equal token length) with a DeepSeek-V4 model; see :func:`generate_ids`."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or any(not p.strip() for p in prompts):
-        raise ValueError("prompt is empty")
-    enc = encode_prompts(tokenizer, prompts, chat=chat)
+    enc = encode_prompts(tokenizer, prompt_list(prompt), chat=chat)
     if not bool(enc["attention_mask"].bool().all()):
         raise ValueError("DeepSeek-V4 prompts of one batch must have the same number of tokens")
     eos = tokenizer.eos_token_id
@@ -121,10 +112,4 @@ def generate(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
     )
-    stops = [eos] if isinstance(eos, int) else list(eos or [])
-    token_ids = []
-    for row in ids.cpu().tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        token_ids.append(row[:cut])
-    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
-    return GenerationResult(texts=texts, token_ids=token_ids, stats=stats)
+    return decode_result(tokenizer, ids, stats)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..indexer.chunk_keys import chunk_means
 from ..models.adapter import attention_module, backbone_spec
-from .labels import chunk_mass, golden_chunks, top_p_mask
+from .labels import chunk_mass, golden_chunks, to_csr, top_p_mask
 
 
 @dataclass(slots=True)
@@ -49,6 +50,61 @@ class LabelConfig:
         c = self.chunk_size
         start = torch.arange(num_chunks) * c
         return (start >= self.sink) & (start + c <= seq_len - self.recent)
+
+
+def record_steps(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    cache,
+    recorder,
+    observe: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    max_new_tokens: int,
+    eos_token_id: list[int],
+    min_layers: int,
+) -> dict[str, torch.Tensor]:
+    """Prefill ``input_ids`` (batch 1) into ``cache``, decode greedily, and record every step's golden chunks.
+
+    Step 0 is the prompt's forward, step ``s > 0`` the ``s``-th decode forward. After each forward
+    ``observe(seq_len)`` (``seq_len``: tokens the model has seen) returns each layer's selection of chunks
+    ``[num_layers, N]`` and the target layers' recorded hidden states, newest last, ``[W, L, ...]``. The
+    recorder's hooks are removed at the end, whatever happens.
+
+    Returns:
+        The dump fields every backbone shares: ``hidden [S, L, ...]``, ``positions [S]``, ``tokens``,
+        ``prefix_hidden [P, L, ...]`` / ``prefix_positions [P]`` and the golden CSR (``indptr``, ``indices``,
+        ``hits``).
+    """
+    hidden, golden, hits = [], [], []
+    tokens = input_ids[0].tolist()
+    try:
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        for step in range(max_new_tokens + 1):
+            masks, window = observe(len(tokens))
+            ids, count = golden_chunks(masks, min_layers)
+            golden.append(ids.cpu())
+            hits.append(count.cpu())
+            if step == 0:
+                prefix = window[:-1]  # [P, L, ...]: the prompt tokens that share step 0's lookahead window
+            hidden.append(window[-1].to(torch.float16).cpu())
+            if step == max_new_tokens:
+                break
+            tok = int(out.logits[0, -1].argmax())
+            if tok in eos_token_id:
+                break
+            tokens.append(tok)
+            out = model(input_ids=torch.tensor([[tok]], device=input_ids.device), past_key_values=cache, use_cache=True)
+    finally:
+        recorder.remove()
+    first = input_ids.shape[1] - 1  # the position of step 0
+    return {
+        "hidden": torch.stack(hidden),
+        "positions": torch.arange(first, first + len(hidden), dtype=torch.long),
+        "tokens": torch.tensor(tokens, dtype=torch.long),
+        "prefix_hidden": prefix.to(torch.float16).cpu(),
+        "prefix_positions": torch.arange(first - prefix.shape[0], first),
+        **to_csr(golden, hits),
+    }
 
 
 class AttentionRecorder:
@@ -125,55 +181,27 @@ def capture_prompt(
         ``tokens`` (prompt + generated ids), and ``prefix_hidden [P, L, hidden]`` / ``prefix_positions [P]``: the
         ``query_window - 1`` prompt tokens before step 0, which join it in the first lookahead window.
     """
-    from .labels import to_csr
-
     recorder = AttentionRecorder(model, keep=query_window)
     cache = DynamicCache(config=model.config)
-    steps_hidden, steps_pos, golden, hits = [], [], [], []
-    tokens = input_ids[0].tolist()
-    try:
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        for step in range(max_new_tokens + 1):
-            seq_len = len(tokens)
-            masks = torch.stack(
-                [
-                    top_p_mask(
-                        _decidable_mass(recorder, layer, cache.layers[layer].keys, labels, seq_len),
-                        labels.top_p,
-                    )
-                    for layer in recorder.layers
-                ]
-            )
-            ids, count = golden_chunks(masks, min(labels.min_layers, len(recorder.layers)))
-            golden.append(ids.cpu())
-            hits.append(count.cpu())
-            if step == 0:
-                prefix = torch.stack([recorder.hidden[layer][0, :-1] for layer in targets], 1)  # [P, L, hidden]
-            newest = torch.stack([recorder.hidden[layer][0, -1] for layer in targets])
-            steps_hidden.append(newest.to(torch.float16).cpu())
-            steps_pos.append(seq_len - 1)
-            if step == max_new_tokens:
-                break
-            tok = int(out.logits[0, -1].argmax())
-            if tok in eos_token_id:
-                break
-            tokens.append(tok)
-            out = model(
-                input_ids=torch.tensor([[tok]], device=input_ids.device),
-                past_key_values=cache,
-                use_cache=True,
-            )
-    finally:
-        recorder.remove()
+
+    def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        masks = [
+            top_p_mask(_decidable_mass(recorder, layer, cache.layers[layer].keys, labels, seq_len), labels.top_p)
+            for layer in recorder.layers
+        ]
+        return torch.stack(masks), torch.stack([recorder.hidden[layer][0] for layer in targets], 1)
+
+    record = record_steps(
+        model,
+        input_ids,
+        cache,
+        recorder,
+        observe,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_token_id,
+        min_layers=min(labels.min_layers, len(recorder.layers)),
+    )
     zero = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-    record = {
-        "hidden": torch.stack(steps_hidden),
-        "positions": torch.tensor(steps_pos, dtype=torch.long),
-        "tokens": torch.tensor(tokens, dtype=torch.long),
-        "prefix_hidden": prefix.to(torch.float16).cpu(),
-        "prefix_positions": torch.arange(input_ids.shape[1] - 1 - prefix.shape[0], input_ids.shape[1] - 1),
-        **to_csr(golden, hits),
-    }
     means, kmin, kmax = [], [], []
     c = labels.chunk_size
     for layer in targets:

@@ -11,6 +11,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from ..attention.cache import LSACache
+from ..attention.cycle import LSACycle
 from ..attention.fast_path import build_lsa_cache
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
@@ -38,6 +39,14 @@ class GenerationResult:
     @property
     def text(self) -> str:
         return self.texts[0]
+
+
+def prompt_list(prompt: str | list[str]) -> list[str]:
+    """One prompt or a list of them as a list; an empty prompt is an error."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ValueError("prompt is empty")
+    return prompts
 
 
 def encode_prompts(tokenizer, prompts: list[str], *, chat: bool) -> dict[str, torch.Tensor]:
@@ -157,19 +166,24 @@ def generate_ids(
 def _fill_cache_stats(stats: GenerationStats, cache, final_len: int) -> None:
     if isinstance(cache, LSACache):
         cache.sync_stats()
-        cs = cache.stats
-        stats.kv_bytes_device = cs.peak_device_bytes or cache.device_kv_bytes()
+        stats.kv_bytes_device = cache.stats.peak_device_bytes or cache.device_kv_bytes()
         stats.kv_bytes_full = cache.full_kv_bytes(final_len)
-        stats.kv_bytes_host = cache.host_kv_bytes()
-        stats.boundaries = cs.boundaries
-        stats.pages_recalled = list(cs.pages_recalled)
-        stats.select_seconds = cs.select_seconds
-        stats.recall_seconds = cs.recall_seconds
-        stats.page_slots = cache.store.layout.num_page_slots
-        stats.kept_fraction = list(cs.kept_fraction)
+        copy_cycle_stats(stats, cache)
     else:
         stats.kv_bytes_device = max(stats.kv_bytes_device, _dynamic_bytes(cache))
         stats.kv_bytes_full = stats.kv_bytes_device
+
+
+def copy_cycle_stats(stats: GenerationStats, cache: LSACycle) -> None:
+    """Copy an LSA cache's boundary counters, host mirror bytes and page slots into ``stats``."""
+    cs = cache.stats
+    stats.kv_bytes_host = cache.host_kv_bytes()
+    stats.boundaries = cs.boundaries
+    stats.pages_recalled = list(cs.pages_recalled)
+    stats.select_seconds = cs.select_seconds
+    stats.recall_seconds = cs.recall_seconds
+    stats.page_slots = cache.store.layout.num_page_slots
+    stats.kept_fraction = list(cs.kept_fraction)
 
 
 def _dynamic_bytes(cache) -> int:
@@ -214,10 +228,7 @@ def generate(
     Returns:
         Texts, token ids and :class:`GenerationStats`.
     """
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts or any(not p.strip() for p in prompts):
-        raise ValueError("prompt is empty")
-    enc = encode_prompts(tokenizer, prompts, chat=chat)
+    enc = encode_prompts(tokenizer, prompt_list(prompt), chat=chat)
     eos = tokenizer.eos_token_id
     if method == "lsa":
         indexer = resolve_indexer(model, indexer)
@@ -231,7 +242,13 @@ def generate(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
     )
-    token_ids = [_until_eos(row.tolist(), _as_list(eos)) for row in ids.cpu()]
+    return decode_result(tokenizer, ids, stats)
+
+
+def decode_result(tokenizer, ids: torch.Tensor, stats: GenerationStats) -> GenerationResult:
+    """Texts and token ids of generated ``ids [B, N]``, each row cut before its first EOS."""
+    stops = _as_list(tokenizer.eos_token_id)
+    token_ids = [_until_eos(row.tolist(), stops) for row in ids.cpu()]
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
     return GenerationResult(texts=texts, token_ids=token_ids, stats=stats)
 

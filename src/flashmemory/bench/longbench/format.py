@@ -7,11 +7,11 @@ word count), ``question``, ``choice_A`` .. ``choice_D``, ``answer`` (a letter) a
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..json_items import load_json_items, require_fields
 
 # LongBench-v2's six domains, as its data spells them, and the task names used on the command line.
 DOMAINS: dict[str, str] = {
@@ -68,11 +68,7 @@ def parse_item(record: Any, where: str) -> LongBenchItem:
     Raises:
         ValueError: naming the record and what is wrong with it.
     """
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected an object with fields {', '.join(_FIELDS)}, got {type(record).__name__}")
-    missing = [f for f in _FIELDS if f not in record]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+    require_fields(record, _FIELDS, where)
     bad = [f for f in _FIELDS if not isinstance(record[f], str)]
     if bad:
         raise ValueError(f"{where}: field(s) {', '.join(bad)} must be strings")
@@ -101,24 +97,4 @@ def load_longbench(path: str | Path) -> list[LongBenchItem]:
         FileNotFoundError: no such file.
         ValueError: not JSON, not a list, an empty list, or an item that is not of LongBench-v2's shape.
     """
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"LongBench-v2 data file {path} does not exist")
-    stat = path.stat()
-    return list(_load(path, stat.st_size, stat.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=2)
-def _load(path: Path, size: int, mtime_ns: int) -> tuple[LongBenchItem, ...]:
-    # Size and mtime are part of the key so that an edited file is read again.
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"LongBench-v2 data file {path} is not valid JSON ({err})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"LongBench-v2 data file {path} is not UTF-8 text") from None
-    if not isinstance(records, list):
-        raise ValueError(f"LongBench-v2 data file {path} must hold a JSON list of items, got {type(records).__name__}")
-    if not records:
-        raise ValueError(f"LongBench-v2 data file {path} holds no items")
-    return tuple(parse_item(r, f"{path}: item {i}") for i, r in enumerate(records))
+    return load_json_items(path, "LongBench-v2", parse_item)

@@ -21,6 +21,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from .format import LETTERS, LongBenchItem
 from .sources import CodeUnit, DocEntry, code_files, doc_entries, sentences
@@ -82,6 +83,7 @@ def local_item(task: str, key: str, size: int, difficulty: str, length_label: st
 
 
 Question = tuple[str, str, list[str]]  # question, correct option, three distractors
+Unit = TypeVar("Unit")
 
 
 def _pick(rng: random.Random, builders: Sequence[Callable[[], Question | None]]) -> Question:
@@ -91,6 +93,27 @@ def _pick(rng: random.Random, builders: Sequence[Callable[[], Question | None]])
         if question is not None:
             return question
     raise ContextTooSmall("context too small for a question")
+
+
+def _random_runs(
+    rng: random.Random, groups: Sequence[tuple[str, Sequence[Unit]]], size: int, shortest: int, longest: int
+) -> list[list[Unit]]:
+    """Runs of ``shortest``-``longest`` consecutive units from the groups in random order, ``size`` units in all.
+
+    A group (a module's entries, a file's functions) gives at most one run, shorter when the group is.
+    """
+    order = list(groups)
+    rng.shuffle(order)
+    runs: list[list[Unit]] = []
+    left = size
+    for _, units in order:
+        if left <= 0:
+            break
+        run = min(left, rng.randint(shortest, longest), len(units))
+        start = rng.randrange(len(units) - run + 1)
+        runs.append(list(units[start : start + run]))
+        left -= run
+    return runs
 
 
 # ------------------------------------------------------------------------------------------------ documents
@@ -144,17 +167,7 @@ def _single_doc(rng: random.Random, size: int, difficulty: str) -> tuple[str, Qu
 
 
 def _multi_doc(rng: random.Random, size: int, difficulty: str) -> tuple[str, Question]:
-    modules = list(doc_entries())
-    rng.shuffle(modules)
-    docs: list[list[DocEntry]] = []
-    left = size
-    for _, entries in modules:
-        if left <= 0:
-            break
-        run = min(left, rng.randint(1, 4), len(entries))
-        start = rng.randrange(len(entries) - run + 1)
-        docs.append(list(entries[start : start + run]))
-        left -= run
+    docs = _random_runs(rng, doc_entries(), size, shortest=1, longest=4)
     labels = [f"Document {i + 1}" for i in range(len(docs))]
     context = "\n\n".join(
         f"{label}:\n\n" + "\n\n".join(f"## {e.name}\n\n{e.text}" for e in doc)
@@ -187,21 +200,6 @@ def _multi_doc(rng: random.Random, size: int, difficulty: str) -> tuple[str, Que
 # ----------------------------------------------------------------------------------------------------- code
 
 
-def _code_excerpts(rng: random.Random, size: int) -> list[list[CodeUnit]]:
-    """Runs of 2-8 consecutive functions from files in random order, ``size`` functions in all."""
-    files = list(code_files())
-    rng.shuffle(files)
-    runs, left = [], size
-    for _, units in files:
-        if left <= 0:
-            break
-        run = min(left, rng.randint(2, 8), len(units))
-        start = rng.randrange(len(units) - run + 1)
-        runs.append(list(units[start : start + run]))
-        left -= run
-    return runs
-
-
 def _render_file(units: Sequence[CodeUnit]) -> str:
     parts, current = [f"### File: {units[0].path}"], None
     for unit in units:
@@ -213,7 +211,7 @@ def _render_file(units: Sequence[CodeUnit]) -> str:
 
 
 def _code_repo(rng: random.Random, size: int, difficulty: str) -> tuple[str, Question]:
-    runs = _code_excerpts(rng, size)
+    runs = _random_runs(rng, code_files(), size, shortest=2, longest=8)  # excerpts of files, in random order
     context = "\n\n".join(_render_file(run) for run in runs)
     units = [u for run in runs for u in run]
     counts = Counter(u.qualname for u in units)

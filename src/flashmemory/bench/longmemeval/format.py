@@ -9,11 +9,11 @@ turns marked ``"has_answer": true``) and ``answer_session_ids``. The local gener
 
 from __future__ import annotations
 
-import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..json_items import load_json_items, require_fields
 
 # LongMemEval's question types and the ability each one tests; any ``_abs`` question tests abstention.
 QUESTION_TYPES: dict[str, str] = {
@@ -81,11 +81,7 @@ def parse_item(record: Any, where: str) -> MemItem:
     Raises:
         ValueError: naming the record and what is wrong with it.
     """
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected an object with fields {', '.join(_FIELDS)}, got {type(record).__name__}")
-    missing = [f for f in _FIELDS if f not in record]
-    if missing:
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+    require_fields(record, _FIELDS, where)
     where = f"{where} (question_id {record['question_id']!r})"
     for name in ("question_id", "question_type", "question", "question_date"):
         if not isinstance(record[name], str):
@@ -133,24 +129,4 @@ def load_longmemeval(path: str | Path) -> list[MemItem]:
         FileNotFoundError: no such file.
         ValueError: not JSON, not a list, an empty list, or an item not of LongMemEval's shape.
     """
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"LongMemEval data file {path} does not exist")
-    stat = path.stat()
-    return list(_load(path, stat.st_size, stat.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=2)
-def _load(path: Path, size: int, mtime_ns: int) -> tuple[MemItem, ...]:
-    # Size and mtime are part of the key so that an edited file is read again.
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"LongMemEval data file {path} is not valid JSON ({err})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"LongMemEval data file {path} is not UTF-8 text") from None
-    if not isinstance(records, list):
-        raise ValueError(f"LongMemEval data file {path} must hold a JSON list of items, got {type(records).__name__}")
-    if not records:
-        raise ValueError(f"LongMemEval data file {path} holds no items")
-    return tuple(parse_item(r, f"{path}: item {i}") for i, r in enumerate(records))
+    return load_json_items(path, "LongMemEval", parse_item)

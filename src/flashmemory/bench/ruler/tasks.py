@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from flashmemory.bench.ruler.data import task_configs, task_templates
 from flashmemory.bench.ruler.prompt import Prompt, TaskBuilder, fit_sample, fit_size
 from flashmemory.bench.ruler.scoring import postprocess_pred, string_match_all, string_match_part
+from flashmemory.bench.task_sample import TaskSample
 
 RULER_TASKS: tuple[str, ...] = (
     "niah_single_1",
@@ -34,23 +34,9 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
 
 
-@dataclass(frozen=True)
-class RulerSample:
-    """One RULER example.
-
-    ``input`` is the whole prompt in RULER's ``base`` template, i.e. ending with ``answer_prefix``; for a chat
-    template, put ``input[: len(input) - len(answer_prefix)]`` in the user turn and ``answer_prefix`` after it.
-    ``length`` is the requested total (prompt plus ``max_new_tokens``), ``num_tokens`` the prompt's actual size.
-    """
-
-    task: str
-    index: int
-    input: str
-    outputs: list[str]
-    length: int
-    answer_prefix: str
-    num_tokens: int
-    max_new_tokens: int
+# A RULER sample is the runner's common sample with no ``info`` or ``buckets``; the name stays for callers
+# that build RULER samples themselves.
+RulerSample = TaskSample
 
 
 def _check_task(task: str) -> None:

@@ -1,0 +1,161 @@
+"""The LSA decode cycle shared by every LSA cache: boundary work, page choice and KV byte accounting.
+
+A cache that mixes in :class:`LSACycle` holds ``lsa`` (:class:`~flashmemory.config.LSAConfig`), ``store`` (a
+store with ``recall``/``end_cycle``/``begin_step``), ``chunk_keys``, ``indexer``, ``forced_pages``,
+``lookahead``/``lookahead_pos``, ``hooks`` and the counters set by :meth:`LSACycle.init_cycle`. What differs
+between backbones (how chunk keys grow, how the indexer is asked, which other layers hold device state) is a
+small method each cache overrides.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Self
+
+import torch
+
+from ..indexer.scoring import select_pages
+from ..memory.accounting import storage_bytes
+
+
+@dataclass(slots=True)
+class CycleStats:
+    """What happened at cycle boundaries and how much device memory the KV took."""
+
+    boundaries: int = 0
+    pages_recalled: list[int] = field(default_factory=list)
+    select_seconds: float = 0.0
+    recall_seconds: float = 0.0
+    peak_device_bytes: int = 0
+    kept_fraction: list[float] = field(default_factory=list)
+
+
+class LSACycle:
+    """Mixin for a transformers ``Cache``: the boundary / decode-step logic of LSA on top of a page store."""
+
+    def init_cycle(self, max_new_tokens: int, forced_pages) -> None:
+        """Counters and per-request state of the cycle (called from the cache's ``__init__``)."""
+        self.max_new_tokens = max_new_tokens
+        self.forced_pages = forced_pages
+        self.store = None
+        self.in_decode = False
+        self.steps_in_cycle = 0
+        self.stats = CycleStats()
+        self.lookahead: dict[int, torch.Tensor] = {}
+        self.lookahead_pos: torch.Tensor | None = None
+        self.last_scores: torch.Tensor | None = None  # chunk probabilities of the latest boundary, for inspection
+        self.closed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks this cache put on the model; the cache cannot decode afterwards."""
+        self.hooks.remove()
+        self.closed = True
+
+    def begin_decode_step(self) -> None:
+        """Called once per decode forward, before the first LSA layer attends: boundary work, then the new slot."""
+        if not self.in_decode:
+            self.in_decode = True
+            self._boundary(first=True)
+        elif self.steps_in_cycle == self.lsa.interval:
+            self._boundary(first=False)
+        self._begin_store_step()
+        self.steps_in_cycle += 1
+        self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_kv_bytes())
+
+    def _begin_store_step(self) -> None:
+        self.store.begin_step()
+
+    def _boundary(self, first: bool) -> None:
+        t0 = time.perf_counter()
+        if not first:
+            self._close_cycle()
+        self.steps_in_cycle = 0
+        pages = self._choose_pages()
+        t1 = time.perf_counter()
+        self._recall(pages)
+        t2 = time.perf_counter()
+        self.stats.boundaries += 1
+        self.stats.select_seconds += t1 - t0
+        self.stats.recall_seconds += t2 - t1
+
+    def _close_cycle(self) -> None:
+        """Flush the finished cycle to the host mirror, then key its completed chunks."""
+        self.store.end_cycle()
+        self._extend_chunk_keys()
+
+    def _recall(self, pages: torch.Tensor) -> None:
+        """Copy the chosen pages into the reserve and wait for them (so the timing is the copy's)."""
+        store = self.store
+        copied = store.recall(pages)
+        if store.device.type == "cuda":
+            torch.cuda.current_stream(store.device).synchronize()
+        self.stats.pages_recalled.append(copied)
+
+    def _extend_chunk_keys(self) -> None:
+        raise NotImplementedError
+
+    def _choose_pages(self) -> torch.Tensor:
+        """Page ids for the reserve's page slots, ``-1`` for an empty slot. # [B, K]"""
+        store = self.store
+        if self.forced_pages is not None:
+            return self.forced_pages(self).to(store.device)
+        k = store.layout.num_page_slots
+        selectable = store.selectable_pages()
+        if k >= selectable:
+            pages = torch.arange(k, device=store.device).expand(store.batch, -1)
+            return torch.where(pages < selectable, pages, -1)
+        scores = self._score_chunks()
+        self.last_scores = scores
+        self._record_kept(scores)
+        return select_pages(
+            scores,
+            num_selectable=selectable,
+            page_chunks=self.lsa.page_chunks,
+            num_slots=k,
+            threshold=self.lsa.threshold,
+            valid_chunks=self._valid_chunks(scores.shape[1]),
+            top_m=math.ceil(self.lsa.best_chunk_slots * min(k, selectable)),
+        )
+
+    def _score_chunks(self) -> torch.Tensor:
+        """The indexer's probability per chunk for the coming cycle, on the store's device. # [B, N]"""
+        raise NotImplementedError
+
+    def _valid_chunks(self, n: int) -> torch.Tensor | None:
+        """Chunks that hold real tokens ``[B, N]``; ``None`` when every chunk does."""
+        return None
+
+    def _record_kept(self, scores: torch.Tensor) -> None:
+        self.stats.kept_fraction.append(float((scores > self.lsa.threshold).float().mean()))
+
+    def _keep_lookahead_hidden(self, layer: int, hidden: torch.Tensor) -> None:
+        """Keep the newest ``query_window`` rows of ``hidden [B, q, ...]`` for ``layer``'s next lookahead query."""
+        window = self.lsa.query_window
+        # A copy, not a view: a view would keep the prompt's whole hidden-state tensor alive on the device.
+        new = hidden[:, -window:].detach().clone()
+        old = self.lookahead.get(layer)
+        self.lookahead[layer] = (
+            new if old is None or hidden.shape[1] >= window else torch.cat([old, new], 1)[:, -window:]
+        )
+
+    def device_kv_bytes(self) -> int:
+        """Physical bytes of KV state on the device: reserves, chunk keys and the other layers' state."""
+        tensors = [] if self.store is None else self.store.device_tensors()
+        tensors += self.chunk_keys.device_tensors()
+        tensors += self._other_device_tensors()
+        return storage_bytes(tensors)
+
+    def _other_device_tensors(self) -> list[torch.Tensor]:
+        """Device tensors of the cache layers whose history is not in the store."""
+        raise NotImplementedError
+
+    def host_kv_bytes(self) -> int:
+        return 0 if self.store is None else storage_bytes(self.store.host_tensors())
