@@ -1,7 +1,7 @@
 """Device KV of DeepSeek-V4-Flash, full cache vs LSA, computed from shapes (and checked on a GPU with --check).
 
 python benchmarks/deepseek_v4_kv.py --lengths 131072,262144,524288,1048576 --budget 0.1 --out benchmarks/results
-python benchmarks/deepseek_v4_kv.py --check --out $OUT     # on a GPU: random weights, fewer layers, real tensors
+python benchmarks/deepseek_v4_kv.py --check --out OUT_DIR     # on a GPU: random weights, fewer layers, real tensors
 
 The table counts, per sequence, what stays on the accelerator: CSA attention entries and their lightning-indexer
 keys (LSA: only the reserve of resident pages, sink and recent tail), the Memory Indexer's keys (LSA only), HCA
