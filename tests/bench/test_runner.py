@@ -155,3 +155,22 @@ def test_baseline_page_choosers():
     cache.store = Store(4, 2)
     assert methods_mod.RecentPages().page_chooser()(cache).tolist() == [[0, 1, -1, -1]] * 2
     assert sorted(methods_mod.RandomPages().page_chooser()(cache)[0].tolist()) == [-1, -1, 0, 1]
+
+
+def test_time_boxed_run_covers_every_task_then_resumes(bench, tmp_path, monkeypatch):
+    clock = iter(range(0, 10_000, 60))  # each look at the clock is a minute later
+    monkeypatch.setattr(runner, "_clock", lambda: next(clock))
+    summary = bench(methods=["full", "recent"], max_minutes=2.5)
+    rows = _rows(tmp_path / "run")
+    # two (task, sample) units fit before the limit; index-major order gives sample 0 of both tasks
+    assert sorted((r["task"], r["sample"]) for r in rows) == [("niah_single_1", 0)] * 2 + [("vt", 0)] * 2
+    assert not summary["complete"] and summary["rows"] == {"finished": 4, "planned": 8}
+    assert "Partial run:" in (tmp_path / "run" / "summary.md").read_text()
+    summary = bench(methods=["full", "recent"])
+    assert summary["complete"] and len(_rows(tmp_path / "run")) == 8
+    assert "Partial run:" not in (tmp_path / "run" / "summary.md").read_text()
+
+
+def test_max_minutes_must_be_positive(bench):
+    with pytest.raises(ValueError, match="max-minutes"):
+        bench(max_minutes=0)

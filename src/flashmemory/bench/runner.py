@@ -11,6 +11,7 @@ import dataclasses
 import json
 import shlex
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +28,8 @@ from .longmemeval import LONGMEMEVAL_TASKS, generate_longmemeval, load_longmemev
 from .methods import METHODS, get_method
 from .record import git_commit, machine_description
 from .ruler import RULER_TASKS, generate_ruler, score_ruler
+
+_clock = time.monotonic  # the wall clock that --max-minutes reads (tests replace it)
 
 TASKSETS: dict[str, tuple[str, ...]] = {
     "ruler": RULER_TASKS,
@@ -183,6 +186,7 @@ def run_bench(
     lsa: LSAConfig | None = None,
     command: str | None = None,
     data: Path | None = None,
+    max_minutes: float | None = None,
 ) -> dict:
     """Run ``methods`` on every task × length × sample of ``taskset`` and summarise into ``out``.
 
@@ -202,10 +206,16 @@ def run_bench(
         command: command line recorded in ``config.json``. Default: ``sys.argv``.
         data: published data of ``longbench-v2`` (``data.json``) or ``longmemeval`` (``longmemeval_s.json`` ...);
             None generates the local tasks.
+        max_minutes: wall-clock limit of this call; when it is reached no new sample is started and the summary
+            covers what finished (rerun to continue). Samples run index-major (sample 0 of every task first), so
+            a time-boxed run covers every task. Default: no limit.
 
     Returns:
         The summary (also written to ``out/summary.json``).
     """
+    started = _clock()
+    if max_minutes is not None and max_minutes <= 0:
+        raise ValueError(f"--max-minutes must be > 0, got {max_minutes}")
     family, tasks = parse_taskset(taskset, data)
     if data is not None:  # a missing or malformed file is refused before the model is loaded
         (load_longbench if family == "longbench-v2" else load_longmemeval)(data)
@@ -245,15 +255,26 @@ def run_bench(
     done = {_row_key(r) for r in _repair_rows(out / RESULTS)}
     runners = {name: get_method(name, seed=seed) for name in methods}
     total = len(tasks) * len(lengths) * samples * len(methods)
+    generated: dict[tuple[str, int], list] = {}
+    absent: set[tuple] = set()
+    stopped = False
     with _progress(progress, total) as advance, (out / RESULTS).open("a", encoding="utf-8") as sink:
-        for task in tasks:
-            for length in lengths:
-                keys = [(task, length, i, m) for i in range(samples) for m in methods]
-                if all(k in done for k in keys):
-                    for _ in keys:
-                        advance(description=f"{task} @ {length} (cached)")
-                    continue
-                for sample in _generate(family, task, tokenizer, length, samples, seed, data):
+        for index in range(samples):
+            for task in tasks:
+                for length in lengths:
+                    if all((task, length, index, m) in done for m in methods):
+                        for _ in methods:
+                            advance(description=f"{task} @ {length} #{index} (cached)")
+                        continue
+                    if max_minutes is not None and _clock() - started > 60 * max_minutes:
+                        stopped = True
+                        break
+                    if (task, length) not in generated:
+                        generated[(task, length)] = _generate(family, task, tokenizer, length, samples, seed, data)
+                    if index >= len(generated[(task, length)]):  # published data can hold fewer items
+                        absent.update((task, length, index, m) for m in methods)
+                        continue
+                    sample = generated[(task, length)][index]
                     enc = encode_sample(tokenizer, sample.input, sample.answer_prefix)
                     for name in methods:
                         advance(description=f"{task} @ {length} #{sample.index} {name}")
@@ -262,9 +283,16 @@ def run_bench(
                         row = _run_one(runners[name], model, tokenizer, enc, sample, cfg, family)
                         sink.write(json.dumps(row) + "\n")
                         sink.flush()
+                if stopped:
+                    break
+            if stopped:
+                break
     rows = [r for r in _read_rows(out / RESULTS) if _row_key(r)[0] in tasks]
-    wanted = {(t, n, i, m) for t in tasks for n in lengths for i in range(samples) for m in methods}
-    summary = summarize([r for r in rows if _row_key(r) in wanted], config)
+    wanted = {(t, n, i, m) for t in tasks for n in lengths for i in range(samples) for m in methods} - absent
+    kept = [r for r in rows if _row_key(r) in wanted]
+    summary = summarize(kept, config)
+    summary["complete"] = len({_row_key(r) for r in kept}) == len(wanted)
+    summary["rows"] = {"finished": len({_row_key(r) for r in kept}), "planned": len(wanted)}
     write_summary(out, summary)
     return summary
 
@@ -387,6 +415,15 @@ def summary_markdown(summary: dict) -> str:
         f"budget {cfg['budget']}, {cfg['samples']} samples per task and length, seed {cfg['seed']}, "
         f"commit {cfg['commit']}, {cfg['machine']}",
         "",
+        *(
+            [
+                f"**Partial run:** {summary['rows']['finished']} of {summary['rows']['planned']} (task, length, "
+                "sample, method) rows finished; rerun the same command to continue.",
+                "",
+            ]
+            if not summary.get("complete", True)
+            else []
+        ),
         "| method | length | score | device KV / full | decode s | tasks |",
         "|---|---:|---:|---:|---:|---:|",
     ]

@@ -39,6 +39,9 @@ def bench(
     data: Path | None = typer.Option(
         None, help="Published data instead of the local tasks: LongBench-v2's data.json or a LongMemEval file."
     ),
+    max_minutes: float | None = typer.Option(
+        None, help="Stop starting new samples after this many minutes; the summary covers what finished."
+    ),
 ) -> None:
     """Run every method on every task, length and sample; write results.jsonl, summaries and a plot."""
     from ..bench.runner import run_bench
@@ -55,6 +58,7 @@ def bench(
         device=device,
         command=shlex.join(["flashmemory", *sys.argv[1:]]),
         data=data,
+        max_minutes=max_minutes,
     )
     table = Table(title=f"{taskset} on {model}")
     for col in ("method", "length", "score", "device KV / full", "decode s"):
@@ -64,4 +68,9 @@ def bench(
             c["method"], str(c["length"]), f"{c['score']:.2f}", f"{c['kv_ratio']:.1%}", f"{c['decode_seconds']:.2f}"
         )
     OUT.print(table)
+    if not summary["complete"]:
+        rows = summary["rows"]
+        OUT.print(
+            f"[yellow]stopped at --max-minutes:[/] {rows['finished']} of {rows['planned']} rows; rerun to continue"
+        )
     OUT.print(f"[dim]results in {out} (results.jsonl, summary.md, accuracy_vs_kv.png)[/]")
