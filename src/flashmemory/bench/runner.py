@@ -8,6 +8,7 @@ rebuilt from that file at the end.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shlex
 import sys
@@ -257,42 +258,35 @@ def run_bench(
     total = len(tasks) * len(lengths) * samples * len(methods)
     generated: dict[tuple[str, int], list] = {}
     absent: set[tuple] = set()
-    stopped = False
     with _progress(progress, total) as advance, (out / RESULTS).open("a", encoding="utf-8") as sink:
-        for index in range(samples):
-            for task in tasks:
-                for length in lengths:
-                    if all((task, length, index, m) in done for m in methods):
-                        for _ in methods:
-                            advance(description=f"{task} @ {length} #{index} (cached)")
-                        continue
-                    if max_minutes is not None and _clock() - started > 60 * max_minutes:
-                        stopped = True
-                        break
-                    if (task, length) not in generated:
-                        generated[(task, length)] = _generate(family, task, tokenizer, length, samples, seed, data)
-                    if index >= len(generated[(task, length)]):  # published data can hold fewer items
-                        absent.update((task, length, index, m) for m in methods)
-                        continue
-                    sample = generated[(task, length)][index]
-                    enc = encode_sample(tokenizer, sample.input, sample.answer_prefix)
-                    for name in methods:
-                        advance(description=f"{task} @ {length} #{sample.index} {name}")
-                        if (task, length, sample.index, name) in done:
-                            continue
-                        row = _run_one(runners[name], model, tokenizer, enc, sample, cfg, family)
-                        sink.write(json.dumps(row) + "\n")
-                        sink.flush()
-                if stopped:
-                    break
-            if stopped:
+        for index, task, length in itertools.product(range(samples), tasks, lengths):
+            if all((task, length, index, m) in done for m in methods):
+                for _ in methods:
+                    advance(description=f"{task} @ {length} #{index} (cached)")
+                continue
+            if max_minutes is not None and _clock() - started > 60 * max_minutes:
                 break
+            if (task, length) not in generated:
+                generated[(task, length)] = _generate(family, task, tokenizer, length, samples, seed, data)
+            if index >= len(generated[(task, length)]):  # published data can hold fewer items
+                absent.update((task, length, index, m) for m in methods)
+                continue
+            sample = generated[(task, length)][index]
+            enc = encode_sample(tokenizer, sample.input, sample.answer_prefix)
+            for name in methods:
+                advance(description=f"{task} @ {length} #{sample.index} {name}")
+                if (task, length, sample.index, name) in done:
+                    continue
+                row = _run_one(runners[name], model, tokenizer, enc, sample, cfg, family)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
     rows = [r for r in _read_rows(out / RESULTS) if _row_key(r)[0] in tasks]
     wanted = {(t, n, i, m) for t in tasks for n in lengths for i in range(samples) for m in methods} - absent
     kept = [r for r in rows if _row_key(r) in wanted]
+    finished = len({_row_key(r) for r in kept})
     summary = summarize(kept, config)
-    summary["complete"] = len({_row_key(r) for r in kept}) == len(wanted)
-    summary["rows"] = {"finished": len({_row_key(r) for r in kept}), "planned": len(wanted)}
+    summary["complete"] = finished == len(wanted)
+    summary["rows"] = {"finished": finished, "planned": len(wanted)}
     write_summary(out, summary)
     return summary
 

@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..indexer.chunk_keys import chunk_means
 from ..models.adapter import attention_module, backbone_spec
-from .labels import chunk_mass, golden_chunks, to_csr, top_p_mask
+from .labels import chunk_mass, decidable_chunks, golden_chunks, to_csr, top_p_mask
 
 
 @dataclass(slots=True)
@@ -47,9 +47,7 @@ class LabelConfig:
 
     def decidable(self, num_chunks: int, seq_len: int) -> torch.Tensor:
         """Chunks the indexer decides on when the newest token is at ``seq_len - 1``. # [N]"""
-        c = self.chunk_size
-        start = torch.arange(num_chunks) * c
-        return (start >= self.sink) & (start + c <= seq_len - self.recent)
+        return decidable_chunks(num_chunks, seq_len, self.chunk_size, self.sink, self.recent)
 
 
 def record_steps(
@@ -157,6 +155,8 @@ def _decidable_mass(
 ) -> torch.Tensor:
     """Chunk masses of the newest token at ``layer``, zero for always-resident chunks. # [N]"""
     mass = chunk_mass(recorder.attention_probs(layer, keys), labels.chunk_size)
+    if labels.sink == 0 and labels.recent == 0:  # the default: every complete chunk takes part
+        return mass
     return mass * labels.decidable(mass.shape[0], seq_len).to(mass.device)
 
 

@@ -19,6 +19,27 @@ def chunk_mass(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return probs[:, : n * chunk_size].float().view(probs.shape[0], n, chunk_size).sum(-1).mean(0)
 
 
+def decidable_chunks(
+    num_chunks: int, seq_len: int | torch.Tensor, chunk_size: int, sink: int, recent: int
+) -> torch.Tensor:
+    """Chunks the indexer decides on once ``seq_len`` tokens exist: clear of the first ``sink`` tokens and older
+    than the newest ``recent`` ones (those are always resident).
+
+    Args:
+        num_chunks: chunks of the sequence.
+        seq_len: tokens so far, an int or a tensor of several lengths. # [] or [S]
+        chunk_size: tokens per chunk.
+        sink: leading always-resident tokens.
+        recent: newest always-resident tokens.
+
+    Returns:
+        Boolean membership. # [N] or [S, N]
+    """
+    start = torch.arange(num_chunks) * chunk_size
+    end = torch.as_tensor(seq_len)[..., None] - recent
+    return (start >= sink) & (start + chunk_size <= end)
+
+
 def top_p_mask(mass: torch.Tensor, top_p: float) -> torch.Tensor:
     """The smallest set of chunks whose mass reaches ``top_p`` of the total (ties broken by index).
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..dump.labels import from_csr, lookahead_targets
+from ..dump.labels import decidable_chunks, from_csr, lookahead_targets
 from ..dump.shards import DumpError, iter_records, read_manifest
 
 
@@ -109,8 +109,7 @@ def load_examples(
             if targets.shape[0] == 0:
                 continue
             pos = rec["positions"][: targets.shape[0]]
-            ends = (torch.arange(n) + 1) * chunk
-            candidates = (ends[None, :] <= (pos[:, None] + 1 - recent)) & (ends[None, :] - chunk >= sink)
+            candidates = decidable_chunks(n, pos + 1, chunk, sink, recent)
             targets &= candidates
             freq = targets.float().sum(0) / max(1, targets.shape[0])
             weights = torch.where(freq > frequent, torch.tensor(frequent_weight), torch.tensor(1.0))

@@ -132,9 +132,10 @@ def evaluate(
             logits = indexer_logits(indexer, ex, steps, window=window).cpu()
             for r in range(len(steps)):
                 c = ex.candidates[r]
-                curve.add(torch.sigmoid(logits[r, c]), ex.targets[r, c], threshold)
+                scores = torch.sigmoid(logits[r, c])
+                curve.add(scores, ex.targets[r, c], threshold)
                 if r % interval == 0:
-                    at_boundary.add(torch.sigmoid(logits[r, c]), ex.targets[r, c], threshold)
+                    at_boundary.add(scores, ex.targets[r, c], threshold)
             c = ex.candidates
             losses.append(F.binary_cross_entropy_with_logits(logits[c], ex.targets[c].float()).item())
     boundary = {f"boundary_{k}": v for k, v in at_boundary.summary().items()}
