@@ -1,6 +1,16 @@
 import torch
 
-from flashmemory.dump.labels import chunk_mass, from_csr, golden_chunks, lookahead_targets, to_csr, top_p_mask
+from flashmemory.dump.labels import (
+    chunk_mass,
+    chunk_peak,
+    from_csr,
+    golden_chunks,
+    lookahead_peak,
+    lookahead_targets,
+    stack_peaks,
+    to_csr,
+    top_p_mask,
+)
 
 
 def test_chunk_mass_sums_tokens_and_averages_heads():
@@ -65,3 +75,21 @@ def test_far_chunk_is_golden_once_resident_mass_is_left_out():
     assert not top_p_mask(mass, cfg.top_p)[3]  # with everything in, the sink and the tail fill the top-p set
     kept = top_p_mask(mass * cfg.decidable(10, 40), cfg.top_p)
     assert kept.nonzero().flatten().tolist() == [3]
+
+
+def test_chunk_peak_keeps_the_one_head_that_reads_a_chunk():
+    # head 0 spreads evenly over 4 chunks of 2 tokens; head 1 reads chunk 2 only
+    probs = torch.tensor([[0.125] * 8, [0.0, 0.0, 0.0, 0.0, 0.6, 0.4, 0.0, 0.0]])
+    assert torch.allclose(chunk_peak(probs, 2), torch.tensor([0.25, 0.25, 1.0, 0.25]))
+    # the head mean halves it, and the even head's chunks come out at the same height as half of it
+    assert torch.allclose(chunk_mass(probs, 2), torch.tensor([0.125, 0.125, 0.625, 0.125]))
+
+
+def test_lookahead_peak_is_the_max_over_the_next_interval_steps():
+    peaks = stack_peaks([torch.tensor([0.1, 0.2]), torch.tensor([0.9, 0.0, 0.3]), torch.tensor([0.0, 0.5, 0.0])])
+    assert peaks.shape == (3, 3) and float(peaks[0, 2]) == 0.0  # the newer chunk did not exist yet
+    out = lookahead_peak(peaks, interval=1, num_chunks=4)
+    assert out.shape == (2, 4)
+    assert torch.allclose(out, torch.tensor([[0.9, 0.0, 0.3, 0.0], [0.0, 0.5, 0.0, 0.0]]), atol=1e-3)
+    wide = lookahead_peak(peaks, interval=8, num_chunks=3)
+    assert torch.allclose(wide[0], torch.tensor([0.9, 0.5, 0.3]), atol=1e-3)

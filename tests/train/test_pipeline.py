@@ -176,3 +176,57 @@ def test_dump_keeps_the_prompt_tail_for_the_first_window(dump_dir):
     assert valid.all()  # step 0's window is the 15 prompt tokens before it plus itself
     assert pos[0].tolist() == list(range(int(ex.positions[0]) - 15, int(ex.positions[0]) + 1))
     assert torch.equal(hidden[1, -1], ex.hidden[3]) and torch.equal(hidden[0, 0], ex.prefix_hidden[0])
+
+
+def test_dump_records_peak_head_mass_per_step(dump_dir):
+    from flashmemory.dump.shards import iter_records
+
+    _, rec = next(iter_records(dump_dir, "train"))
+    peak = rec["peak"].float()
+    assert peak.shape == (rec["hidden"].shape[0], rec["chunk_keys"].shape[2])
+    assert float(peak.min()) >= 0.0 and float(peak.max()) <= 1.0 + 1e-3
+    # a head's masses over the chunks sum to at most 1, so its peak is at least 1 / chunks; and every step sees the
+    # chunks that exist by then
+    assert bool((peak[:, 0] > 0).all())
+
+
+def test_training_on_peak_targets(dump_dir, tmp_path):
+    from flashmemory.dump.shards import iter_records
+    from flashmemory.train.dataset import load_examples
+
+    # random tiny models attend almost evenly, so the threshold sits at the peaks' median to split the chunks
+    _, rec = next(iter_records(dump_dir, "train"))
+    thr = float(rec["peak"].float()[rec["peak"] > 0].median())
+    golden = load_examples([dump_dir], split="train", interval=16, recent=16)
+    peak = load_examples([dump_dir], split="train", interval=16, recent=16, target="peak", peak_threshold=thr)
+    assert peak[0].targets.shape == golden[0].targets.shape
+    assert bool(peak[0].targets.any()) and not torch.equal(peak[0].targets, golden[0].targets)
+    strict = load_examples([dump_dir], split="train", interval=16, recent=16, target="peak", peak_threshold=1.0)
+    assert int(strict[0].targets.sum()) < int(peak[0].targets.sum())
+    cfg = TrainConfig(
+        epochs=2, interval=16, recent=16, steps_per_prompt=8, prompts_per_batch=2, target="peak", peak_threshold=thr
+    )
+    history = train_indexer([dump_dir], tmp_path / "ck", cfg, progress=False)
+    assert history["config"]["target"] == "peak"
+    report = evaluate_methods([dump_dir], tmp_path / "ck", interval=16, recent=16, target="peak", peak_threshold=thr)
+    assert report["target"] == f"peak>={thr}" and "trained" in report["methods"]
+    with pytest.raises(ValueError, match="peak_threshold"):
+        TrainConfig(target="peak", peak_threshold=0.0)
+    with pytest.raises(ValueError, match="target must be"):
+        TrainConfig(target="mass")
+
+
+def test_peak_target_on_an_old_dump_is_a_clear_error(dump_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from flashmemory.train.dataset import load_examples
+
+    old = tmp_path / "old"
+    shutil.copytree(dump_dir, old)
+    for shard in old.glob("shard-*.safetensors"):
+        save_file({k: v for k, v in load_file(shard).items() if not k.endswith("/peak")}, shard)
+    assert load_examples([old], split="train", interval=16, recent=16)  # golden targets still work
+    with pytest.raises(DumpError, match="no peak head masses"):
+        load_examples([old], split="train", interval=16, recent=16, target="peak")

@@ -79,6 +79,10 @@ def train(
         TRAIN.boundary_weight, help="Loss weight of the steps where the runtime asks the indexer."
     ),
     select_on: str = typer.Option(TRAIN.select_on, help="Best epoch by recall over 'all' or 'boundary' steps."),
+    target: str = typer.Option(
+        TRAIN.target, help="Label to learn: 'golden' (top-p head-mean mass) or 'peak' (a single head's mass)."
+    ),
+    peak_threshold: float = typer.Option(TRAIN.peak_threshold, help="Single-head mass that makes a chunk needed."),
     interval: int = typer.Option(TRAIN.interval, help="Lookahead horizon in decode steps."),
     recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
     seed: int = typer.Option(TRAIN.seed, help="Sampling seed."),
@@ -98,6 +102,8 @@ def train(
         loss=loss,
         boundary_weight=boundary_weight,
         select_on=select_on,
+        target=target,
+        peak_threshold=peak_threshold,
         interval=interval,
         recent=recent,
         seed=seed,
@@ -120,12 +126,24 @@ def indexer_eval(
     recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
     window: int = typer.Option(TRAIN.window, help="Newest steps forming each lookahead query."),
     steps: str = typer.Option("all", help="Score 'all' decode steps or only the 'boundary' steps."),
+    target: str = typer.Option(
+        TRAIN.target, help="Label to learn: 'golden' (top-p head-mean mass) or 'peak' (a single head's mass)."
+    ),
+    peak_threshold: float = typer.Option(TRAIN.peak_threshold, help="Single-head mass that makes a chunk needed."),
 ) -> None:
     """Recall of golden chunks vs fraction kept: trained, zero-shot, Quest-style, recent, random."""
     from ..train.indexer_eval import evaluate_methods, markdown_table, write_report
 
     report = evaluate_methods(
-        dumps, ckpt, split=split, interval=interval, recent=recent, window=window, steps=steps
+        dumps,
+        ckpt,
+        split=split,
+        interval=interval,
+        recent=recent,
+        window=window,
+        steps=steps,
+        target=target,
+        peak_threshold=peak_threshold,
     )
     write_report(report, out)
     OUT.print(markdown_table(report))

@@ -115,9 +115,10 @@ def capture_prompt(
     recorder = SelectionRecorder(model, targets, keep=query_window)
     cache = DynamicCache(config=model.config)
 
-    def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, None]:
         masks = [selection_mask(recorder.scores[i], spec.index_topk, labels.top_p) for i in recorder.layers]
-        return torch.stack(masks), torch.stack([recorder.hidden[i] for i in targets], 1)
+        # The native top-k scores are one score per entry, not per-head attention: no peak-head labels here.
+        return torch.stack(masks), torch.stack([recorder.hidden[i] for i in targets], 1), None
 
     record = record_steps(
         model,

@@ -11,7 +11,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..indexer.chunk_keys import chunk_means
 from ..models.adapter import attention_module, backbone_spec
-from .labels import chunk_mass, decidable_chunks, golden_chunks, to_csr, top_p_mask
+from .labels import chunk_mass, chunk_peak, decidable_chunks, golden_chunks, stack_peaks, to_csr, top_p_mask
 
 
 @dataclass(slots=True)
@@ -55,7 +55,7 @@ def record_steps(
     input_ids: torch.Tensor,
     cache,
     recorder,
-    observe: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    observe: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
     *,
     max_new_tokens: int,
     eos_token_id: list[int],
@@ -65,20 +65,23 @@ def record_steps(
 
     Step 0 is the prompt's forward, step ``s > 0`` the ``s``-th decode forward. After each forward
     ``observe(seq_len)`` (``seq_len``: tokens the model has seen) returns each layer's selection of chunks
-    ``[num_layers, N]`` and the target layers' recorded hidden states, newest last, ``[W, L, ...]``. The
+    ``[num_layers, N]``, the target layers' recorded hidden states, newest last, ``[W, L, ...]``, and the peak
+    single-head mass per chunk ``[N]`` (None where the backbone has no per-head attention to report). The
     recorder's hooks are removed at the end, whatever happens.
 
     Returns:
         The dump fields every backbone shares: ``hidden [S, L, ...]``, ``positions [S]``, ``tokens``,
-        ``prefix_hidden [P, L, ...]`` / ``prefix_positions [P]`` and the golden CSR (``indptr``, ``indices``,
-        ``hits``).
+        ``prefix_hidden [P, L, ...]`` / ``prefix_positions [P]``, the golden CSR (``indptr``, ``indices``,
+        ``hits``) and, when observed, ``peak [S, N]``.
     """
-    hidden, golden, hits = [], [], []
+    hidden, golden, hits, peaks = [], [], [], []
     tokens = input_ids[0].tolist()
     try:
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
         for step in range(max_new_tokens + 1):
-            masks, window = observe(len(tokens))
+            masks, window, peak = observe(len(tokens))
+            if peak is not None:
+                peaks.append(peak)
             ids, count = golden_chunks(masks, min_layers)
             golden.append(ids.cpu())
             hits.append(count.cpu())
@@ -95,7 +98,9 @@ def record_steps(
     finally:
         recorder.remove()
     first = input_ids.shape[1] - 1  # the position of step 0
+    extra = {"peak": stack_peaks(peaks)} if peaks else {}
     return {
+        **extra,
         "hidden": torch.stack(hidden),
         "positions": torch.arange(first, first + len(hidden), dtype=torch.long),
         "tokens": torch.tensor(tokens, dtype=torch.long),
@@ -152,12 +157,15 @@ class AttentionRecorder:
 
 def _decidable_mass(
     recorder: AttentionRecorder, layer: int, keys: torch.Tensor, labels: LabelConfig, seq_len: int
-) -> torch.Tensor:
-    """Chunk masses of the newest token at ``layer``, zero for always-resident chunks. # [N]"""
-    mass = chunk_mass(recorder.attention_probs(layer, keys), labels.chunk_size)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head-mean and peak-head chunk masses of the newest token at ``layer``, zero for always-resident chunks
+    where the label settings leave those out. # [N], [N]"""
+    probs = recorder.attention_probs(layer, keys)
+    mass, peak = chunk_mass(probs, labels.chunk_size), chunk_peak(probs, labels.chunk_size)
     if labels.sink == 0 and labels.recent == 0:  # the default: every complete chunk takes part
-        return mass
-    return mass * labels.decidable(mass.shape[0], seq_len).to(mass.device)
+        return mass, peak
+    keep = labels.decidable(mass.shape[0], seq_len).to(mass.device)
+    return mass * keep, peak * keep
 
 
 @torch.no_grad()
@@ -177,19 +185,21 @@ def capture_prompt(
 
     Returns:
         ``hidden [S, L, hidden]`` (target layers), ``positions [S]``, golden CSR (``indptr``, ``indices``,
-        ``hits``), ``chunk_keys``/``chunk_kmin``/``chunk_kmax`` ``[L, Hkv, N, D]`` of the final sequence,
+        ``hits``), ``peak [S, N]`` (largest single-head mass per chunk over all layers),
+        ``chunk_keys``/``chunk_kmin``/``chunk_kmax`` ``[L, Hkv, N, D]`` of the final sequence,
         ``tokens`` (prompt + generated ids), and ``prefix_hidden [P, L, hidden]`` / ``prefix_positions [P]``: the
         ``query_window - 1`` prompt tokens before step 0, which join it in the first lookahead window.
     """
     recorder = AttentionRecorder(model, keep=query_window)
     cache = DynamicCache(config=model.config)
 
-    def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        masks = [
-            top_p_mask(_decidable_mass(recorder, layer, cache.layers[layer].keys, labels, seq_len), labels.top_p)
-            for layer in recorder.layers
-        ]
-        return torch.stack(masks), torch.stack([recorder.hidden[layer][0] for layer in targets], 1)
+    def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        masks, peak = [], None
+        for layer in recorder.layers:
+            mass, layer_peak = _decidable_mass(recorder, layer, cache.layers[layer].keys, labels, seq_len)
+            masks.append(top_p_mask(mass, labels.top_p))
+            peak = layer_peak if peak is None else torch.maximum(peak, layer_peak)
+        return torch.stack(masks), torch.stack([recorder.hidden[layer][0] for layer in targets], 1), peak
 
     record = record_steps(
         model,

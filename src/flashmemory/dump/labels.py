@@ -19,6 +19,23 @@ def chunk_mass(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return probs[:, : n * chunk_size].float().view(probs.shape[0], n, chunk_size).sum(-1).mean(0)
 
 
+def chunk_peak(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Largest attention mass any single head puts on each chunk.
+
+    Averaging over heads hides retrieval: in small GQA models a fact is read by one or two heads that put most of
+    their attention on its chunk while the others look at recent tokens, so its head-mean mass stays small.
+
+    Args:
+        probs: attention probabilities of one query over ``T`` keys. # [H, T]
+        chunk_size: tokens per chunk; a trailing partial chunk is dropped.
+
+    Returns:
+        Peak head mass per complete chunk. # [N]
+    """
+    n = probs.shape[-1] // chunk_size
+    return probs[:, : n * chunk_size].float().view(probs.shape[0], n, chunk_size).sum(-1).amax(0)
+
+
 def decidable_chunks(
     num_chunks: int, seq_len: int | torch.Tensor, chunk_size: int, sink: int, recent: int
 ) -> torch.Tensor:
@@ -87,6 +104,15 @@ def to_csr(rows: list[torch.Tensor], counts: list[torch.Tensor]) -> dict[str, to
     return {"indptr": indptr, "indices": indices.to(torch.int32), "hits": hits}
 
 
+def stack_peaks(peaks: list[torch.Tensor]) -> torch.Tensor:
+    """Per-step peak masses (the chunk count grows as decoding goes on) as one zero-padded matrix. # [S, N]"""
+    n = max((len(p) for p in peaks), default=0)
+    out = torch.zeros(len(peaks), n, dtype=torch.float16)
+    for s, p in enumerate(peaks):
+        out[s, : len(p)] = p.to(torch.float16).cpu()
+    return out
+
+
 def from_csr(csr: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """Inverse of :func:`to_csr` for the ids: one tensor of chunk ids per step."""
     ptr = csr["indptr"].tolist()
@@ -111,4 +137,25 @@ def lookahead_targets(golden: list[torch.Tensor], interval: int, num_chunks: int
     out = torch.zeros(max(steps - 1, 0), num_chunks, dtype=torch.bool)
     for t in range(steps - 1):
         out[t] = hit[t + 1 : t + 1 + interval].any(0)
+    return out
+
+
+def lookahead_peak(peak: torch.Tensor, interval: int, num_chunks: int) -> torch.Tensor:
+    """Strongest single-head attention a chunk gets in steps ``t+1 .. t+interval``, for every step ``t``.
+
+    Args:
+        peak: per-step peak head mass (max over layers and heads). # [S, N']
+        interval: decode steps a resident set serves.
+        num_chunks: chunk count of the sequence (``peak`` is cut or zero-padded to it).
+
+    Returns:
+        Lookahead peak for every step that has at least one later step. # [S-1, N]
+    """
+    steps = peak.shape[0]
+    full = torch.zeros(steps, num_chunks, dtype=torch.float32)
+    n = min(num_chunks, peak.shape[1])
+    full[:, :n] = peak[:, :n].float()
+    out = torch.zeros(max(steps - 1, 0), num_chunks)
+    for t in range(steps - 1):
+        out[t] = full[t + 1 : t + 1 + interval].amax(0)
     return out

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..dump.labels import decidable_chunks, from_csr, lookahead_targets
+from ..dump.labels import decidable_chunks, from_csr, lookahead_peak, lookahead_targets
 from ..dump.shards import DumpError, iter_records, read_manifest
 
 
@@ -77,6 +77,28 @@ def check_compatible(dirs: Sequence[str | Path]) -> dict:
     return first
 
 
+TARGETS = ("golden", "peak")
+
+
+def step_targets(rec: dict[str, torch.Tensor], target: str, interval: int, peak_threshold: float) -> torch.Tensor:
+    """Which chunks each step's lookahead needs, by the chosen label: ``"golden"`` (the union of golden chunks over
+    the next ``interval`` steps) or ``"peak"`` (some head of some layer puts at least ``peak_threshold`` of its
+    attention on the chunk in one of those steps). # [S-1, N]"""
+    n = rec["chunk_keys"].shape[2]
+    if target == "golden":
+        return lookahead_targets(from_csr(rec), interval, n)
+    if target == "peak":
+        if not 0.0 < peak_threshold <= 1.0:
+            raise ValueError(f"peak_threshold must be in (0, 1], got {peak_threshold}")
+        if "peak" not in rec:
+            raise DumpError(
+                "this dump has no peak head masses (made before they were recorded): dump again, or "
+                "train on target 'golden'"
+            )
+        return lookahead_peak(rec["peak"], interval, n) >= peak_threshold
+    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+
+
 def load_examples(
     dirs: Sequence[str | Path],
     *,
@@ -86,6 +108,8 @@ def load_examples(
     sink: int = 16,
     frequent: float = 0.8,
     frequent_weight: float = 0.2,
+    target: str = "golden",
+    peak_threshold: float = 0.3,
 ) -> list[PromptExamples]:
     """Read every prompt of ``dirs`` (of one split) and build its lookahead targets.
 
@@ -97,6 +121,8 @@ def load_examples(
         sink: tokens always resident at the start; chunks touching them are not the indexer's either.
         frequent: a chunk positive in more than this fraction of a prompt's steps is down-weighted...
         frequent_weight: ...to this weight (attention sinks and the question itself are easy positives).
+        target: which label the lookahead targets come from, see :func:`step_targets`.
+        peak_threshold: single-head mass that makes a chunk needed, for ``target="peak"``.
     """
     manifest = check_compatible(dirs)
     chunk = manifest["labels"]["chunk_size"]
@@ -104,8 +130,7 @@ def load_examples(
     for d in dirs:
         for meta, rec in iter_records(d, split):
             n = rec["chunk_keys"].shape[2]
-            golden = from_csr(rec)
-            targets = lookahead_targets(golden, interval, n)
+            targets = step_targets(rec, target, interval, peak_threshold)
             if targets.shape[0] == 0:
                 continue
             pos = rec["positions"][: targets.shape[0]]

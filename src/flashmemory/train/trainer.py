@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..indexer.checkpoint import load_indexer, save_indexer
 from ..indexer.memory_indexer import MemoryIndexer
-from .dataset import PromptExamples, check_compatible, load_examples
+from .dataset import TARGETS, PromptExamples, check_compatible, load_examples
 from .metrics import RecallCurve
 from .scorers import indexer_logits
 
@@ -50,6 +50,10 @@ class TrainConfig:
             these steps are always sampled. Default: 1.0.
         select_on: validation metrics that pick the best epoch: ``"all"`` steps or ``"boundary"`` steps only.
             Default: "all".
+        target: the label the lookahead targets come from: ``"golden"`` (chunks in the top-p attention mass,
+            head mean, of ``min_layers`` layers) or ``"peak"`` (chunks some single head attends to with at least
+            ``peak_threshold`` of its mass). Default: "golden".
+        peak_threshold: single-head mass that makes a chunk needed, for ``target="peak"``. Default: 0.3.
     """
 
     epochs: int = 12
@@ -73,12 +77,18 @@ class TrainConfig:
     frequent_weight: float = 0.2
     boundary_weight: float = 1.0
     select_on: str = "all"
+    target: str = "golden"
+    peak_threshold: float = 0.3
 
     def __post_init__(self) -> None:
         if self.loss not in ("focal", "bce"):
             raise ValueError(f"loss must be 'focal' or 'bce', got {self.loss!r}")
         if self.select_on not in ("all", "boundary"):
             raise ValueError(f"select_on must be 'all' or 'boundary', got {self.select_on!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if not 0.0 < self.peak_threshold <= 1.0:
+            raise ValueError(f"peak_threshold must be in (0, 1], got {self.peak_threshold}")
         if self.boundary_weight <= 0:
             raise ValueError(f"boundary_weight must be > 0, got {self.boundary_weight}")
         if self.epochs < 1 or self.steps_per_prompt < 1 or self.prompts_per_batch < 1:
@@ -189,8 +199,18 @@ def train_indexer(
         recent=cfg.recent,
         sink=cfg.sink,
         frequent_weight=cfg.frequent_weight,
+        target=cfg.target,
+        peak_threshold=cfg.peak_threshold,
     )
-    val = load_examples(dump_dirs, split="validation", interval=cfg.interval, recent=cfg.recent, sink=cfg.sink)
+    val = load_examples(
+        dump_dirs,
+        split="validation",
+        interval=cfg.interval,
+        recent=cfg.recent,
+        sink=cfg.sink,
+        target=cfg.target,
+        peak_threshold=cfg.peak_threshold,
+    )
     indexer = load_indexer(init or dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"]).to(device)
     # Biases and the distance prior start far from their optimum and are cheap to move; the matrices (query
     # projection, head-weight projection) multiply hidden states of large norm and need the small rate.
