@@ -28,6 +28,8 @@ class LSAConfig:
             threshold. Default: 1.0.
         query_window: newest tokens whose hidden states form the lookahead query; a chunk's score is the
             max over them. At the first boundary these are the prompt's last tokens (its question). Default: 16.
+        follow_chunks: chunks after a scored chunk that inherit its score, so that the text following a match
+            (the value after a key) is recalled with it even when a page boundary falls between them. Default: 0.
         attention_backend: decode attention over the reserve: ``"mask"`` (transformers' attention with a mask
             over the whole reserve), ``"triton"`` (paged sparse decode kernel, host-sync-free recall, CUDA-graph
             capturable steps), ``"torch"`` (the same fast path with the kernel's torch reference), or ``"auto"``
@@ -47,13 +49,14 @@ class LSAConfig:
     layer_reduce: str = "max"
     best_chunk_slots: float = 1.0
     query_window: int = 16
+    follow_chunks: int = 0
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "page_chunks", "interval", "query_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LSAConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("recent", "sink"):
+        for name in ("recent", "sink", "follow_chunks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"LSAConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.interval % self.chunk_size:

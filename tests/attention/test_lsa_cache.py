@@ -150,3 +150,20 @@ def test_closed_cache_refuses_to_decode():
     cache.close()
     with pytest.raises(RuntimeError, match="closed"):
         model(input_ids=ids, past_key_values=cache, use_cache=True)
+
+
+def test_follow_chunks_raises_the_scores_the_pages_are_chosen_from():
+    from dataclasses import replace
+
+    from flashmemory.indexer.scoring import follow_scores
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 400))
+    lsa = LSAConfig(budget=0.4, **SMALL_LSA)
+    seen = {}
+    for follow in (0, 2):
+        with LSACache(model, replace(lsa, follow_chunks=follow), max_new_tokens=8) as cache:
+            greedy_logits(model, ids, cache, 8)
+            seen[follow] = cache.last_scores
+    assert torch.equal(seen[2], follow_scores(seen[0], 2))
+    assert not torch.equal(seen[2], seen[0])

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from flashmemory.indexer.checkpoint import CheckpointError, load_indexer, save_indexer
 from flashmemory.indexer.chunk_keys import chunk_means
 from flashmemory.indexer.memory_indexer import MemoryIndexer
-from flashmemory.indexer.scoring import chunk_logits, select_pages
+from flashmemory.indexer.scoring import chunk_logits, follow_scores, select_pages
 from flashmemory.models.adapter import apply_rope, attention_module, backbone_spec
 from flashmemory.models.tiny import tiny_model
 
@@ -161,3 +161,26 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_indexer(path)
     with pytest.raises(CheckpointError, match="not an indexer checkpoint"):
         load_indexer(tmp_path / "missing")
+
+
+def test_follow_scores_lends_a_chunk_score_to_the_chunks_after_it():
+    s = torch.tensor([[0.1, 0.9, 0.2, 0.3, 0.05]])
+    assert torch.equal(follow_scores(s, 0), s)
+    assert torch.allclose(follow_scores(s, 1), torch.tensor([[0.1, 0.9, 0.9, 0.3, 0.3]]))
+    assert torch.allclose(follow_scores(s, 2), torch.tensor([[0.1, 0.9, 0.9, 0.9, 0.3]]))
+    assert torch.allclose(follow_scores(s, 10), torch.tensor([[0.1, 0.9, 0.9, 0.9, 0.9]]))
+
+
+def test_follow_scores_recalls_the_page_after_a_match_at_a_page_end():
+    # the best chunk (id 3) ends page 0; the page after it holds the value the query needs
+    s = torch.tensor([[0.2, 0.2, 0.2, 0.95, 0.1, 0.1, 0.1, 0.1, 0.5, 0.1, 0.1, 0.1]])
+    kw = dict(num_selectable=3, page_chunks=4, num_slots=2, threshold=0.5)
+    assert select_pages(s, **kw).tolist() == [[0, 2]]
+    assert select_pages(follow_scores(s, 1), **kw).tolist() == [[0, 1]]
+
+
+def test_follow_chunks_must_not_be_negative():
+    from flashmemory import LSAConfig
+
+    with pytest.raises(ValueError, match="follow_chunks"):
+        LSAConfig(follow_chunks=-1)

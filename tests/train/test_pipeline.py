@@ -1,7 +1,9 @@
+import math
 import random
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -210,6 +212,9 @@ def test_training_on_peak_targets(dump_dir, tmp_path):
     assert history["config"]["target"] == "peak"
     report = evaluate_methods([dump_dir], tmp_path / "ck", interval=16, recent=16, target="peak", peak_threshold=thr)
     assert report["target"] == f"peak>={thr}" and "trained" in report["methods"]
+    listwise = replace(cfg, loss="listwise", epochs=3, lr=1e-3)
+    losses = [e["train_loss"] for e in train_indexer([dump_dir], tmp_path / "lw", listwise, progress=False)["epochs"]]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="peak_threshold"):
         TrainConfig(target="peak", peak_threshold=0.0)
     with pytest.raises(ValueError, match="target must be"):
@@ -230,3 +235,31 @@ def test_peak_target_on_an_old_dump_is_a_clear_error(dump_dir, tmp_path):
     assert load_examples([old], split="train", interval=16, recent=16)  # golden targets still work
     with pytest.raises(DumpError, match="no peak head masses"):
         load_examples([old], split="train", interval=16, recent=16, target="peak")
+
+
+def test_listwise_loss_on_a_hand_made_step():
+    from flashmemory.train.dataset import PromptExamples
+    from flashmemory.train.trainer import listwise_loss
+
+    z = torch.zeros(2, 1)
+    ex = PromptExamples(
+        hidden=z,
+        positions=z[:, 0],
+        keys=z,
+        kmin=z,
+        kmax=z,
+        weights=torch.ones(4),
+        kind="",
+        targets=torch.tensor([[True, False, True, False], [False, False, False, False]]),
+        candidates=torch.tensor([[True, True, True, False], [True, True, True, True]]),
+        strength=torch.tensor([[0.6, 0.1, 0.2, 0.9], [0.0, 0.0, 0.0, 0.0]]),
+    )
+    logits = torch.tensor([[2.0, 0.0, 1.0, 5.0], [1.0, 1.0, 1.0, 1.0]], requires_grad=True)
+    cfg = TrainConfig(loss="listwise", interval=64)
+    loss = listwise_loss(logits, ex, torch.tensor([0, 1]), cfg)
+    # only step 0's row has a need; chunk 3 is not a candidate and chunk 1 is not needed
+    logp = torch.log_softmax(torch.tensor([2.0, 0.0, 1.0]), 0)
+    expected = -(0.75 * logp[0] + 0.25 * logp[2])
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and float(logits.grad[1].abs().sum()) == 0.0

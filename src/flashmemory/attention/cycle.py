@@ -16,7 +16,7 @@ from typing import Self
 
 import torch
 
-from ..indexer.scoring import select_pages
+from ..indexer.scoring import follow_scores, select_pages
 from ..memory.accounting import storage_bytes
 
 
@@ -113,6 +113,11 @@ class LSACycle:
             pages = torch.arange(k, device=store.device).expand(store.batch, -1)
             return torch.where(pages < selectable, pages, -1)
         scores = self._score_chunks()
+        valid = self._valid_chunks(scores.shape[1])
+        if self.lsa.follow_chunks:
+            # padding must not lend its score to the first real chunks
+            held = scores if valid is None else scores.masked_fill(~valid, 0.0)
+            scores = follow_scores(held, self.lsa.follow_chunks)
         self.last_scores = scores
         self._record_kept(scores)
         return select_pages(
@@ -121,7 +126,7 @@ class LSACycle:
             page_chunks=self.lsa.page_chunks,
             num_slots=k,
             threshold=self.lsa.threshold,
-            valid_chunks=self._valid_chunks(scores.shape[1]),
+            valid_chunks=valid,
             top_m=math.ceil(self.lsa.best_chunk_slots * min(k, selectable)),
         )
 

@@ -74,7 +74,7 @@ def train(
     frequent_weight: float = typer.Option(
         TRAIN.frequent_weight, help="Loss weight of chunks positive in >80% of steps."
     ),
-    loss: str = typer.Option(TRAIN.loss, help="focal or bce."),
+    loss: str = typer.Option(TRAIN.loss, help="focal or bce (per chunk), or listwise (order of the top)."),
     boundary_weight: float = typer.Option(
         TRAIN.boundary_weight, help="Loss weight of the steps where the runtime asks the indexer."
     ),

@@ -27,6 +27,26 @@ def chunk_logits(q: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, keys: tor
     return weighted.sum((2, 3)) + bias.float()
 
 
+def follow_scores(scores: torch.Tensor, follow: int) -> torch.Tensor:
+    """Each chunk's score raised to the best of the ``follow`` chunks before it.
+
+    A query matches the words it asks about (a key, a name); what it needs next is often the text just after them
+    (the value). When a page boundary separates the two, the page holding the value would otherwise compete on its
+    own, weaker, scores.
+
+    Args:
+        scores: chunk probabilities or logits, in sequence order. # [B, N]
+        follow: how many following chunks inherit a chunk's score; 0 returns ``scores``.
+
+    Returns:
+        Scores. # [B, N]
+    """
+    out = scores
+    for shift in range(1, min(follow, scores.shape[-1] - 1) + 1):
+        out = torch.cat([out[..., :shift], torch.maximum(out[..., shift:], scores[..., :-shift])], dim=-1)
+    return out
+
+
 def select_pages(
     scores: torch.Tensor,
     *,

@@ -29,6 +29,8 @@ class PromptExamples:
         prefix_hidden: hidden states of the prompt tokens just before step 0, which join it in the first
             lookahead window (empty for dumps that did not record them). # [P, L, hidden]
         prefix_positions: their positions. # [P]
+        strength: how strongly the lookahead needs each chunk (its peak single-head mass), for peak targets;
+            None otherwise. # [S, N]
     """
 
     hidden: torch.Tensor
@@ -42,6 +44,7 @@ class PromptExamples:
     kind: str
     prefix_hidden: torch.Tensor | None = None
     prefix_positions: torch.Tensor | None = None
+    strength: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -80,13 +83,19 @@ def check_compatible(dirs: Sequence[str | Path]) -> dict:
 TARGETS = ("golden", "peak")
 
 
-def step_targets(rec: dict[str, torch.Tensor], target: str, interval: int, peak_threshold: float) -> torch.Tensor:
+def step_targets(
+    rec: dict[str, torch.Tensor], target: str, interval: int, peak_threshold: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Which chunks each step's lookahead needs, by the chosen label: ``"golden"`` (the union of golden chunks over
     the next ``interval`` steps) or ``"peak"`` (some head of some layer puts at least ``peak_threshold`` of its
-    attention on the chunk in one of those steps). # [S-1, N]"""
+    attention on the chunk in one of those steps).
+
+    Returns:
+        Targets ``[S-1, N]`` and, for ``"peak"``, the lookahead peak mass itself ``[S-1, N]`` (else None).
+    """
     n = rec["chunk_keys"].shape[2]
     if target == "golden":
-        return lookahead_targets(from_csr(rec), interval, n)
+        return lookahead_targets(from_csr(rec), interval, n), None
     if target == "peak":
         if not 0.0 < peak_threshold <= 1.0:
             raise ValueError(f"peak_threshold must be in (0, 1], got {peak_threshold}")
@@ -95,7 +104,8 @@ def step_targets(rec: dict[str, torch.Tensor], target: str, interval: int, peak_
                 "this dump has no peak head masses (made before they were recorded): dump again, or "
                 "train on target 'golden'"
             )
-        return lookahead_peak(rec["peak"], interval, n) >= peak_threshold
+        strength = lookahead_peak(rec["peak"], interval, n)
+        return strength >= peak_threshold, strength
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
 
@@ -130,7 +140,7 @@ def load_examples(
     for d in dirs:
         for meta, rec in iter_records(d, split):
             n = rec["chunk_keys"].shape[2]
-            targets = step_targets(rec, target, interval, peak_threshold)
+            targets, strength = step_targets(rec, target, interval, peak_threshold)
             if targets.shape[0] == 0:
                 continue
             pos = rec["positions"][: targets.shape[0]]
@@ -151,6 +161,7 @@ def load_examples(
                     kind=meta.get("kind", ""),
                     prefix_hidden=rec.get("prefix_hidden"),
                     prefix_positions=rec.get("prefix_positions"),
+                    strength=None if strength is None else strength * candidates,
                 )
             )
     if not out:

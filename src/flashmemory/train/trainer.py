@@ -35,7 +35,9 @@ class TrainConfig:
         prompts_per_batch: prompts per optimiser step. Default: 4.
         negatives_per_positive: random negatives sampled per positive. Default: 3.
         hard_negatives_per_positive: highest-scoring negatives added per positive. Default: 1.
-        loss: ``"focal"`` or ``"bce"``. Default: "focal".
+        loss: ``"focal"`` or ``"bce"`` per chunk, or ``"listwise"``: cross-entropy between the indexer's softmax
+            over a step's candidates and the needed chunks (weighted by their peak mass for peak targets), which
+            rewards the order at the top, where the few page slots are filled. Default: "focal".
         gamma: focal-loss exponent. Default: 2.0.
         interval: decode steps per cycle (lookahead horizon). Default: 64.
         recent: always-resident tail tokens (not the indexer's decision). Default: 64.
@@ -81,8 +83,8 @@ class TrainConfig:
     peak_threshold: float = 0.3
 
     def __post_init__(self) -> None:
-        if self.loss not in ("focal", "bce"):
-            raise ValueError(f"loss must be 'focal' or 'bce', got {self.loss!r}")
+        if self.loss not in ("focal", "bce", "listwise"):
+            raise ValueError(f"loss must be 'focal', 'bce' or 'listwise', got {self.loss!r}")
         if self.select_on not in ("all", "boundary"):
             raise ValueError(f"select_on must be 'all' or 'boundary', got {self.select_on!r}")
         if self.target not in TARGETS:
@@ -95,8 +97,28 @@ class TrainConfig:
             raise ValueError("epochs, steps_per_prompt and prompts_per_batch must be >= 1")
 
 
+def listwise_loss(logits: torch.Tensor, ex: PromptExamples, steps: torch.Tensor, cfg: TrainConfig):
+    """Cross-entropy of each step's softmax over its candidates against the needed chunks' share of the need."""
+    cand = ex.candidates[steps]
+    need = ex.targets[steps].float() if ex.strength is None else ex.strength[steps] * ex.targets[steps]
+    need = need * cand
+    mass = need.sum(-1)
+    rows = mass > 0
+    if not bool(rows.any()):
+        return None
+    cand = cand[rows]
+    # only rows with a need: a row without candidates would be all -inf and poison the gradient with NaN
+    logp = torch.log_softmax(logits[rows].masked_fill(~cand, float("-inf")), dim=-1).masked_fill(~cand, 0.0)
+    per_step = -(need[rows] / mass[rows, None] * logp).sum(-1)
+    w = torch.where(steps[rows] % cfg.interval == 0, cfg.boundary_weight, 1.0)
+    return (per_step * w).sum() / w.sum()
+
+
 def example_loss(logits: torch.Tensor, ex: PromptExamples, steps: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
-    """Per-chunk loss on positives, sampled negatives and mined hard negatives, over candidate chunks only."""
+    """Per-chunk loss on positives, sampled negatives and mined hard negatives, over candidate chunks only (or
+    the listwise loss)."""
+    if cfg.loss == "listwise":
+        return listwise_loss(logits, ex, steps, cfg)
     targets = ex.targets[steps]
     cand = ex.candidates[steps]
     weights = ex.weights.expand_as(targets).clone()
