@@ -71,8 +71,10 @@ def main() -> None:
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
+    seeds = [r["seed"] for r in rows]
+    span = f"seeds {min(seeds)}–{max(seeds)}" if seeds else "no seeds"
     lines = [
-        f"# Held-out planted facts: {meta['model']}, LSA budget {meta['budget']}",
+        f"# Planted facts ({span}): {meta['model']}, LSA budget {meta['budget']}",
         "",
         f"Machine: {meta['machine']} · commit `{meta['commit']}`",
         "",

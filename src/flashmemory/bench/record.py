@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -20,12 +21,15 @@ def git_commit() -> str:
     """Short commit of the working tree; ``FLASHMEMORY_COMMIT`` wins (copies of a tree may lack ``.git``)."""
     if os.environ.get("FLASHMEMORY_COMMIT"):
         return os.environ["FLASHMEMORY_COMMIT"]
-    try:
-        return subprocess.check_output(
-            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    # the current folder first, then the package's own (an editable install run from elsewhere)
+    for where in (None, Path(__file__).resolve().parent):
+        try:
+            return subprocess.check_output(
+                ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL, cwd=where
+            ).strip()
+        except (OSError, subprocess.CalledProcessError):
+            continue
+    return "unknown"
 
 
 def command_line(script: str, args: dict) -> str:
