@@ -167,3 +167,14 @@ def test_follow_chunks_raises_the_scores_the_pages_are_chosen_from():
             seen[follow] = cache.last_scores
     assert torch.equal(seen[2], follow_scores(seen[0], 2))
     assert not torch.equal(seen[2], seen[0])
+
+
+def test_chunks_inside_the_sink_never_win_a_page_slot():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (2, 400))
+    lsa = LSAConfig(budget=0.4, **{**SMALL_LSA, "sink": 16})  # two chunks of 8 tokens
+    with LSACache(model, lsa, max_new_tokens=4) as cache:
+        greedy_logits(model, ids, cache, 4)
+        in_sink = cache._sink_chunks(cache.last_scores.shape[1])
+        assert int(in_sink[0].sum()) == lsa.sink // lsa.chunk_size
+        assert float(cache.last_scores[in_sink].abs().sum()) == 0.0

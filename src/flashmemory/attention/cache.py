@@ -241,6 +241,12 @@ class LSACache(LSACycle, Cache):
         ends = (torch.arange(n, device=self.store.device) + 1) * c
         return ends[None, :] > self.store.pad_len[:, None]
 
+    def _sink_chunks(self, n: int) -> torch.Tensor:
+        c = self.lsa.chunk_size
+        starts = torch.arange(n, device=self.store.device) * c
+        pad = self.store.pad_len[:, None]
+        return (starts[None, :] >= pad) & (starts[None, :] + c <= pad + self.lsa.sink)
+
     def decode_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """The attention mask of the current decode step for LSA layers. # [B, 1, 1, S]"""
         mask = self.store.attention_mask()

@@ -114,6 +114,11 @@ class LSACycle:
             return torch.where(pages < selectable, pages, -1)
         scores = self._score_chunks()
         valid = self._valid_chunks(scores.shape[1])
+        in_sink = self._sink_chunks(scores.shape[1])
+        if in_sink is not None:
+            # the sink is resident anyway; models that dump attention on their first token would otherwise spend
+            # a page slot on the page that starts with it
+            scores = scores.masked_fill(in_sink, 0.0)
         if self.lsa.follow_chunks:
             # padding must not lend its score to the first real chunks
             held = scores if valid is None else scores.masked_fill(~valid, 0.0)
@@ -136,6 +141,10 @@ class LSACycle:
 
     def _valid_chunks(self, n: int) -> torch.Tensor | None:
         """Chunks that hold real tokens ``[B, N]``; ``None`` when every chunk does."""
+        return None
+
+    def _sink_chunks(self, n: int) -> torch.Tensor | None:
+        """Chunks that lie wholly in the always-resident sink ``[B, N]``; ``None`` when the backend has none."""
         return None
 
     def _record_kept(self, scores: torch.Tensor) -> None:
