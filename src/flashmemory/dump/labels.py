@@ -130,14 +130,10 @@ def lookahead_targets(golden: list[torch.Tensor], interval: int, num_chunks: int
     Returns:
         Boolean targets for every step that has at least one later step. # [S-1, N]
     """
-    steps = len(golden)
-    hit = torch.zeros(steps, num_chunks, dtype=torch.bool)
+    hit = torch.zeros(len(golden), num_chunks, dtype=torch.bool)
     for s, ids in enumerate(golden):
         hit[s, ids[ids < num_chunks]] = True
-    out = torch.zeros(max(steps - 1, 0), num_chunks, dtype=torch.bool)
-    for t in range(steps - 1):
-        out[t] = hit[t + 1 : t + 1 + interval].any(0)
-    return out
+    return _max_over_next_steps(hit, interval)
 
 
 def lookahead_peak(peak: torch.Tensor, interval: int, num_chunks: int) -> torch.Tensor:
@@ -151,11 +147,16 @@ def lookahead_peak(peak: torch.Tensor, interval: int, num_chunks: int) -> torch.
     Returns:
         Lookahead peak for every step that has at least one later step. # [S-1, N]
     """
-    steps = peak.shape[0]
-    full = torch.zeros(steps, num_chunks, dtype=torch.float32)
+    full = torch.zeros(peak.shape[0], num_chunks, dtype=torch.float32)
     n = min(num_chunks, peak.shape[1])
     full[:, :n] = peak[:, :n].float()
-    out = torch.zeros(max(steps - 1, 0), num_chunks)
-    for t in range(steps - 1):
-        out[t] = full[t + 1 : t + 1 + interval].amax(0)
+    return _max_over_next_steps(full, interval)
+
+
+def _max_over_next_steps(per_step: torch.Tensor, interval: int) -> torch.Tensor:
+    """For every step ``t`` that has a later one, the max of ``per_step [S, N]`` over steps ``t+1 .. t+interval``
+    (for booleans: whether any of them is set). # [S-1, N]"""
+    out = per_step.new_zeros(max(per_step.shape[0] - 1, 0), per_step.shape[1])
+    for t in range(per_step.shape[0] - 1):
+        out[t] = per_step[t + 1 : t + 1 + interval].amax(0)
     return out

@@ -100,8 +100,8 @@ class TrainConfig:
 def listwise_loss(logits: torch.Tensor, ex: PromptExamples, steps: torch.Tensor, cfg: TrainConfig):
     """Cross-entropy of each step's softmax over its candidates against the needed chunks' share of the need."""
     cand = ex.candidates[steps]
+    # targets hold candidates only (load_examples), so the need is zero outside them
     need = ex.targets[steps].float() if ex.strength is None else ex.strength[steps] * ex.targets[steps]
-    need = need * cand
     mass = need.sum(-1)
     rows = mass > 0
     if not bool(rows.any()):
@@ -214,25 +214,12 @@ def train_indexer(
     dump_dirs = [Path(d) for d in dump_dirs]
     manifest = check_compatible(dump_dirs)
     rank, world = _distributed()
-    train = load_examples(
-        dump_dirs,
-        split="train",
-        interval=cfg.interval,
-        recent=cfg.recent,
-        sink=cfg.sink,
-        frequent_weight=cfg.frequent_weight,
-        target=cfg.target,
-        peak_threshold=cfg.peak_threshold,
+    # one definition of the targets, so that validation scores what training learns
+    labels = dict(
+        interval=cfg.interval, recent=cfg.recent, sink=cfg.sink, target=cfg.target, peak_threshold=cfg.peak_threshold
     )
-    val = load_examples(
-        dump_dirs,
-        split="validation",
-        interval=cfg.interval,
-        recent=cfg.recent,
-        sink=cfg.sink,
-        target=cfg.target,
-        peak_threshold=cfg.peak_threshold,
-    )
+    train = load_examples(dump_dirs, split="train", frequent_weight=cfg.frequent_weight, **labels)
+    val = load_examples(dump_dirs, split="validation", **labels)
     indexer = load_indexer(init or dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"]).to(device)
     # Biases and the distance prior start far from their optimum and are cheap to move; the matrices (query
     # projection, head-weight projection) multiply hidden states of large norm and need the small rate.
