@@ -1,6 +1,8 @@
 """The benchmark runner on a tiny random llama with a character tokenizer and stand-in RULER samples."""
 
 import json
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 from flashmemory.bench import methods as methods_mod
 from flashmemory.bench import runner
 from flashmemory.bench.ruler import RulerSample
+from flashmemory.bench.workers import WorkerError
 from flashmemory.config import LSAConfig
 from flashmemory.models.tiny import tiny_model
 
@@ -23,6 +26,20 @@ def fake_ruler(task, tokenizer, *, length, num_samples, seed):
         text = f"{task} sample {i} seed {seed}. " + "The grass is green. " * 14 + "The key is 42. Answer:"
         out.append(RulerSample(task, i, text, ["42"], length, " Answer:", len(text), max_new_tokens=20))
     return out
+
+
+def tiny_loader(name, device):
+    """Module level, so that spawned benchmark workers can unpickle it."""
+    return tiny_model("llama", vocab_size=256), CharTokenizer()
+
+
+def failing_loader(name, device):
+    """Loads in the parent; in a worker, dies silently (``os._exit``) or refuses the model, as ``name`` says."""
+    if multiprocessing.current_process().name == "MainProcess":
+        return tiny_loader(name, device)
+    if name == "dies":
+        os._exit(3)
+    raise ValueError(f"no model called {name}")
 
 
 @pytest.fixture
@@ -174,3 +191,31 @@ def test_time_boxed_run_covers_every_task_then_resumes(bench, tmp_path, monkeypa
 def test_max_minutes_must_be_positive(bench):
     with pytest.raises(ValueError, match="max-minutes"):
         bench(max_minutes=0)
+
+
+def _comparable(rows):
+    timing = {"prefill_seconds", "decode_seconds"}
+    return sorted(({k: v for k, v in r.items() if k not in timing} for r in rows), key=runner._row_key)
+
+
+def test_workers_give_the_rows_of_one_process(bench, tmp_path):
+    bench(methods=["full", "lsa", "random"], load=tiny_loader)
+    summary = bench(out=tmp_path / "two", methods=["full", "lsa", "random"], load=tiny_loader, workers=2)
+    assert summary["complete"] and summary["config"]["workers"] == 2
+    assert _comparable(_rows(tmp_path / "two")) == _comparable(_rows(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(("name", "error", "message"), [
+    ("dies", WorkerError, "died with exit code 3"),
+    ("nothing", ValueError, "no model called nothing"),
+])  # fmt: skip
+def test_worker_failures_reach_the_parent(bench, tmp_path, name, error, message):
+    with pytest.raises(error, match=message):
+        runner.run_bench("ruler:vt", name, lengths=[512], methods=["full"], samples=1, out=tmp_path / name,
+                         budget=0.6, seed=0, device="cpu", progress=False, load=failing_loader, lsa=SMALL,
+                         workers=2)  # fmt: skip
+
+
+def test_workers_must_be_positive(bench):
+    with pytest.raises(ValueError, match="--workers"):
+        bench(workers=0)

@@ -15,7 +15,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from statistics import mean
 
@@ -24,11 +24,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import LSAConfig
 from .longbench import LOCAL_TASKS as LONGBENCH_LOCAL_TASKS
-from .longbench import LONGBENCH_TASKS, generate_longbench, load_longbench, score_longbench
-from .longmemeval import LONGMEMEVAL_TASKS, generate_longmemeval, load_longmemeval, score_longmemeval
+from .longbench import LONGBENCH_TASKS, generate_longbench, load_longbench
+from .longmemeval import LONGMEMEVAL_TASKS, generate_longmemeval, load_longmemeval
 from .methods import METHODS, get_method
 from .record import git_commit, machine_description
-from .ruler import RULER_TASKS, generate_ruler, score_ruler
+from .row import run_row
+from .ruler import RULER_TASKS, generate_ruler
+from .workers import WorkerPool
 
 _clock = time.monotonic  # the wall clock that --max-minutes reads (tests replace it)
 
@@ -188,6 +190,7 @@ def run_bench(
     command: str | None = None,
     data: Path | None = None,
     max_minutes: float | None = None,
+    workers: int = 1,
 ) -> dict:
     """Run ``methods`` on every task × length × sample of ``taskset`` and summarise into ``out``.
 
@@ -209,7 +212,9 @@ def run_bench(
             None generates the local tasks.
         max_minutes: wall-clock limit of this call; when it is reached no new sample is started and the summary
             covers what finished (rerun to continue). Samples run index-major (sample 0 of every task first), so
-            a time-boxed run covers every task. Default: no limit.
+            a time-boxed run covers every task. Default: no limit. Samples already handed to workers finish.
+        workers: processes that decode samples side by side, each with its own copy of the model (on several
+            GPUs, spread over them); rows are the same as with one. ``load`` must then be picklable.
 
     Returns:
         The summary (also written to ``out/summary.json``).
@@ -217,6 +222,8 @@ def run_bench(
     started = _clock()
     if max_minutes is not None and max_minutes <= 0:
         raise ValueError(f"--max-minutes must be > 0, got {max_minutes}")
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
     family, tasks = parse_taskset(taskset, data)
     if data is not None:  # a missing or malformed file is refused before the model is loaded
         (load_longbench if family == "longbench-v2" else load_longmemeval)(data)
@@ -238,6 +245,7 @@ def run_bench(
         "budget": budget,
         "seed": seed,
         "device": device,
+        "workers": workers,
         "lsa": dataclasses.asdict(cfg),
         "data": None if data is None else str(Path(data).expanduser().resolve()),
         "commit": git_commit(),
@@ -254,11 +262,28 @@ def run_bench(
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
     done = {_row_key(r) for r in _repair_rows(out / RESULTS)}
-    runners = {name: get_method(name, seed=seed) for name in methods}
     total = len(tasks) * len(lengths) * samples * len(methods)
     generated: dict[tuple[str, int], list] = {}
     absent: set[tuple] = set()
-    with _progress(progress, total) as advance, (out / RESULTS).open("a", encoding="utf-8") as sink:
+    if workers > 1:
+        del model  # each worker loads its own copy; the parent only needs the tokenizer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        pool = WorkerPool(workers, load=load or default_loader, model_name=model_name, device=device,
+                          methods=methods, seed=seed, lsa=cfg, family=family)  # fmt: skip
+    else:
+        pool, runners = None, {name: get_method(name, seed=seed) for name in methods}
+    with (
+        pool or nullcontext(),
+        _progress(progress, total) as advance,
+        (out / RESULTS).open("a", encoding="utf-8") as sink,
+    ):
+
+        def record(row: dict) -> None:
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            advance(description=f"{row['task']} @ {row['length']} #{row['sample']} {row['method']}")
+
         for index, task, length in itertools.product(range(samples), tasks, lengths):
             if all((task, length, index, m) in done for m in methods):
                 for _ in methods:
@@ -273,13 +298,16 @@ def run_bench(
                 continue
             sample = generated[(task, length)][index]
             enc = encode_sample(tokenizer, sample.input, sample.answer_prefix)
-            for name in methods:
-                advance(description=f"{task} @ {length} #{sample.index} {name}")
-                if (task, length, sample.index, name) in done:
-                    continue
-                row = _run_one(runners[name], model, tokenizer, enc, sample, cfg, family)
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
+            todo = [name for name in methods if (task, length, sample.index, name) not in done]
+            for _ in range(len(methods) - len(todo)):
+                advance(description=f"{task} @ {length} #{sample.index} (cached)")
+            if pool is not None:
+                pool.submit(sample, enc, todo, record)
+                continue
+            for name in todo:
+                record(run_row(runners[name], model, tokenizer, enc, sample, cfg, family))
+        if pool is not None:
+            pool.close(record)
     rows = [r for r in _read_rows(out / RESULTS) if _row_key(r)[0] in tasks]
     wanted = {(t, n, i, m) for t in tasks for n in lengths for i in range(samples) for m in methods} - absent
     kept = [r for r in rows if _row_key(r) in wanted]
@@ -297,43 +325,6 @@ def _generate(family: str, task: str, tokenizer, length: int, samples: int, seed
     if family == "longmemeval":
         return generate_longmemeval(task, tokenizer, length=length, num_samples=samples, seed=seed, data=data)
     return generate_ruler(task, tokenizer, length=length, num_samples=samples, seed=seed)
-
-
-def _score(family: str, sample, prediction: str) -> float:
-    if family == "longbench-v2":
-        return score_longbench(sample, prediction)
-    if family == "longmemeval":
-        return score_longmemeval(sample, prediction)
-    return score_ruler(sample.task, [prediction], [sample.outputs])
-
-
-def _run_one(method, model, tokenizer, enc: dict, sample, cfg: LSAConfig, family: str = "ruler") -> dict:
-    ids, stats = method.run(
-        model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens=sample.max_new_tokens, lsa=cfg
-    )
-    pred = tokenizer.decode(ids[0], skip_special_tokens=True)
-    full = stats.kv_bytes_full or stats.kv_bytes_device
-    return {
-        "task": sample.task,
-        "length": sample.length,
-        "sample": sample.index,
-        "method": method.name,
-        "score": _score(family, sample, pred),
-        "prediction": pred,
-        "outputs": list(sample.outputs),
-        "prompt_tokens": int(enc["input_ids"].shape[1]),
-        "new_tokens": stats.new_tokens,
-        "kv_bytes_device": stats.kv_bytes_device,
-        "kv_bytes_full": full,
-        "kv_ratio": stats.kv_bytes_device / full if full else 0.0,
-        "prefill_seconds": stats.prefill_seconds,
-        "decode_seconds": stats.decode_seconds,
-        "boundaries": stats.boundaries,
-        "page_slots": stats.page_slots,
-        # What a task set adds per sample: the item's id and the labels its summary is grouped by.
-        "info": getattr(sample, "info", {}),
-        "buckets": getattr(sample, "buckets", {}),
-    }
 
 
 def summarize(rows: list[dict], config: dict) -> dict:

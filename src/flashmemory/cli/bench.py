@@ -42,6 +42,9 @@ def bench(
     max_minutes: float | None = typer.Option(
         None, help="Stop starting new samples after this many minutes; the summary covers what finished."
     ),
+    workers: int = typer.Option(
+        1, help="Processes decoding samples side by side, each with its own model copy (spread over the GPUs)."
+    ),
 ) -> None:
     """Run every method on every task, length and sample; write results.jsonl, summaries and a plot."""
     from ..bench.runner import run_bench
@@ -59,6 +62,7 @@ def bench(
         command=shlex.join(["flashmemory", *sys.argv[1:]]),
         data=data,
         max_minutes=max_minutes,
+        workers=workers,
     )
     table = Table(title=f"{taskset} on {model}")
     for col in ("method", "length", "score", "device KV / full", "decode s"):
