@@ -59,6 +59,8 @@ def test_generation_is_deterministic_per_seed(task):
     assert first[0].input != first[1].input
     # Sample i does not depend on how many samples were asked for.
     assert generate_ruler(task, tok, length=1024, num_samples=1, seed=0)[0] == first[0]
+    # ... so one sample can be made alone.
+    assert generate_ruler(task, tok, length=1024, num_samples=2, seed=0, start=1) == first[1:]
     for index, sample in enumerate(first):
         assert isinstance(sample, RulerSample)
         assert (sample.task, sample.index, sample.length) == (task, index, 1024)

@@ -20,9 +20,9 @@ SMALL = LSAConfig(chunk_size=8, page_chunks=2, interval=16, recent=16, sink=4)
 ALL = ["full", "lsa", "lsa-zeroshot", "recent", "random"]
 
 
-def fake_ruler(task, tokenizer, *, length, num_samples, seed):
+def fake_ruler(task, tokenizer, *, length, num_samples, seed, start=0):
     out = []
-    for i in range(num_samples):
+    for i in range(start, num_samples):
         text = f"{task} sample {i} seed {seed}. " + "The grass is green. " * 14 + "The key is 42. Answer:"
         out.append(RulerSample(task, i, text, ["42"], length, " Answer:", len(text), max_new_tokens=20))
     return out

@@ -291,12 +291,10 @@ def run_bench(
                 continue
             if max_minutes is not None and _clock() - started > 60 * max_minutes:
                 break
-            if (task, length) not in generated:
-                generated[(task, length)] = _generate(family, task, tokenizer, length, samples, seed, data)
-            if index >= len(generated[(task, length)]):  # published data can hold fewer items
+            sample = _sample_at(generated, family, task, tokenizer, length, index, samples, seed, data)
+            if sample is None:  # published data can hold fewer items
                 absent.update((task, length, index, m) for m in methods)
                 continue
-            sample = generated[(task, length)][index]
             enc = encode_sample(tokenizer, sample.input, sample.answer_prefix)
             todo = [name for name in methods if (task, length, sample.index, name) not in done]
             for _ in range(len(methods) - len(todo)):
@@ -317,6 +315,19 @@ def run_bench(
     summary["rows"] = {"finished": finished, "planned": len(wanted)}
     write_summary(out, summary)
     return summary
+
+
+def _sample_at(generated: dict, family: str, task: str, tokenizer, length: int, index: int, samples: int, seed: int,
+               data: Path | None):  # fmt: skip
+    """Sample ``index`` of a task and length, or None when the task has fewer samples."""
+    if family == "ruler":
+        # A RULER sample depends only on its index, so it is made when first needed: a time-boxed run then pays only
+        # for the samples it decodes (at 32K, generating all of them costs more than decoding a few).
+        return generate_ruler(task, tokenizer, length=length, num_samples=index + 1, seed=seed, start=index)[0]
+    if (task, length) not in generated:
+        generated[(task, length)] = _generate(family, task, tokenizer, length, samples, seed, data)
+    items = generated[(task, length)]
+    return items[index] if index < len(items) else None
 
 
 def _generate(family: str, task: str, tokenizer, length: int, samples: int, seed: int, data: Path | None) -> list:

