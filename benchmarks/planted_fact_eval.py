@@ -1,7 +1,9 @@
-"""Held-out planted-fact questions: full attention vs LSA (zero-shot and trained indexer) at one budget.
+"""Held-out planted-fact questions: full attention vs LSA (zero-shot and trained indexers) at one budget.
 
     python benchmarks/planted_fact_eval.py --model smollm2-135m --lengths 2048,4096 --samples 10 --budget 0.2 \
         --ckpt src/flashmemory/checkpoints/smollm2-135m --out benchmarks/results/planted_fact_smollm2
+
+``--ckpt`` may be given several times: each checkpoint becomes a method ``lsa-<folder name>`` on the same facts.
 """
 
 from __future__ import annotations
@@ -24,16 +26,20 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.2)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--seed", type=int, default=200, help="first seed; tests use 0-11, kv_memory 100+")
-    ap.add_argument("--ckpt", type=Path, default=None, help="trained indexer (adds the lsa-trained method)")
+    ap.add_argument(
+        "--ckpt", type=Path, action="append", default=[], help="trained indexer (adds lsa-<folder>); repeatable"
+    )
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     model, tok = load_on(args.model, "auto", progress=False)
     device = model.device
     methods = {"full": ("full", None), "lsa-zeroshot": ("lsa", None)}
-    if args.ckpt is not None:
-        trained = load_indexer(args.ckpt, fingerprint=model_fingerprint(model), device=device)
-        methods["lsa-trained"] = ("lsa", trained)
+    for ckpt in args.ckpt:
+        name = f"lsa-{ckpt.resolve().name}"
+        if name in methods:
+            raise SystemExit(f"two checkpoints named {ckpt.resolve().name}: give them folders of different names")
+        methods[name] = ("lsa", load_indexer(ckpt, fingerprint=model_fingerprint(model), device=device))
     lsa = LSAConfig(budget=args.budget)
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):

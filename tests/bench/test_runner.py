@@ -149,6 +149,14 @@ def test_changed_settings_refuse_the_folder(bench):
         bench(methods=["full"], samples=1, budget=0.7)
 
 
+def test_rows_of_another_shipped_indexer_are_not_mixed(bench, monkeypatch):
+    summary = bench(methods=["lsa"], samples=1)
+    assert summary["config"]["lsa_indexer"] == "zero-shot"
+    monkeypatch.setattr(runner, "shipped_identity", lambda model: "tiny@0123456789ab")
+    with pytest.raises(ValueError, match="lsa_indexer: 'zero-shot' -> 'tiny@0123456789ab'"):
+        bench(methods=["lsa"], samples=1)
+
+
 def test_baseline_page_choosers():
     class Store:
         batch = 2

@@ -15,6 +15,12 @@ def test_auto_picks_the_checkpoint_with_the_models_fingerprint(tmp_path, monkeyp
     found = shipped.resolve_indexer(model, "auto")
     assert found is not None and float(found.tower.score_bias[0].detach()) == -3.0
     assert shipped.resolve_indexer(model, "zero-shot") is None
+    label = shipped.shipped_identity(model)
+    assert label.startswith("tiny-llama@") and len(label) == len("tiny-llama@") + 12
+    trained.tower.score_bias.data.fill_(-2.0)  # retrained under the same name: another label
+    save_indexer(trained, tmp_path / "tiny-llama")
+    assert shipped.shipped_identity(model) not in (label, "zero-shot")
+    assert shipped.shipped_identity(tiny_model("llama", seed=1)) == "zero-shot"
 
 
 def test_auto_warns_and_falls_back_on_another_backbone(tmp_path, monkeypatch):

@@ -33,6 +33,10 @@ def git_commit() -> str:
 
 
 def command_line(script: str, args: dict) -> str:
-    """The command that reproduces a run from its parsed arguments."""
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in args.items() if v is not None)
-    return f"python {script} {flags}"
+    """The command that reproduces a run from its parsed arguments (a list repeats its flag once per value)."""
+    flags = []
+    for key, value in args.items():
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None:
+                flags.append(f"--{key.replace('_', '-')} {v}")
+    return f"python {script} {' '.join(flags)}"

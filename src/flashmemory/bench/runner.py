@@ -23,6 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ..config import LSAConfig
+from ..indexer.shipped import shipped_identity
 from .longbench import LOCAL_TASKS as LONGBENCH_LOCAL_TASKS
 from .longbench import LONGBENCH_TASKS, generate_longbench, load_longbench
 from .longmemeval import LONGMEMEVAL_TASKS, generate_longmemeval, load_longmemeval
@@ -43,7 +44,7 @@ TASKSETS: dict[str, tuple[str, ...]] = {
 PUBLISHED_TASKS: dict[str, tuple[str, ...]] = {"longbench-v2": LONGBENCH_TASKS, "longmemeval": LONGMEMEVAL_TASKS}
 RESULTS, CONFIG = "results.jsonl", "config.json"
 # Settings that change what a row means: a rerun into the same folder must agree on them to reuse rows.
-_PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data")
+_PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data", "lsa_indexer")
 
 Loader = Callable[[str, str], tuple[torch.nn.Module, object]]
 
@@ -149,7 +150,7 @@ def _check_resume(out: Path, config: dict) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text(encoding="utf-8"))
-    changed = [k for k in _PINNED if old.get(k) != config[k]]
+    changed = [k for k in _PINNED if k in config and old.get(k) != config[k]]  # some are known once loaded
     if changed and (out / RESULTS).exists():
         details = ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in changed)
         raise ValueError(f"{out} holds results of another run ({details}); use a new --out folder")
@@ -258,6 +259,9 @@ def run_bench(
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and max(lengths) > limit:
         raise ValueError(f"--lengths {max(lengths)} exceeds the model's context window ({limit} tokens)")
+    # `lsa` means the shipped checkpoint when one matches the model: rows of another checkpoint must not mix in.
+    config["lsa_indexer"] = shipped_identity(model) if "lsa" in methods else None
+    _check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 

@@ -83,25 +83,14 @@ class WorkerPool:
 
     def submit(self, sample, enc: dict[str, torch.Tensor], methods: list[str], on_row: OnRow) -> None:
         """Queue one sample for ``methods``; rows that arrive meanwhile go to ``on_row``."""
-        job = (sample, {k: v.tolist() for k, v in enc.items()}, list(methods))
-        while True:
-            try:
-                self._jobs.put(job, timeout=0.2)
-                break
-            except queue.Full:
-                self._receive(on_row, timeout=0.2)
+        self._put((sample, {k: v.tolist() for k, v in enc.items()}, list(methods)), on_row)
         while self._receive(on_row, timeout=0):
             pass
 
     def close(self, on_row: OnRow) -> None:
         """Let the workers finish the queued jobs, hand every remaining row to ``on_row`` and stop them."""
         for _ in self._procs:
-            while True:
-                try:
-                    self._jobs.put(None, timeout=0.2)
-                    break
-                except queue.Full:
-                    self._receive(on_row, timeout=0.2)
+            self._put(None, on_row)
         while len(self._exited) < len(self._procs):
             self._receive(on_row, timeout=0.5)
         for proc in self._procs:
@@ -114,6 +103,15 @@ class WorkerPool:
                 proc.kill()
         for proc in self._procs:
             proc.join()
+
+    def _put(self, item, on_row: OnRow) -> None:
+        # Rows keep arriving while the job queue is full; taking them meanwhile keeps results.jsonl current.
+        while True:
+            try:
+                self._jobs.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                self._receive(on_row, timeout=0.2)
 
     def _receive(self, on_row: OnRow, timeout: float) -> bool:
         try:

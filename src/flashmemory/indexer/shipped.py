@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -23,6 +24,26 @@ def shipped_checkpoints() -> dict[str, dict]:
     for config in sorted(SHIPPED_DIR.glob(f"*/{CONFIG}")):
         out[config.parent.name] = json.loads(config.read_text())["spec"]
     return out
+
+
+def shipped_identity(model: nn.Module) -> str:
+    """What ``resolve_indexer(model, "auto")`` picks, as a label for records.
+
+    Returns:
+        ``"zero-shot"``, or ``"<folder>@<first 12 hex of the weights' sha256>"`` for the shipped checkpoint that
+        matches the model's fingerprint, so a result made with one checkpoint is never mixed with another's.
+    """
+    shipped = shipped_checkpoints()
+    if not shipped:
+        return "zero-shot"
+    fingerprint = model_fingerprint(model)
+    for name, ck in shipped.items():
+        if ck["fingerprint"] == fingerprint:
+            digest = hashlib.sha256()
+            for path in sorted((SHIPPED_DIR / name).glob("*.safetensors")):
+                digest.update(path.read_bytes())
+            return f"{name}@{digest.hexdigest()[:12]}"
+    return "zero-shot"
 
 
 def resolve_indexer(model: nn.Module, indexer: str | Path | MemoryIndexer | None) -> MemoryIndexer | None:
