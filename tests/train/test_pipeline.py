@@ -11,6 +11,7 @@ import torch
 from flashmemory.dump.capture import LabelConfig
 from flashmemory.dump.runner import run_dump
 from flashmemory.dump.shards import DumpError, read_manifest
+from flashmemory.indexer.checkpoint import load_indexer
 from flashmemory.models.tiny import tiny_model
 from flashmemory.train.indexer_eval import evaluate_methods, markdown_table
 from flashmemory.train.trainer import TrainConfig, train_indexer
@@ -101,6 +102,22 @@ def test_training_reduces_loss_and_writes_checkpoint(dump_dir, tmp_path):
     report = evaluate_methods([dump_dir], tmp_path / "ck", interval=16, recent=16)
     assert set(report["methods"]) == {"trained", "zero-shot", "quest", "recent", "random"}
     assert "| trained |" in markdown_table(report)
+
+
+def test_interpolated_checkpoint_lies_between_initial_and_trained(dump_dir, tmp_path):
+    cfg = TrainConfig(epochs=2, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2, lr=1e-2)
+    train_indexer([dump_dir], tmp_path / "ck", cfg, progress=False)
+    history = train_indexer([dump_dir], tmp_path / "mix", replace(cfg, interpolate=0.25), progress=False)
+    start, trained, mixed = (
+        load_indexer(path).state_dict() for path in (dump_dir / "init_indexer", tmp_path / "ck", tmp_path / "mix")
+    )
+    moved = [k for k in start if not torch.equal(start[k], trained[k])]
+    assert moved  # training changed something, so the check below can fail
+    for k in start:
+        torch.testing.assert_close(mixed[k], 0.75 * start[k] + 0.25 * trained[k])
+    assert history["interpolated"]["interpolate"] == 0.25 and "recall@0.15" in history["interpolated"]
+    with pytest.raises(ValueError, match="interpolate"):
+        TrainConfig(interpolate=0.0)
 
 
 def test_training_never_imports_a_model_class(dump_dir, tmp_path):

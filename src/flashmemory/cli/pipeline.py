@@ -86,6 +86,9 @@ def train(
     interval: int = typer.Option(TRAIN.interval, help="Lookahead horizon in decode steps."),
     recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
     seed: int = typer.Option(TRAIN.seed, help="Sampling seed."),
+    interpolate: float = typer.Option(
+        TRAIN.interpolate, help="Save (1-a)*initial + a*trained weights; 1 saves the trained weights."
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Train the Memory Indexer's query tower from dumps only (no backbone is loaded)."""
@@ -107,9 +110,10 @@ def train(
         interval=interval,
         recent=recent,
         seed=seed,
+        interpolate=interpolate,
     )
     history = train_indexer(dumps, out, cfg, device=device)
-    best, zero = history["best"], history["zero_shot"]
+    best, zero = history.get("interpolated", history["best"]), history["zero_shot"]
     OUT.print(
         f"[green]saved[/] {out} (epoch {history['best_epoch']}): validation recall@15% "
         f"{best['recall@0.15']:.3f} (zero-shot {zero['recall@0.15']:.3f}), kept at 0.5 {best['fraction_kept']:.3f}"

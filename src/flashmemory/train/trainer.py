@@ -56,6 +56,10 @@ class TrainConfig:
             head mean, of ``min_layers`` layers) or ``"peak"`` (chunks some single head attends to with at least
             ``peak_threshold`` of its mass). Default: "golden".
         peak_threshold: single-head mass that makes a chunk needed, for ``target="peak"``. Default: 0.3.
+        interpolate: the checkpoint holds ``(1 - a) * initial + a * trained`` weights (weight-space ensembling
+            with the zero-shot indexer it started from). The trained weights rank more of the needed chunks, the
+            zero-shot ones keep some single-fact retrievals that training trades away; 1 keeps the trained
+            weights as they are. Default: 1.0.
     """
 
     epochs: int = 12
@@ -81,6 +85,7 @@ class TrainConfig:
     select_on: str = "all"
     target: str = "golden"
     peak_threshold: float = 0.3
+    interpolate: float = 1.0
 
     def __post_init__(self) -> None:
         if self.loss not in ("focal", "bce", "listwise"):
@@ -91,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if not 0.0 < self.peak_threshold <= 1.0:
             raise ValueError(f"peak_threshold must be in (0, 1], got {self.peak_threshold}")
+        if not 0.0 < self.interpolate <= 1.0:
+            raise ValueError(f"interpolate must be in (0, 1], got {self.interpolate}")
         if self.boundary_weight <= 0:
             raise ValueError(f"boundary_weight must be > 0, got {self.boundary_weight}")
         if self.epochs < 1 or self.steps_per_prompt < 1 or self.prompts_per_batch < 1:
@@ -231,6 +238,7 @@ def train_indexer(
     )
     gen = torch.Generator().manual_seed(cfg.seed + rank)
     rng = random.Random(cfg.seed)
+    initial = copy.deepcopy(indexer.state_dict())
     zero_shot = evaluate(indexer, val, window=cfg.window, interval=cfg.interval)
     history = {"config": asdict(cfg), "epochs": [], "zero_shot": zero_shot}
     best, best_state, stale = -1.0, None, 0
@@ -288,8 +296,16 @@ def train_indexer(
     indexer.load_state_dict(best_state)
     indexer.spec.trained = True
     history["best"] = history["epochs"][history["best_epoch"] - 1]
+    saved = {"dumps": [str(d) for d in dump_dirs], "best": history["best"]}
+    if cfg.interpolate < 1.0:
+        a = cfg.interpolate
+        indexer.load_state_dict({k: (1 - a) * initial[k] + a * v for k, v in best_state.items()})
+        history["interpolated"] = saved["interpolated"] = {
+            "interpolate": a,
+            **evaluate(indexer, val, window=cfg.window, interval=cfg.interval),
+        }
     if rank == 0:
-        save_indexer(indexer, out, extra={"training": {"dumps": [str(d) for d in dump_dirs], "best": history["best"]}})
+        save_indexer(indexer, out, extra={"training": saved})
         (out / "history.json").write_text(json.dumps(history, indent=1))
         plot_history(history, out / "training_curve.png")
     if world > 1:
