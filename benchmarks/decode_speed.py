@@ -18,6 +18,10 @@ with the library's own functions and amortised over the cycle. The host mirror i
 all sequences (host RAM cannot hold hundreds of GB of mirrors here); copies read it exactly as they would a
 per-sequence mirror.
 
+For the graph-captured LSA rows it also times one whole cycle (``interval`` steps) three ways: alone, with the
+boundary's page copies started on a side stream together with the steps, and with the copies run first. That shows
+how much of the recall the steps hide.
+
 Writes ``decode_speed.json`` and ``decode_speed.md`` to ``--out``.
 """
 
@@ -103,6 +107,9 @@ class Row:
     kv_read_gib_per_step: float = float("nan")
     floor_ms: float = float("nan")
     over_floor: float = float("nan")
+    cycle_ms: float = float("nan")  # one cycle's `interval` steps, no recall
+    cycle_overlap_ms: float = float("nan")  # the same steps with one boundary's recall on a side stream
+    cycle_serial_ms: float = float("nan")  # the recall, then the steps
     note: str = ""
 
 
@@ -236,7 +243,7 @@ class Bench:
         return (weight_bytes + kv_bytes) / (self.copy_tb_s * 1e12) * 1e3 if self.copy_tb_s == self.copy_tb_s else 0.0
 
     def decode_steps(self, model, cache, batch, context, hooks_state=None, graph=False, steps=None):
-        """Median step time in ms of ``model`` decoding one token per sequence with ``cache``."""
+        """Median step time in ms of ``model`` decoding one token per sequence with ``cache``, and the step."""
         steps = steps or self.args.steps
         ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=self.device)
         pos = torch.full((batch, 1), context, device=self.device)
@@ -248,11 +255,11 @@ class Bench:
             step()  # warm-up (compiles kernels)
             sync(self.device)
             if not graph:
-                return timed(step, self.device, steps)
+                return timed(step, self.device, steps), step
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 step()
-            return timed(g.replay, self.device, steps)
+            return timed(g.replay, self.device, steps), g.replay
 
     def reserve_state(self, cfg, batch, context, lsa_pages: int | None):
         """Random reserves of every layer plus their resident set (all pages for ``lsa_pages=None``)."""
@@ -317,7 +324,7 @@ class Bench:
             cache.update(k, v, i)
             del k, v
         kv_bytes = 2 * layers * batch * context * hkv * d * self.args.dtype.itemsize
-        row.step_ms = self.decode_steps(model, cache, batch, context)
+        row.step_ms, _ = self.decode_steps(model, cache, batch, context)
         q = random_(torch.empty(batch, cfg.num_attention_heads, 1, d, dtype=self.args.dtype, device=self.device))
         k0, v0 = cache.layers[0].keys, cache.layers[0].values
         attn = timed(
@@ -335,9 +342,16 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         cache, rs, slot, resident = self.reserve_state(cfg, batch, context, lsa_pages)
+        start = rs.seq_len.clone(), slot.clone()
         handles = self.install_hooks(model, rs, slot)
         try:
-            row.step_ms = self.decode_steps(model, cache, batch, context, graph=graph)
+            row.step_ms, step = self.decode_steps(model, cache, batch, context, graph=graph)
+            # The overlap is measured on the rows that matter (graph-captured on CUDA): 7 cycles per row add minutes.
+            if lsa_pages is not None and (graph or self.device.type != "cuda"):
+                recall, _, _ = self.recall_job(cfg, batch, context, lsa_pages, self.args.churn[0])
+                row.cycle_ms, row.cycle_overlap_ms, row.cycle_serial_ms = self.cycle_overlap(
+                    step, recall, rs, slot, start
+                )
         finally:
             for h in handles:
                 h.remove()
@@ -372,7 +386,6 @@ class Bench:
         pos = torch.arange(context - window, context, device=dev).expand(batch, -1)
         keys = [random_(torch.empty(batch, hkv, n, d, dtype=dtype, device=dev)) for _ in targets]
         selectable = page_aligned_tail_start(context, lsa.recent, lsa.page_size) // lsa.page_size
-        old = torch.stack([torch.randperm(selectable, device=dev)[:num_pages].sort().values for _ in range(batch)])
 
         def score_and_select():
             s = indexer.score(hidden, pos, keys, lsa.layer_reduce)
@@ -384,34 +397,77 @@ class Bench:
             score_and_select()
             indexer_ms = timed(score_and_select, dev, 5)
         out = {"model": name, "context": context, "batch": batch, "indexer_ms": indexer_ms}
-        # recall: a share of the page slots changes; the copies read a pinned one-sequence mirror (see docstring)
-        mirror_k = torch.empty(1, hkv, context, d, dtype=dtype, pin_memory=dev.type == "cuda")
-        mirror_k.view(torch.int16).fill_(0x3C00)  # cheap non-zero fill (randn over GiBs on the host is slow)
-        slots = lsa.sink + num_pages * lsa.page_size + lsa.tail_capacity
-        reserve = torch.empty(batch, hkv, slots, d, dtype=dtype, device=dev)
-        token_bytes = hkv * d * dtype.itemsize
         for churn in self.args.churn:
-            changed = max(1, int(churn * num_pages))
-            new = old.clone()
-            fresh = torch.stack([torch.randperm(selectable, device=dev)[: num_pages + changed] for _ in range(batch)])
-            # replace `changed` slots with pages not resident before
-            for b in range(batch):
-                cand = fresh[b][~torch.isin(fresh[b], old[b])][:changed]
-                new[b, : cand.numel()] = cand
-            table, moves = plan_moves(old, new)
-            n_moves = int((moves >= 0).sum())
-
-            def recall(new=new, moves=moves):
-                plan_moves(old, new)
-                copy_all(mirror_k.expand(batch, -1, -1, -1), reserve, moves, lsa, 2 * layers, self.device)
-
+            recall, n_moves, moved = self.recall_job(cfg, batch, context, num_pages, churn)
             recall()
             ms = timed(recall, dev, 3)
-            moved = n_moves * lsa.page_size * token_bytes * 2 * layers
             out[f"recall_ms_churn_{churn}"] = ms
             out[f"recall_gb_s_churn_{churn}"] = moved / ms / 1e6
             out[f"pages_moved_churn_{churn}"] = n_moves
         return out
+
+    def recall_job(self, cfg, batch, context, num_pages, churn):
+        """One boundary's recall with ``churn`` of the page slots changing: (callable, pages moved, bytes moved).
+
+        The copies read a pinned one-sequence mirror (see the module docstring) into a reserve of their own.
+        """
+        layers, hkv, d = kv_geometry(cfg)
+        lsa, dev, dtype = self.lsa, self.device, self.args.dtype
+        selectable = page_aligned_tail_start(context, lsa.recent, lsa.page_size) // lsa.page_size
+        old = torch.stack([torch.randperm(selectable, device=dev)[:num_pages].sort().values for _ in range(batch)])
+        mirror_k = torch.empty(1, hkv, context, d, dtype=dtype, pin_memory=dev.type == "cuda")
+        mirror_k.view(torch.int16).fill_(0x3C00)  # cheap non-zero fill (randn over GiBs on the host is slow)
+        slots = lsa.sink + num_pages * lsa.page_size + lsa.tail_capacity
+        reserve = torch.empty(batch, hkv, slots, d, dtype=dtype, device=dev)
+        changed = max(1, int(churn * num_pages))
+        new = old.clone()
+        fresh = torch.stack([torch.randperm(selectable, device=dev)[: num_pages + changed] for _ in range(batch)])
+        # replace `changed` slots with pages not resident before
+        for b in range(batch):
+            cand = fresh[b][~torch.isin(fresh[b], old[b])][:changed]
+            new[b, : cand.numel()] = cand
+        _, moves = plan_moves(old, new)
+        n_moves = int((moves >= 0).sum())
+
+        def recall():
+            plan_moves(old, new)
+            copy_all(mirror_k.expand(batch, -1, -1, -1), reserve, moves, lsa, 2 * layers, dev)
+
+        return recall, n_moves, n_moves * lsa.page_size * hkv * d * dtype.itemsize * 2 * layers
+
+    def cycle_overlap(self, step, recall, rs, slot, start) -> tuple[float, float, float]:
+        """ms of one cycle's ``interval`` steps: alone, with the boundary's recall on a side stream, after it.
+
+        The step counters are reset to ``start`` before each cycle, so every replay writes inside the tail.
+        Without CUDA there is no side stream and the overlapped time is the serial one.
+        """
+        dev, interval = self.device, self.lsa.interval
+
+        def steps():
+            rs.seq_len.copy_(start[0])
+            slot.copy_(start[1])
+            for _ in range(interval):
+                step()
+
+        def serial():
+            recall()
+            steps()
+
+        reps = self.args.cycle_reps
+        if dev.type != "cuda":
+            alone, after = timed(steps, dev, reps), timed(serial, dev, reps)
+            return alone, after, after
+        side = torch.cuda.Stream(dev)
+
+        def overlapped():
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                recall()
+            steps()
+            torch.cuda.current_stream(dev).wait_stream(side)
+
+        overlapped()
+        return timed(steps, dev, reps), timed(overlapped, dev, reps), timed(serial, dev, reps)
 
     # ----- capacity
     def max_batch(self, weight_bytes: int, per_seq: float, overhead: float) -> int:
@@ -578,6 +634,27 @@ def markdown(report: Report, churn: float) -> str:
             f"| {c['model']} | {c['context'] // 1024}K | {c['full_gib_per_seq']:.2f} | "
             f"{c['lsa_gib_per_seq']:.2f} | {c['full_max_batch']} | {c['lsa_max_batch']} |"
         )
+    cycles = [r for r in report.rows if r["method"] == "lsa" and r.get("cycle_ms") == r.get("cycle_ms")]
+    if cycles:
+        lines += [
+            "",
+            f"## Recall overlapped with the cycle ({report.args['interval']} steps, "
+            f"{report.args['churn'][0]:.0%} of page slots changing)",
+            "",
+            "The boundary's page copies start on a side stream together with the cycle's steps; `serial` runs them "
+            "first. Overhead = extra time over the steps alone.",
+            "",
+            "| model | ctx | batch | graph | steps alone ms | + recall overlapped ms | overhead | "
+            "recall then steps ms | overhead |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in cycles:
+            base = r["cycle_ms"]
+            lines.append(
+                f"| {r['model']} | {r['context'] // 1024}K | {r['batch']} | {'y' if r['graph'] else 'n'} "
+                f"| {base:.1f} | {r['cycle_overlap_ms']:.1f} | {r['cycle_overlap_ms'] / base - 1:.1%} "
+                f"| {r['cycle_serial_ms']:.1f} | {r['cycle_serial_ms'] / base - 1:.1%} |"
+            )
     lines += ["", "## Per-cycle work (one boundary)", "", "```"]
     lines += [json.dumps(c) for c in report.recall]
     lines += ["```"]
@@ -596,6 +673,7 @@ def main() -> None:
     p.add_argument("--mem-cap-gib", type=float, default=120.0)
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per measurement")
     p.add_argument("--churn", default="0.25,1.0", help="shares of page slots that change per boundary")
+    p.add_argument("--cycle-reps", type=int, default=2, help="timed repeats of each whole-cycle measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
