@@ -397,8 +397,9 @@ class Bench:
             score_and_select()
             indexer_ms = timed(score_and_select, dev, 5)
         out = {"model": name, "context": context, "batch": batch, "indexer_ms": indexer_ms}
+        buffers = self.recall_buffers(cfg, batch, context, num_pages)  # shared by every churn: pinned GiBs are slow
         for churn in self.args.churn:
-            recall, n_moves, moved = self.recall_job(cfg, batch, context, num_pages, churn)
+            recall, n_moves, moved = self.recall_job(cfg, batch, context, num_pages, churn, buffers)
             recall()
             ms = timed(recall, dev, 3)
             out[f"recall_ms_churn_{churn}"] = ms
@@ -406,19 +407,25 @@ class Bench:
             out[f"pages_moved_churn_{churn}"] = n_moves
         return out
 
-    def recall_job(self, cfg, batch, context, num_pages, churn):
+    def recall_buffers(self, cfg, batch, context, num_pages):
+        """A pinned one-sequence mirror (see the module docstring) and a reserve of their own for the copies."""
+        _, hkv, d = kv_geometry(cfg)
+        lsa, dev, dtype = self.lsa, self.device, self.args.dtype
+        mirror_k = torch.empty(1, hkv, context, d, dtype=dtype, pin_memory=dev.type == "cuda")
+        mirror_k.view(torch.int16).fill_(0x3C00)  # cheap non-zero fill (randn over GiBs on the host is slow)
+        slots = lsa.sink + num_pages * lsa.page_size + lsa.tail_capacity
+        return mirror_k, torch.empty(batch, hkv, slots, d, dtype=dtype, device=dev)
+
+    def recall_job(self, cfg, batch, context, num_pages, churn, buffers=None):
         """One boundary's recall with ``churn`` of the page slots changing: (callable, pages moved, bytes moved).
 
-        The copies read a pinned one-sequence mirror (see the module docstring) into a reserve of their own.
+        ``buffers`` come from :meth:`recall_buffers` (made here when not given).
         """
         layers, hkv, d = kv_geometry(cfg)
         lsa, dev, dtype = self.lsa, self.device, self.args.dtype
         selectable = page_aligned_tail_start(context, lsa.recent, lsa.page_size) // lsa.page_size
         old = torch.stack([torch.randperm(selectable, device=dev)[:num_pages].sort().values for _ in range(batch)])
-        mirror_k = torch.empty(1, hkv, context, d, dtype=dtype, pin_memory=dev.type == "cuda")
-        mirror_k.view(torch.int16).fill_(0x3C00)  # cheap non-zero fill (randn over GiBs on the host is slow)
-        slots = lsa.sink + num_pages * lsa.page_size + lsa.tail_capacity
-        reserve = torch.empty(batch, hkv, slots, d, dtype=dtype, device=dev)
+        mirror_k, reserve = buffers or self.recall_buffers(cfg, batch, context, num_pages)
         changed = max(1, int(churn * num_pages))
         new = old.clone()
         fresh = torch.stack([torch.randperm(selectable, device=dev)[: num_pages + changed] for _ in range(batch)])

@@ -335,11 +335,10 @@ def _sample_at(generated: dict, family: str, task: str, tokenizer, length: int, 
 
 
 def _generate(family: str, task: str, tokenizer, length: int, samples: int, seed: int, data: Path | None) -> list:
+    """All samples of a LongBench-v2 or LongMemEval task (RULER's are made one at a time by ``_sample_at``)."""
     if family == "longbench-v2":
         return generate_longbench(task, tokenizer, length=length, num_samples=samples, seed=seed, data=data)
-    if family == "longmemeval":
-        return generate_longmemeval(task, tokenizer, length=length, num_samples=samples, seed=seed, data=data)
-    return generate_ruler(task, tokenizer, length=length, num_samples=samples, seed=seed)
+    return generate_longmemeval(task, tokenizer, length=length, num_samples=samples, seed=seed, data=data)
 
 
 def summarize(rows: list[dict], config: dict) -> dict:
