@@ -438,7 +438,7 @@ class Bench:
 
         def recall():
             plan_moves(old, new)
-            copy_all(mirror_k.expand(batch, -1, -1, -1), reserve, moves, lsa, 2 * layers, dev)
+            copy_all(mirror_k.expand(batch, -1, -1, -1), reserve, moves, lsa, 2 * layers, dev, self.args.copy_programs)
 
         return recall, n_moves, n_moves * lsa.page_size * hkv * d * dtype.itemsize * 2 * layers
 
@@ -487,13 +487,13 @@ def storage_kv(cache: ReserveCache) -> int:
     )
 
 
-def copy_all(mirror, reserve, moves, lsa: LSAConfig, copies: int, device) -> None:
+def copy_all(mirror, reserve, moves, lsa: LSAConfig, copies: int, device, programs: int = 16) -> None:
     """``copies`` page copies of one boundary (K and V of every layer) from the pinned mirror."""
     if device.type == "cuda":
         from flashmemory.memory.page_copy_triton import copy_pages
 
         for _ in range(copies):
-            copy_pages(mirror, reserve, moves, lsa.page_size, lsa.sink)
+            copy_pages(mirror, reserve, moves, lsa.page_size, lsa.sink, programs)
         return
     rows, slots = (moves >= 0).nonzero(as_tuple=True)
     for _ in range(copies):
@@ -680,6 +680,7 @@ def main() -> None:
     p.add_argument("--mem-cap-gib", type=float, default=120.0)
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per measurement")
     p.add_argument("--churn", default="0.25,1.0", help="shares of page slots that change per boundary")
+    p.add_argument("--copy-programs", type=int, default=16, help="thread blocks the page copy kernel occupies")
     p.add_argument("--cycle-reps", type=int, default=2, help="timed repeats of each whole-cycle measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")

@@ -1,6 +1,6 @@
 """Mean size of the lookahead target of step 0 per prompt kind in a dump (how diffuse its labels are).
 
-    python benchmarks/results/indexer_training_variants/label_spread.py DUMP_DIR
+python benchmarks/results/indexer_training_variants/label_spread.py DUMP_DIR
 """
 
 import collections

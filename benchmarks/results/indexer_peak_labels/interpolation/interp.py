@@ -1,6 +1,6 @@
 """Weight-space interpolation between the zero-shot (init) indexer and a trained one: W = (1-a) W0 + a W1.
 
-    python interp.py INIT_DIR TRAINED_DIR OUT_DIR 0.3,0.5,0.7     # writes OUT_DIR/ck_a30, ck_a50, ck_a70
+python interp.py INIT_DIR TRAINED_DIR OUT_DIR 0.3,0.5,0.7     # writes OUT_DIR/ck_a30, ck_a50, ck_a70
 """
 
 import sys
