@@ -58,4 +58,5 @@ def test_copy_pages_refuses_zero_programs():
     from flashmemory.memory.page_copy_triton import copy_pages
 
     with pytest.raises(ValueError, match="programs"):
-        copy_pages(torch.zeros(1, 1, 16, 8), torch.zeros(1, 1, 16, 8), torch.zeros(1, 1, dtype=torch.long), 16, 0, programs=0)
+        empty = torch.zeros(1, 1, 16, 8)
+        copy_pages(empty, empty.clone(), torch.zeros(1, 1, dtype=torch.long), 16, 0, programs=0)

@@ -93,3 +93,14 @@ def test_lookahead_peak_is_the_max_over_the_next_interval_steps():
     assert torch.allclose(out, torch.tensor([[0.9, 0.0, 0.3, 0.0], [0.0, 0.5, 0.0, 0.0]]), atol=1e-3)
     wide = lookahead_peak(peaks, interval=8, num_chunks=3)
     assert torch.allclose(wide[0], torch.tensor([0.9, 0.5, 0.3]), atol=1e-3)
+
+
+def test_ranking_by_the_label_recalls_what_the_kept_fraction_can_hold():
+    from flashmemory.train.metrics import RecallCurve
+
+    targets = torch.zeros(40, dtype=torch.bool)
+    targets[[3, 9, 17, 22, 30, 31, 38, 39]] = True  # 8 needed of 40
+    curve = RecallCurve(fractions=(0.05, 0.1, 0.2, 0.5))
+    curve.add(targets.float(), targets, None)
+    # keeps 2, 4, 8 and 20 chunks: the ceiling is min(kept, needed) / needed
+    assert curve.recall() == [2 / 8, 4 / 8, 1.0, 1.0]

@@ -100,8 +100,12 @@ def test_training_reduces_loss_and_writes_checkpoint(dump_dir, tmp_path):
     losses = [e["train_loss"] for e in history["epochs"]]
     assert losses[-1] < losses[0]
     report = evaluate_methods([dump_dir], tmp_path / "ck", interval=16, recent=16)
-    assert set(report["methods"]) == {"trained", "zero-shot", "quest", "recent", "random"}
+    assert set(report["methods"]) == {"trained", "zero-shot", "quest", "recent", "random", "oracle"}
     assert "| trained |" in markdown_table(report)
+    ceiling = report["methods"]["oracle"]["recall"]
+    for method, m in report["methods"].items():
+        assert all(r <= c + 1e-9 for r, c in zip(m["recall"], ceiling, strict=True)), method
+    assert 0 < report["needed_share"] < 1
 
 
 def test_interpolated_checkpoint_lies_between_initial_and_trained(dump_dir, tmp_path):

@@ -13,7 +13,9 @@ from .dataset import check_compatible, load_examples
 from .metrics import DEFAULT_FRACTIONS, RecallCurve
 from .scorers import indexer_logits, page_bound_scores, random_scores, recent_scores
 
-METHODS = ("trained", "zero-shot", "quest", "recent", "random")
+METHODS = ("trained", "zero-shot", "quest", "recent", "random", "oracle")
+# "oracle" ranks by the label itself: the most any scorer could recall at a kept fraction. When a cycle needs
+# more chunks than the fraction keeps, even it falls short, so the ceiling says which targets are reachable.
 
 
 def evaluate_methods(
@@ -52,6 +54,7 @@ def evaluate_methods(
                 "quest": page_bound_scores(zero, ex, chosen),
                 "recent": recent_scores(ex, chosen),
                 "random": random_scores(ex, chosen, gen),
+                "oracle": ex.targets[chosen].float(),
             }
             if trained is not None:
                 scores["trained"] = torch.sigmoid(indexer_logits(trained, ex, chosen, window=window)).cpu()
@@ -68,6 +71,7 @@ def evaluate_methods(
         "fractions": list(DEFAULT_FRACTIONS),
         "window": window,
         "target": target if target == "golden" else f"peak>={peak_threshold}",
+        "needed_share": curves["oracle"].positives / max(curves["oracle"].candidates, 1.0),
         "methods": {m: {"recall": c.recall(), **c.summary()} for m, c in curves.items()},
     }
 
@@ -76,6 +80,9 @@ def markdown_table(report: dict) -> str:
     fracs = report["fractions"]
     head = "| method | " + " | ".join(f"recall@{f:.0%}" for f in fracs) + " | kept@0.5 | recall@0.5 | F1@0.5 |"
     rows = [head, "|" + "---|" * (len(fracs) + 4)]
+    if "needed_share" in report:
+        share = report["needed_share"]
+        rows.insert(0, f"Needed chunks are {share:.1%} of the candidates (all queries that need any, pooled).\n")
     for method, m in report["methods"].items():
         cells = " | ".join(f"{r:.3f}" for r in m["recall"])
         thr = (
@@ -95,7 +102,9 @@ def plot_curves(report: dict, path: Path, title: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for method, m in report["methods"].items():
-        ax.plot(report["fractions"], m["recall"], marker="o", label=method)
+        style = {"linestyle": "--", "color": "0.4"} if method == "oracle" else {}
+        label = "oracle (the label itself: ceiling)" if method == "oracle" else method
+        ax.plot(report["fractions"], m["recall"], marker="o", label=label, **style)
     ax.set_xlabel("fraction of candidate chunks kept")
     target = report.get("target", "golden")
     needed = "golden chunks" if target == "golden" else f"chunks a head attends to ({target})"
