@@ -41,3 +41,23 @@ def test_every_shipped_checkpoint_loads():
         assert spec["trained"] and spec["fingerprint"], name
         indexer = load_indexer(shipped.SHIPPED_DIR / name, fingerprint=spec["fingerprint"])
         assert indexer.spec.fingerprint == spec["fingerprint"]
+
+
+def test_auto_does_not_warn_when_a_later_checkpoint_matches(tmp_path, monkeypatch):
+    """A same-shape checkpoint of another backbone sorts first; the matching one must still win, silently."""
+    import warnings
+
+    model = tiny_model("llama")
+    other = tiny_model("llama", seed=1)
+    save_indexer(
+        MemoryIndexer.from_model(other, (2, 3), chunk_size=16, fingerprint=model_fingerprint(other)), tmp_path / "a"
+    )
+    mine = MemoryIndexer.from_model(model, (2, 3), chunk_size=16, fingerprint=model_fingerprint(model))
+    mine.tower.score_bias.data.fill_(-3.0)
+    save_indexer(mine, tmp_path / "b")
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        found = shipped.resolve_indexer(model, "auto")
+    assert found is not None and float(found.tower.score_bias[0].detach()) == -3.0
+    assert shipped.shipped_identity(model).startswith("b@")

@@ -26,6 +26,11 @@ def shipped_checkpoints() -> dict[str, dict]:
     return out
 
 
+def matching_checkpoint(fingerprint: str) -> str | None:
+    """Folder name of the shipped checkpoint made for the backbone with this fingerprint, or None."""
+    return next((name for name, ck in shipped_checkpoints().items() if ck["fingerprint"] == fingerprint), None)
+
+
 def shipped_identity(model: nn.Module) -> str:
     """What ``resolve_indexer(model, "auto")`` picks, as a label for records.
 
@@ -33,17 +38,15 @@ def shipped_identity(model: nn.Module) -> str:
         ``"zero-shot"``, or ``"<folder>@<first 12 hex of the weights' sha256>"`` for the shipped checkpoint that
         matches the model's fingerprint, so a result made with one checkpoint is never mixed with another's.
     """
-    shipped = shipped_checkpoints()
-    if not shipped:
+    if not shipped_checkpoints():
+        return "zero-shot"  # nothing to match: skip hashing the weights
+    name = matching_checkpoint(model_fingerprint(model))
+    if name is None:
         return "zero-shot"
-    fingerprint = model_fingerprint(model)
-    for name, ck in shipped.items():
-        if ck["fingerprint"] == fingerprint:
-            digest = hashlib.sha256()
-            for path in sorted((SHIPPED_DIR / name).glob("*.safetensors")):
-                digest.update(path.read_bytes())
-            return f"{name}@{digest.hexdigest()[:12]}"
-    return "zero-shot"
+    digest = hashlib.sha256()
+    for path in sorted((SHIPPED_DIR / name).glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return f"{name}@{digest.hexdigest()[:12]}"
 
 
 def resolve_indexer(model: nn.Module, indexer: str | Path | MemoryIndexer | None) -> MemoryIndexer | None:
@@ -59,25 +62,25 @@ def resolve_indexer(model: nn.Module, indexer: str | Path | MemoryIndexer | None
     """
     if indexer is None or isinstance(indexer, MemoryIndexer) or indexer == "zero-shot":
         return None if indexer == "zero-shot" else indexer
-    shipped = shipped_checkpoints() if indexer == "auto" else {}
-    if indexer == "auto" and not shipped:
+    if indexer == "auto" and not shipped_checkpoints():
         return None  # nothing to match: skip hashing the weights on every call
     device = next(model.parameters()).device
     fingerprint = model_fingerprint(model)
     if indexer != "auto":
         return load_indexer(indexer, fingerprint=fingerprint, device=device)
+    name = matching_checkpoint(fingerprint)
+    if name is not None:
+        return load_indexer(SHIPPED_DIR / name, fingerprint=fingerprint, device=device).to(torch.float32)
+    # only when nothing matches: a checkpoint of the same shape suggests the user expected it to apply
     spec = backbone_spec(model)
-    for name, ck in shipped.items():
-        if ck["fingerprint"] == fingerprint:
-            return load_indexer(SHIPPED_DIR / name, fingerprint=fingerprint, device=device).to(torch.float32)
-        same_shape = (ck["hidden_size"], ck["num_heads"], ck["num_kv_heads"]) == (
+    for other, ck in shipped_checkpoints().items():
+        if (ck["hidden_size"], ck["num_heads"], ck["num_kv_heads"]) == (
             spec.hidden_size,
             spec.num_heads,
             spec.num_kv_heads,
-        )
-        if same_shape:
+        ):
             warnings.warn(
-                f"the shipped indexer {name!r} has this model's shape but another fingerprint "
+                f"the shipped indexer {other!r} has this model's shape but another fingerprint "
                 f"({ck['fingerprint']} vs {fingerprint}); using the zero-shot indexer instead",
                 stacklevel=2,
             )
