@@ -53,3 +53,21 @@ def test_indexer_eval_rejects_corrupt_checkpoint(tmp_path):
 def test_dump_rejects_bad_data_spec(tmp_path):
     res = CliRunner().invoke(app, ["dump", "--data", "n=3,bogus=1", "--out", str(tmp_path / "d"), "--model", "nope"])
     assert res.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        pytest.param("follow_chunks", "KEY=VALUE", id="no-value"),
+        pytest.param("budget=0.1", "use --budget", id="budget"),
+        pytest.param("magic=1", "unknown LSA setting 'magic'", id="unknown"),
+        pytest.param("query_window=wide", "not a valid value", id="bad-type"),
+        pytest.param("threshold=1.5", "threshold must be in (0, 1)", id="refused-by-config"),
+    ],
+)
+def test_bench_rejects_bad_lsa_settings(tmp_path, setting, message):
+    res = CliRunner().invoke(app, ["bench", "ruler", "--lsa", setting, "--out", str(tmp_path / "b")])
+    assert res.exit_code == 2, res.output
+    assert message in res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "b").exists()

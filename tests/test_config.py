@@ -27,3 +27,13 @@ def test_lsa_config_derived_sizes():
     assert cfg.page_size == 64
     assert cfg.tail_capacity == 64 + 63 + 64
     assert LSAConfig(target_layers=[3, 5]).target_layers == (3, 5)
+
+
+def test_overrides_set_typed_values_and_keep_the_rest():
+    from flashmemory.config import LSAConfig, with_overrides
+
+    base = LSAConfig(budget=0.15)
+    cfg = with_overrides(base, ["follow_chunks=1", "query-window=64", "target_layers=12,16", "layer_reduce=mean"])
+    assert (cfg.follow_chunks, cfg.query_window, cfg.target_layers, cfg.layer_reduce) == (1, 64, (12, 16), "mean")
+    assert cfg.budget == 0.15 and cfg.chunk_size == base.chunk_size
+    assert with_overrides(base, []) == base

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(slots=True)
@@ -103,3 +103,44 @@ class LSAConfig:
     @property
     def is_fractional_budget(self) -> bool:
         return self.budget is not None and self.budget <= 1.0
+
+
+# Settings a command line may change with KEY=VALUE; the budget has its own option everywhere.
+_OVERRIDABLE = {
+    "chunk_size": int,
+    "page_chunks": int,
+    "interval": int,
+    "threshold": float,
+    "max_pages": int,
+    "recent": int,
+    "sink": int,
+    "target_layers": lambda text: tuple(int(x) for x in text.replace("/", ",").split(",") if x.strip()),
+    "layer_reduce": str,
+    "best_chunk_slots": float,
+    "query_window": int,
+    "follow_chunks": int,
+    "attention_backend": str,
+}
+
+
+def with_overrides(cfg: LSAConfig, items: list[str]) -> LSAConfig:
+    """``cfg`` with ``KEY=VALUE`` settings applied (``"follow_chunks=1"``, ``"target_layers=12,16"``), validated.
+
+    Raises:
+        ValueError: for a malformed item, an unknown or non-overridable key, a value of the wrong type, or a value
+            :class:`LSAConfig` refuses.
+    """
+    changes: dict = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"LSA setting {item!r} must look like KEY=VALUE, e.g. follow_chunks=1")
+        if key not in _OVERRIDABLE:
+            hint = " (use --budget)" if key == "budget" else ""
+            raise ValueError(f"unknown LSA setting {key!r}{hint}; settable: {', '.join(_OVERRIDABLE)}")
+        try:
+            changes[key] = _OVERRIDABLE[key](text.strip())
+        except ValueError:
+            raise ValueError(f"LSA setting {key}={text!r}: not a valid value") from None
+    return replace(cfg, **changes)

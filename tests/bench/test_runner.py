@@ -11,7 +11,7 @@ from flashmemory.bench import methods as methods_mod
 from flashmemory.bench import runner
 from flashmemory.bench.ruler import RulerSample
 from flashmemory.bench.workers import WorkerError
-from flashmemory.config import LSAConfig
+from flashmemory.config import LSAConfig, with_overrides
 from flashmemory.models.tiny import tiny_model
 
 from .fake_tokenizers import CharTokenizer
@@ -147,6 +147,9 @@ def test_changed_settings_refuse_the_folder(bench):
     bench(methods=["full"], samples=1)
     with pytest.raises(ValueError, match="holds results of another run"):
         bench(methods=["full"], samples=1, budget=0.7)
+    with pytest.raises(ValueError, match="holds results of another run"):
+        bench(methods=["full"], samples=1, lsa=with_overrides(SMALL, ["follow_chunks=1"]))
+    bench(methods=["full"], samples=1, lsa=with_overrides(SMALL, []))  # the same settings resume
 
 
 def test_rows_of_another_shipped_indexer_are_not_mixed(bench, monkeypatch):

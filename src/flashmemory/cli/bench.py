@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..config import LSAConfig
+from ..config import LSAConfig, with_overrides
 from .errors import friendly_errors
 
 OUT = Console()
@@ -45,6 +45,9 @@ def bench(
     workers: int = typer.Option(
         1, help="Processes decoding samples side by side, each with its own model copy (spread over the GPUs)."
     ),
+    lsa_set: list[str] = typer.Option(
+        [], "--lsa", help="Other LSA setting as KEY=VALUE (e.g. follow_chunks=1, query_window=64); repeatable."
+    ),
 ) -> None:
     """Run every method on every task, length and sample; write results.jsonl, summaries and a plot."""
     from ..bench.runner import run_bench
@@ -63,6 +66,7 @@ def bench(
         data=data,
         max_minutes=max_minutes,
         workers=workers,
+        lsa=with_overrides(LSAConfig(), lsa_set),
     )
     table = Table(title=f"{taskset} on {model}")
     for col in ("method", "length", "score", "device KV / full", "decode s"):
