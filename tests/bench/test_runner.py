@@ -85,7 +85,7 @@ def test_every_method_runs_with_same_device_bytes(bench, tmp_path):
                 assert by[task, i, baseline]["kv_bytes_device"] == lsa["kv_bytes_device"]
             assert lsa["boundaries"] >= 1 and lsa["page_slots"] >= 1
     assert {c["method"] for c in summary["overall"]} == set(ALL)
-    for name in ("summary.json", "summary.md", "accuracy_vs_kv.png", "config.json"):
+    for name in ("summary.json", "summary.md", "accuracy_vs_kv.png", "accuracy_per_task.png", "config.json"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["tasks"] == ["niah_single_1", "vt"] and config["commit"] and config["machine"]

@@ -485,11 +485,62 @@ def plot_accuracy_vs_kv(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+# full attention is the reference and LSA the subject: keep both visible over the other methods' lines
+EMPHASIS = {"full": {"color": "black", "linestyle": "--", "zorder": 4}, "lsa": {"linewidth": 2.2, "zorder": 5}}
+
+
+def plot_per_task(summary: dict, path: Path) -> None:
+    """One panel per task: score against length, one line per method, its mean device KV in the legend.
+
+    The device KV fraction of a method hardly changes between tasks, so per task the length is the axis that
+    shows something; the fraction goes into the method's label.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(dict.fromkeys(c["task"] for c in summary["per_task"]))
+    methods = list(dict.fromkeys(c["method"] for c in summary["overall"]))
+    if not tasks:
+        return
+    cols = min(4, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig = Figure(figsize=(3.2 * cols + 2.2, 2.6 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
+    kv = {m: mean(c["kv_ratio"] for c in summary["overall"] if c["method"] == m) for m in methods}
+    markers = "os^Dvx*P"
+    by_task: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for c in summary["per_task"]:
+        by_task[(c["task"], c["method"])].append((c["length"], c["score"]))
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        for i, m in enumerate(methods):
+            cells = sorted(by_task.get((task, m), []))
+            if cells:
+                style = {"linewidth": 1, **EMPHASIS.get(m, {})}
+                ax.plot([n for n, _ in cells], [v for _, v in cells], marker=markers[i % 8], markersize=3,
+                        label=f"{m} ({kv[m]:.0%} KV)", **style)  # fmt: skip
+        ax.set_xscale("log", base=2)
+        lengths = sorted({c["length"] for c in summary["per_task"]})
+        ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], fontsize=7)
+        ax.minorticks_off()
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.set_title(task, fontsize=9)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0 - 2.1 / fig.get_figwidth(), 0.98), fontsize=7)
+    fig.suptitle(f"{summary['config']['taskset']} on {summary['config']['model']}: score by task and length")
+    fig.tight_layout(rect=(0, 0, 1.0 - 2.2 / fig.get_figwidth(), 0.96))
+    fig.savefig(path, dpi=110)
+
+
 def write_summary(out: Path, summary: dict) -> None:
-    """Write ``summary.json``, ``summary.md`` and ``accuracy_vs_kv.png`` into ``out``."""
+    """Write ``summary.json``, ``summary.md``, ``accuracy_vs_kv.png`` and ``accuracy_per_task.png`` into ``out``."""
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
     plot_accuracy_vs_kv(summary, out / "accuracy_vs_kv.png")
+    plot_per_task(summary, out / "accuracy_per_task.png")
 
 
 __all__ = ["TASKSETS", "default_loader", "encode_sample", "parse_taskset", "run_bench", "summarize", "write_summary"]

@@ -81,4 +81,4 @@ def bench(
         OUT.print(
             f"[yellow]stopped at --max-minutes:[/] {rows['finished']} of {rows['planned']} rows; rerun to continue"
         )
-    OUT.print(f"[dim]results in {out} (results.jsonl, summary.md, accuracy_vs_kv.png)[/]")
+    OUT.print(f"[dim]results in {out} (results.jsonl, summary.md, accuracy_vs_kv.png, accuracy_per_task.png)[/]")
