@@ -1,9 +1,9 @@
 """Triton copy of recalled pages from the pinned host mirror into the device reserve, driven by a device move list.
 
-The host never learns which pages move: each program reads its slot's entry of the move list and, when a page is
-due, streams that page of one KV head straight out of pinned host memory (mapped into the device's address
-space under unified addressing) into the reserve slot. So recall needs no host synchronisation and can be
-enqueued on a side stream or captured in a CUDA graph.
+The host never learns which pages move: each program walks a share of the page slots, reads each slot's entry of
+the move list and, when a page is due, streams that page of every KV head straight out of pinned host memory
+(mapped into the device's address space under unified addressing) into the reserve slot. So recall needs no host
+synchronisation and can be enqueued on a side stream or captured in a CUDA graph.
 
 Imported lazily; only used on CUDA with Triton installed.
 """
