@@ -488,13 +488,16 @@ def storage_kv(cache: ReserveCache) -> int:
     )
 
 
-def copy_all(mirror, reserve, moves, lsa: LSAConfig, copies: int, device, programs: int = 16) -> None:
-    """``copies`` page copies of one boundary (K and V of every layer) from the pinned mirror."""
+def copy_all(mirror, reserve, moves, lsa: LSAConfig, copies: int, device, programs: int | None = None) -> None:
+    """``copies`` page copies of one boundary (K and V of every layer) from the pinned mirror.
+
+    ``programs``: thread blocks of the CUDA copy kernel (None: the kernel's default).
+    """
     if device.type == "cuda":
-        from flashmemory.memory.page_copy_triton import copy_pages
+        from flashmemory.memory.page_copy_triton import DEFAULT_PROGRAMS, copy_pages
 
         for _ in range(copies):
-            copy_pages(mirror, reserve, moves, lsa.page_size, lsa.sink, programs)
+            copy_pages(mirror, reserve, moves, lsa.page_size, lsa.sink, programs or DEFAULT_PROGRAMS)
         return
     rows, slots = (moves >= 0).nonzero(as_tuple=True)
     for _ in range(copies):
@@ -712,7 +715,9 @@ def main() -> None:
     p.add_argument("--mem-cap-gib", type=float, default=120.0)
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per measurement")
     p.add_argument("--churn", default="0.25,1.0", help="shares of page slots that change per boundary")
-    p.add_argument("--copy-programs", type=int, default=16, help="thread blocks the page copy kernel occupies")
+    p.add_argument(
+        "--copy-programs", type=int, default=None, help="thread blocks the page copy kernel occupies (default: its own)"
+    )
     p.add_argument("--cycle-reps", type=int, default=2, help="timed repeats of each whole-cycle measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")

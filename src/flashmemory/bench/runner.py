@@ -453,6 +453,9 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+MARKERS = "os^Dvx*P"  # one per method in both plots, cycled beyond eight
+
+
 def plot_accuracy_vs_kv(summary: dict, path: Path) -> None:
     """Scatter of score against device KV fraction: one marker shape per method, one point per length."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -462,11 +465,11 @@ def plot_accuracy_vs_kv(summary: dict, path: Path) -> None:
     fig = Figure(figsize=(7.5, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    markers = "os^Dvx*P"
     methods = list(dict.fromkeys(c["method"] for c in summary["overall"]))
     for i, m in enumerate(methods):
         cells = [c for c in summary["overall"] if c["method"] == m]
-        ax.scatter([c["kv_ratio"] for c in cells], [c["score"] for c in cells], marker=markers[i % 8], label=m)
+        marker = MARKERS[i % len(MARKERS)]
+        ax.scatter([c["kv_ratio"] for c in cells], [c["score"] for c in cells], marker=marker, label=m)
         for c in cells:
             ax.annotate(
                 str(c["length"]), (c["kv_ratio"], c["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
@@ -508,7 +511,8 @@ def plot_per_task(summary: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True)
     kv = {m: mean(c["kv_ratio"] for c in summary["overall"] if c["method"] == m) for m in methods}
-    markers = "os^Dvx*P"
+    lengths = sorted({c["length"] for c in summary["per_task"]})
+    ticks = [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths]
     by_task: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
     for c in summary["per_task"]:
         by_task[(c["task"], c["method"])].append((c["length"], c["score"]))
@@ -517,11 +521,10 @@ def plot_per_task(summary: dict, path: Path) -> None:
             cells = sorted(by_task.get((task, m), []))
             if cells:
                 style = {"linewidth": 1, **EMPHASIS.get(m, {})}
-                ax.plot([n for n, _ in cells], [v for _, v in cells], marker=markers[i % 8], markersize=3,
+                ax.plot([n for n, _ in cells], [v for _, v in cells], marker=MARKERS[i % len(MARKERS)], markersize=3,
                         label=f"{m} ({kv[m]:.0%} KV)", **style)  # fmt: skip
         ax.set_xscale("log", base=2)
-        lengths = sorted({c["length"] for c in summary["per_task"]})
-        ax.set_xticks(lengths, [f"{n // 1024}K" if n >= 1024 else str(n) for n in lengths], fontsize=7)
+        ax.set_xticks(lengths, ticks, fontsize=7)
         ax.minorticks_off()
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)

@@ -26,9 +26,9 @@ def shipped_checkpoints() -> dict[str, dict]:
     return out
 
 
-def matching_checkpoint(fingerprint: str) -> str | None:
-    """Folder name of the shipped checkpoint made for the backbone with this fingerprint, or None."""
-    return next((name for name, ck in shipped_checkpoints().items() if ck["fingerprint"] == fingerprint), None)
+def matching_checkpoint(shipped: dict[str, dict], fingerprint: str) -> str | None:
+    """Folder name among ``shipped`` (:func:`shipped_checkpoints`) made for the backbone with this fingerprint."""
+    return next((name for name, ck in shipped.items() if ck["fingerprint"] == fingerprint), None)
 
 
 def shipped_identity(model: nn.Module) -> str:
@@ -38,9 +38,10 @@ def shipped_identity(model: nn.Module) -> str:
         ``"zero-shot"``, or ``"<folder>@<first 12 hex of the weights' sha256>"`` for the shipped checkpoint that
         matches the model's fingerprint, so a result made with one checkpoint is never mixed with another's.
     """
-    if not shipped_checkpoints():
+    shipped = shipped_checkpoints()
+    if not shipped:
         return "zero-shot"  # nothing to match: skip hashing the weights
-    name = matching_checkpoint(model_fingerprint(model))
+    name = matching_checkpoint(shipped, model_fingerprint(model))
     if name is None:
         return "zero-shot"
     digest = hashlib.sha256()
@@ -62,18 +63,19 @@ def resolve_indexer(model: nn.Module, indexer: str | Path | MemoryIndexer | None
     """
     if indexer is None or isinstance(indexer, MemoryIndexer) or indexer == "zero-shot":
         return None if indexer == "zero-shot" else indexer
-    if indexer == "auto" and not shipped_checkpoints():
+    shipped = shipped_checkpoints() if indexer == "auto" else {}
+    if indexer == "auto" and not shipped:
         return None  # nothing to match: skip hashing the weights on every call
     device = next(model.parameters()).device
     fingerprint = model_fingerprint(model)
     if indexer != "auto":
         return load_indexer(indexer, fingerprint=fingerprint, device=device)
-    name = matching_checkpoint(fingerprint)
+    name = matching_checkpoint(shipped, fingerprint)
     if name is not None:
         return load_indexer(SHIPPED_DIR / name, fingerprint=fingerprint, device=device).to(torch.float32)
     # only when nothing matches: a checkpoint of the same shape suggests the user expected it to apply
     spec = backbone_spec(model)
-    for other, ck in shipped_checkpoints().items():
+    for other, ck in shipped.items():
         if (ck["hidden_size"], ck["num_heads"], ck["num_kv_heads"]) == (
             spec.hidden_size,
             spec.num_heads,
