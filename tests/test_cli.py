@@ -45,6 +45,11 @@ def test_train_rejects_missing_dump(tmp_path):
     assert res.exit_code == 2 and "not a dump folder" in res.output
 
 
+def test_bench_report_rejects_a_folder_without_a_run(tmp_path):
+    res = CliRunner().invoke(app, ["bench-report", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "is " in res.output and "bench output folder" in res.output
+
+
 def test_indexer_eval_rejects_corrupt_checkpoint(tmp_path):
     res = CliRunner().invoke(app, ["indexer-eval", "--dumps", str(tmp_path), "--ckpt", str(tmp_path / "x")])
     assert res.exit_code == 2 and "not a dump folder" in res.output

@@ -192,7 +192,7 @@ def test_time_boxed_run_covers_every_task_then_resumes(bench, tmp_path, monkeypa
     rows = _rows(tmp_path / "run")
     # two (task, sample) units fit before the limit; index-major order gives sample 0 of both tasks
     assert sorted((r["task"], r["sample"]) for r in rows) == [("niah_single_1", 0)] * 2 + [("vt", 0)] * 2
-    assert not summary["complete"] and summary["rows"] == {"finished": 4, "planned": 8}
+    assert not summary["complete"] and summary["rows"] == {"finished": 4, "planned": 8, "compared": 4}
     assert "Partial run:" in (tmp_path / "run" / "summary.md").read_text()
     summary = bench(methods=["full", "recent"])
     assert summary["complete"] and len(_rows(tmp_path / "run")) == 8
@@ -230,3 +230,31 @@ def test_worker_failures_reach_the_parent(bench, tmp_path, name, error, message)
 def test_workers_must_be_positive(bench):
     with pytest.raises(ValueError, match="--workers"):
         bench(workers=0)
+
+
+def test_report_rebuilds_a_stopped_run_on_the_samples_every_method_finished(bench, tmp_path, monkeypatch):
+    bench(methods=["full", "recent"])
+    run = tmp_path / "run"
+    lines = (run / "results.jsonl").read_text().splitlines()
+    # a run killed mid-sample: one method's row of the last sample is missing, the summaries are stale
+    (run / "results.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    for name in ("summary.json", "summary.md"):
+        (run / name).unlink()
+    monkeypatch.setattr(runner, "default_loader", lambda *a: pytest.fail("the report loaded a model"))
+    summary = runner.report_folder(run)
+    assert summary["rows"] == {"finished": 7, "planned": 8, "compared": 6}
+    assert not summary["complete"] and "rows whose sample every method finished" in (run / "summary.md").read_text()
+    # every (method, task) cell now rests on the same samples
+    assert {c["samples"] for c in summary["per_task"]} <= {1, 2}
+    cells = {(c["method"], c["task"]): c["samples"] for c in summary["per_task"]}
+    assert all(cells[("full", t)] == cells[("recent", t)] for t in ("niah_single_1", "vt"))
+    assert (run / "summary.json").exists() and (run / "accuracy_per_task.png").exists()
+
+
+def test_report_refuses_a_folder_without_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="bench output folder"):
+        runner.report_folder(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    (tmp_path / "results.jsonl").write_text("")
+    with pytest.raises(ValueError, match="not a bench config"):
+        runner.report_folder(tmp_path)

@@ -310,15 +310,45 @@ def run_bench(
                 record(run_row(runners[name], model, tokenizer, enc, sample, cfg, family))
         if pool is not None:
             pool.close(record)
+    return _summarize_rows(out, config, tasks, lengths, methods, samples, absent)
+
+
+def _summarize_rows(
+    out: Path, config: dict, tasks: list[str], lengths: list[int], methods: list[str], samples: int, absent: set
+) -> dict:
     rows = [r for r in _read_rows(out / RESULTS) if _row_key(r)[0] in tasks]
     wanted = {(t, n, i, m) for t in tasks for n in lengths for i in range(samples) for m in methods} - absent
     kept = [r for r in rows if _row_key(r) in wanted]
     finished = len({_row_key(r) for r in kept})
-    summary = summarize(kept, config)
+    # A stopped run can leave a sample finished by some methods only; scoring those would compare methods on
+    # different samples, so the summary keeps the samples that every method finished.
+    methods_of: dict[tuple, set] = defaultdict(set)
+    for r in kept:
+        methods_of[_row_key(r)[:3]].add(r["method"])
+    paired = [r for r in kept if len(methods_of[_row_key(r)[:3]]) == len(methods)]
+    summary = summarize(paired, config)
     summary["complete"] = finished == len(wanted)
-    summary["rows"] = {"finished": finished, "planned": len(wanted)}
+    summary["rows"] = {"finished": finished, "planned": len(wanted), "compared": len(paired)}
     write_summary(out, summary)
     return summary
+
+
+def report_folder(out: Path) -> dict:
+    """Rebuild the summaries and plots of a bench folder from its ``results.jsonl``, loading no model.
+
+    For a run that was stopped before it could summarise (killed, out of time). Items missing from published data
+    are not known here, so such a run reads as incomplete.
+    """
+    config_path, results_path = out / CONFIG, out / RESULTS
+    for path in (config_path, results_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {out} a bench output folder?")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        plan = [config[k] for k in ("tasks", "lengths", "methods", "samples")]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise ValueError(f"{config_path} is not a bench config ({exc})") from None
+    return _summarize_rows(out, config, *plan, absent=set())
 
 
 def _sample_at(generated: dict, family: str, task: str, tokenizer, length: int, index: int, samples: int, seed: int,
@@ -417,7 +447,9 @@ def summary_markdown(summary: dict) -> str:
         *(
             [
                 f"**Partial run:** {summary['rows']['finished']} of {summary['rows']['planned']} (task, length, "
-                "sample, method) rows finished; rerun the same command to continue.",
+                "sample, method) rows finished; rerun the same command to continue. Methods are compared on the "
+                f"{summary['rows'].get('compared', summary['rows']['finished'])} rows whose sample every method "
+                "finished.",
                 "",
             ]
             if not summary.get("complete", True)
@@ -546,4 +578,13 @@ def write_summary(out: Path, summary: dict) -> None:
     plot_per_task(summary, out / "accuracy_per_task.png")
 
 
-__all__ = ["TASKSETS", "default_loader", "encode_sample", "parse_taskset", "run_bench", "summarize", "write_summary"]
+__all__ = [
+    "TASKSETS",
+    "default_loader",
+    "encode_sample",
+    "parse_taskset",
+    "report_folder",
+    "run_bench",
+    "summarize",
+    "write_summary",
+]

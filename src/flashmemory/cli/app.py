@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import LSAConfig
-from .bench import bench
+from .bench import bench, bench_report
 from .errors import friendly_errors
 from .pipeline import dump, indexer_eval, train
 
@@ -116,6 +116,7 @@ app.command()(dump)
 app.command()(train)
 app.command("indexer-eval")(indexer_eval)
 app.command()(bench)
+app.command("bench-report")(bench_report)
 
 
 def main() -> None:

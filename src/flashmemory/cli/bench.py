@@ -68,7 +68,23 @@ def bench(
         workers=workers,
         lsa=with_overrides(LSAConfig(), lsa_set),
     )
-    table = Table(title=f"{taskset} on {model}")
+    _print_summary(summary, f"{taskset} on {model}", out, "stopped at --max-minutes")
+
+
+@friendly_errors
+def bench_report(
+    folder: Path = typer.Argument(..., help="A bench output folder (holds config.json and results.jsonl)."),
+) -> None:
+    """Rebuild a bench folder's summaries and plots from its results.jsonl, without loading a model."""
+    from ..bench.runner import report_folder
+
+    summary = report_folder(folder)
+    config = summary["config"]
+    _print_summary(summary, f"{config.get('taskset', folder.name)} on {config.get('model', '?')}", folder, "partial")
+
+
+def _print_summary(summary: dict, title: str, out: Path, partial: str) -> None:
+    table = Table(title=title)
     for col in ("method", "length", "score", "device KV / full", "decode s"):
         table.add_column(col)
     for c in summary["overall"]:
@@ -78,7 +94,5 @@ def bench(
     OUT.print(table)
     if not summary["complete"]:
         rows = summary["rows"]
-        OUT.print(
-            f"[yellow]stopped at --max-minutes:[/] {rows['finished']} of {rows['planned']} rows; rerun to continue"
-        )
+        OUT.print(f"[yellow]{partial}:[/] {rows['finished']} of {rows['planned']} rows; rerun the bench to continue")
     OUT.print(f"[dim]results in {out} (results.jsonl, summary.md, accuracy_vs_kv.png, accuracy_per_task.png)[/]")
