@@ -30,6 +30,13 @@ class LSAConfig:
             max over them. At the first boundary these are the prompt's last tokens (its question). Default: 16.
         follow_chunks: chunks after a scored chunk that inherit its score, so that the text following a match
             (the value after a key) is recalled with it even when a page boundary falls between them. Default: 0.
+        prefetch_steps: decode steps before a boundary at which the next cycle's pages are chosen and copied into
+            spare page slots, so that the copy overlaps with those steps instead of delaying the step after the
+            boundary; the pages join the resident set at the boundary. 0 chooses and copies at the boundary. Needs
+            the fast path (``attention_backend`` ``"triton"`` or ``"torch"``). Default: 0.
+        prefetch_share: share of the page slots kept empty for the pages a prefetch brings in (with
+            ``prefetch_steps > 0``): the resident set holds the other slots, and a boundary brings in at most
+            this share of new pages. Default: 0.25.
         attention_backend: decode attention over the reserve: ``"mask"`` (transformers' attention with a mask
             over the whole reserve), ``"triton"`` (paged sparse decode kernel, host-sync-free recall, CUDA-graph
             capturable steps), ``"torch"`` (the same fast path with the kernel's torch reference), or ``"auto"``
@@ -50,6 +57,8 @@ class LSAConfig:
     best_chunk_slots: float = 1.0
     query_window: int = 16
     follow_chunks: int = 0
+    prefetch_steps: int = 0
+    prefetch_share: float = 0.25
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -64,6 +73,12 @@ class LSAConfig:
                 f"LSAConfig.interval ({self.interval}) must be a multiple of chunk_size ({self.chunk_size}) "
                 "so chunks complete exactly at cycle boundaries"
             )
+        if not 0 <= self.prefetch_steps < self.interval:
+            raise ValueError(
+                f"LSAConfig.prefetch_steps must be in [0, interval={self.interval}), got {self.prefetch_steps}"
+            )
+        if not 0.0 < self.prefetch_share < 1.0:
+            raise ValueError(f"LSAConfig.prefetch_share must be in (0, 1), got {self.prefetch_share}")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"LSAConfig.threshold must be in (0, 1), got {self.threshold}")
         if self.budget is None and self.max_pages is None:
@@ -119,6 +134,8 @@ _OVERRIDABLE = {
     "best_chunk_slots": float,
     "query_window": int,
     "follow_chunks": int,
+    "prefetch_steps": int,
+    "prefetch_share": float,
     "attention_backend": str,
 }
 

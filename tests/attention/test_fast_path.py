@@ -11,17 +11,7 @@ from flashmemory.models.tiny import tiny_model
 from flashmemory.runtime.generate import generate_ids
 
 from ..conftest import SMALL_LSA
-from .decode_helpers import greedy_logits
-
-
-def _forced(seed):
-    gen = torch.Generator().manual_seed(seed)
-
-    def forced(cache):
-        n, k = cache.store.selectable_pages(), cache.store.layout.num_page_slots
-        return torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(cache.store.batch)])
-
-    return forced
+from .decode_helpers import greedy_logits, random_pages
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
@@ -29,10 +19,10 @@ def test_fast_path_equals_masked_path_on_a_churning_resident_set(family):
     model = tiny_model(family)
     ids = torch.randint(0, model.config.vocab_size, (2, 240))
     lsa = LSAConfig(budget=None, max_pages=5, **SMALL_LSA)
-    with LSACache(model, lsa, max_new_tokens=60, forced_pages=_forced(7)) as cache:
+    with LSACache(model, lsa, max_new_tokens=60, forced_pages=random_pages(7)) as cache:
         ref_tokens, ref_logits = greedy_logits(model, ids, cache, 50)
     impl = model.config._attn_implementation
-    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=_forced(7), backend="torch") as cache:
+    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=random_pages(7), backend="torch") as cache:
         assert model.config._attn_implementation != impl  # decode runs through the registered sparse attention
         tokens, logits = greedy_logits(model, ids, cache, 50)
         cache.sync_stats()

@@ -12,7 +12,7 @@ from flashmemory.models.tiny import tiny_model
 from flashmemory.runtime.graph_step import GraphDecodeStep
 
 from ..conftest import SMALL_LSA
-from .decode_helpers import greedy_logits
+from .decode_helpers import decode_recording_commits, greedy_logits, masked_run_with_pages, random_pages
 from .sparse_decode_cases import random_case
 
 pytestmark = pytest.mark.cuda
@@ -81,23 +81,13 @@ def test_sparse_decode_triton_strided_reserve_and_scale():
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1.5e-2
 
 
-def _forced(seed):
-    gen = torch.Generator().manual_seed(seed)
-
-    def forced(cache):
-        n, k = cache.store.selectable_pages(), cache.store.layout.num_page_slots
-        return torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(cache.store.batch)])
-
-    return forced
-
-
 def test_fast_path_triton_equals_masked_path_cuda():
     model = tiny_model("llama").cuda()
     ids = torch.randint(0, model.config.vocab_size, (2, 240), device="cuda")
     lsa = LSAConfig(budget=None, max_pages=5, **SMALL_LSA)
-    with LSACache(model, lsa, max_new_tokens=60, forced_pages=_forced(7)) as cache:
+    with LSACache(model, lsa, max_new_tokens=60, forced_pages=random_pages(7)) as cache:
         ref_tokens, ref_logits = greedy_logits(model, ids, cache, 50)
-    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=_forced(7), backend="triton") as cache:
+    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=random_pages(7), backend="triton") as cache:
         tokens, logits = greedy_logits(model, ids, cache, 50)
         cache.sync_stats()
         assert cache.store.mirror_k[0].is_pinned() and sum(cache.stats.pages_recalled) > 5
@@ -111,9 +101,9 @@ def test_graph_replayed_steps_equal_eager_steps_cuda(family):
     ids = torch.randint(0, model.config.vocab_size, (2, 240), device="cuda")
     lsa = LSAConfig(budget=None, max_pages=5, **SMALL_LSA)
     steps = 45  # crosses two boundaries after the capture: the graph must survive recall and tail slides
-    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=_forced(3), backend="triton") as cache:
+    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=random_pages(3), backend="triton") as cache:
         eager_tokens, eager_logits = greedy_logits(model, ids, cache, steps)
-    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=_forced(3), backend="triton") as cache:
+    with FastLSACache(model, lsa, max_new_tokens=60, forced_pages=random_pages(3), backend="triton") as cache:
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
         logits, runner = [out.logits[:, -1]], GraphDecodeStep(model, cache)
         pos = torch.full((2, 1), ids.shape[1], device="cuda")
@@ -122,4 +112,28 @@ def test_graph_replayed_steps_equal_eager_steps_cuda(family):
             logits.append(runner(tok, pos).clone())
             pos = pos + 1
         assert runner.replays > 30
+    torch.testing.assert_close(torch.stack(logits, 1), eager_logits, atol=1e-5, rtol=0)
+
+
+def test_graph_replay_with_prefetch_equals_eager_steps_and_overlaps_nothing_early_cuda():
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(0, model.config.vocab_size, (2, 240), device="cuda")
+    lsa = LSAConfig(budget=None, max_pages=6, prefetch_steps=5, prefetch_share=0.34, **SMALL_LSA)
+    steps = 60  # three prefetches and boundaries after the capture
+    with FastLSACache(model, lsa, max_new_tokens=70, forced_pages=random_pages(4), backend="triton") as cache:
+        eager_tokens, eager_logits, committed = decode_recording_commits(model, ids, cache, steps)
+        cache.sync_stats()
+        assert cache.stats.prefetches == 3 and cache.spare_slots == 2
+    # pages copied on the side stream ahead of their boundary hold the right keys and join exactly at it
+    ref_tokens, ref_logits = masked_run_with_pages(model, ids, committed, max_pages=6, steps=steps)
+    assert torch.equal(eager_tokens, ref_tokens)
+    torch.testing.assert_close(eager_logits, ref_logits, atol=1e-4, rtol=0)
+    with FastLSACache(model, lsa, max_new_tokens=70, forced_pages=random_pages(4), backend="triton") as cache:
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        logits, runner = [out.logits[:, -1]], GraphDecodeStep(model, cache)
+        pos = torch.full((2, 1), ids.shape[1], device="cuda")
+        for step in range(steps):
+            logits.append(runner(eager_tokens[:, step : step + 1], pos).clone())
+            pos = pos + 1
+        assert runner.replays > 40
     torch.testing.assert_close(torch.stack(logits, 1), eager_logits, atol=1e-5, rtol=0)

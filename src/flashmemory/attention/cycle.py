@@ -25,6 +25,7 @@ class CycleStats:
     """What happened at cycle boundaries and how much device memory the KV took."""
 
     boundaries: int = 0
+    prefetches: int = 0
     pages_recalled: list[int] = field(default_factory=list)
     select_seconds: float = 0.0
     recall_seconds: float = 0.0
@@ -35,8 +36,15 @@ class CycleStats:
 class LSACycle:
     """Mixin for a transformers ``Cache``: the boundary / decode-step logic of LSA on top of a page store."""
 
+    supports_prefetch = False  # caches whose store can copy pages ahead of a boundary say so
+
     def init_cycle(self, max_new_tokens: int, forced_pages) -> None:
         """Counters and per-request state of the cycle (called from the cache's ``__init__``)."""
+        if self.lsa.prefetch_steps and not self.supports_prefetch:
+            raise ValueError(
+                f"LSAConfig.prefetch_steps={self.lsa.prefetch_steps} needs the fast path: set attention_backend to "
+                f"'triton' (CUDA) or 'torch'; {type(self).__name__} copies pages only at boundaries"
+            )
         self.max_new_tokens = max_new_tokens
         self.forced_pages = forced_pages
         self.store = None
@@ -47,6 +55,7 @@ class LSACycle:
         self.lookahead_pos: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None  # chunk probabilities of the latest boundary, for inspection
         self.closed = False
+        self.spare_slots = 0  # page slots kept empty for prefetched pages; set once the reserve exists
 
     def __enter__(self) -> Self:
         return self
@@ -63,9 +72,12 @@ class LSACycle:
         """Called once per decode forward, before the first LSA layer attends: boundary work, then the new slot."""
         if not self.in_decode:
             self.in_decode = True
+            self.spare_slots = self._spare_slots()
             self._boundary(first=True)
         elif self.steps_in_cycle == self.lsa.interval:
             self._boundary(first=False)
+        elif self._prefetch_due():
+            self._prefetch()
         self._begin_store_step()
         self.steps_in_cycle += 1
         self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_kv_bytes())
@@ -78,13 +90,39 @@ class LSACycle:
         if not first:
             self._close_cycle()
         self.steps_in_cycle = 0
+        self.stats.boundaries += 1
+        if getattr(self.store, "prefetch_pending", False):
+            # the pages were chosen and copied `prefetch_steps` steps ago: only the page table changes now
+            self.store.commit_prefetch()
+            self.stats.recall_seconds += time.perf_counter() - t0
+            return
         pages = self._choose_pages()
         t1 = time.perf_counter()
         self._recall(pages)
         t2 = time.perf_counter()
-        self.stats.boundaries += 1
         self.stats.select_seconds += t1 - t0
         self.stats.recall_seconds += t2 - t1
+
+    def _spare_slots(self) -> int:
+        """Page slots kept empty for prefetched pages (0: no prefetch). A reserve of one slot cannot spare any."""
+        k = self.store.layout.num_page_slots
+        if not self.lsa.prefetch_steps or k < 2:
+            return 0
+        return min(k - 1, max(1, round(self.lsa.prefetch_share * k)))
+
+    def _prefetch_due(self) -> bool:
+        return self.spare_slots > 0 and self.steps_in_cycle == self.lsa.interval - self.lsa.prefetch_steps
+
+    def _prefetch(self) -> None:
+        """Choose the next cycle's pages now and start copying the new ones into the spare slots."""
+        t0 = time.perf_counter()
+        pages = self._choose_pages(by_rank=True)
+        t1 = time.perf_counter()
+        k = self.store.layout.num_page_slots
+        self.store.prefetch(pages, max_incoming=self.spare_slots, max_pages=k - self.spare_slots)
+        self.stats.prefetches += 1
+        self.stats.select_seconds += t1 - t0
+        self.stats.recall_seconds += time.perf_counter() - t1
 
     def _close_cycle(self) -> None:
         """Flush the finished cycle to the host mirror, then key its completed chunks."""
@@ -102,15 +140,23 @@ class LSACycle:
     def _extend_chunk_keys(self) -> None:
         raise NotImplementedError
 
-    def _choose_pages(self) -> torch.Tensor:
-        """Page ids for the reserve's page slots, ``-1`` for an empty slot. # [B, K]"""
+    def _choose_pages(self, by_rank: bool = False) -> torch.Tensor:
+        """Page ids for the reserve's page slots, ``-1`` for an empty slot. # [B, K]
+
+        With spare slots (prefetch) at most ``K - spare`` pages are chosen and the rest of the row is -1;
+        ``by_rank`` returns them best first instead of sorted.
+        """
         store = self.store
         if self.forced_pages is not None:
-            return self.forced_pages(self).to(store.device)
-        k = store.layout.num_page_slots
+            pages = self.forced_pages(self).to(store.device)
+            if self.spare_slots:
+                pages = _first_valid(pages, store.layout.num_page_slots - self.spare_slots)
+            return pages
+        k_all = store.layout.num_page_slots
+        k = k_all - self.spare_slots
         selectable = store.selectable_pages()
         if k >= selectable:
-            pages = torch.arange(k, device=store.device).expand(store.batch, -1)
+            pages = torch.arange(k_all, device=store.device).expand(store.batch, -1)
             return torch.where(pages < selectable, pages, -1)
         scores = self._score_chunks()
         valid = self._valid_chunks(scores.shape[1])
@@ -125,7 +171,7 @@ class LSACycle:
             scores = follow_scores(held, self.lsa.follow_chunks)
         self.last_scores = scores
         self._record_kept(scores)
-        return select_pages(
+        pages = select_pages(
             scores,
             num_selectable=selectable,
             page_chunks=self.lsa.page_chunks,
@@ -133,7 +179,11 @@ class LSACycle:
             threshold=self.lsa.threshold,
             valid_chunks=valid,
             top_m=math.ceil(self.lsa.best_chunk_slots * min(k, selectable)),
+            by_rank=by_rank,
         )
+        if k < k_all:
+            pages = torch.nn.functional.pad(pages, (0, k_all - k), value=-1)
+        return pages
 
     def _score_chunks(self) -> torch.Tensor:
         """The indexer's probability per chunk for the coming cycle, on the store's device. # [B, N]"""
@@ -173,3 +223,9 @@ class LSACycle:
 
     def host_kv_bytes(self) -> int:
         return 0 if self.store is None else storage_bytes(self.store.host_tensors())
+
+
+def _first_valid(pages: torch.Tensor, n: int) -> torch.Tensor:
+    """``pages`` with every entry after the first ``n`` valid ones of a row set to -1. # [B, K]"""
+    valid = pages >= 0
+    return torch.where(valid & (torch.cumsum(valid.long(), 1) > n), -1, pages)

@@ -98,6 +98,7 @@ class FastLSACache(LSACache):
     """
 
     store_class = AsyncKVStore
+    supports_prefetch = True
 
     def __init__(
         self,
@@ -180,8 +181,8 @@ class FastLSACache(LSACache):
         valid[:, -1:].fill_(True)
 
     def next_step_is_boundary(self) -> bool:
-        """Whether the coming decode step starts with boundary work (indexer and recall; never graph-replayed)."""
-        return not self.in_decode or self.steps_in_cycle == self.lsa.interval
+        """Whether the coming decode step starts with cycle work (boundary or prefetch; never graph-replayed)."""
+        return not self.in_decode or self.steps_in_cycle == self.lsa.interval or self._prefetch_due()
 
     def advance_replayed_step(self) -> None:
         """Host bookkeeping of one decode step whose device work a CUDA graph replayed."""

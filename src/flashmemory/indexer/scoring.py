@@ -56,6 +56,7 @@ def select_pages(
     threshold: float,
     valid_chunks: torch.Tensor | None = None,
     top_m: int | None = None,
+    by_rank: bool = False,
 ) -> torch.Tensor:
     """Fill the page slots: pages holding the best chunks first, then the densest pages.
 
@@ -72,6 +73,8 @@ def select_pages(
         threshold: probability above which a chunk counts as kept.
         valid_chunks: False for chunks that hold no real token (padding). # [B, N]
         top_m: slots given to the best-chunk ranking. Default: half the slots, rounded up.
+        by_rank: return the pages in the order they were chosen (best-chunk picks, then density picks) instead of
+            sorted, for callers that may keep only a prefix.
 
     Returns:
         Page ids per slot, -1 where nothing is left to choose. # [B, K]
@@ -96,5 +99,5 @@ def select_pages(
     rest = torch.where(top_rest.values > float("-inf"), top_rest.indices, -1)  # [B, k-m]
     first = torch.where(torch.gather(empty, 1, first), -1, first)
     chosen = torch.cat([first, rest], dim=1)
-    out[:, :k] = chosen.sort(dim=-1).values
+    out[:, :k] = chosen if by_rank else chosen.sort(dim=-1).values
     return out

@@ -25,12 +25,15 @@ from .resident import page_aligned_tail_start, resident_positions
 from .store import KVStore
 
 
-def plan_moves(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def plan_moves(old: torch.Tensor, new: torch.Tensor, *, empty_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Device-side diff of two page tables: keep what stays, put incoming pages into freed slots.
 
     Args:
         old: page id per slot now, -1 for empty. # [B, K]
-        new: page ids wanted, distinct per row, -1 for unused entries (any order). # [B, K]
+        new: page ids wanted, distinct per row, -1 for unused entries (any order). # [B, W]
+        empty_only: put incoming pages only into slots that are empty now, not into slots whose page leaves
+            (a prefetch: attention still reads the leaving pages until the boundary). The caller guarantees
+            enough empty slots.
 
     Returns:
         ``(table, moves)``: the new page id per slot, and the page to copy into each slot (-1 where the slot
@@ -41,7 +44,7 @@ def plan_moves(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torc
     keep = ((old[:, :, None] == new[:, None, :]) & (old[:, :, None] >= 0)).any(-1)  # old slot keeps its page
     resident = ((new[:, :, None] == old[:, None, :]) & (new[:, :, None] >= 0)).any(-1)
     incoming = (new >= 0) & ~resident
-    free = ~keep
+    free = old < 0 if empty_only else ~keep
     free_rank = torch.cumsum(free.long(), 1) - 1
     in_rank = torch.cumsum(incoming.long(), 1) - 1
     slots = torch.arange(k, device=device).expand(b, -1)
@@ -54,6 +57,34 @@ def plan_moves(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torc
     moves = moves[:, :k].contiguous()
     table = torch.where(moves >= 0, moves, torch.where(keep, old, -1))
     return table, moves
+
+
+def limit_incoming(old: torch.Tensor, wanted: torch.Tensor, max_incoming: int, max_pages: int) -> torch.Tensor:
+    """The pages a prefetch may bring: at most ``max_incoming`` new ones, ``max_pages`` in all.
+
+    New pages beyond ``max_incoming`` are dropped in ``wanted``'s order (best first); the room they leave goes to
+    resident pages that ``wanted`` did not name, which cost no copy.
+
+    Args:
+        old: page id per slot now, -1 for empty. # [B, K]
+        wanted: page ids in order of preference, -1 for unused entries. # [B, W]
+        max_incoming: most pages that are not resident now.
+        max_pages: most pages in the result.
+
+    Returns:
+        Page ids to hold after the prefetch, -1 for unused entries. # [B, W + K]
+    """
+    valid = wanted >= 0
+    resident = (wanted[:, :, None] == old[:, None, :]).any(-1) & valid
+    incoming = valid & ~resident
+    wanted = torch.where(incoming & (torch.cumsum(incoming.long(), 1) > max_incoming), -1, wanted)
+    # the pages kept so far, in preference order, capped at max_pages
+    valid = wanted >= 0
+    wanted = torch.where(valid & (torch.cumsum(valid.long(), 1) > max_pages), -1, wanted)
+    room = max_pages - (wanted >= 0).sum(1, keepdim=True)
+    spare = (old >= 0) & ~(old[:, :, None] == wanted[:, None, :]).any(-1)
+    fill = spare & (torch.cumsum(spare.long(), 1) <= room)
+    return torch.cat([wanted, torch.where(fill, old, -1)], 1)
 
 
 class AsyncKVStore(KVStore):
@@ -69,8 +100,10 @@ class AsyncKVStore(KVStore):
         self.write_slot = torch.zeros(1, dtype=torch.long, device=dev)
         self.use_triton_copy = dev.type == "cuda" and importlib.util.find_spec("triton") is not None
         self.layer_events: dict[int, torch.cuda.Event] = {}
+        self.prefetch_events: dict[int, torch.cuda.Event] = {}
         self._pending_counts: list[tuple[int, torch.Tensor]] = []
         self._moves: torch.Tensor | None = None
+        self._prefetched_table: torch.Tensor | None = None
 
     def refresh_positions(self) -> None:
         """Recompute every bound from the host counters (prefill and boundaries only; never inside a step)."""
@@ -161,15 +194,54 @@ class AsyncKVStore(KVStore):
             self.refresh_positions()
             return copied
         table, moves = plan_moves(self.page_table, pages.to(self.device, torch.long))
-        count = (moves >= 0).sum()
-        if self.device.type == "cuda":
-            self._copy_moves_async(moves)
-        else:
-            self._copy_moves_host(moves)
+        self._copy_moves(moves, self.layer_events)
         self.page_table.copy_(table)
-        self._pending_counts.append((self.step, count))
         self.refresh_positions()
         return -1 if self.device.type == "cuda" else self.sync_log()[-1]
+
+    def prefetch(self, wanted: torch.Tensor, max_incoming: int, max_pages: int) -> None:
+        """Start copying the next cycle's pages into empty slots; they join the resident set at :meth:`commit_prefetch`.
+
+        Attention keeps reading the current pages until then, so a prefetch only writes slots that are empty now.
+        On CUDA the copy runs on the side stream and nothing waits for it before the commit.
+
+        Args:
+            wanted: page ids in order of preference, -1 for unused entries. # [B, W]
+            max_incoming: most pages that are not resident now (at most the empty slots).
+            max_pages: most pages resident after the commit.
+        """
+        if self._prefetched_table is not None:
+            raise RuntimeError("a prefetch is already pending: commit_prefetch() must run first")
+        old = self.page_table
+        free = int(self.layout.num_page_slots - max_pages)
+        if max_incoming > free:
+            raise ValueError(f"max_incoming={max_incoming} exceeds the {free} slots a prefetch may fill")
+        plan = limit_incoming(old, wanted.to(self.device, torch.long), max_incoming, max_pages)
+        table, moves = plan_moves(old, plan, empty_only=True)
+        self._copy_moves(moves, self.prefetch_events)
+        self._prefetched_table = table
+
+    @property
+    def prefetch_pending(self) -> bool:
+        return self._prefetched_table is not None
+
+    def commit_prefetch(self) -> None:
+        """Make the prefetched pages resident and free the slots of the pages that left (a boundary's recall)."""
+        if self._prefetched_table is None:
+            raise RuntimeError("no prefetch to commit")
+        current = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        for layer in list(self.prefetch_events):
+            current.wait_event(self.prefetch_events.pop(layer))  # long done by now: the copy had the whole prefetch
+        self.page_table.copy_(self._prefetched_table)
+        self._prefetched_table = None
+        self.refresh_positions()
+
+    def _copy_moves(self, moves: torch.Tensor, events: dict[int, torch.cuda.Event]) -> None:
+        self._pending_counts.append((self.step, (moves >= 0).sum()))
+        if self.device.type == "cuda" and self.use_triton_copy:
+            self._copy_moves_async(moves, events)
+        else:
+            self._copy_moves_host(moves)
 
     def _copy_moves_host(self, moves: torch.Tensor) -> None:
         size, base = self.layout.page_size, self.layout.page_start
@@ -182,7 +254,7 @@ class AsyncKVStore(KVStore):
             for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
                 reserve[layer][rows, :, dst] = mirror[layer][rows, :, src].to(reserve[layer].device)
 
-    def _copy_moves_async(self, moves: torch.Tensor) -> None:
+    def _copy_moves_async(self, moves: torch.Tensor, events: dict[int, torch.cuda.Event]) -> None:
         from .page_copy_triton import copy_pages
 
         stream, current = self._copy_stream, torch.cuda.current_stream(self.device)
@@ -196,7 +268,7 @@ class AsyncKVStore(KVStore):
                     copy_pages(mirror[layer], reserve[layer], moves, self.layout.page_size, self.layout.sink)
                 event = torch.cuda.Event()
                 event.record(stream)
-                self.layer_events[layer] = event
+                events[layer] = event
 
     def sync_log(self) -> list[int]:
         """Read the pending per-boundary copy counts back into :attr:`log` (waits for them); returns all counts."""
