@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 
 from flashmemory.attention.fast_path import FastLSACache
 from flashmemory.config import LSAConfig
+from flashmemory.memory.accounting import storage_bytes
 from flashmemory.runtime.graph_step import GraphDecodeStep
 
 
@@ -83,6 +84,7 @@ def run_setting(model, args, batch: int, churn: float, prefetch: int) -> dict:
         layout = cache.store.layout
         spare = cache.spare_slots
         kv_bytes = cache.device_kv_bytes()
+        reserve_bytes = storage_bytes(cache.store.device_tensors())
     cycle_ms.sort()
     return {
         "batch": batch,
@@ -94,6 +96,7 @@ def run_setting(model, args, batch: int, churn: float, prefetch: int) -> dict:
         "spare_slots": spare,
         "pages_copied_per_cycle": pages[-1] if pages else 0,
         "device_kv_bytes": kv_bytes,
+        "reserve_bytes": reserve_bytes,
     }
 
 

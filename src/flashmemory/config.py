@@ -32,8 +32,9 @@ class LSAConfig:
             (the value after a key) is recalled with it even when a page boundary falls between them. Default: 0.
         prefetch_steps: decode steps before a boundary at which the next cycle's pages are chosen and copied into
             spare page slots, so that the copy overlaps with those steps instead of delaying the step after the
-            boundary; the pages join the resident set at the boundary. 0 chooses and copies at the boundary. Needs
-            the fast path (``attention_backend`` ``"triton"`` or ``"torch"``). Default: 0.
+            boundary; the pages join the resident set at the boundary (pages leaving the recent tail then are
+            copied from the tail). 0 chooses and copies at the boundary. Needs the fast path
+            (``attention_backend`` ``"triton"`` or ``"torch"``). Default: 0.
         prefetch_share: share of the page slots kept empty for the pages a prefetch brings in (with
             ``prefetch_steps > 0``): the resident set holds the other slots, and a boundary brings in at most
             this share of new pages. Default: 0.25.

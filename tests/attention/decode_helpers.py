@@ -56,7 +56,7 @@ def random_pages(seed):
     gen = torch.Generator().manual_seed(seed)
 
     def forced(cache):
-        n, k = cache.store.selectable_pages(), cache.store.layout.num_page_slots
+        n, k = cache.selectable_pages(), cache.store.layout.num_page_slots
         return torch.stack([torch.randperm(n, generator=gen)[:k] for _ in range(cache.store.batch)])
 
     return forced

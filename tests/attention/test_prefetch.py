@@ -11,7 +11,7 @@ from flashmemory.models.tiny import tiny_model
 from flashmemory.runtime.generate import generate_ids
 
 from ..conftest import SMALL_LSA
-from .decode_helpers import decode_recording_commits, masked_run_with_pages, random_pages
+from .decode_helpers import decode_recording_commits, masked_run_with_pages
 
 
 def test_limit_incoming_caps_new_pages_and_refills_with_resident_ones():
@@ -59,7 +59,15 @@ def test_prefetched_cycles_attend_exactly_the_committed_pages(family):
     model = tiny_model(family)
     ids = torch.randint(0, model.config.vocab_size, (2, 240))
     lsa = LSAConfig(budget=None, max_pages=6, prefetch_steps=5, prefetch_share=0.34, **SMALL_LSA)
-    with FastLSACache(model, lsa, max_new_tokens=80, forced_pages=random_pages(5), backend="torch") as cache:
+    gen, from_tail = torch.Generator().manual_seed(5), []
+
+    def newest_first(cache):  # the newest choosable page first, so that pages leaving the tail are chosen
+        n, k, b = cache.selectable_pages(), cache.store.layout.num_page_slots, cache.store.batch
+        from_tail.append((cache.store.selectable_pages(), n))
+        rest = [torch.randperm(n - 1, generator=gen)[: k - 1] for _ in range(b)]
+        return torch.cat([torch.full((b, 1), n - 1), torch.stack(rest)], 1)
+
+    with FastLSACache(model, lsa, max_new_tokens=80, forced_pages=newest_first, backend="torch") as cache:
         tokens, logits, committed = decode_recording_commits(model, ids, cache, 70)
         cache.sync_stats()
         stats, spare = cache.stats, cache.spare_slots
@@ -69,6 +77,9 @@ def test_prefetched_cycles_attend_exactly_the_committed_pages(family):
     assert max(stats.pages_recalled[1:]) <= 2 * spare and sum(stats.pages_recalled[1:]) > 0  # counts sum the batch
     # after the first boundary, pages are copied only at prefetch steps, never at a boundary
     assert all(s % 16 == 16 - 5 for s in copy_steps[1:])
+    # at each prefetch the page that leaves the tail at the coming boundary was choosable (copied from the tail)
+    assert all(ahead > now for now, ahead in from_tail[1:])
+    assert all(bool((t == ahead - 1).any(1).all()) for t, (_, ahead) in zip(committed[1:], from_tail[1:], strict=True))
 
     ref_tokens, ref_logits = masked_run_with_pages(model, ids, committed, max_pages=6, steps=70)
     assert torch.equal(tokens, ref_tokens)
@@ -92,3 +103,20 @@ def test_prefetch_through_generate_keeps_the_budget_and_the_spare_slots_free():
     spare = round(0.25 * k)
     assert stats.pages_recalled[0] == 2 * (k - spare)  # with prefetch the resident set leaves the spare slots free
     assert 0 < max(stats.pages_recalled[1:]) <= 2 * spare
+
+
+def test_prefetch_stays_off_when_the_reserve_holds_every_page():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (2, 200))
+    mask = torch.ones_like(ids)
+    full, _ = generate_ids(model, ids, mask, method="full", max_new_tokens=40)
+    # the request has 15 pages and the reserve 15 slots: sparing some would only lose pages
+    lsa = LSAConfig(budget=None, max_pages=20, prefetch_steps=4, **SMALL_LSA)
+    with FastLSACache(model, lsa, max_new_tokens=40, backend="torch") as cache:
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        tokens = []
+        for _ in range(40):
+            tokens.append(out.logits[:, -1:].argmax(-1))
+            out = model(input_ids=tokens[-1], past_key_values=cache, use_cache=True)
+        assert cache.store.layout.num_page_slots == 15 and cache.spare_slots == 0 and cache.stats.prefetches == 0
+    assert torch.equal(torch.cat(tokens, 1), full)

@@ -171,7 +171,7 @@ def test_baseline_page_choosers():
         def selectable_pages(self):
             return self._sel
 
-    cache = type("C", (), {})()
+    cache = type("C", (), {"selectable_pages": lambda self: self.store.selectable_pages()})()
     cache.store = Store(3, 10)
     recent = methods_mod.RecentPages().page_chooser()(cache)
     assert recent.tolist() == [[7, 8, 9], [7, 8, 9]]

@@ -20,5 +20,7 @@ def test_runtime_cycle_compares_no_copy_recall_and_prefetch(tmp_path):
     assert at_boundary["pages_copied_per_cycle"] > 0 and at_boundary["spare_slots"] == 0
     # the same pages move per cycle, into spare slots of the same reserve
     assert prefetch["spare_slots"] > 0 and prefetch["pages_copied_per_cycle"] == at_boundary["pages_copied_per_cycle"]
-    assert prefetch["device_kv_bytes"] == at_boundary["device_kv_bytes"]
+    assert prefetch["reserve_bytes"] == at_boundary["reserve_bytes"]
+    # a prefetch keys the tail's complete chunks a few steps early; the budget counts every chunk key ahead
+    assert 0 <= prefetch["device_kv_bytes"] - at_boundary["device_kv_bytes"] < 0.01 * at_boundary["device_kv_bytes"]
     assert "| 2 | prefetch 8 |" in (tmp_path / "runtime_cycle.md").read_text()

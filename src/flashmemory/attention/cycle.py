@@ -56,6 +56,7 @@ class LSACycle:
         self.last_scores: torch.Tensor | None = None  # chunk probabilities of the latest boundary, for inspection
         self.closed = False
         self.spare_slots = 0  # page slots kept empty for prefetched pages; set once the reserve exists
+        self._choice_pages: int | None = None  # pages a prefetch may choose from (beyond the current tail start)
 
     def __enter__(self) -> Self:
         return self
@@ -104,19 +105,37 @@ class LSACycle:
         self.stats.recall_seconds += t2 - t1
 
     def _spare_slots(self) -> int:
-        """Page slots kept empty for prefetched pages (0: no prefetch). A reserve of one slot cannot spare any."""
+        """Page slots kept empty for prefetched pages (0: no prefetch).
+
+        None when the reserve holds every page of the request anyway (nothing to choose, so nothing to hide), or
+        when it has a single slot.
+        """
         k = self.store.layout.num_page_slots
-        if not self.lsa.prefetch_steps or k < 2:
+        if not self.lsa.prefetch_steps or k < 2 or k * self.store.layout.page_size >= self.store.capacity:
             return 0
         return min(k - 1, max(1, round(self.lsa.prefetch_share * k)))
 
     def _prefetch_due(self) -> bool:
         return self.spare_slots > 0 and self.steps_in_cycle == self.lsa.interval - self.lsa.prefetch_steps
 
+    def selectable_pages(self) -> int:
+        """Pages the current page choice may pick: those before the tail, or at a prefetch, before the tail the
+        coming boundary will leave (page choosers such as the bench baselines read this)."""
+        return self.store.selectable_pages() if self._choice_pages is None else self._choice_pages
+
     def _prefetch(self) -> None:
-        """Choose the next cycle's pages now and start copying the new ones into the spare slots."""
+        """Choose the next cycle's pages now and start copying the new ones into the spare slots.
+
+        The pages that leave the recent tail at the coming boundary are already complete in the reserve, so they
+        are keyed and may be chosen now; the store copies those from the tail, the others from the host mirror.
+        """
         t0 = time.perf_counter()
-        pages = self._choose_pages(by_rank=True)
+        self._key_tail_chunks()
+        self._choice_pages = self.store.selectable_pages_ahead(self.lsa.prefetch_steps)
+        try:
+            pages = self._choose_pages(by_rank=True)
+        finally:
+            self._choice_pages = None
         t1 = time.perf_counter()
         k = self.store.layout.num_page_slots
         self.store.prefetch(pages, max_incoming=self.spare_slots, max_pages=k - self.spare_slots)
@@ -140,6 +159,10 @@ class LSACycle:
     def _extend_chunk_keys(self) -> None:
         raise NotImplementedError
 
+    def _key_tail_chunks(self) -> None:
+        """Key the complete chunks still in the tail (before a prefetch); caches that prefetch implement it."""
+        raise NotImplementedError
+
     def _choose_pages(self, by_rank: bool = False) -> torch.Tensor:
         """Page ids for the reserve's page slots, ``-1`` for an empty slot. # [B, K]
 
@@ -154,7 +177,7 @@ class LSACycle:
             return pages
         k_all = store.layout.num_page_slots
         k = k_all - self.spare_slots
-        selectable = store.selectable_pages()
+        selectable = self.selectable_pages()
         if k >= selectable:
             pages = torch.arange(k_all, device=store.device).expand(store.batch, -1)
             return torch.where(pages < selectable, pages, -1)

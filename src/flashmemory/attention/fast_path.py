@@ -143,6 +143,9 @@ class FastLSACache(LSACache):
         # reads the counts
         self.store.recall(pages)
 
+    def _key_tail_chunks(self) -> None:
+        self._extend_chunk_keys_from_tail()
+
     def _extend_chunk_keys_from_tail(self) -> None:
         """New chunk keys from the reserve's tail before it slides: no round trip through the host mirror."""
         store, c = self.store, self.lsa.chunk_size

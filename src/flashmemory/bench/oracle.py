@@ -43,7 +43,7 @@ def golden_page_chooser(golden: list[torch.Tensor], hits: list[torch.Tensor], in
 
     def choose(cache: LSACache) -> torch.Tensor:
         store = cache.store
-        k, selectable, chunks = store.layout.num_page_slots, store.selectable_pages(), cache.lsa.page_chunks
+        k, selectable, chunks = store.layout.num_page_slots, cache.selectable_pages(), cache.lsa.page_chunks
         step = store.step  # decode forwards done; this choice serves steps step+1 .. step+interval
         best = torch.zeros(selectable, dtype=torch.float64)
         total = torch.zeros(selectable, dtype=torch.float64)

@@ -112,7 +112,7 @@ class RecentPages(LSAMethod):
     def page_chooser(self) -> PageChooser:
         def choose(cache: LSACache) -> torch.Tensor:
             store = cache.store
-            k, selectable = store.layout.num_page_slots, store.selectable_pages()
+            k, selectable = store.layout.num_page_slots, cache.selectable_pages()
             pages = torch.arange(max(selectable - k, 0), selectable, dtype=torch.long)
             return pad_slots(pages.expand(store.batch, -1), k)
 
@@ -135,7 +135,7 @@ class RandomPages(LSAMethod):
 
         def choose(cache: LSACache) -> torch.Tensor:
             store = cache.store
-            k, selectable = store.layout.num_page_slots, store.selectable_pages()
+            k, selectable = store.layout.num_page_slots, cache.selectable_pages()
             rows = [torch.randperm(selectable, generator=gen)[:k] for _ in range(store.batch)]
             return pad_slots(torch.stack(rows), k)
 

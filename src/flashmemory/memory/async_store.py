@@ -102,7 +102,7 @@ class AsyncKVStore(KVStore):
         self.layer_events: dict[int, torch.cuda.Event] = {}
         self.prefetch_events: dict[int, torch.cuda.Event] = {}
         self._pending_counts: list[tuple[int, torch.Tensor]] = []
-        self._moves: torch.Tensor | None = None
+        self._moves: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._prefetched_table: torch.Tensor | None = None
 
     def refresh_positions(self) -> None:
@@ -218,7 +218,12 @@ class AsyncKVStore(KVStore):
             raise ValueError(f"max_incoming={max_incoming} exceeds the {free} slots a prefetch may fill")
         plan = limit_incoming(old, wanted.to(self.device, torch.long), max_incoming, max_pages)
         table, moves = plan_moves(old, plan, empty_only=True)
-        self._copy_moves(moves, self.prefetch_events)
+        # pages at or after the tail start are not in the mirror yet: they are copied from the reserve's tail
+        first_tail_page = self.tail_start // self.layout.page_size
+        in_tail = moves >= first_tail_page
+        self._copy_moves(
+            torch.where(in_tail, -1, moves), self.prefetch_events, torch.where(in_tail, moves - first_tail_page, -1)
+        )
         self._prefetched_table = table
 
     @property
@@ -236,12 +241,18 @@ class AsyncKVStore(KVStore):
         self._prefetched_table = None
         self.refresh_positions()
 
-    def _copy_moves(self, moves: torch.Tensor, events: dict[int, torch.cuda.Event]) -> None:
+    def _copy_moves(
+        self, moves: torch.Tensor, events: dict[int, torch.cuda.Event], tail_moves: torch.Tensor | None = None
+    ) -> None:
+        """Copy mirror pages (``moves``) and, for a prefetch, tail pages (``tail_moves``, ids counted from the tail
+        start) into their slots; only the mirror pages count as recalled (host-to-device) pages."""
         self._pending_counts.append((self.step, (moves >= 0).sum()))
         if self.device.type == "cuda" and self.use_triton_copy:
-            self._copy_moves_async(moves, events)
-        else:
-            self._copy_moves_host(moves)
+            self._copy_moves_async(moves, events, tail_moves)
+            return
+        self._copy_moves_host(moves)
+        if tail_moves is not None:
+            self._copy_tail_moves(tail_moves)
 
     def _copy_moves_host(self, moves: torch.Tensor) -> None:
         size, base = self.layout.page_size, self.layout.page_start
@@ -254,18 +265,38 @@ class AsyncKVStore(KVStore):
             for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
                 reserve[layer][rows, :, dst] = mirror[layer][rows, :, src].to(reserve[layer].device)
 
-    def _copy_moves_async(self, moves: torch.Tensor, events: dict[int, torch.cuda.Event]) -> None:
+    def _copy_tail_moves(self, moves: torch.Tensor) -> None:
+        size, base, tail = self.layout.page_size, self.layout.page_start, self.layout.tail_start
+        rows, slots = (moves >= 0).nonzero(as_tuple=True)
+        src = tail + (moves[rows, slots][:, None] * size + torch.arange(size, device=moves.device)).flatten()
+        dst = (base + slots[:, None] * size + torch.arange(size, device=moves.device)).flatten()
+        rows = rows.repeat_interleave(size)
+        for layer in self.layers:
+            for reserve in (self.reserve_k, self.reserve_v):
+                reserve[layer][rows, :, dst] = reserve[layer][rows, :, src]
+
+    def _copy_moves_async(
+        self, moves: torch.Tensor, events: dict[int, torch.cuda.Event], tail_moves: torch.Tensor | None = None
+    ) -> None:
         from .page_copy_triton import copy_pages
 
         stream, current = self._copy_stream, torch.cuda.current_stream(self.device)
         stream.wait_stream(current)  # moves are computed there, and evicted slots may still be read there
         moves = moves.contiguous()
-        self._moves = moves  # keep the move list alive until the side stream has used it
-        moves.record_stream(stream)
+        tail_moves = None if tail_moves is None else tail_moves.contiguous()
+        self._moves = (moves, tail_moves)  # keep the move lists alive until the side stream has used them
+        for m in self._moves:
+            if m is not None:
+                m.record_stream(stream)
+        size, sink, tail = self.layout.page_size, self.layout.sink, self.layout.tail_start
         with torch.cuda.stream(stream):
             for layer in self.layers:
                 for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
-                    copy_pages(mirror[layer], reserve[layer], moves, self.layout.page_size, self.layout.sink)
+                    copy_pages(mirror[layer], reserve[layer], moves, size, sink)
+                    if tail_moves is not None:
+                        # complete pages of the tail: the steps still to come before the boundary write after
+                        # them, and the tail slides only after this stream's work (end_cycle waits for it)
+                        copy_pages(reserve[layer][:, :, tail:], reserve[layer], tail_moves, size, sink)
                 event = torch.cuda.Event()
                 event.record(stream)
                 events[layer] = event

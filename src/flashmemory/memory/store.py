@@ -174,6 +174,16 @@ class KVStore:
         """Pages wholly before the tail: complete in the mirror, so they may be recalled."""
         return self.tail_start // self.layout.page_size
 
+    def selectable_pages_ahead(self, steps: int) -> int:
+        """Pages that will be wholly before the tail after ``steps`` more tokens, and are wholly written now.
+
+        The pages between the current and that future tail start are still in the reserve's tail, not yet in the
+        mirror; a prefetch copies them from there.
+        """
+        size = self.layout.page_size
+        future = page_aligned_tail_start(self.seq_len + steps, self.recent, size)
+        return min(future, self.seq_len) // size
+
     def recall(self, pages: torch.Tensor) -> int:
         """Make ``pages`` resident, copying only pages that were not already in a slot.
 
