@@ -258,3 +258,13 @@ def test_report_refuses_a_folder_without_a_run(tmp_path):
     (tmp_path / "results.jsonl").write_text("")
     with pytest.raises(ValueError, match="not a bench config"):
         runner.report_folder(tmp_path)
+
+
+def test_lsa_methods_decode_on_the_fast_path_when_the_settings_ask_for_it(bench, tmp_path):
+    prefetch = with_overrides(SMALL, ["prefetch_steps=4", "attention_backend=torch"])
+    summary = bench(methods=["lsa", "recent"], lsa=prefetch, samples=1)
+    rows = _rows(tmp_path / "run")
+    assert summary["complete"] and len(rows) == 4 and all(r["boundaries"] >= 1 for r in rows)
+    # prefetch needs the fast path; on the CPU "auto" resolves to the masked path, which refuses it clearly
+    with pytest.raises(ValueError, match="needs the fast path"):
+        bench(methods=["lsa"], lsa=with_overrides(SMALL, ["prefetch_steps=4"]), samples=1, out=tmp_path / "auto")

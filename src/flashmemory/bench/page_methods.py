@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..attention.cache import LSACache
+from ..attention.fast_path import build_lsa_cache
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
@@ -89,9 +90,22 @@ class LSAMethod(Method):
             indexer=indexer,
             max_new_tokens=max_new_tokens,
             eos_token_id=stops,
-            cache_factory=lambda m: LSACache(m, lsa, indexer, max_new_tokens=max_new_tokens, forced_pages=forced),
+            cache_factory=lambda m: bench_cache(m, lsa, indexer, max_new_tokens, forced),
         )
         return until_eos(ids, stops), stats
+
+
+def bench_cache(
+    model: nn.Module, lsa: LSAConfig, indexer: MemoryIndexer | None, max_new_tokens: int, forced: PageChooser | None
+) -> LSACache:
+    """The cache an LSA-like method decodes with.
+
+    The masked path unless the settings ask for the fast path (an explicit ``attention_backend``, or
+    ``prefetch_steps``): the recorded tables then come from the same attention code on the CPU and the GPU.
+    """
+    if lsa.attention_backend == "auto" and not lsa.prefetch_steps:
+        return LSACache(model, lsa, indexer, max_new_tokens=max_new_tokens, forced_pages=forced)
+    return build_lsa_cache(model, lsa, indexer, max_new_tokens=max_new_tokens, forced_pages=forced)
 
 
 def pad_slots(pages: torch.Tensor, k: int) -> torch.Tensor:
