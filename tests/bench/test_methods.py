@@ -141,7 +141,11 @@ def test_golden_page_chooser_ranks_pages_by_best_upcoming_chunk():
         def selectable_pages(self):
             return 6
 
-    cache = type("C", (), {"store": Store(), "lsa": LSAConfig(page_chunks=2)})()
+    cache = type(
+        "C",
+        (),
+        {"store": Store(), "lsa": LSAConfig(page_chunks=2), "selectable_pages": lambda s: s.store.selectable_pages()},
+    )()
     # Steps 3 and 4 are the coming interval (2): page 2 holds one chunk 8 layers agree on, page 1 two chunks
     # with 5 each (more in total, weaker at best), page 4 one chunk with 3; chunk 100 is not selectable.
     golden = [torch.tensor([0, 1])] * 3 + [torch.tensor([2, 4]), torch.tensor([3, 9, 100])] + [torch.tensor([0])] * 9
