@@ -107,8 +107,8 @@ class LSACycle:
     def _spare_slots(self) -> int:
         """Page slots kept empty for prefetched pages (0: no prefetch).
 
-        None when the reserve holds every page of the request anyway (nothing to choose, so nothing to hide), or
-        when it has a single slot.
+        No slot is spared when the reserve holds every page of the request anyway (nothing to choose, so nothing
+        to hide) or has a single slot.
         """
         k = self.store.layout.num_page_slots
         if not self.lsa.prefetch_steps or k < 2 or k * self.store.layout.page_size >= self.store.capacity:
@@ -119,8 +119,11 @@ class LSACycle:
         return self.spare_slots > 0 and self.steps_in_cycle == self.lsa.interval - self.lsa.prefetch_steps
 
     def selectable_pages(self) -> int:
-        """Pages the current page choice may pick: those before the tail, or at a prefetch, before the tail the
-        coming boundary will leave (page choosers such as the bench baselines read this)."""
+        """Pages the current choice may pick (page choosers such as the bench baselines read this).
+
+        At a boundary, the pages before the tail; at a prefetch, the pages before the tail that the coming boundary
+        will leave.
+        """
         return self.store.selectable_pages() if self._choice_pages is None else self._choice_pages
 
     def _prefetch(self) -> None:
