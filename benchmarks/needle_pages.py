@@ -23,21 +23,12 @@ import torch
 
 from flashmemory.attention.cache import LSACache
 from flashmemory.bench.ruler import generate_ruler
-from flashmemory.bench.runner import default_loader, encode_sample
+from flashmemory.bench.runner import chat_prompt, default_loader, encode_sample
 from flashmemory.config import LSAConfig
 from flashmemory.indexer.scoring import select_pages
 from flashmemory.models.adapter import backbone_spec
 
 TASKS = "niah_single_1,niah_single_3,niah_multikey_2,niah_multivalue,niah_multiquery,vt"
-
-
-def chat_text(tokenizer, text: str, prefix: str) -> str:
-    """The string ``encode_sample`` tokenizes (kept in step with it by an assertion on the ids)."""
-    user = text[: len(text) - len(prefix)] if prefix and text.endswith(prefix) else text
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user.rstrip()}], tokenize=False, add_generation_prompt=True
-    )
-    return chat + prefix
 
 
 def answer_spans(tokenizer, text: str, outputs: list[str], before: int) -> list[list[tuple[int, int]]]:
@@ -95,7 +86,7 @@ def run(args) -> dict:
         samples = generate_ruler(task, tok, length=args.length, num_samples=args.samples, seed=args.seed)
         for sample in samples:
             enc = encode_sample(tok, sample.input, sample.answer_prefix)
-            text = chat_text(tok, sample.input, sample.answer_prefix)
+            text = chat_prompt(tok, sample.input, sample.answer_prefix)  # the model has a chat template
             ids = enc["input_ids"]
             assert tok(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
             with LSACache(model, lsa, max_new_tokens=64) as cache:

@@ -18,6 +18,7 @@ import torch
 
 from ..indexer.scoring import follow_scores, select_pages
 from ..memory.accounting import storage_bytes
+from ..memory.async_store import first_valid
 
 
 @dataclass(slots=True)
@@ -92,7 +93,7 @@ class LSACycle:
             self._close_cycle()
         self.steps_in_cycle = 0
         self.stats.boundaries += 1
-        if getattr(self.store, "prefetch_pending", False):
+        if self.spare_slots and self.store.prefetch_pending:
             # the pages were chosen and copied `prefetch_steps` steps ago: only the page table changes now
             self.store.commit_prefetch()
             self.stats.recall_seconds += time.perf_counter() - t0
@@ -176,7 +177,7 @@ class LSACycle:
         if self.forced_pages is not None:
             pages = self.forced_pages(self).to(store.device)
             if self.spare_slots:
-                pages = _first_valid(pages, store.layout.num_page_slots - self.spare_slots)
+                pages = first_valid(pages, store.layout.num_page_slots - self.spare_slots)
             return pages
         k_all = store.layout.num_page_slots
         k = k_all - self.spare_slots
@@ -249,9 +250,3 @@ class LSACycle:
 
     def host_kv_bytes(self) -> int:
         return 0 if self.store is None else storage_bytes(self.store.host_tensors())
-
-
-def _first_valid(pages: torch.Tensor, n: int) -> torch.Tensor:
-    """``pages`` with every entry after the first ``n`` valid ones of a row set to -1. # [B, K]"""
-    valid = pages >= 0
-    return torch.where(valid & (torch.cumsum(valid.long(), 1) > n), -1, pages)

@@ -97,6 +97,19 @@ def default_loader(model_name: str, device: str) -> tuple[torch.nn.Module, objec
     return load_on(model_name, device)
 
 
+def chat_prompt(tokenizer, text: str, answer_prefix: str) -> str | None:
+    """The string :func:`encode_sample` tokenizes for a chat model, or None without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    user = text[: len(text) - len(answer_prefix)] if answer_prefix and text.endswith(answer_prefix) else text
+    # The blank line that separates a prompt from its answer prefix in plain text is not part of the user turn
+    # (RULER's prompts have none there, so this changes nothing for them).
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user.rstrip()}], tokenize=False, add_generation_prompt=True
+    )
+    return chat + answer_prefix
+
+
 def encode_sample(tokenizer, text: str, answer_prefix: str) -> dict[str, torch.Tensor]:
     """Token ids of one RULER prompt: the chat template around the question, then the answer prefix.
 
@@ -104,15 +117,9 @@ def encode_sample(tokenizer, text: str, answer_prefix: str) -> dict[str, torch.T
     appended after the generation prompt so the model continues the answer. Without a chat template the
     prompt is used as is (it already ends with the prefix).
     """
-    if getattr(tokenizer, "chat_template", None):
-        user = text[: len(text) - len(answer_prefix)] if answer_prefix and text.endswith(answer_prefix) else text
-        # The blank line that separates a prompt from its answer prefix in plain text is not part of the user turn
-        # (RULER's prompts have none there, so this changes nothing for them).
-        user = user.rstrip()
-        chat = tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
-        enc = tokenizer(chat + answer_prefix, return_tensors="pt", add_special_tokens=False)
+    chat = chat_prompt(tokenizer, text, answer_prefix)
+    if chat is not None:
+        enc = tokenizer(chat, return_tensors="pt", add_special_tokens=False)
     else:
         enc = tokenizer(text, return_tensors="pt", add_special_tokens=True)
     ids = torch.as_tensor(enc["input_ids"])
@@ -580,6 +587,7 @@ def write_summary(out: Path, summary: dict) -> None:
 
 __all__ = [
     "TASKSETS",
+    "chat_prompt",
     "default_loader",
     "encode_sample",
     "parse_taskset",

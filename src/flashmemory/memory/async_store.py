@@ -59,6 +59,16 @@ def plan_moves(old: torch.Tensor, new: torch.Tensor, *, empty_only: bool = False
     return table, moves
 
 
+def first_valid(pages: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+    """``pages`` with every entry after the first ``n`` valid (``>= 0``) ones of a row set to -1. # [B, W]"""
+    return torch.where(_beyond_first(pages >= 0, n), -1, pages)
+
+
+def _beyond_first(mask: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+    """The True entries of ``mask`` after the first ``n`` of their row. # [B, W]"""
+    return mask & (torch.cumsum(mask.long(), 1) > n)
+
+
 def limit_incoming(old: torch.Tensor, wanted: torch.Tensor, max_incoming: int, max_pages: int) -> torch.Tensor:
     """The pages a prefetch may bring: at most ``max_incoming`` new ones, ``max_pages`` in all.
 
@@ -76,15 +86,11 @@ def limit_incoming(old: torch.Tensor, wanted: torch.Tensor, max_incoming: int, m
     """
     valid = wanted >= 0
     resident = (wanted[:, :, None] == old[:, None, :]).any(-1) & valid
-    incoming = valid & ~resident
-    wanted = torch.where(incoming & (torch.cumsum(incoming.long(), 1) > max_incoming), -1, wanted)
-    # the pages kept so far, in preference order, capped at max_pages
-    valid = wanted >= 0
-    wanted = torch.where(valid & (torch.cumsum(valid.long(), 1) > max_pages), -1, wanted)
+    wanted = torch.where(_beyond_first(valid & ~resident, max_incoming), -1, wanted)
+    wanted = first_valid(wanted, max_pages)  # the pages kept so far, in preference order
     room = max_pages - (wanted >= 0).sum(1, keepdim=True)
     spare = (old >= 0) & ~(old[:, :, None] == wanted[:, None, :]).any(-1)
-    fill = spare & (torch.cumsum(spare.long(), 1) <= room)
-    return torch.cat([wanted, torch.where(fill, old, -1)], 1)
+    return torch.cat([wanted, torch.where(spare & ~_beyond_first(spare, room), old, -1)], 1)
 
 
 class AsyncKVStore(KVStore):
@@ -252,28 +258,23 @@ class AsyncKVStore(KVStore):
             return
         self._copy_moves_host(moves)
         if tail_moves is not None:
-            self._copy_tail_moves(tail_moves)
+            self._copy_moves_host(tail_moves, from_tail=True)
 
-    def _copy_moves_host(self, moves: torch.Tensor) -> None:
+    def _copy_moves_host(self, moves: torch.Tensor, from_tail: bool = False) -> None:
+        """Copy by indexing: from the mirror, or with ``from_tail`` from the reserve's own tail."""
         size, base = self.layout.page_size, self.layout.page_start
         rows, slots = (moves >= 0).nonzero(as_tuple=True)
-        pages = moves[rows, slots]
-        src = (pages[:, None] * size + torch.arange(size)).flatten()  # [M*P]
-        dst = (base + slots[:, None] * size + torch.arange(size)).flatten()
+        offsets = torch.arange(size, device=moves.device)
+        src = (moves[rows, slots][:, None] * size + offsets).flatten()  # [M*P]
+        if from_tail:
+            src = src + self.layout.tail_start
+        dst = (base + slots[:, None] * size + offsets).flatten()
         rows = rows.repeat_interleave(size)
         for layer in self.layers:
             for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
-                reserve[layer][rows, :, dst] = mirror[layer][rows, :, src].to(reserve[layer].device)
-
-    def _copy_tail_moves(self, moves: torch.Tensor) -> None:
-        size, base, tail = self.layout.page_size, self.layout.page_start, self.layout.tail_start
-        rows, slots = (moves >= 0).nonzero(as_tuple=True)
-        src = tail + (moves[rows, slots][:, None] * size + torch.arange(size, device=moves.device)).flatten()
-        dst = (base + slots[:, None] * size + torch.arange(size, device=moves.device)).flatten()
-        rows = rows.repeat_interleave(size)
-        for layer in self.layers:
-            for reserve in (self.reserve_k, self.reserve_v):
-                reserve[layer][rows, :, dst] = reserve[layer][rows, :, src]
+                source = reserve[layer] if from_tail else mirror[layer]
+                pages = source[rows.to(source.device), :, src.to(source.device)]
+                reserve[layer][rows, :, dst] = pages.to(reserve[layer].device)
 
     def _copy_moves_async(
         self, moves: torch.Tensor, events: dict[int, torch.cuda.Event], tail_moves: torch.Tensor | None = None
