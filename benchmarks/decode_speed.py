@@ -49,6 +49,7 @@ from flashmemory.indexer.scoring import select_pages
 from flashmemory.memory.async_store import plan_moves
 from flashmemory.memory.layout import SequenceBytes, plan_layout
 from flashmemory.memory.resident import page_aligned_tail_start
+from flashmemory.models.adapter import backbone_spec
 
 GiB = 2**30
 SHAPES = {
@@ -380,7 +381,8 @@ class Bench:
         layers, hkv, d = kv_geometry(cfg)
         lsa, dev, dtype = self.lsa, self.device, self.args.dtype
         n = context // lsa.chunk_size
-        targets = tuple(range(layers // 2, min(layers, layers // 2 + 3)))
+        spec = backbone_spec(model)
+        targets, reduce = spec.default_target_layers(), spec.default_layer_reduce()  # what LSACache scores with
         indexer = MemoryIndexer.from_model(model, targets, chunk_size=lsa.chunk_size).to(dev)
         window = lsa.query_window
         hidden = {t: torch.randn(batch, window, cfg.hidden_size, device=dev, dtype=dtype) for t in targets}
@@ -389,7 +391,7 @@ class Bench:
         selectable = page_aligned_tail_start(context, lsa.recent, lsa.page_size) // lsa.page_size
 
         def score_and_select():
-            s = indexer.score(hidden, pos, keys, lsa.layer_reduce)
+            s = indexer.score(hidden, pos, keys, reduce)
             return select_pages(
                 s, num_selectable=selectable, page_chunks=lsa.page_chunks, num_slots=num_pages, threshold=lsa.threshold
             )

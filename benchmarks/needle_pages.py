@@ -52,13 +52,18 @@ def covered(span: tuple[int, int], pages: set[int], page_size: int, sink: int, t
     return all(t < sink or t >= tail_start or t // page_size in pages for t in range(*span))
 
 
-def variants(spec_layers: tuple[int, ...], default: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], str, int]]:
+def variants(
+    spec_layers: tuple[int, ...], default: tuple[int, ...], reduce: str
+) -> dict[str, tuple[tuple[int, ...], str, int]]:
     """name -> (layers, reduce, query tokens)."""
     n = len(spec_layers)
+    # the zero-shot default of earlier versions, kept as a reference row
+    earlier = tuple(sorted({spec_layers[min(n - 1, int(f * n))] for f in (0.5, 0.67, 0.84)}))
     out = {
-        "default (3 layers, max, 16)": (default, "max", 16),
-        "default, 64 query tokens": (default, "max", 64),
-        "default, mean": (default, "mean", 16),
+        f"default ({len(default)} layers, {reduce}, 16)": (default, reduce, 16),
+        "earlier default (50/67/84% depth, max, 16)": (earlier, "max", 16),
+        "earlier default, 64 query tokens": (earlier, "max", 64),
+        "earlier default, mean": (earlier, "mean", 16),
         "all layers, max": (spec_layers, "max", 16),
         "all layers, mean": (spec_layers, "mean", 16),
         "lower half, max": (spec_layers[: n // 2], "max", 16),
@@ -79,7 +84,7 @@ def run(args) -> dict:
     all_layers = tuple(spec.full_layers)
     lsa = LSAConfig(budget=args.budget, target_layers=all_layers, query_window=64)
     default = spec.default_target_layers()
-    names = variants(all_layers, default)
+    names = variants(all_layers, default, spec.default_layer_reduce())
     per_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     started = time.time()
     for task in args.tasks.split(","):

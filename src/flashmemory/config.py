@@ -21,8 +21,11 @@ class LSAConfig:
         recent: tokens at the end of the history that always stay resident. Default: 64.
         sink: tokens at the start of the sequence that always stay resident. Default: 16.
         target_layers: decoder layers whose hidden state and cached keys the indexer uses; ``None`` picks
-            three full-attention layers between 50% and 85% of the depth. Default: None.
-        layer_reduce: how per-layer chunk scores combine, ``"max"`` or ``"mean"``. Default: "max".
+            the model's zero-shot layers: the best measured for its shape, else the full-attention layers at
+            45-70% of the depth (``BackboneSpec.default_target_layers``). Default: None.
+        layer_reduce: how per-layer chunk scores combine, ``"max"`` or ``"mean"``; ``None`` means ``"mean"`` for
+            the zero-shot indexer on its default layers and ``"max"`` otherwise (explicit ``target_layers`` or a
+            trained checkpoint, as they were trained and measured). Default: None.
         best_chunk_slots: fraction of the page slots given to the pages holding the highest-scored chunks
             (the top-m fallback for precise retrieval); the rest go to the pages with most chunks above the
             threshold. Default: 1.0.
@@ -54,7 +57,7 @@ class LSAConfig:
     recent: int = 64
     sink: int = 16
     target_layers: tuple[int, ...] | None = None
-    layer_reduce: str = "max"
+    layer_reduce: str | None = None
     best_chunk_slots: float = 1.0
     query_window: int = 16
     follow_chunks: int = 0
@@ -90,7 +93,7 @@ class LSAConfig:
             raise ValueError(f"LSAConfig.max_pages must be >= 0, got {self.max_pages}")
         if not 0.0 <= self.best_chunk_slots <= 1.0:
             raise ValueError(f"LSAConfig.best_chunk_slots must be in [0, 1], got {self.best_chunk_slots}")
-        if self.layer_reduce not in ("max", "mean"):
+        if self.layer_reduce not in (None, "max", "mean"):
             raise ValueError(f"LSAConfig.layer_reduce must be 'max' or 'mean', got {self.layer_reduce!r}")
         if self.attention_backend not in ("auto", "mask", "triton", "torch"):
             raise ValueError(

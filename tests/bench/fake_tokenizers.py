@@ -17,11 +17,14 @@ class CharTokenizer:
     def encode(self, text, add_special_tokens=True):
         return [min(max(ord(c), 3), 250) for c in text]
 
-    def __call__(self, text, return_tensors=None, add_special_tokens=True, padding=False):
+    def __call__(self, text, return_tensors=None, add_special_tokens=True, padding=False, return_offsets_mapping=False):
         ids = self.encode(text)
         if return_tensors == "pt":
             return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
-        return {"input_ids": ids}
+        out = {"input_ids": ids}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [(i, i + 1) for i in range(len(ids))]
+        return out
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i) for i in ids if 3 <= i <= 250)

@@ -17,7 +17,7 @@ from flashmemory.bench.longbench import (
     render_prompt,
     score_longbench,
 )
-from flashmemory.bench.longbench.prompt import truncate_middle
+from flashmemory.bench.longbench.prompt import QUESTION_MARKER, truncate_middle
 from flashmemory.models.tiny import tiny_model
 from flashmemory.runtime.stats import GenerationStats
 
@@ -151,6 +151,10 @@ def test_generate_longbench_local_is_deterministic_and_fills_the_length(task):
         assert 0.9 * budget <= sample.num_tokens <= budget
         assert sample.num_tokens == len(tok.encode(sample.input.removesuffix("\n\n" + ANSWER_PREFIX)))
     assert [s.buckets["difficulty"] for s in first] == ["easy", "hard"]
+    for sample in first:  # the question-last protocol splits after the document, before the question
+        at = sample.input.rfind(sample.question_marker)
+        assert sample.question_marker == QUESTION_MARKER
+        assert "</text>" in sample.input[:at] and "(D)" in sample.input[at:]
 
 
 def _sections(context: str, header: str) -> dict[str, str]:
@@ -243,8 +247,9 @@ class ScriptedMethod:
     def __init__(self, name, text):
         self.name, self.text, self.calls = name, text, 0
 
-    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa):
+    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa, followup=None):
         self.calls += 1
+        self.followup = followup
         stats = GenerationStats("full", 1, input_ids.shape[1], len(self.text), kv_bytes_device=50, kv_bytes_full=100)
         return [tokenizer.encode(self.text)], stats
 
@@ -318,3 +323,18 @@ def test_cli_bench_refuses_bad_data(tmp_path, args, message):
     args = [a.format(**paths) for a in args]
     res = CliRunner().invoke(app, ["bench", *args, "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
+
+
+def test_bench_question_last_sends_the_question_as_a_second_turn(scripted_bench, data_file, tmp_path):
+    bench, methods = scripted_bench
+    summary = bench("longbench-v2:code_repo", data=data_file, protocol="question-last", out=tmp_path / "ql")
+    assert summary["config"]["protocol"] == "question-last"
+    turn = CharTokenizer().decode(methods["full"].followup[0].tolist())
+    assert turn.startswith(QUESTION_MARKER) and turn.endswith(ANSWER_PREFIX)
+    rows = [json.loads(line) for line in (tmp_path / "ql" / "results.jsonl").read_text().splitlines()]
+    single = bench("longbench-v2:code_repo", data=data_file, out=tmp_path / "one")
+    assert methods["full"].followup is None and single["config"]["protocol"] == "single-prefill"
+    one = [json.loads(line) for line in (tmp_path / "one" / "results.jsonl").read_text().splitlines()]
+    assert [r["prompt_tokens"] for r in rows] == [r["prompt_tokens"] for r in one]  # the same tokens, split
+    with pytest.raises(ValueError, match="holds results of another run"):
+        bench("longbench-v2:code_repo", data=data_file, out=tmp_path / "one", protocol="question-last")

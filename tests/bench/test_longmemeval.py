@@ -219,6 +219,9 @@ def test_generate_longmemeval_local_is_deterministic_and_fills_the_length():
     first = generate_longmemeval("knowledge_update", tok, length=2048, num_samples=2, seed=5)
     assert first == generate_longmemeval("knowledge_update", tok, length=2048, num_samples=2, seed=5)
     assert first[0].input != generate_longmemeval("knowledge_update", tok, length=2048, num_samples=1, seed=6)[0].input
+    for sample in first:  # the question-last protocol splits after the history, before the date and question
+        at = sample.input.rfind(sample.question_marker)
+        assert "History Chats:" in sample.input[:at] and "\nQuestion: " in sample.input[at:]
     for sample in first:
         assert 0.9 * (2048 - 32) <= sample.num_tokens <= 2048 - 32
         assert sample.info["sessions_dropped"] == 0 and sample.info["sessions"] >= 5
@@ -232,7 +235,7 @@ def test_bench_longmemeval_local(monkeypatch, tmp_path):
     class Refuser:
         name, kv_note = "full", "scripted"
 
-        def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa):
+        def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa, followup=None):
             stats = GenerationStats("full", 1, input_ids.shape[1], 4, kv_bytes_device=100, kv_bytes_full=100)
             return [tokenizer.encode("I don't know.")], stats
 

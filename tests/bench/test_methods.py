@@ -6,12 +6,14 @@ import pytest
 import torch
 
 from flashmemory.attention.block_select import BlockSelectCache, BlockSelectConfig
+from flashmemory.attention.cache import LSACache
 from flashmemory.bench import methods as methods_mod
 from flashmemory.bench.infllm import InfLLMScorer
 from flashmemory.bench.kv_budget import full_kv_bytes, lsa_page_tokens
 from flashmemory.bench.oracle import golden_page_chooser
 from flashmemory.bench.quest import QuestScorer
 from flashmemory.config import LSAConfig
+from flashmemory.models.adapter import backbone_spec
 from flashmemory.models.tiny import tiny_model
 from flashmemory.runtime.generate import generate_ids
 
@@ -185,3 +187,21 @@ def test_block_select_runs_on_gemma3_sliding_layers():
         ids_out, _ = generate_ids(model, ids, None, method="full", max_new_tokens=6, cache_factory=lambda m: cache)
     assert cache.masked_steps > 0 and list(cache.meta) == cache.scored_layers == [2]
     assert ids_out.shape == (1, 6) or ids_out.shape[1] < 6
+
+
+def test_peer_budgets_follow_the_chunk_keys_of_the_indexer_lsa_loads(monkeypatch):
+    """A shipped checkpoint keys its own layers: the peers' matched budget is sized with them, like LSA's reserve."""
+    from flashmemory.bench import kv_budget
+    from flashmemory.indexer.memory_indexer import MemoryIndexer
+
+    model = tiny_model("llama", num_layers=8)
+    cfg = LSAConfig(chunk_size=8, page_chunks=2, interval=16, recent=16, sink=4, budget=0.4)
+    default = len(backbone_spec(model).default_target_layers())
+    assert default > 1
+    zero_shot = kv_budget.sequence_bytes(model, cfg, 4)
+    monkeypatch.setattr(kv_budget, "shipped_target_layers", lambda m: (7,))
+    shipped = kv_budget.sequence_bytes(model, cfg, 4)
+    assert zero_shot.per_chunk_key == default * shipped.per_chunk_key
+    indexer = MemoryIndexer.from_model(model, (7,), chunk_size=8)
+    with LSACache(model, cfg, indexer, max_new_tokens=12) as cache:
+        assert cache.sequence_bytes(4) == shipped

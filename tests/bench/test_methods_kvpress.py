@@ -12,6 +12,7 @@ from flashmemory.bench import methods as methods_mod
 from flashmemory.bench.kv_budget import full_kv_bytes
 from flashmemory.bench.kvpress_methods import PRESSES, KVPressMethod, pressed
 from flashmemory.config import LSAConfig
+from flashmemory.memory.layout import BudgetError
 from flashmemory.models.adapter import attention_module
 from flashmemory.models.tiny import tiny_model
 from flashmemory.runtime.generate import generate_ids
@@ -92,3 +93,18 @@ def test_missing_kvpress_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kvpress" else real(name, *a))
     with pytest.raises(ValueError, match=r"method 'tova' needs the kvpress package: pip install --no-deps kvpress"):
         methods_mod.get_method("tova")
+
+
+def test_press_holds_the_budget_with_a_follow_up_turn(llama):
+    ids, turn = _prompt(), 20
+    context = PROMPT - turn
+    out, stats = methods_mod.get_method("snapkv").run(
+        llama, Tok(), ids[:, :context], None, 8, BUDGET, followup=ids[:, context:]
+    )
+    n = stats.new_tokens
+    kept = int(context * (BUDGET.budget * PROMPT - turn) / context)  # the turn's tokens come out of the budget
+    assert full_kv_bytes(llama, 1, kept + turn + n - 1, 4) <= stats.kv_bytes_device
+    assert stats.kv_bytes_device <= full_kv_bytes(llama, 1, kept + turn + n, 4)
+    assert stats.kv_bytes_full == full_kv_bytes(llama, 1, PROMPT + n, 4)
+    with pytest.raises(BudgetError, match="fewer than the"):
+        methods_mod.get_method("snapkv").run(llama, Tok(), ids[:, :40], None, 8, BUDGET, followup=ids[:, 40:])

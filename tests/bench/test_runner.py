@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from flashmemory.bench import runner
 from flashmemory.bench.ruler import RulerSample
 from flashmemory.bench.workers import WorkerError
 from flashmemory.config import LSAConfig, with_overrides
+from flashmemory.models.adapter import BackboneSpec
 from flashmemory.models.tiny import tiny_model
 
 from .fake_tokenizers import CharTokenizer
@@ -135,6 +137,8 @@ def _rows_ok(path):
         (dict(budget=-1.0), "--budget must be a fraction"),
         (dict(lengths=[]), "--lengths needs at least one length"),
         (dict(lengths=[100_000]), "exceeds the model's context window (8192 tokens)"),
+        (dict(protocol="question-last"), "--protocol question-last needs prompts that end with a question turn"),
+        (dict(protocol="two-turn"), "unknown --protocol 'two-turn'; valid: single-prefill, question-last"),
     ],
 )
 def test_bad_options(bench, kwargs, message):
@@ -158,6 +162,21 @@ def test_rows_of_another_shipped_indexer_are_not_mixed(bench, monkeypatch):
     monkeypatch.setattr(runner, "shipped_identity", lambda model: "tiny@0123456789ab")
     with pytest.raises(ValueError, match="lsa_indexer: 'zero-shot' -> 'tiny@0123456789ab'"):
         bench(methods=["lsa"], samples=1)
+
+
+def test_rows_made_with_other_default_layers_are_not_mixed(bench, monkeypatch, tmp_path):
+    summary = bench(methods=["full"], samples=1)
+    scorer = summary["config"]["lsa_default_scorer"]
+    assert summary["config"]["lsa"]["target_layers"] is None  # the default, resolved for the record
+    assert scorer["target_layers"] and scorer["layer_reduce"] == "mean"
+    monkeypatch.setattr(BackboneSpec, "default_target_layers", lambda self: (0,))
+    with pytest.raises(ValueError, match=re.escape("lsa_default_scorer: ")):
+        bench(methods=["full"], samples=1)
+    # explicit layers are scored with the max, as before
+    summary = bench(
+        out=tmp_path / "explicit", methods=["full"], samples=1, lsa=with_overrides(SMALL, ["target_layers=1"])
+    )
+    assert summary["config"]["lsa_default_scorer"] == {"target_layers": [1], "layer_reduce": "max"}
 
 
 def test_baseline_page_choosers():

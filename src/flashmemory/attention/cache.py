@@ -128,6 +128,8 @@ class LSACache(LSACycle, Cache):
             raise ValueError(f"LSACache needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")
         self.attn_impl = impl
         targets = self.lsa.target_layers or self.spec.default_target_layers()
+        on_default_layers = indexer is None and self.lsa.target_layers is None
+        self.layer_reduce = self.lsa.layer_reduce or (self.spec.default_layer_reduce() if on_default_layers else "max")
         if indexer is None:
             indexer = MemoryIndexer.from_model(model, targets, chunk_size=self.lsa.chunk_size)
         if self.lsa.target_layers is not None and tuple(indexer.target_layers) != tuple(targets):
@@ -231,7 +233,7 @@ class LSACache(LSACycle, Cache):
             self.lookahead,
             self.lookahead_pos,
             self.chunk_keys.stacked(),
-            self.lsa.layer_reduce,
+            self.layer_reduce,
             window_mask=self.lookahead_valid,
             chunk_offset=self.store.pad_len,
         )

@@ -58,6 +58,7 @@ class LSACycle:
         self.closed = False
         self.spare_slots = 0  # page slots kept empty for prefetched pages; set once the reserve exists
         self._choice_pages: int | None = None  # pages a prefetch may choose from (beyond the current tail start)
+        self.boundary_requested = False
 
     def __enter__(self) -> Self:
         return self
@@ -76,13 +77,25 @@ class LSACycle:
             self.in_decode = True
             self.spare_slots = self._spare_slots()
             self._boundary(first=True)
-        elif self.steps_in_cycle == self.lsa.interval:
+        elif self.steps_in_cycle == self.lsa.interval or self._early_boundary_due():
             self._boundary(first=False)
         elif self._prefetch_due():
             self._prefetch()
         self._begin_store_step()
         self.steps_in_cycle += 1
         self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_kv_bytes())
+
+    def request_boundary(self) -> None:
+        """Start a new cycle at the next decode step, before ``interval`` steps have passed.
+
+        For a new turn fed through decode steps (a question after a long document): the resident set is then chosen
+        with the newest tokens, the turn's own, as the lookahead query instead of waiting up to ``interval`` steps.
+        A prefetch still pending is dropped: it was chosen before the turn.
+        """
+        self.boundary_requested = True
+
+    def _early_boundary_due(self) -> bool:
+        return self.boundary_requested and self.steps_in_cycle > 0
 
     def _begin_store_step(self) -> None:
         self.store.begin_step()
@@ -93,6 +106,9 @@ class LSACycle:
             self._close_cycle()
         self.steps_in_cycle = 0
         self.stats.boundaries += 1
+        early, self.boundary_requested = self.boundary_requested, False
+        if early and self.spare_slots and self.store.prefetch_pending:
+            self.store.drop_prefetch()
         if self.spare_slots and self.store.prefetch_pending:
             # the pages were chosen and copied `prefetch_steps` steps ago: only the page table changes now
             self.store.commit_prefetch()

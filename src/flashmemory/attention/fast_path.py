@@ -185,7 +185,12 @@ class FastLSACache(LSACache):
 
     def next_step_is_boundary(self) -> bool:
         """Whether the coming decode step starts with cycle work (boundary or prefetch; never graph-replayed)."""
-        return not self.in_decode or self.steps_in_cycle == self.lsa.interval or self._prefetch_due()
+        return (
+            not self.in_decode
+            or self.steps_in_cycle == self.lsa.interval
+            or self._early_boundary_due()
+            or self._prefetch_due()
+        )
 
     def advance_replayed_step(self) -> None:
         """Host bookkeeping of one decode step whose device work a CUDA graph replayed."""

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from ..attention.block_select import BlockScorer, BlockSelectCache, BlockSelectConfig
-from ..runtime.generate import generate_ids
 from .kv_budget import full_kv_bytes, lsa_page_tokens
-from .method_base import Method, require_unpadded, stop_ids, until_eos
+from .method_base import Method, decode_greedy, followup_len, require_unpadded
 
 MASK_NOTE = "whole cache on the device (+ block metadata); per-step selection only masks attention"
 
@@ -26,12 +25,13 @@ class BlockSelectMethod(Method):
     def block_size(self, lsa) -> int:
         raise NotImplementedError
 
-    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa):
+    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa, followup=None):
         require_unpadded(self.name, attention_mask)
         elem = next(model.parameters()).element_size()
         batch, context = input_ids.shape
         block = self.block_size(lsa)
-        tokens = lsa_page_tokens(model, lsa, context, max_new_tokens, elem)
+        turn = followup_len(followup)
+        tokens = lsa_page_tokens(model, lsa, context, max_new_tokens + turn, elem)
         cfg = BlockSelectConfig(block_size=block, num_blocks=tokens // block, sink=lsa.sink, recent=lsa.recent)
         caches: list[BlockSelectCache] = []
 
@@ -39,16 +39,9 @@ class BlockSelectMethod(Method):
             caches.append(BlockSelectCache(m, cfg, self.make_scorer()))
             return caches[-1]
 
-        stops = stop_ids(tokenizer)
         try:
-            ids, stats = generate_ids(
-                model,
-                input_ids,
-                attention_mask,
-                method="full",
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stops,
-                cache_factory=factory,
+            out, stats = decode_greedy(
+                model, tokenizer, input_ids, attention_mask, max_new_tokens, followup, cache_factory=factory
             )
         finally:
             for cache in caches:
@@ -56,9 +49,9 @@ class BlockSelectMethod(Method):
         cache = caches[-1]
         stats.method = self.name
         stats.kv_bytes_device = max(cache.peak_device_bytes, cache.device_kv_bytes())
-        stats.kv_bytes_full = full_kv_bytes(model, batch, context + stats.new_tokens, elem)
+        stats.kv_bytes_full = full_kv_bytes(model, batch, context + turn + stats.new_tokens, elem)
         stats.page_slots = cfg.num_blocks
-        return until_eos(ids, stops), stats
+        return out, stats
 
 
 __all__ = ["MASK_NOTE", "BlockSelectMethod"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import LSAConfig
-from ..memory.layout import SequenceBytes, plan_layout
+from ..indexer.shipped import shipped_target_layers
+from ..memory.layout import BudgetError, SequenceBytes, plan_layout
 from ..models.adapter import backbone_spec
 
 
@@ -21,10 +22,15 @@ def _token_bytes(model: nn.Module, elem: int) -> tuple[int, int]:
 
 
 def sequence_bytes(model: nn.Module, lsa: LSAConfig, elem: int) -> SequenceBytes:
-    """Per-sequence byte sizes of LSA on ``model`` (mirrors ``LSACache.sequence_bytes``)."""
+    """Per-sequence byte sizes of the ``lsa`` method on ``model`` (mirrors ``LSACache.sequence_bytes``).
+
+    Its chunk keys are those of the indexer ``lsa`` uses: a shipped checkpoint's layers when one matches the
+    model, else the zero-shot default; so peers match ``lsa``'s reserve (``lsa-zeroshot``'s may differ by a page).
+    """
     spec = backbone_spec(model)
     per_head_token, num_sliding = _token_bytes(model, elem)
-    targets = lsa.target_layers or spec.default_target_layers()
+    # the layers `lsa` keys: a shipped checkpoint reads its own, which may differ from the zero-shot default
+    targets = lsa.target_layers or shipped_target_layers(model) or spec.default_target_layers()
     window = spec.sliding_window or 0
     return SequenceBytes(
         per_token=2 * per_head_token * len(spec.full_layers),
@@ -71,13 +77,25 @@ def lsa_page_tokens(model: nn.Module, lsa: LSAConfig, context_len: int, max_new_
     return layout.num_page_slots * layout.page_size
 
 
-def kept_fraction(model: nn.Module, lsa: LSAConfig, context_len: int, elem: int) -> float:
-    """The fraction of the prompt's KV a budget keeps: the budget itself, or bytes over the full prompt cache."""
+def kept_fraction(model: nn.Module, lsa: LSAConfig, context_len: int, elem: int, turn_len: int = 0) -> float:
+    """The fraction of the prompt's KV a budget keeps: the budget itself, or bytes over the full prompt cache.
+
+    With ``turn_len`` tokens of a later turn that will join the cache uncompressed, the prompt keeps less, so that
+    prompt and turn together hold the budget's share of both.
+
+    Raises:
+        BudgetError: when the budget cannot even hold the turn.
+    """
     if lsa.budget is None:
         raise ValueError("peers need LSAConfig.budget (a fraction or bytes), not max_pages")
-    if lsa.budget <= 1.0:
-        return float(lsa.budget)
-    return min(1.0, lsa.budget / full_kv_bytes(model, 1, context_len, elem))
+    total = context_len + turn_len
+    share = float(lsa.budget) if lsa.budget <= 1.0 else min(1.0, lsa.budget / full_kv_bytes(model, 1, total, elem))
+    kept = (share * total - turn_len) / context_len
+    if kept <= 0:
+        raise BudgetError(
+            f"budget {lsa.budget} holds {share * total:.0f} tokens, fewer than the {turn_len} of the follow-up turn"
+        )
+    return min(1.0, kept)
 
 
 __all__ = ["full_kv_bytes", "kept_fraction", "lsa_page_tokens", "sequence_bytes"]

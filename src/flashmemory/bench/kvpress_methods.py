@@ -32,9 +32,8 @@ import torch
 from torch import nn
 
 from ..models.adapter import attention_module, backbone_spec
-from ..runtime.generate import generate_ids
 from .kv_budget import full_kv_bytes, kept_fraction
-from .method_base import Method, require_unpadded, stop_ids, until_eos
+from .method_base import Method, decode_greedy, followup_len, require_unpadded
 
 KVPRESS_PIN = "kvpress==0.5.5"
 KVPRESS_INSTALL = f"pip install --no-deps {KVPRESS_PIN}"
@@ -141,19 +140,18 @@ class KVPressMethod(Method):
         module, cls = PRESSES[self.name]
         return load_press_class(module, cls)(compression_ratio=compression_ratio)
 
-    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa):
+    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa, followup=None):
         require_unpadded(self.name, attention_mask)
         elem = next(model.parameters()).element_size()
         batch, context = input_ids.shape
-        press = self.make_press(1.0 - kept_fraction(model, lsa, context, elem))
-        stops = stop_ids(tokenizer)
+        # a follow-up turn joins the cache uncompressed: the prompt keeps less, so both hold the budget's share
+        press = self.make_press(1.0 - kept_fraction(model, lsa, context, elem, followup_len(followup)))
+        # the press compresses the prefill only: a follow-up turn finds what it kept
         with pressed(press, model):
-            ids, stats = generate_ids(
-                model, input_ids, attention_mask, method="full", max_new_tokens=max_new_tokens, eos_token_id=stops
-            )
+            out, stats = decode_greedy(model, tokenizer, input_ids, attention_mask, max_new_tokens, followup)
         stats.method = self.name
-        stats.kv_bytes_full = full_kv_bytes(model, batch, context + stats.new_tokens, elem)
-        return until_eos(ids, stops), stats
+        stats.kv_bytes_full = full_kv_bytes(model, batch, context + followup_len(followup) + stats.new_tokens, elem)
+        return out, stats
 
 
 __all__ = ["KVPRESS_INSTALL", "KVPRESS_PIN", "PRESSES", "KVPressMethod", "load_press_class", "pressed"]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import LSAConfig
+from ..runtime.generate import generate_ids
 from ..runtime.stats import GenerationStats
 
 
@@ -32,6 +33,7 @@ class Method:
         attention_mask: torch.Tensor | None,
         max_new_tokens: int,
         lsa: LSAConfig,
+        followup: torch.Tensor | None = None,
     ) -> tuple[list[list[int]], GenerationStats]:
         """Greedy-decode the prompts.
 
@@ -42,6 +44,9 @@ class Method:
             attention_mask: 1 for real tokens. # [B, T]
             max_new_tokens: decode steps at most.
             lsa: LSA settings; its budget is the one every compressed method is held to (ignored by ``full``).
+            followup: a turn fed through the method's cache after the prefill, before decoding (see
+                :func:`flashmemory.runtime.generate.generate_ids`); what the method kept from the prompt must serve
+                it. # [B, F]
 
         Returns:
             Generated ids per prompt (cut before the first EOS) and the accounting.
@@ -72,4 +77,33 @@ def require_unpadded(name: str, attention_mask: torch.Tensor | None) -> None:
         raise ValueError(f"method {name!r} decodes unpadded prompts only; run one prompt per batch")
 
 
-__all__ = ["Method", "require_unpadded", "stop_ids", "until_eos"]
+def decode_greedy(
+    model: nn.Module,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    followup: torch.Tensor | None = None,
+    cache_factory=None,
+) -> tuple[list[list[int]], GenerationStats]:
+    """Greedy decoding on a transformers cache (or ``cache_factory``'s), cut at the tokenizer's EOS ids."""
+    stops = stop_ids(tokenizer)
+    ids, stats = generate_ids(
+        model,
+        input_ids,
+        attention_mask,
+        method="full",
+        max_new_tokens=max_new_tokens,
+        eos_token_id=stops,
+        cache_factory=cache_factory,
+        followup_ids=followup,
+    )
+    return until_eos(ids, stops), stats
+
+
+def followup_len(followup: torch.Tensor | None) -> int:
+    """Tokens of a follow-up turn (0 without one)."""
+    return 0 if followup is None else int(followup.shape[1])
+
+
+__all__ = ["Method", "decode_greedy", "followup_len", "require_unpadded", "stop_ids", "until_eos"]

@@ -75,7 +75,9 @@ class OracleChunks(LSAMethod):
         super().__init__("oracle", "zero-shot")
         self.labels = labels or LabelConfig()
 
-    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa):
+    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa, followup=None):
+        if followup is not None:
+            raise ValueError("method 'oracle' labels the steps after one prefill; it does not take a follow-up turn")
         if input_ids.shape[0] != 1:
             raise ValueError("method 'oracle' records golden chunks of one prompt at a time; use batch size 1")
         require_unpadded(self.name, attention_mask)

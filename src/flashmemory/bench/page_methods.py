@@ -19,7 +19,7 @@ from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
 from ..runtime.generate import generate_ids
 from ..runtime.stats import GenerationStats
-from .method_base import Method, stop_ids, until_eos
+from .method_base import Method, decode_greedy, followup_len, stop_ids, until_eos
 
 PageChooser = Callable[[LSACache], torch.Tensor]
 
@@ -32,12 +32,8 @@ class FullAttention(Method):
     name = "full"
     kv_note = "whole cache on the device"
 
-    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa):
-        stops = stop_ids(tokenizer)
-        ids, stats = generate_ids(
-            model, input_ids, attention_mask, method="full", max_new_tokens=max_new_tokens, eos_token_id=stops
-        )
-        return until_eos(ids, stops), stats
+    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa, followup=None):
+        return decode_greedy(model, tokenizer, input_ids, attention_mask, max_new_tokens, followup)
 
 
 class LSAMethod(Method):
@@ -65,8 +61,9 @@ class LSAMethod(Method):
         """``None`` lets the indexer choose; baselines return a ``(cache) -> [B, K]`` callable."""
         return None
 
-    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa):
-        return self.decode(model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa, self.page_chooser())
+    def run(self, model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa, followup=None):
+        chooser = self.page_chooser()
+        return self.decode(model, tokenizer, input_ids, attention_mask, max_new_tokens, lsa, chooser, followup)
 
     def decode(
         self,
@@ -77,10 +74,12 @@ class LSAMethod(Method):
         max_new_tokens: int,
         lsa: LSAConfig,
         forced: PageChooser | None,
+        followup: torch.Tensor | None = None,
     ) -> tuple[list[list[int]], GenerationStats]:
         """:meth:`run` with an explicit page chooser (``None``: the indexer chooses)."""
         stops = stop_ids(tokenizer)
         indexer = self.resolve(model)
+        steps = max_new_tokens + followup_len(followup)
         ids, stats = generate_ids(
             model,
             input_ids,
@@ -90,7 +89,8 @@ class LSAMethod(Method):
             indexer=indexer,
             max_new_tokens=max_new_tokens,
             eos_token_id=stops,
-            cache_factory=lambda m: bench_cache(m, lsa, indexer, max_new_tokens, forced),
+            cache_factory=lambda m: bench_cache(m, lsa, indexer, steps, forced),
+            followup_ids=followup,
         )
         return until_eos(ids, stops), stats
 

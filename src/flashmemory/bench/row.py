@@ -19,8 +19,15 @@ def score_prediction(family: str, sample, prediction: str) -> float:
 
 def run_row(method, model, tokenizer, enc: dict, sample, cfg: LSAConfig, family: str = "ruler") -> dict:
     """Greedy-decode ``sample`` (already encoded as ``enc``) with ``method``; the JSON row of ``results.jsonl``."""
+    followup = enc.get("followup_ids")
     ids, stats = method.run(
-        model, tokenizer, enc["input_ids"], enc["attention_mask"], max_new_tokens=sample.max_new_tokens, lsa=cfg
+        model,
+        tokenizer,
+        enc["input_ids"],
+        enc["attention_mask"],
+        max_new_tokens=sample.max_new_tokens,
+        lsa=cfg,
+        followup=followup,
     )
     pred = tokenizer.decode(ids[0], skip_special_tokens=True)
     full = stats.kv_bytes_full or stats.kv_bytes_device
@@ -32,7 +39,7 @@ def run_row(method, model, tokenizer, enc: dict, sample, cfg: LSAConfig, family:
         "score": score_prediction(family, sample, pred),
         "prediction": pred,
         "outputs": list(sample.outputs),
-        "prompt_tokens": int(enc["input_ids"].shape[1]),
+        "prompt_tokens": int(enc["input_ids"].shape[1]) + (0 if followup is None else int(followup.shape[1])),
         "new_tokens": stats.new_tokens,
         "kv_bytes_device": stats.kv_bytes_device,
         "kv_bytes_full": full,

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..config import LSAConfig
 from ..indexer.shipped import shipped_identity
+from ..models.adapter import backbone_spec
 from .longbench import LOCAL_TASKS as LONGBENCH_LOCAL_TASKS
 from .longbench import LONGBENCH_TASKS, generate_longbench, load_longbench
 from .longmemeval import LONGMEMEVAL_TASKS, generate_longmemeval, load_longmemeval
@@ -44,9 +45,13 @@ TASKSETS: dict[str, tuple[str, ...]] = {
 PUBLISHED_TASKS: dict[str, tuple[str, ...]] = {"longbench-v2": LONGBENCH_TASKS, "longmemeval": LONGMEMEVAL_TASKS}
 RESULTS, CONFIG = "results.jsonl", "config.json"
 # Settings that change what a row means: a rerun into the same folder must agree on them to reuse rows.
-_PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data", "lsa_indexer")
+_PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data", "lsa_indexer", "lsa_default_scorer", "protocol")
+# What a folder written before a pinned setting was recorded ran with (the default scorer changed: no entry).
+_BEFORE_RECORDED = {"protocol": "single-prefill"}
 
 Loader = Callable[[str, str], tuple[torch.nn.Module, object]]
+PROTOCOLS = ("single-prefill", "question-last")
+QUESTION_TURN_FAMILIES = ("longbench-v2", "longmemeval")
 
 
 def parse_taskset(taskset: str, data: Path | None = None) -> tuple[str, list[str]]:
@@ -110,21 +115,41 @@ def chat_prompt(tokenizer, text: str, answer_prefix: str) -> str | None:
     return chat + answer_prefix
 
 
-def encode_sample(tokenizer, text: str, answer_prefix: str) -> dict[str, torch.Tensor]:
-    """Token ids of one RULER prompt: the chat template around the question, then the answer prefix.
+def encode_sample(
+    tokenizer, text: str, answer_prefix: str, question_marker: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Token ids of one prompt: the chat template around the question, then the answer prefix.
 
     As RULER does for chat models, the user turn is the prompt without its answer prefix, and the prefix is
     appended after the generation prompt so the model continues the answer. Without a chat template the
     prompt is used as is (it already ends with the prefix).
+
+    With ``question_marker`` the same ids are split where its last occurrence begins: ``input_ids`` is the
+    context (prefilled), ``followup_ids`` the question turn from there on (fed through the cache afterwards).
     """
     chat = chat_prompt(tokenizer, text, answer_prefix)
-    if chat is not None:
-        enc = tokenizer(chat, return_tensors="pt", add_special_tokens=False)
-    else:
-        enc = tokenizer(text, return_tensors="pt", add_special_tokens=True)
-    ids = torch.as_tensor(enc["input_ids"])
-    mask = enc.get("attention_mask") if hasattr(enc, "get") else None
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else torch.as_tensor(mask)}
+    full_text = chat if chat is not None else text
+    special = chat is None
+    if not question_marker:
+        enc = tokenizer(full_text, return_tensors="pt", add_special_tokens=special)
+        ids = torch.as_tensor(enc["input_ids"])
+        mask = enc.get("attention_mask") if hasattr(enc, "get") else None
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else torch.as_tensor(mask)}
+    at = full_text.rfind(question_marker)
+    if at < 0:
+        raise ValueError(f"the prompt has no question marker {question_marker!r} to split the question turn at")
+    enc = tokenizer(full_text, add_special_tokens=special, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
+    # the first token that reaches into the question; special tokens added in front have empty spans
+    split = next(i for i, (a, b) in enumerate(offsets) if b > at and b > a)
+    if split == 0:
+        raise ValueError("the question marker opens the prompt: there is no context to prefill before it")
+    ids_t = torch.tensor([ids])
+    return {
+        "input_ids": ids_t[:, :split],
+        "attention_mask": torch.ones_like(ids_t[:, :split]),
+        "followup_ids": ids_t[:, split:],
+    }
 
 
 def _row_key(row: dict) -> tuple:
@@ -157,9 +182,10 @@ def _check_resume(out: Path, config: dict) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text(encoding="utf-8"))
-    changed = [k for k in _PINNED if k in config and old.get(k) != config[k]]  # some are known once loaded
+    recorded = {**_BEFORE_RECORDED, **old}
+    changed = [k for k in _PINNED if k in config and recorded.get(k) != config[k]]  # some are known once loaded
     if changed and (out / RESULTS).exists():
-        details = ", ".join(f"{k}: {old.get(k)!r} -> {config[k]!r}" for k in changed)
+        details = ", ".join(f"{k}: {recorded.get(k)!r} -> {config[k]!r}" for k in changed)
         raise ValueError(f"{out} holds results of another run ({details}); use a new --out folder")
 
 
@@ -199,6 +225,7 @@ def run_bench(
     data: Path | None = None,
     max_minutes: float | None = None,
     workers: int = 1,
+    protocol: str = "single-prefill",
 ) -> dict:
     """Run ``methods`` on every task × length × sample of ``taskset`` and summarise into ``out``.
 
@@ -223,6 +250,10 @@ def run_bench(
             a time-boxed run covers every task. Default: no limit. Samples already handed to workers finish.
         workers: processes that decode samples side by side, each with its own copy of the model (on several
             GPUs, spread over them); rows are the same as with one. ``load`` must then be picklable.
+        protocol: ``"single-prefill"`` (the whole prompt in one prefill) or ``"question-last"`` (the context is
+            prefilled, then the question arrives as a second turn fed through each method's cache; the same
+            tokens, so full attention answers alike, but what a method kept from the context must serve a question
+            it had not seen). ``question-last`` needs a task set whose prompts end with a question turn.
 
     Returns:
         The summary (also written to ``out/summary.json``).
@@ -233,6 +264,13 @@ def run_bench(
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     family, tasks = parse_taskset(taskset, data)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown --protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    if protocol == "question-last" and family not in QUESTION_TURN_FAMILIES:
+        raise ValueError(
+            f"--protocol question-last needs prompts that end with a question turn "
+            f"({', '.join(QUESTION_TURN_FAMILIES)}); {family} has none"
+        )
     if data is not None:  # a missing or malformed file is refused before the model is loaded
         (load_longbench if family == "longbench-v2" else load_longmemeval)(data)
     lengths = list(dict.fromkeys(int(n) for n in lengths))
@@ -254,6 +292,7 @@ def run_bench(
         "seed": seed,
         "device": device,
         "workers": workers,
+        "protocol": protocol,
         "lsa": dataclasses.asdict(cfg),
         "data": None if data is None else str(Path(data).expanduser().resolve()),
         "commit": git_commit(),
@@ -268,6 +307,13 @@ def run_bench(
         raise ValueError(f"--lengths {max(lengths)} exceeds the model's context window ({limit} tokens)")
     # `lsa` means the shipped checkpoint when one matches the model: rows of another checkpoint must not mix in.
     config["lsa_indexer"] = shipped_identity(model) if "lsa" in methods else None
+    # `target_layers: null` means the model's default layers, which a later version may choose differently; the
+    # layers decide the zero-shot scores and, through the chunk keys' bytes, every peer's matched budget.
+    spec = backbone_spec(model)
+    config["lsa_default_scorer"] = {
+        "target_layers": list(cfg.target_layers or spec.default_target_layers()),
+        "layer_reduce": cfg.layer_reduce or (spec.default_layer_reduce() if cfg.target_layers is None else "max"),
+    }
     _check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -306,7 +352,8 @@ def run_bench(
             if sample is None:  # published data can hold fewer items
                 absent.update((task, length, index, m) for m in methods)
                 continue
-            enc = encode_sample(tokenizer, sample.input, sample.answer_prefix)
+            marker = sample.question_marker if protocol == "question-last" else None
+            enc = encode_sample(tokenizer, sample.input, sample.answer_prefix, marker)
             todo = [name for name in methods if (task, length, sample.index, name) not in done]
             for _ in range(len(methods) - len(todo)):
                 advance(description=f"{task} @ {length} #{sample.index} (cached)")

@@ -18,6 +18,8 @@ class TaskSample:
     ``input`` is the whole prompt for a model without a chat template and ends with ``answer_prefix``; with a chat
     template the user turn is ``input`` without that prefix, and the prefix starts the assistant turn.
     ``length`` is the requested total (prompt plus ``max_new_tokens``), ``num_tokens`` the prompt's actual size.
+    ``question_marker`` is the text whose last occurrence in ``input`` opens the question, for the protocol that
+    sends the question as a second turn after the context (empty: the task set has no such split).
     """
 
     task: str
@@ -30,6 +32,7 @@ class TaskSample:
     max_new_tokens: int
     info: dict[str, Any] = field(default_factory=dict)
     buckets: dict[str, str] = field(default_factory=dict)
+    question_marker: str = ""
 
 
 def chat_overhead(tokenizer, answer_prefix: str = "") -> int:

@@ -48,6 +48,11 @@ def bench(
     lsa_set: list[str] = typer.Option(
         [], "--lsa", help="Other LSA setting as KEY=VALUE (e.g. follow_chunks=1, query_window=64); repeatable."
     ),
+    protocol: str = typer.Option(
+        "single-prefill",
+        help="single-prefill, or question-last: the context is prefilled and the question follows as a second "
+        "turn through each method's cache (longbench-v2, longmemeval).",
+    ),
 ) -> None:
     """Run every method on every task, length and sample; write results.jsonl, summaries and a plot."""
     from ..bench.runner import run_bench
@@ -67,6 +72,7 @@ def bench(
         max_minutes=max_minutes,
         workers=workers,
         lsa=with_overrides(LSAConfig(), lsa_set),
+        protocol=protocol,
     )
     _print_summary(summary, f"{taskset} on {model}", out, "stopped at --max-minutes")
 

@@ -31,6 +31,13 @@ def matching_checkpoint(shipped: dict[str, dict], fingerprint: str) -> str | Non
     return next((name for name, ck in shipped.items() if ck["fingerprint"] == fingerprint), None)
 
 
+def shipped_target_layers(model: nn.Module) -> tuple[int, ...] | None:
+    """The layers read by the shipped checkpoint that ``resolve_indexer(model, "auto")`` picks; None if none."""
+    shipped = shipped_checkpoints()
+    name = matching_checkpoint(shipped, model_fingerprint(model)) if shipped else None
+    return None if name is None else tuple(shipped[name]["target_layers"])
+
+
 def shipped_identity(model: nn.Module) -> str:
     """What ``resolve_indexer(model, "auto")`` picks, as a label for records.
 

@@ -236,6 +236,14 @@ class AsyncKVStore(KVStore):
     def prefetch_pending(self) -> bool:
         return self._prefetched_table is not None
 
+    def drop_prefetch(self) -> None:
+        """Forget a pending prefetch: its slots stay empty for the next recall (which the side stream orders after
+        the copies already started)."""
+        if self.device.type == "cuda":
+            for layer in list(self.prefetch_events):
+                torch.cuda.current_stream(self.device).wait_event(self.prefetch_events.pop(layer))
+        self._prefetched_table = None
+
     def commit_prefetch(self) -> None:
         """Make the prefetched pages resident and free the slots of the pages that left (a boundary's recall)."""
         if self._prefetched_table is None:

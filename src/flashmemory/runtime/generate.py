@@ -74,6 +74,7 @@ def generate_ids(
     max_new_tokens: int = 64,
     eos_token_id: int | list[int] | None = None,
     cache_factory=None,
+    followup_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Greedy decoding from token ids with LSA or a full cache.
 
@@ -86,7 +87,12 @@ def generate_ids(
         indexer: Memory Indexer; ``None`` uses the zero-shot one.
         max_new_tokens: decode steps at most.
         eos_token_id: stop ids; a finished sequence keeps emitting its first EOS.
-        cache_factory: optional ``(model) -> Cache`` overriding the cache (tests).
+        cache_factory: optional ``(model) -> Cache`` overriding the cache; it must hold ``max_new_tokens`` plus
+            the follow-up's tokens after the prompt.
+        followup_ids: a second turn that arrives after the prompt has been prefilled (a question after a long
+            document): fed one token per decode step through the cache, ignoring the model's own predictions, before
+            greedy decoding starts. An LSA cache starts a new cycle before the turn's last token, so the answer is
+            read with pages chosen for the turn. Without left padding only. # [B, F]
 
     Returns:
         Generated ids ``[B, N]`` and the accounting.
@@ -101,7 +107,8 @@ def generate_ids(
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device)
     batch, context = input_ids.shape
-    stats = GenerationStats(method=method, batch_size=batch, context_tokens=context)
+    followup = _followup(followup_ids, input_ids, attention_mask)
+    stats = GenerationStats(method=method, batch_size=batch, context_tokens=context + followup.shape[1])
     allocated_before = None
     if device.type == "cuda":
         gc.collect()  # an earlier cache freed later by the collector would skew the allocator cross-check
@@ -109,7 +116,7 @@ def generate_ids(
     if cache_factory is not None:
         cache = cache_factory(model)
     elif method == "lsa":
-        cache = build_lsa_cache(model, lsa or LSAConfig(), indexer, max_new_tokens=max_new_tokens)
+        cache = build_lsa_cache(model, lsa or LSAConfig(), indexer, max_new_tokens=max_new_tokens + followup.shape[1])
     else:
         cache = DynamicCache(config=model.config)
     stops = torch.tensor(_as_list(eos_token_id), device=device, dtype=torch.long)
@@ -129,9 +136,21 @@ def generate_ids(
         if allocated_before is not None:
             stats.allocator_kv_bytes = torch.cuda.memory_allocated(device) - allocated_before
             torch.cuda.reset_peak_memory_stats(device)
-        tokens, done = [], torch.zeros(batch, dtype=torch.bool, device=device)
         next_pos = positions[:, -1:] + 1
         t0 = time.perf_counter()
+        for i in range(followup.shape[1]):
+            if i == followup.shape[1] - 1 and hasattr(cache, "request_boundary"):
+                cache.request_boundary()
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            out = model(
+                input_ids=followup[:, i : i + 1],
+                attention_mask=attention_mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_pos = next_pos + 1
+        tokens, done = [], torch.zeros(batch, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             tok = out.logits[:, -1].argmax(-1)
             if tokens:
@@ -156,11 +175,23 @@ def generate_ids(
         if allocated_before is not None:
             stats.allocator_decode_peak_bytes = torch.cuda.max_memory_allocated(device) - allocated_before
         stats.new_tokens = len(tokens)
-        _fill_cache_stats(stats, cache, context + len(tokens))
+        _fill_cache_stats(stats, cache, context + followup.shape[1] + len(tokens))
     finally:
         if isinstance(cache, LSACache):
             cache.close()
     return torch.stack(tokens, dim=1), stats
+
+
+def _followup(followup_ids: torch.Tensor | None, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The follow-up turn on the prompt's device (an empty ``[B, 0]`` without one), checked against the prompt."""
+    if followup_ids is None:
+        return input_ids[:, :0]
+    followup_ids = followup_ids.to(input_ids.device)
+    if followup_ids.dim() != 2 or followup_ids.shape[0] != input_ids.shape[0]:
+        raise ValueError(f"followup_ids must be [batch={input_ids.shape[0]}, F], got {tuple(followup_ids.shape)}")
+    if followup_ids.shape[1] and not bool(mask.bool().all()):
+        raise ValueError("followup_ids needs unpadded prompts (a turn after left-padded prompts would misalign)")
+    return followup_ids
 
 
 def _fill_cache_stats(stats: GenerationStats, cache, final_len: int) -> None:

@@ -12,6 +12,8 @@ TEMPLATE = (
     "What is the correct answer to this question: {question}\nChoices:\n(A) {a}\n(B) {b}\n(C) {c}\n(D) {d}\n\n"
     'Format your response as follows: "The correct answer is (insert answer here)".'
 )
+# Where the template's question begins (after the document).
+QUESTION_MARKER = "What is the correct answer to this question:"
 # The assistant turn starts with the format the template asks for, so even a small model answers with a letter
 # that LongBench-v2's own patterns can read; the scorer reads prefix and generation together.
 ANSWER_PREFIX = "The correct answer is ("

@@ -8,7 +8,7 @@ from ..ruler.prompt import fit_size
 from ..task_sample import TaskSample, prompt_budget
 from .format import DIFFICULTIES, LongBenchItem, load_longbench
 from .local import LOCAL_TASKS, ContextTooSmall, length_bucket, local_item, max_size
-from .prompt import ANSWER_PREFIX, render_prompt, score_choice, truncate_middle
+from .prompt import ANSWER_PREFIX, QUESTION_MARKER, render_prompt, score_choice, truncate_middle
 
 # The answer is one letter after the prefix; a few more tokens let the model close the parenthesis.
 MAX_NEW_TOKENS = 16
@@ -97,6 +97,7 @@ def _sample(task: str, index: int, item: LongBenchItem, tokenizer, length: int, 
         max_new_tokens=MAX_NEW_TOKENS,
         info={"sample_id": item.id, "sub_domain": item.sub_domain, "answer": item.answer},
         buckets={"difficulty": item.difficulty, "length": item.length},
+        question_marker=QUESTION_MARKER,
     )
 
 

@@ -12,6 +12,9 @@ TEMPLATE = (
     "relevant chat history.\n\n\nHistory Chats:\n\n{history}\n\nCurrent Date: {date}\nQuestion: {question}\nAnswer:"
 )
 
+# Where the question begins (after the history): the current date, then the question.
+QUESTION_MARKER = "Current Date:"
+
 
 def session_order(item: MemItem) -> list[int]:
     """Session positions sorted by date (LongMemEval's dates, ``2023/05/20 (Sat) 02:21``, sort as text)."""

@@ -8,7 +8,7 @@ from ..ruler.prompt import fit_size
 from ..task_sample import TaskSample, prompt_budget
 from .format import LONGMEMEVAL_TASKS, MemItem, load_longmemeval
 from .local import local_item
-from .prompt import fit_history, render_prompt
+from .prompt import QUESTION_MARKER, fit_history, render_prompt
 from .scoring import score_answer
 
 # Answers are short phrases; a refusal fits as well.
@@ -66,6 +66,7 @@ def _sample(task: str, index: int, item: MemItem, answers: list[str], count, len
         outputs=answers,
         length=length,
         answer_prefix="",
+        question_marker=QUESTION_MARKER,
         num_tokens=num_tokens,
         max_new_tokens=MAX_NEW_TOKENS,
         info={

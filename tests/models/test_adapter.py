@@ -1,0 +1,55 @@
+"""Which layers the zero-shot scorer reads by default, and how it combines them."""
+
+from transformers import AutoConfig
+
+from flashmemory.attention.cache import LSACache
+from flashmemory.config import LSAConfig
+from flashmemory.models.adapter import MEASURED_ZERO_SHOT_LAYERS, backbone_spec
+from flashmemory.models.tiny import tiny_model
+
+from ..conftest import SMALL_LSA
+
+
+def _config(model_type: str, layers: int, hidden: int, heads: int, kv_heads: int, **kw):
+    return AutoConfig.for_model(
+        model_type,
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=64,
+        **kw,
+    )
+
+
+def test_default_layers_are_the_middle_band_of_the_depth():
+    spec = backbone_spec(_config("llama", 30, 64, 4, 2))
+    assert spec.default_target_layers() == tuple(range(13, 22))  # 45-70% of 30 layers
+    assert spec.default_layer_reduce() == "mean"
+    assert backbone_spec(_config("llama", 2, 64, 4, 2)).default_target_layers() == (0, 1)
+
+
+def test_measured_shape_gets_its_measured_layer():
+    qwen = _config("qwen2", 24, 896, 14, 2)
+    assert backbone_spec(qwen).shape_key in MEASURED_ZERO_SHOT_LAYERS
+    assert backbone_spec(qwen).default_target_layers() == (13,)
+    # the same family at another depth is not the measured shape
+    assert backbone_spec(_config("qwen2", 28, 896, 14, 2)).default_target_layers() == tuple(range(12, 20))
+
+
+def test_sliding_layers_are_left_out_of_the_band():
+    cfg = _config("gemma3_text", 12, 64, 4, 2, head_dim=16, sliding_window=32)
+    spec = backbone_spec(cfg)
+    assert set(spec.default_target_layers()) <= set(spec.full_layers)
+    assert spec.default_target_layers()
+
+
+def test_cache_reduces_the_default_layers_by_mean_and_explicit_layers_by_max():
+    model = tiny_model("llama")
+    default = LSACache(model, LSAConfig(budget=None, max_pages=4, **SMALL_LSA))
+    explicit = LSACache(model, LSAConfig(budget=None, max_pages=4, target_layers=(1,), **SMALL_LSA))
+    chosen = LSACache(model, LSAConfig(budget=None, max_pages=4, layer_reduce="max", **SMALL_LSA))
+    assert default.targets == backbone_spec(model).default_target_layers() and default.layer_reduce == "mean"
+    assert explicit.layer_reduce == "max" and chosen.layer_reduce == "max"
+    for cache in (default, explicit, chosen):
+        cache.close()
