@@ -127,9 +127,9 @@ class LSACache(LSACycle, Cache):
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"LSACache needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")
         self.attn_impl = impl
-        targets = self.lsa.target_layers or self.spec.default_target_layers()
-        on_default_layers = indexer is None and self.lsa.target_layers is None
-        self.layer_reduce = self.lsa.layer_reduce or (self.spec.default_layer_reduce() if on_default_layers else "max")
+        targets, self.layer_reduce = self.spec.scorer(
+            self.lsa.target_layers, self.lsa.layer_reduce, zero_shot=indexer is None
+        )
         if indexer is None:
             indexer = MemoryIndexer.from_model(model, targets, chunk_size=self.lsa.chunk_size)
         if self.lsa.target_layers is not None and tuple(indexer.target_layers) != tuple(targets):

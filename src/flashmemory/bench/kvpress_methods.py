@@ -144,13 +144,14 @@ class KVPressMethod(Method):
         require_unpadded(self.name, attention_mask)
         elem = next(model.parameters()).element_size()
         batch, context = input_ids.shape
+        turn = followup_len(followup)
         # a follow-up turn joins the cache uncompressed: the prompt keeps less, so both hold the budget's share
-        press = self.make_press(1.0 - kept_fraction(model, lsa, context, elem, followup_len(followup)))
+        press = self.make_press(1.0 - kept_fraction(model, lsa, context, elem, turn))
         # the press compresses the prefill only: a follow-up turn finds what it kept
         with pressed(press, model):
             out, stats = decode_greedy(model, tokenizer, input_ids, attention_mask, max_new_tokens, followup)
         stats.method = self.name
-        stats.kv_bytes_full = full_kv_bytes(model, batch, context + followup_len(followup) + stats.new_tokens, elem)
+        stats.kv_bytes_full = full_kv_bytes(model, batch, context + turn + stats.new_tokens, elem)
         return out, stats
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import LSAConfig
 from .longbench import score_longbench
 from .longmemeval import score_longmemeval
+from .method_base import followup_len
 from .ruler import score_ruler
 
 
@@ -39,7 +40,7 @@ def run_row(method, model, tokenizer, enc: dict, sample, cfg: LSAConfig, family:
         "score": score_prediction(family, sample, pred),
         "prediction": pred,
         "outputs": list(sample.outputs),
-        "prompt_tokens": int(enc["input_ids"].shape[1]) + (0 if followup is None else int(followup.shape[1])),
+        "prompt_tokens": int(enc["input_ids"].shape[1]) + followup_len(followup),
         "new_tokens": stats.new_tokens,
         "kv_bytes_device": stats.kv_bytes_device,
         "kv_bytes_full": full,

@@ -309,11 +309,8 @@ def run_bench(
     config["lsa_indexer"] = shipped_identity(model) if "lsa" in methods else None
     # `target_layers: null` means the model's default layers, which a later version may choose differently; the
     # layers decide the zero-shot scores and, through the chunk keys' bytes, every peer's matched budget.
-    spec = backbone_spec(model)
-    config["lsa_default_scorer"] = {
-        "target_layers": list(cfg.target_layers or spec.default_target_layers()),
-        "layer_reduce": cfg.layer_reduce or (spec.default_layer_reduce() if cfg.target_layers is None else "max"),
-    }
+    layers, reduce = backbone_spec(model).scorer(cfg.target_layers, cfg.layer_reduce)
+    config["lsa_default_scorer"] = {"target_layers": list(layers), "layer_reduce": reduce}
     _check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

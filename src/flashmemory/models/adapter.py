@@ -66,6 +66,18 @@ class BackboneSpec:
         """How the zero-shot scorer combines its default layers (see :meth:`default_target_layers`)."""
         return "mean"
 
+    def scorer(
+        self, target_layers: tuple[int, ...] | None, layer_reduce: str | None, zero_shot: bool = True
+    ) -> tuple[tuple[int, ...], str]:
+        """Layers and reduction an indexer scores with, from ``LSAConfig.target_layers`` and ``layer_reduce``.
+
+        Unset layers are the model's defaults. An unset reduction is the default one for the zero-shot indexer on
+        its default layers, else ``"max"`` (layers the user names, a trained checkpoint's), as they were measured.
+        """
+        layers = tuple(target_layers) if target_layers else self.default_target_layers()
+        on_default_layers = zero_shot and not target_layers
+        return layers, layer_reduce or (self.default_layer_reduce() if on_default_layers else "max")
+
     @property
     def shape_key(self) -> tuple:
         """What identifies an architecture's shape (not its weights): family, depth and widths."""
