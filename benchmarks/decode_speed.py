@@ -18,6 +18,10 @@ with the library's own functions and amortised over the cycle. The host mirror i
 all sequences (host RAM cannot hold hundreds of GB of mirrors here); copies read it exactly as they would a
 per-sequence mirror.
 
+With ``--compile`` the graph-captured kernel rows are measured once more with every decoder layer compiled by
+``torch.compile`` (rows ``full_kernel+compile`` and ``lsa+compile``): Inductor fuses the norms, the rotary
+embedding, the residual adds and the MLP's activation, which eager mode runs as dozens of small kernels per layer.
+
 For the graph-captured LSA rows it also times one whole cycle (``interval`` steps) three ways: alone, with the
 boundary's page copies started on a side stream together with the steps, and with the copies run first. That shows
 how much of the recall the steps hide.
@@ -212,10 +216,10 @@ def kv_geometry(cfg) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
 
 
-def lsa_plan(cfg, lsa: LSAConfig, context: int, max_new: int):
+def lsa_plan(cfg, lsa: LSAConfig, context: int, max_new: int, num_targets: int):
+    """The reserve's layout at ``context`` and the chunk keys of ``num_targets`` scored layers."""
     layers, hkv, d = kv_geometry(cfg)
     per_head_token = hkv * d * 2
-    num_targets = 3
     seq = SequenceBytes(per_token=2 * per_head_token * layers, per_chunk_key=per_head_token * num_targets)
     layout = plan_layout(lsa, seq, context_len=context, max_len=context + max_new, other_layers_full=0)
     chunk_key_bytes = math.ceil((context + max_new) / lsa.chunk_size) * seq.per_chunk_key
@@ -337,10 +341,12 @@ class Bench:
         self.finish(row, model, kv_bytes, kv_bytes)
         return row
 
-    def run_kernel(self, name, model, batch, context, lsa_pages: int | None, graph: bool, chunk_key_bytes=0) -> Row:
+    def run_kernel(
+        self, name, model, batch, context, lsa_pages: int | None, graph: bool, chunk_key_bytes=0, tag="", cycles=True
+    ) -> Row:
         cfg = model.config
         layers, hkv, d = kv_geometry(cfg)
-        row = Row(name, "full_kernel" if lsa_pages is None else "lsa", context, batch, graph=graph)
+        row = Row(name, ("full_kernel" if lsa_pages is None else "lsa") + tag, context, batch, graph=graph)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         cache, rs, slot, resident = self.reserve_state(cfg, batch, context, lsa_pages)
@@ -349,7 +355,7 @@ class Bench:
         try:
             row.step_ms, step = self.decode_steps(model, cache, batch, context, graph=graph)
             # The overlap is measured on the rows that matter (graph-captured on CUDA): 7 cycles per row add minutes.
-            if lsa_pages is not None and (graph or self.device.type != "cuda"):
+            if cycles and lsa_pages is not None and (graph or self.device.type != "cuda"):
                 recall, _, _ = self.recall_job(cfg, batch, context, lsa_pages, self.args.churn[0])
                 row.cycle_ms, row.cycle_overlap_ms, row.cycle_serial_ms = self.cycle_overlap(
                     step, recall, rs, slot, start
@@ -484,6 +490,24 @@ class Bench:
         return max(0, int((self.args.mem_cap_gib * GiB - weight_bytes - overhead) // per_seq))
 
 
+def compile_layers(model) -> list:
+    """``torch.compile`` every decoder layer in place; returns the eager forwards (see :func:`restore_layers`).
+
+    Every layer runs the same code, so they share compiled graphs (modules' parameters are graph inputs).
+    """
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    eager = []
+    for layer in model.model.layers:
+        eager.append(layer.forward)
+        layer.forward = torch.compile(layer.forward)
+    return eager
+
+
+def restore_layers(model, eager: list) -> None:
+    for layer, forward in zip(model.model.layers, eager, strict=True):
+        layer.forward = forward
+
+
 def storage_kv(cache: ReserveCache) -> int:
     return sum(
         layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes() for layer in cache.layers
@@ -521,11 +545,12 @@ def run_model(bench: Bench, name: str) -> None:
             param.normal_(0, 0.02)
     print(f"[{name}] built in {time.perf_counter() - t0:.1f}s", flush=True)
     wbytes = weight_bytes_read(model)
+    num_targets = len(backbone_spec(model).default_target_layers())  # the chunk keys LSACache would keep
     layers, hkv, d = kv_geometry(cfg)
     token_bytes = 2 * layers * hkv * d * args.dtype.itemsize
     overhead = 1.5 * GiB if dev.type == "cuda" else 0
     for context in args.contexts:
-        layout, seq, ck_bytes = lsa_plan(cfg, bench.lsa, context, 4 * args.steps)
+        layout, seq, ck_bytes = lsa_plan(cfg, bench.lsa, context, 4 * args.steps, num_targets)
         full_seq = token_bytes * (context + 4 * args.steps) * (1 + 1 / layers)  # cat: one extra layer transiently
         lsa_seq = layout.num_slots * token_bytes + ck_bytes
         b_full = bench.max_batch(wbytes, full_seq, overhead)
@@ -582,6 +607,8 @@ def run_model(bench: Bench, name: str) -> None:
                 gc.collect()
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
+        if args.compile and bench.use_graph:
+            compiled_rows(bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes)
         model.set_attn_implementation("sdpa")
         for b in batches_lsa:
             try:
@@ -603,16 +630,61 @@ def run_model(bench: Bench, name: str) -> None:
         torch.cuda.empty_cache()
 
 
-def short_context_probe(bench: Bench, name: str, model) -> None:
+def compiled_rows(bench: Bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes) -> None:
+    """The graph-captured kernel rows again with every decoder layer compiled (``--compile``)."""
+    rep, dev = bench.report, bench.device
+    eager = compile_layers(model)
+    try:
+        if context == bench.args.contexts[0]:
+            short_context_probe(bench, name, model, tag="+compile")
+        jobs = [("full_kernel", b) for b in batches_full] + [("lsa", b) for b in batches_lsa]
+        for method, b in jobs:
+            pages = None if method == "full_kernel" else layout.num_page_slots
+            t0 = time.perf_counter()
+            try:
+                row = bench.run_kernel(
+                    name,
+                    model,
+                    b,
+                    context,
+                    pages,
+                    graph=True,
+                    chunk_key_bytes=0 if pages is None else ck_bytes,
+                    tag="+compile",
+                    cycles=False,
+                )
+                rep.rows.append(asdict(row))
+                print(
+                    f"  {row.method:19s} b={b:3d} {row.step_ms:8.2f} ms/step {row.tokens_per_s:9.1f} tok/s  "
+                    f"floor x{row.over_floor:.2f}  ({time.perf_counter() - t0:.0f} s with compiling)",
+                    flush=True,
+                )
+            except torch.OutOfMemoryError as e:
+                rep.errors.append(f"{name} {context} {method}+compile b={b}: out of memory ({str(e).splitlines()[0]})")
+            except Exception as e:  # a compiler failure is a result to report, not a reason to lose the run
+                rep.errors.append(f"{name} {context} {method}+compile b={b}: {type(e).__name__}: {str(e)[:300]}")
+                print(f"  {method}+compile b={b} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            finally:
+                gc.collect()
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        restore_layers(model, eager)
+
+
+def short_context_probe(bench: Bench, name: str, model, tag: str = "") -> None:
     """Batch-1 step through our kernel over two pages: attention reads almost nothing, so its distance to the
     weights-only floor is what the rest of the model costs, and splits a long-context ×floor into its parts."""
     try:
-        row = bench.run_kernel(name, model, 1, 2 * bench.lsa.page_size, None, graph=bench.use_graph)
+        row = bench.run_kernel(name, model, 1, 2 * bench.lsa.page_size, None, graph=bench.use_graph, tag=tag)
     except torch.OutOfMemoryError as e:
         bench.report.errors.append(f"{name} short-context probe: out of memory ({str(e).splitlines()[0]})")
         return
     bench.report.short_context.append(
-        {k: getattr(row, k) for k in ("model", "context", "batch", "graph", "step_ms", "floor_ms", "over_floor")}
+        {
+            k: getattr(row, k)
+            for k in ("model", "method", "context", "batch", "graph", "step_ms", "floor_ms", "over_floor")
+        }
     )
     print(f"  short ctx {row.context}: {row.step_ms:.2f} ms/step, floor x{row.over_floor:.2f}", flush=True)
 
@@ -692,11 +764,12 @@ def markdown(report: Report, churn: float) -> str:
             "Our kernel over two pages, graph-captured: what the rest of the model costs against its weights-only "
             "floor.",
             "",
-            "| model | ctx tokens | ms/step | floor ms | ×floor |",
-            "|---|---|---|---|---|",
+            "| model | method | ctx tokens | ms/step | floor ms | ×floor |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {r['model']} | {r['context']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r['over_floor']:.2f} |"
+            f"| {r['model']} | {r.get('method', 'full_kernel')} | {r['context']} | {r['step_ms']:.2f} "
+            f"| {r['floor_ms']:.2f} | {r['over_floor']:.2f} |"
             for r in report.short_context
         ]
     lines += ["", "## Per-cycle work (one boundary)", "", "```"]
@@ -721,6 +794,9 @@ def main() -> None:
         "--copy-programs", type=int, default=None, help="thread blocks the page copy kernel occupies (default: its own)"
     )
     p.add_argument("--cycle-reps", type=int, default=2, help="timed repeats of each whole-cycle measurement")
+    p.add_argument(
+        "--compile", action="store_true", help="also time the graph-captured kernel rows with compiled decoder layers"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
