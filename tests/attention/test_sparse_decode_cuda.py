@@ -81,6 +81,16 @@ def test_sparse_decode_triton_strided_reserve_and_scale():
     assert float((out.float() - ref.float()).norm() / ref.float().norm()) < 1.5e-2
 
 
+def test_sparse_decode_triton_inside_torch_compile_cuda():
+    """Inductor re-emits the kernel with its own argument types (the scale as a float64 scalar); same output."""
+    q, k, v, rs = random_case(
+        2, 8, 2, 64, sink=4, page=32, num_pages=6, tail_cap=40, dtype=torch.bfloat16, device="cuda", seed=7
+    )
+    eager = sparse_decode(q, k, v, rs, backend="triton")
+    compiled = torch.compile(lambda x: sparse_decode(x * 1.0, k, v, rs, backend="triton"))(q)
+    assert float((compiled.float() - eager.float()).norm() / eager.float().norm()) < 1e-2
+
+
 def test_fast_path_triton_equals_masked_path_cuda():
     model = tiny_model("llama").cuda()
     ids = torch.randint(0, model.config.vocab_size, (2, 240), device="cuda")

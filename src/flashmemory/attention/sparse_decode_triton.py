@@ -126,7 +126,8 @@ def sparse_decode_fwd_kernel(
                 b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
             else:
                 b_s = tl.dot(b_q, tl.trans(b_k))
-            b_s = tl.where(m_n[None, :], b_s * scale_log2, float("-inf"))  # [BG, BN]
+            # the cast keeps the scores fp32 when a compiler hands the scale over as a float64 scalar
+            b_s = tl.where(m_n[None, :], (b_s * scale_log2).to(tl.float32), float("-inf"))  # [BG, BN]
             b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
             # a tile with no valid key leaves -inf maxima; shift by 0 there so exp2 yields 0, not NaN
             b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
