@@ -493,13 +493,18 @@ class Bench:
 def compile_layers(model) -> list:
     """``torch.compile`` every decoder layer in place; returns the eager forwards (see :func:`restore_layers`).
 
-    Every layer runs the same code, so they share compiled graphs (modules' parameters are graph inputs).
+    Each layer is its own graph (its index picks its cache layer, and Dynamo specialises on it), compiled once per
+    shape; the limits are raised so that no layer silently falls back to eager. Shapes are static: the kernels
+    are specialised to the batch and the reserve, as a server would compile per batch size.
     """
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    dyn = torch._dynamo.config
+    dyn.recompile_limit = dyn.cache_size_limit = 4096
+    dyn.accumulated_recompile_limit = max(getattr(dyn, "accumulated_recompile_limit", 0), 1 << 16)
+    dyn.fail_on_recompile_limit_hit = True
     eager = []
     for layer in model.model.layers:
         eager.append(layer.forward)
-        layer.forward = torch.compile(layer.forward)
+        layer.forward = torch.compile(layer.forward, dynamic=False)
     return eager
 
 
