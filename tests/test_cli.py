@@ -60,6 +60,11 @@ def test_dump_rejects_bad_data_spec(tmp_path):
     assert res.exit_code == 2
 
 
+def test_dump_rejects_bad_target_layers_before_loading_a_model(tmp_path):
+    res = CliRunner().invoke(app, ["dump", "--target-layers", "12,x", "--out", str(tmp_path / "d"), "--model", "nope"])
+    assert res.exit_code == 2 and "comma-separated layer numbers" in res.output
+
+
 @pytest.mark.parametrize(
     "setting, message",
     [

@@ -55,6 +55,17 @@ def test_dump_manifest_and_records(dump_dir):
     assert (dump_dir / "init_indexer" / "model.safetensors").is_file()
 
 
+def test_dump_records_the_layers_asked_for_and_refuses_others(tmp_path):
+    model = tiny_model("llama")
+    kwargs = dict(backbone="tiny", fingerprint="fp-tiny", labels=LABELS, max_new_tokens=4, progress=False)
+    run_dump(model, CharTokenizer(), prompts(1, 1, 120), tmp_path / "d", target_layers=(0,), **kwargs)
+    assert read_manifest(tmp_path / "d")["target_layers"] == [0]
+    assert load_indexer(tmp_path / "d" / "init_indexer").target_layers == (0,)
+    with pytest.raises(ValueError, match="not full-attention layers"):
+        run_dump(model, CharTokenizer(), prompts(1, 1, 120), tmp_path / "e", target_layers=(99,), **kwargs)
+    assert not (tmp_path / "e").exists()
+
+
 def test_dump_resumes_without_redoing_work(dump_dir, monkeypatch):
     import flashmemory.dump.runner as runner
 

@@ -31,6 +31,9 @@ def dump(
     sink: int = typer.Option(LABELS.sink, help="Always-resident leading tokens, left out of the top-p cut."),
     recent: int = typer.Option(LABELS.recent, help="Always-resident newest tokens, left out of the top-p cut."),
     shard_size: int = typer.Option(8, help="Prompts per shard file."),
+    target_layers: str = typer.Option(
+        "", help="Comma-separated layers whose hidden states and chunk keys are recorded (default: the model's)."
+    ),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
 ) -> None:
     """Run the backbone with full attention over training prompts and record indexer training data."""
@@ -43,6 +46,12 @@ def dump(
     if max_new_tokens < 2:
         raise ValueError("--max-new-tokens must be >= 2 (targets look ahead over later steps)")
     labels = LabelConfig(chunk_size=chunk_size, top_p=top_p, min_layers=min_layers, sink=sink, recent=recent)
+    try:
+        targets = tuple(int(x) for x in target_layers.replace("/", ",").split(",") if x.strip()) or None
+    except ValueError:
+        raise ValueError(
+            f"--target-layers must be comma-separated layer numbers, e.g. 13 or 12,16; got {target_layers!r}"
+        ) from None
     backbone, tokenizer = load_on(model, device)
     prompts = build_prompts(data, tokenizer)
     OUT.print(f"dumping {len(prompts)} prompts with {model} on {backbone.device} into {out}")
@@ -54,6 +63,7 @@ def dump(
         backbone=model,
         fingerprint=model_fingerprint(backbone),
         labels=labels,
+        target_layers=targets,
         max_new_tokens=max_new_tokens,
         shard_size=shard_size,
     )

@@ -95,12 +95,13 @@ def run_dump(
         "max_new_tokens": max_new_tokens,
         "num_prompts": len(prompts),
     }
+    # built first: it checks the target layers before anything is written to ``out``
+    init = backend.init_indexer(
+        model, targets, chunk_size=labels.chunk_size, backbone=backbone, fingerprint=fingerprint
+    )
     manifest = _open_manifest(out, settings)
     done = {m["index"] for m in manifest["prompts"]}
     if not (out / INIT_INDEXER).is_dir():
-        init = backend.init_indexer(
-            model, targets, chunk_size=labels.chunk_size, backbone=backbone, fingerprint=fingerprint
-        )
         save_indexer(init, out / INIT_INDEXER)
     eos = tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
