@@ -15,6 +15,7 @@ from flashmemory.config import LSAConfig
         pytest.param({"recent": -1}, "recent", id="recent"),
         pytest.param({"layer_reduce": "sum"}, "layer_reduce", id="reduce"),
         pytest.param({"target_layers": ()}, "target_layers", id="targets-empty"),
+        pytest.param({"first_boundary_keys": "tokens"}, "first_boundary_keys", id="first-boundary-keys"),
     ],
 )
 def test_lsa_config_rejects(kwargs, match):

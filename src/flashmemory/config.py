@@ -33,6 +33,11 @@ class LSAConfig:
             max over them. At the first boundary these are the prompt's last tokens (its question). Default: 16.
         follow_chunks: chunks after a scored chunk that inherit its score, so that the text following a match
             (the value after a key) is recalled with it even when a page boundary falls between them. Default: 0.
+        first_boundary_keys: what the indexer's query is matched against at the first boundary (the end of the
+            prefill): ``"chunk"``, the frozen chunk keys like every later boundary, or ``"token"``, the target
+            layers' keys of every prompt token, a chunk scoring as its best token. The prompt's keys are on the
+            device then anyway; keeping the target layers' until the boundary costs one layer's keys per target
+            layer at the prefill's peak, nothing after it. Default: "chunk".
         prefetch_steps: decode steps before a boundary at which the next cycle's pages are chosen and copied into
             spare page slots, so that the copy overlaps with those steps instead of delaying the step after the
             boundary; the pages join the resident set at the boundary (pages leaving the recent tail then are
@@ -61,6 +66,7 @@ class LSAConfig:
     best_chunk_slots: float = 1.0
     query_window: int = 16
     follow_chunks: int = 0
+    first_boundary_keys: str = "chunk"
     prefetch_steps: int = 0
     prefetch_share: float = 0.25
     attention_backend: str = "auto"
@@ -95,6 +101,10 @@ class LSAConfig:
             raise ValueError(f"LSAConfig.best_chunk_slots must be in [0, 1], got {self.best_chunk_slots}")
         if self.layer_reduce not in (None, "max", "mean"):
             raise ValueError(f"LSAConfig.layer_reduce must be 'max' or 'mean', got {self.layer_reduce!r}")
+        if self.first_boundary_keys not in ("chunk", "token"):
+            raise ValueError(
+                f"LSAConfig.first_boundary_keys must be 'chunk' or 'token', got {self.first_boundary_keys!r}"
+            )
         if self.attention_backend not in ("auto", "mask", "triton", "torch"):
             raise ValueError(
                 "LSAConfig.attention_backend must be 'auto', 'mask', 'triton' or 'torch', "
@@ -138,6 +148,7 @@ _OVERRIDABLE = {
     "best_chunk_slots": float,
     "query_window": int,
     "follow_chunks": int,
+    "first_boundary_keys": str,
     "prefetch_steps": int,
     "prefetch_share": float,
     "attention_backend": str,

@@ -178,3 +178,54 @@ def test_chunks_inside_the_sink_never_win_a_page_slot():
         in_sink = cache._sink_chunks(cache.last_scores.shape[1])
         assert int(in_sink[0].sum()) == lsa.sink // lsa.chunk_size
         assert float(cache.last_scores[in_sink].abs().sum()) == 0.0
+
+
+def spy_on_token_keys(cache: LSACache) -> list:
+    """Record the ``token_keys`` every indexer call of ``cache`` receives."""
+    calls, score = [], cache.indexer.score
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("token_keys"))
+        return score(*args, **kwargs)
+
+    cache.indexer.score = spy
+    return calls
+
+
+def test_first_boundary_can_score_chunks_by_their_best_token():
+    from dataclasses import replace
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 400))
+    lsa = LSAConfig(budget=0.4, **SMALL_LSA)
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=ref, use_cache=True)
+    first = {}
+    for mode in ("chunk", "token"):
+        with LSACache(model, replace(lsa, first_boundary_keys=mode), max_new_tokens=40) as cache:
+            calls = spy_on_token_keys(cache)
+            greedy_logits(model, ids, cache, 1)
+            first[mode] = cache.last_scores.clone()
+            assert not cache.prefill_token_keys  # let go of at the first boundary
+        if mode == "token":
+            # the keys held to the first boundary are the prompt's keys at the indexer's layers
+            assert len(calls) == 1 and len(calls[0]) == len(cache.targets)
+            for held, layer in zip(calls[0], cache.targets, strict=True):
+                torch.testing.assert_close(held, ref.layers[layer].keys)
+        else:
+            assert calls == [None]
+    assert not torch.equal(first["chunk"], first["token"])
+
+
+def test_token_keys_only_at_the_first_boundary():
+    from dataclasses import replace
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 400))
+    lsa = replace(LSAConfig(budget=0.4, **SMALL_LSA), first_boundary_keys="token")
+    with LSACache(model, lsa, max_new_tokens=40) as cache:
+        calls = spy_on_token_keys(cache)
+        greedy_logits(model, ids, cache, 40)
+        assert cache.stats.boundaries == 3
+    assert [c is not None for c in calls] == [True, False, False]

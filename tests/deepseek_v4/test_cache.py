@@ -158,3 +158,5 @@ def test_padding_and_bad_settings_are_refused():
         DeepseekV4LSACache(MODEL, small_lsa(recent=18))
     with pytest.raises(ValueError, match="not CSA layers"):
         DeepseekV4LSACache(MODEL, small_lsa(target_layers=(2,)))
+    with pytest.raises(ValueError, match="first_boundary_keys must be 'chunk'"):
+        DeepseekV4LSACache(MODEL, small_lsa(first_boundary_keys="token"))

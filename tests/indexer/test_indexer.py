@@ -184,3 +184,21 @@ def test_follow_chunks_must_not_be_negative():
 
     with pytest.raises(ValueError, match="follow_chunks"):
         LSAConfig(follow_chunks=-1)
+
+
+def test_token_chunk_logits_is_the_best_token_of_each_chunk():
+    from flashmemory.indexer.scoring import chunk_logits, token_chunk_logits
+
+    b, w, h, hkv, d, c, n = 2, 3, 4, 2, 8, 4, 5
+    q, wt, bias = torch.randn(b, w, h, d), torch.rand(b, w, h), torch.tensor(0.1)
+    keys = torch.randn(b, hkv, n * c + 3, d)  # the last, incomplete chunk is not scored
+    pad = torch.tensor([0, 6])
+    got = token_chunk_logits(q, wt, bias, keys, c, n, pad, block_chunks=2)
+    per_token = chunk_logits(q, wt, bias, keys[:, :, : n * c])  # [B, W, n*C]
+    per_token[1, :, :6] = float("-inf")
+    torch.testing.assert_close(got, per_token.view(b, w, n, c).amax(-1))
+    assert torch.isinf(got[1, :, 0]).all() and torch.isfinite(got[1, :, 1:]).all()  # chunk 0 of row 1: padding
+    # one token per chunk: a chunk's key is its token's key, and both scorers agree
+    torch.testing.assert_close(
+        token_chunk_logits(q, wt, bias, keys, 1, n * c), chunk_logits(q, wt, bias, keys[:, :, : n * c])
+    )

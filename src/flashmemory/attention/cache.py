@@ -154,6 +154,8 @@ class LSACache(LSACycle, Cache):
         self.init_cycle(max_new_tokens, forced_pages)
         self.store: KVStore | None = None
         self.chunk_keys = ChunkKeys(self.targets, self.lsa.chunk_size)
+        # the target layers' prompt keys, held from the prefill to the first boundary (first_boundary_keys="token")
+        self.prefill_token_keys: dict[int, torch.Tensor] = {}
         self.pad_len: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
         self.hooks = CacheHooks(self, model)
@@ -174,6 +176,8 @@ class LSACache(LSACycle, Cache):
             self.store.write_prefill(layer, keys, values)
             if layer in self.targets:
                 self.chunk_keys.extend(layer, keys, 0, self.pad_len, keys.device)
+                if self.lsa.first_boundary_keys == "token":
+                    self.prefill_token_keys[layer] = keys
             return keys, values
         if keys.shape[-2] != 1:
             raise NotImplementedError("LSACache decodes one token per step per sequence")
@@ -229,6 +233,7 @@ class LSACache(LSACycle, Cache):
             self.chunk_keys.extend(layer, keys, start, self.pad_len, store.device)
 
     def _score_chunks(self) -> torch.Tensor:
+        held = self.prefill_token_keys
         return self.indexer.score(
             self.lookahead,
             self.lookahead_pos,
@@ -236,7 +241,14 @@ class LSACache(LSACycle, Cache):
             self.layer_reduce,
             window_mask=self.lookahead_valid,
             chunk_offset=self.store.pad_len,
+            token_keys=[held[layer] for layer in self.targets] if held else None,
         )
+
+    def _boundary(self, first: bool) -> None:
+        try:
+            super()._boundary(first)
+        finally:
+            self.prefill_token_keys.clear()  # later boundaries have only the chunk keys on the device
 
     def _valid_chunks(self, n: int) -> torch.Tensor:
         c = self.lsa.chunk_size

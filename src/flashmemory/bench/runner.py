@@ -48,6 +48,8 @@ RESULTS, CONFIG = "results.jsonl", "config.json"
 _PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data", "lsa_indexer", "lsa_default_scorer", "protocol")
 # What a folder written before a pinned setting was recorded ran with (the default scorer changed: no entry).
 _BEFORE_RECORDED = {"protocol": "single-prefill"}
+# LSA settings added after folders were written, with the value those folders ran with
+_LSA_BEFORE_RECORDED = {"first_boundary_keys": "chunk"}
 
 Loader = Callable[[str, str], tuple[torch.nn.Module, object]]
 PROTOCOLS = ("single-prefill", "question-last")
@@ -183,6 +185,8 @@ def _check_resume(out: Path, config: dict) -> None:
         return
     old = json.loads(path.read_text(encoding="utf-8"))
     recorded = {**_BEFORE_RECORDED, **old}
+    if isinstance(recorded.get("lsa"), dict):
+        recorded["lsa"] = {**_LSA_BEFORE_RECORDED, **recorded["lsa"]}
     changed = [k for k in _PINNED if k in config and recorded.get(k) != config[k]]  # some are known once loaded
     if changed and (out / RESULTS).exists():
         details = ", ".join(f"{k}: {recorded.get(k)!r} -> {config[k]!r}" for k in changed)

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..models.adapter import apply_rope, attention_module, backbone_spec, rope_parameters
 from .query_tower import QueryTower
-from .scoring import chunk_logits
+from .scoring import chunk_logits, token_chunk_logits
 
 NUM_DISTANCE_BUCKETS = 48
 EXACT_BUCKETS = 16  # the nearest chunks each get their own bucket, so the prior can express plain recency
@@ -150,6 +150,7 @@ class MemoryIndexer(nn.Module):
         keys: torch.Tensor,
         window_mask: torch.Tensor | None = None,
         chunk_offset: torch.Tensor | None = None,
+        token_keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of every chunk for target layer number ``j``: max over the lookahead window.
 
@@ -160,6 +161,8 @@ class MemoryIndexer(nn.Module):
             keys: that layer's chunk keys. # [B, Hkv, N, D]
             window_mask: False for window slots that hold no real token (padding). # [B, W]
             chunk_offset: left padding per sequence, to put chunks in the positions' frame. # [B]
+            token_keys: that layer's keys of every token, when they are at hand (the end of the prefill): a chunk
+                then scores as its best token instead of by its mean key. # [B, Hkv, T, D]
 
         Returns:
             Logits. # [B, N]
@@ -168,7 +171,12 @@ class MemoryIndexer(nn.Module):
             hidden, positions = hidden[:, None], positions[:, None]
         q, w = self.tower(j, hidden.to(self.inv_freq.device, self.tower.q_proj[j].weight.dtype))
         q = apply_rope(q, positions.to(q.device), self.inv_freq[j], self.spec.rope_scaling[j])
-        logits = chunk_logits(q, w, self.tower.score_bias[j], keys.to(q.device))  # [B, W, N]
+        bias = self.tower.score_bias[j]
+        if token_keys is None:
+            logits = chunk_logits(q, w, bias, keys.to(q.device))  # [B, W, N]
+        else:
+            c, n = self.spec.chunk_size, keys.shape[2]
+            logits = token_chunk_logits(q, w, bias, token_keys.to(q.device), c, n, chunk_offset)
         logits = logits + self._distance_prior(j, positions.to(q.device), keys.shape[2], chunk_offset)
         if window_mask is not None:
             logits = logits.masked_fill(~window_mask.to(logits.device)[..., None], float("-inf"))
@@ -194,6 +202,7 @@ class MemoryIndexer(nn.Module):
         reduce: str = "max",
         window_mask: torch.Tensor | None = None,
         chunk_offset: torch.Tensor | None = None,
+        token_keys: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Probability that each chunk is needed in the coming cycle, combined over target layers.
 
@@ -204,13 +213,25 @@ class MemoryIndexer(nn.Module):
             reduce: ``"max"`` or ``"mean"`` over layers.
             window_mask: False for window slots without a real token. # [B, W]
             chunk_offset: left padding per sequence. # [B]
+            token_keys: keys of every token per target layer, in target order, to score chunks by their best
+                token (see :meth:`layer_logits`). # L x [B, Hkv, T, D]
 
         Returns:
             Probabilities. # [B, N]
         """
         probs = torch.stack(
             [
-                torch.sigmoid(self.layer_logits(j, hidden[layer], positions, keys[j], window_mask, chunk_offset))
+                torch.sigmoid(
+                    self.layer_logits(
+                        j,
+                        hidden[layer],
+                        positions,
+                        keys[j],
+                        window_mask,
+                        chunk_offset,
+                        None if token_keys is None else token_keys[j],
+                    )
+                )
                 for j, layer in enumerate(self.target_layers)
             ]
         )

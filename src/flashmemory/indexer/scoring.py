@@ -27,6 +27,50 @@ def chunk_logits(q: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, keys: tor
     return weighted.sum((2, 3)) + bias.float()
 
 
+def token_chunk_logits(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor,
+    token_keys: torch.Tensor,
+    chunk_size: int,
+    num_chunks: int,
+    pad_len: torch.Tensor | None = None,
+    block_chunks: int = 1024,
+) -> torch.Tensor:
+    """Pre-sigmoid score of every chunk as the best score of its tokens, per query token.
+
+    A chunk's mean key blurs the few tokens a question matches (a key among many like it) with the rest of the
+    chunk; scoring each token keeps them apart. Computed over blocks of chunks so the per-token scores of a long
+    prompt never exist at once.
+
+    Args:
+        q: rotated queries of ``W`` lookahead tokens. # [B, W, H, D]
+        w: head weights. # [B, W, H]
+        bias: scalar score bias.
+        token_keys: keys of positions ``0 .. T-1``, ``T >= num_chunks * chunk_size``. # [B, Hkv, T, D]
+        chunk_size: tokens per chunk.
+        num_chunks: chunks to score (the complete chunks).
+        pad_len: left padding per sequence; padding tokens never score. # [B]
+        block_chunks: chunks scored per block.
+
+    Returns:
+        Logits; ``-inf`` for chunks of padding only. # [B, W, N]
+    """
+    b, t = q.shape[:2]
+    out = []
+    for c0 in range(0, num_chunks, block_chunks):
+        c1 = min(num_chunks, c0 + block_chunks)
+        logits = chunk_logits(q, w, bias, token_keys[:, :, c0 * chunk_size : c1 * chunk_size])  # [B, W, n*C]
+        if pad_len is not None:
+            pos = torch.arange(c0 * chunk_size, c1 * chunk_size, device=logits.device)
+            padding = pos[None, :] < pad_len.to(logits.device)[:, None]  # [B, n*C]
+            logits = logits.masked_fill(padding[:, None, :], float("-inf"))
+        out.append(logits.view(b, t, c1 - c0, chunk_size).amax(-1))
+    if not out:
+        return q.new_zeros(b, t, 0, dtype=torch.float32)
+    return torch.cat(out, -1)
+
+
 def follow_scores(scores: torch.Tensor, follow: int) -> torch.Tensor:
     """Each chunk's score raised to the best of the ``follow`` chunks before it.
 
