@@ -3,7 +3,8 @@
 For each RULER sample, one prefill through an ``LSACache`` that keys every full-attention layer gives the chunk
 keys and the lookahead hidden states of all layers. The first boundary's page choice is then replayed offline for
 several scorers (which layers, max or mean over them, how many query tokens), at the reserve's real number of page
-slots, and checked against the pages that hold the answer: an answer counts as covered when every token of one of
+slots (scoring chunks by their mean keys, or by their best token with ``first_boundary_keys="token"``), and
+checked against the pages that hold the answer: an answer counts as covered when every token of one of
 its occurrences is resident (in a chosen page, the sink or the recent tail). No decoding: this isolates the page
 choice from everything after it. Use RULER's dev seed (1), never the seed of the recorded grid (0).
 
@@ -54,26 +55,31 @@ def covered(span: tuple[int, int], pages: set[int], page_size: int, sink: int, t
 
 def variants(
     spec_layers: tuple[int, ...], default: tuple[int, ...], reduce: str
-) -> dict[str, tuple[tuple[int, ...], str, int]]:
-    """name -> (layers, reduce, query tokens)."""
+) -> dict[str, tuple[tuple[int, ...], str, int, str]]:
+    """name -> (layers, reduce, query tokens, keys: "chunk" means or each chunk's best "token")."""
     n = len(spec_layers)
     # the zero-shot default of earlier versions, kept as a reference row
     earlier = tuple(sorted({spec_layers[min(n - 1, int(f * n))] for f in (0.5, 0.67, 0.84)}))
+    band = spec_layers[int(0.45 * n) : int(0.7 * n) + 1]
     out = {
-        f"default ({len(default)} layers, {reduce}, 16)": (default, reduce, 16),
-        "earlier default (50/67/84% depth, max, 16)": (earlier, "max", 16),
-        "earlier default, 64 query tokens": (earlier, "max", 64),
-        "earlier default, mean": (earlier, "mean", 16),
-        "all layers, max": (spec_layers, "max", 16),
-        "all layers, mean": (spec_layers, "mean", 16),
-        "lower half, max": (spec_layers[: n // 2], "max", 16),
-        "upper half, max": (spec_layers[n // 2 :], "max", 16),
-        "middle third, max": (spec_layers[n // 3 : 2 * n // 3], "max", 16),
-        "45-70% depth, max": (spec_layers[int(0.45 * n) : int(0.7 * n) + 1], "max", 16),
-        "45-70% depth, mean": (spec_layers[int(0.45 * n) : int(0.7 * n) + 1], "mean", 16),
+        f"default ({len(default)} layers, {reduce}, 16)": (default, reduce, 16, "chunk"),
+        f"default ({len(default)} layers, {reduce}, 16), token keys": (default, reduce, 16, "token"),
+        "earlier default (50/67/84% depth, max, 16)": (earlier, "max", 16, "chunk"),
+        "earlier default, 64 query tokens": (earlier, "max", 64, "chunk"),
+        "earlier default, mean": (earlier, "mean", 16, "chunk"),
+        "all layers, max": (spec_layers, "max", 16, "chunk"),
+        "all layers, mean": (spec_layers, "mean", 16, "chunk"),
+        "lower half, max": (spec_layers[: n // 2], "max", 16, "chunk"),
+        "upper half, max": (spec_layers[n // 2 :], "max", 16, "chunk"),
+        "middle third, max": (spec_layers[n // 3 : 2 * n // 3], "max", 16, "chunk"),
+        "45-70% depth, max": (band, "max", 16, "chunk"),
+        "45-70% depth, mean": (band, "mean", 16, "chunk"),
+        "45-70% depth, mean, token keys": (band, "mean", 16, "token"),
     }
     for layer in spec_layers:
-        out[f"layer {layer}"] = ((layer,), "max", 16)
+        out[f"layer {layer}"] = ((layer,), "max", 16, "chunk")
+    for layer in spec_layers:
+        out[f"layer {layer}, token keys"] = ((layer,), "max", 16, "token")
     return out
 
 
@@ -82,7 +88,8 @@ def run(args) -> dict:
     model, tok = default_loader(args.model, args.device)
     spec = backbone_spec(model)
     all_layers = tuple(spec.full_layers)
-    lsa = LSAConfig(budget=args.budget, target_layers=all_layers, query_window=64)
+    # token keys: the prompt's keys of every layer stay held, since no decode step reaches the first boundary
+    lsa = LSAConfig(budget=args.budget, target_layers=all_layers, query_window=64, first_boundary_keys="token")
     default = spec.default_target_layers()
     names = variants(all_layers, default, spec.default_layer_reduce())
     per_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -105,13 +112,16 @@ def run(args) -> dict:
                 sink = torch.zeros(1, n, dtype=torch.bool)
                 sink[:, : lsa.sink // lsa.chunk_size] = True
                 logits = {}
-                for window in (16, 64):
+                for window, mode in ((16, "chunk"), (64, "chunk"), (16, "token")):
                     pos, valid = cache.lookahead_pos[:, -window:], cache.lookahead_valid[:, -window:]
                     for j, layer in enumerate(cache.targets):
                         hidden = cache.lookahead[layer][:, -window:]
-                        logits[(layer, window)] = cache.indexer.layer_logits(j, hidden, pos, keys[layer], valid)
-                for name, (layers, reduce, window) in names.items():
-                    probs = torch.stack([torch.sigmoid(logits[(layer, window)]) for layer in layers])
+                        token = cache.prefill_token_keys[layer] if mode == "token" else None
+                        logits[(layer, window, mode)] = cache.indexer.layer_logits(
+                            j, hidden, pos, keys[layer], valid, token_keys=token
+                        )
+                for name, (layers, reduce, window, mode) in names.items():
+                    probs = torch.stack([torch.sigmoid(logits[(layer, window, mode)]) for layer in layers])
                     scores = (probs.amax(0) if reduce == "max" else probs.mean(0)).masked_fill(sink, 0.0)
                     pages = select_pages(
                         scores,
