@@ -37,6 +37,7 @@ import json
 import math
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -490,6 +491,26 @@ class Bench:
         return max(0, int((self.args.mem_cap_gib * GiB - weight_bytes - overhead) // per_seq))
 
 
+@contextmanager
+def measurement(bench: Bench, label: str, any_failure: bool = False):
+    """One measurement: running out of device memory (or, with ``any_failure``, any error) is reported under
+    ``label`` instead of ending the run; the allocator's cache is emptied after it either way."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        bench.report.errors.append(f"{label}: out of memory ({str(e).splitlines()[0]})")
+        print(f"  {label}: out of memory", flush=True)
+    except Exception as e:
+        if not any_failure:
+            raise
+        bench.report.errors.append(f"{label}: {type(e).__name__}: {str(e)[:300]}")
+        print(f"  {label} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    finally:
+        gc.collect()
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def compile_layers(model) -> list:
     """``torch.compile`` every decoder layer in place; returns the eager forwards (see :func:`restore_layers`).
 
@@ -588,7 +609,7 @@ def run_model(bench: Bench, name: str) -> None:
             if bench.use_graph:
                 jobs.append(("lsa", b, True))
         for method, b, graph in jobs:
-            try:
+            with measurement(bench, f"{name} {context} {method} b={b}"):
                 if method == "full_sdpa":
                     model.set_attn_implementation("sdpa")
                     row = bench.run_full_sdpa(name, model, b, context)
@@ -605,30 +626,17 @@ def run_model(bench: Bench, name: str) -> None:
                     f"{row.tokens_per_s:9.1f} tok/s  floor x{row.over_floor:.2f}  kv {row.device_kv_gib:.1f} GiB",
                     flush=True,
                 )
-            except torch.OutOfMemoryError as e:
-                rep.errors.append(f"{name} {context} {method} b={b}: out of memory ({str(e).splitlines()[0]})")
-                print("  OOM", method, b, flush=True)
-            finally:
-                gc.collect()
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
         if args.compile and bench.use_graph:
             compiled_rows(bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes)
         model.set_attn_implementation("sdpa")
         for b in batches_lsa:
-            try:
+            with measurement(bench, f"{name} {context} cycle b={b}"):
                 costs = bench.cycle_costs(name, model, b, context, layout.num_page_slots)
                 rep.recall.append(costs)
                 print(
                     f"  cycle b={b}: {json.dumps({k: round(v, 3) for k, v in costs.items() if isinstance(v, float)})}",
                     flush=True,
                 )
-            except torch.OutOfMemoryError as e:
-                rep.errors.append(f"{name} {context} cycle b={b}: out of memory ({str(e).splitlines()[0]})")
-            finally:
-                gc.collect()
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
     del model
     gc.collect()
     if dev.type == "cuda":
@@ -637,7 +645,7 @@ def run_model(bench: Bench, name: str) -> None:
 
 def compiled_rows(bench: Bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes) -> None:
     """The graph-captured kernel rows again with every decoder layer compiled (``--compile``)."""
-    rep, dev = bench.report, bench.device
+    rep = bench.report
     eager = compile_layers(model)
     try:
         if context == bench.args.contexts[0]:
@@ -646,7 +654,8 @@ def compiled_rows(bench: Bench, name, model, context, batches_full, batches_lsa,
         for method, b in jobs:
             pages = None if method == "full_kernel" else layout.num_page_slots
             t0 = time.perf_counter()
-            try:
+            # a compiler failure is a result to report, not a reason to lose the run
+            with measurement(bench, f"{name} {context} {method}+compile b={b}", any_failure=True):
                 row = bench.run_kernel(
                     name,
                     model,
@@ -664,15 +673,6 @@ def compiled_rows(bench: Bench, name, model, context, batches_full, batches_lsa,
                     f"floor x{row.over_floor:.2f}  ({time.perf_counter() - t0:.0f} s with compiling)",
                     flush=True,
                 )
-            except torch.OutOfMemoryError as e:
-                rep.errors.append(f"{name} {context} {method}+compile b={b}: out of memory ({str(e).splitlines()[0]})")
-            except Exception as e:  # a compiler failure is a result to report, not a reason to lose the run
-                rep.errors.append(f"{name} {context} {method}+compile b={b}: {type(e).__name__}: {str(e)[:300]}")
-                print(f"  {method}+compile b={b} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            finally:
-                gc.collect()
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
     finally:
         restore_layers(model, eager)
 
