@@ -266,7 +266,13 @@ class Bench:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 step()
-            return timed(g.replay, self.device, steps), g.replay
+
+            # The graph reads ids and pos at their addresses: the replay must keep them alive, or the allocator
+            # hands their memory to the next tensor and the embedding looks up whatever lands there.
+            def replay(_inputs=(ids, pos)):
+                g.replay()
+
+            return timed(replay, self.device, steps), replay
 
     def reserve_state(self, cfg, batch, context, lsa_pages: int | None):
         """Random reserves of every layer plus their resident set (all pages for ``lsa_pages=None``)."""
