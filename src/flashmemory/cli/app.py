@@ -48,6 +48,9 @@ def ask(
     sink: int = typer.Option(DEFAULTS.sink, help="First tokens always resident."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     indexer: str = typer.Option("auto", help="auto (shipped checkpoint if it matches), zero-shot, or a folder."),
+    cuda_graph: bool = typer.Option(
+        False, "--cuda-graph", help="Replay LSA decode steps between boundaries from a captured CUDA graph."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Answer a question about a long text file with LSA (or full attention)."""
@@ -64,6 +67,7 @@ def ask(
         device=device,
         progress=not as_json,
         indexer=indexer,
+        cuda_graph=cuda_graph,
     )
     if as_json:
         print(json.dumps(result))

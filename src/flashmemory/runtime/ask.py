@@ -76,6 +76,7 @@ def ask_file(
     device: str = "auto",
     progress: bool = True,
     indexer: str = "auto",
+    cuda_graph: bool = False,
 ) -> dict:
     """Answer ``question`` about the text in ``context_file``; returns the answer with its accounting."""
     if not question.strip():
@@ -84,9 +85,22 @@ def ask_file(
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if cuda_graph and method != "lsa":
+        raise ValueError("--cuda-graph replays LSA decode steps; it needs --method lsa")
+    if cuda_graph and pick_device(device).type != "cuda":
+        raise ValueError("--cuda-graph needs a CUDA device (--device cuda or auto on a machine with one)")
     context = read_context(context_file)
     model, tokenizer = load_on(model_name, device, progress=progress)
     prompt = build_prompt(context, question)
     check_fits(model, tokenizer, prompt, max_new_tokens)
-    result = generate(model, tokenizer, prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=max_new_tokens)
+    result = generate(
+        model,
+        tokenizer,
+        prompt,
+        method=method,
+        lsa=lsa,
+        indexer=indexer,
+        max_new_tokens=max_new_tokens,
+        cuda_graph=cuda_graph,
+    )
     return stats_record(result.text.strip(), result.stats)

@@ -12,11 +12,12 @@ from transformers.cache_utils import DynamicCache
 
 from ..attention.cache import LSACache
 from ..attention.cycle import LSACycle
-from ..attention.fast_path import build_lsa_cache
+from ..attention.fast_path import FastLSACache, build_lsa_cache
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
 from ..memory.accounting import storage_bytes
+from .graph_step import GraphDecodeStep
 from .stats import GenerationStats
 
 METHODS = ("lsa", "full")
@@ -75,6 +76,7 @@ def generate_ids(
     eos_token_id: int | list[int] | None = None,
     cache_factory=None,
     followup_ids: torch.Tensor | None = None,
+    cuda_graph: bool = False,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Greedy decoding from token ids with LSA or a full cache.
 
@@ -93,6 +95,9 @@ def generate_ids(
             document): fed one token per decode step through the cache, ignoring the model's own predictions, before
             greedy decoding starts. An LSA cache starts a new cycle before the turn's last token, so the answer is
             read with pages chosen for the turn. Without left padding only. # [B, F]
+        cuda_graph: replay the decode steps between boundaries from one captured CUDA graph
+            (:class:`GraphDecodeStep`); needs ``method="lsa"`` on the fast path on a CUDA device, with every decoder
+            layer full attention. Boundary steps run eagerly. Default: False.
 
     Returns:
         Generated ids ``[B, N]`` and the accounting.
@@ -119,6 +124,7 @@ def generate_ids(
         cache = build_lsa_cache(model, lsa or LSAConfig(), indexer, max_new_tokens=max_new_tokens + followup.shape[1])
     else:
         cache = DynamicCache(config=model.config)
+    graph = _graph_step(model, cache, device) if cuda_graph else None  # refused before the prefill is spent
     stops = torch.tensor(_as_list(eos_token_id), device=device, dtype=torch.long)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     try:
@@ -150,9 +156,10 @@ def generate_ids(
                 use_cache=True,
             )
             next_pos = next_pos + 1
+        logits = out.logits[:, -1]
         tokens, done = [], torch.zeros(batch, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            tok = out.logits[:, -1].argmax(-1)
+            tok = logits.argmax(-1)
             if tokens:
                 tok = torch.where(done, tokens[-1], tok)
             tokens.append(tok)
@@ -160,13 +167,17 @@ def generate_ids(
             if bool(done.all()):
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            out = model(
-                input_ids=tok[:, None],
-                attention_mask=attention_mask,
-                position_ids=next_pos,
-                past_key_values=cache,
-                use_cache=True,
-            )
+            if graph is not None:  # the LSA cache hands attention its own mask: padding lives in the resident set
+                logits = graph(tok[:, None], next_pos)
+            else:
+                out = model(
+                    input_ids=tok[:, None],
+                    attention_mask=attention_mask,
+                    position_ids=next_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits = out.logits[:, -1]
             next_pos = next_pos + 1
             if isinstance(cache, DynamicCache):
                 stats.kv_bytes_device = max(stats.kv_bytes_device, _dynamic_bytes(cache))
@@ -180,6 +191,16 @@ def generate_ids(
         if isinstance(cache, LSACache):
             cache.close()
     return torch.stack(tokens, dim=1), stats
+
+
+def _graph_step(model: nn.Module, cache, device: torch.device) -> GraphDecodeStep:
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph needs the model on a CUDA device; it is on {device}")
+    if not isinstance(cache, FastLSACache):
+        raise ValueError(
+            "cuda_graph needs method 'lsa' on the fast path (LSAConfig.attention_backend 'auto', 'triton' or 'torch')"
+        )
+    return GraphDecodeStep(model, cache)
 
 
 def _followup(followup_ids: torch.Tensor | None, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -242,6 +263,7 @@ def generate(
     indexer: MemoryIndexer | str | None = "auto",
     max_new_tokens: int = 64,
     chat: bool = True,
+    cuda_graph: bool = False,
 ) -> GenerationResult:
     """Answer one prompt or a batch of prompts with LSA (or full attention for comparison).
 
@@ -255,6 +277,7 @@ def generate(
             a checkpoint folder, or a :class:`MemoryIndexer`. Default: "auto".
         max_new_tokens: most tokens to generate. Default: 64.
         chat: wrap prompts in the tokenizer's chat template when it has one. Default: True.
+        cuda_graph: replay decode steps from a captured CUDA graph (see :func:`generate_ids`). Default: False.
 
     Returns:
         Texts, token ids and :class:`GenerationStats`.
@@ -272,6 +295,7 @@ def generate(
         indexer=indexer,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
+        cuda_graph=cuda_graph,
     )
     return decode_result(tokenizer, ids, stats)
 

@@ -1,0 +1,98 @@
+"""``generate_ids(cuda_graph=True)``: decode steps replayed from a captured CUDA graph inside the decode loop."""
+
+import sys
+
+import pytest
+import torch
+
+from flashmemory.config import LSAConfig
+from flashmemory.models.tiny import tiny_model
+from flashmemory.runtime.ask import ask_file
+from flashmemory.runtime.generate import generate_ids
+
+from ..conftest import SMALL_LSA
+
+
+def _forward_counter(model) -> list[int]:
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_cuda_graph_is_refused_before_the_prefill_off_cuda():
+    model = tiny_model("llama")
+    calls = _forward_counter(model)
+    ids = torch.randint(3, 250, (1, 64))
+    lsa = LSAConfig(budget=None, max_pages=2, attention_backend="torch", **SMALL_LSA)
+    with pytest.raises(ValueError, match="CUDA device"):
+        generate_ids(model, ids, lsa=lsa, max_new_tokens=4, cuda_graph=True)
+    assert calls[0] == 0  # nothing was computed and thrown away
+
+
+def test_ask_refuses_cuda_graph_with_full_attention_before_loading(tmp_path):
+    context = tmp_path / "doc.txt"
+    context.write_text("some text", encoding="utf-8")
+    with pytest.raises(ValueError, match="--method lsa"):
+        ask_file("no-such-model", context, "what?", method="full", cuda_graph=True)
+
+
+class _UncapturedStep:
+    """What the graph replays, run eagerly: the model without the attention mask, as ``GraphDecodeStep`` calls it."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache, self.calls = model, cache, 0
+
+    def __call__(self, input_ids, position_ids):
+        self.calls += 1
+        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
+        return out.logits[:, -1]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_graph_branch_decodes_like_eager_steps_on_a_padded_batch(family, monkeypatch):
+    # Off CUDA the loop's graph branch runs with the step uncaptured: the padding must come from the resident set,
+    # since the replayed step gets no attention mask.
+    steps = []
+    gen = sys.modules["flashmemory.runtime.generate"]
+    monkeypatch.setattr(
+        gen, "_graph_step", lambda model, cache, device: steps.append(_UncapturedStep(model, cache)) or steps[-1]
+    )
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    ids = torch.randint(3, 250, (2, 240))
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0
+    lsa = LSAConfig(budget=None, max_pages=5, attention_backend="torch", **SMALL_LSA)
+    eager, eager_stats = generate_ids(model, ids, mask, lsa=lsa, max_new_tokens=50)
+    branch, branch_stats = generate_ids(model, ids, mask, lsa=lsa, max_new_tokens=50, cuda_graph=True)
+    assert steps[0].calls == 50 and torch.equal(branch, eager)
+    assert branch_stats.boundaries == eager_stats.boundaries >= 3
+
+
+@pytest.mark.cuda
+def test_cuda_graph_is_refused_for_a_full_cache_and_the_masked_path_cuda():
+    model = tiny_model("llama").cuda()
+    ids = torch.randint(3, 250, (1, 64), device="cuda")
+    with pytest.raises(ValueError, match="method 'lsa' on the fast path"):
+        generate_ids(model, ids, method="full", max_new_tokens=4, cuda_graph=True)
+    lsa = LSAConfig(budget=None, max_pages=2, attention_backend="mask", **SMALL_LSA)
+    with pytest.raises(ValueError, match="fast path"):
+        generate_ids(model, ids, lsa=lsa, max_new_tokens=4, cuda_graph=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_cuda_graph_decoding_equals_eager_decoding_on_a_padded_batch_cuda(family):
+    torch.manual_seed(0)
+    model = tiny_model(family).cuda()
+    ids = torch.randint(3, 250, (2, 240), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0  # left padding: the second sequence is shorter
+    lsa = LSAConfig(budget=None, max_pages=5, attention_backend="triton", **SMALL_LSA)
+    runs = {}
+    for graph in (False, True):
+        runs[graph] = generate_ids(model, ids, mask, lsa=lsa, max_new_tokens=50, cuda_graph=graph)
+    (eager, eager_stats), (replayed, replayed_stats) = runs[False], runs[True]
+    assert torch.equal(replayed, eager)
+    assert replayed_stats.boundaries == eager_stats.boundaries >= 3  # the graph outlived several recalls
+    assert replayed_stats.kv_bytes_device == eager_stats.kv_bytes_device
