@@ -55,7 +55,7 @@ def test_the_graph_branch_decodes_like_eager_steps_on_a_padded_batch(family, mon
     steps = []
     gen = sys.modules["flashmemory.runtime.generate"]
     monkeypatch.setattr(
-        gen, "_graph_step", lambda model, cache, device: steps.append(_UncapturedStep(model, cache)) or steps[-1]
+        gen, "GraphDecodeStep", lambda model, cache: steps.append(_UncapturedStep(model, cache)) or steps[-1]
     )
     torch.manual_seed(0)
     model = tiny_model(family)

@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicCache
 
 from ..attention.cache import LSACache
 from ..attention.cycle import LSACycle
-from ..attention.fast_path import FastLSACache, build_lsa_cache
+from ..attention.fast_path import build_lsa_cache
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
@@ -124,7 +124,7 @@ def generate_ids(
         cache = build_lsa_cache(model, lsa or LSAConfig(), indexer, max_new_tokens=max_new_tokens + followup.shape[1])
     else:
         cache = DynamicCache(config=model.config)
-    graph = _graph_step(model, cache, device) if cuda_graph else None  # refused before the prefill is spent
+    graph = GraphDecodeStep(model, cache) if cuda_graph else None  # refused before the prefill is spent
     stops = torch.tensor(_as_list(eos_token_id), device=device, dtype=torch.long)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     try:
@@ -166,10 +166,10 @@ def generate_ids(
             done |= torch.isin(tok, stops)
             if bool(done.all()):
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             if graph is not None:  # the LSA cache hands attention its own mask: padding lives in the resident set
                 logits = graph(tok[:, None], next_pos)
             else:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
                 out = model(
                     input_ids=tok[:, None],
                     attention_mask=attention_mask,
@@ -191,16 +191,6 @@ def generate_ids(
         if isinstance(cache, LSACache):
             cache.close()
     return torch.stack(tokens, dim=1), stats
-
-
-def _graph_step(model: nn.Module, cache, device: torch.device) -> GraphDecodeStep:
-    if device.type != "cuda":
-        raise ValueError(f"cuda_graph needs the model on a CUDA device; it is on {device}")
-    if not isinstance(cache, FastLSACache):
-        raise ValueError(
-            "cuda_graph needs method 'lsa' on the fast path (LSAConfig.attention_backend 'auto', 'triton' or 'torch')"
-        )
-    return GraphDecodeStep(model, cache)
 
 
 def _followup(followup_ids: torch.Tensor | None, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,14 @@ class GraphDecodeStep:
     """
 
     def __init__(self, model: nn.Module, cache: FastLSACache) -> None:
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"graph replay needs the model on a CUDA device; it is on {device}")
         if not isinstance(cache, FastLSACache):
-            raise ValueError("graph replay needs a FastLSACache (attention_backend 'triton' or 'torch')")
+            raise ValueError(
+                "graph replay needs method 'lsa' on the fast path (a FastLSACache: LSAConfig.attention_backend "
+                "'auto', 'triton' or 'torch')"
+            )
         if not all(isinstance(layer, LSALayer) for layer in cache.layers):
             raise ValueError("graph replay needs every decoder layer to be a full-attention LSA layer")
         self.model = model
