@@ -38,6 +38,12 @@ class LSAConfig:
             layers' keys of every prompt token, a chunk scoring as its best token. The prompt's keys are on the
             device then anyway; keeping the target layers' until the boundary costs one layer's keys per target
             layer at the prefill's peak, nothing after it. Default: "chunk".
+        warmup_steps: decode steps of a turn (counted from its first boundary: the end of the prefill, or a
+            requested boundary) after which an extra boundary chooses the pages again, so that the first tokens of
+            the answer join the lookahead query. An answer that follows a chain through the history (a variable
+            assigned from another, a second hop) needs pages the question alone does not point at; these
+            boundaries find them within the first cycle instead of ``interval`` steps later. Each must be in
+            ``[1, interval)``, increasing; ``()`` takes none. Default: ().
         prefetch_steps: decode steps before a boundary at which the next cycle's pages are chosen and copied into
             spare page slots, so that the copy overlaps with those steps instead of delaying the step after the
             boundary; the pages join the resident set at the boundary (pages leaving the recent tail then are
@@ -67,6 +73,7 @@ class LSAConfig:
     query_window: int = 16
     follow_chunks: int = 0
     first_boundary_keys: str = "chunk"
+    warmup_steps: tuple[int, ...] = ()
     prefetch_steps: int = 0
     prefetch_share: float = 0.25
     attention_backend: str = "auto"
@@ -110,6 +117,14 @@ class LSAConfig:
                 "LSAConfig.attention_backend must be 'auto', 'mask', 'triton' or 'torch', "
                 f"got {self.attention_backend!r}"
             )
+        self.warmup_steps = tuple(int(s) for s in self.warmup_steps)
+        if any(not 0 < s < self.interval for s in self.warmup_steps) or list(self.warmup_steps) != sorted(
+            set(self.warmup_steps)
+        ):
+            raise ValueError(
+                f"LSAConfig.warmup_steps must be increasing steps in [1, interval={self.interval}), "
+                f"got {self.warmup_steps}"
+            )
         if self.target_layers is not None:
             self.target_layers = tuple(int(i) for i in self.target_layers)
             if not self.target_layers:
@@ -134,6 +149,11 @@ class LSAConfig:
         return self.budget is not None and self.budget <= 1.0
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"12,16"`` (or ``"12/16"``) as a tuple of ints."""
+    return tuple(int(x) for x in text.replace("/", ",").split(",") if x.strip())
+
+
 # Settings a command line may change with KEY=VALUE; the budget has its own option everywhere.
 _OVERRIDABLE = {
     "chunk_size": int,
@@ -143,12 +163,13 @@ _OVERRIDABLE = {
     "max_pages": int,
     "recent": int,
     "sink": int,
-    "target_layers": lambda text: tuple(int(x) for x in text.replace("/", ",").split(",") if x.strip()),
+    "target_layers": _int_list,
     "layer_reduce": str,
     "best_chunk_slots": float,
     "query_window": int,
     "follow_chunks": int,
     "first_boundary_keys": str,
+    "warmup_steps": _int_list,
     "prefetch_steps": int,
     "prefetch_share": float,
     "attention_backend": str,

@@ -51,6 +51,7 @@ class LSACycle:
         self.store = None
         self.in_decode = False
         self.steps_in_cycle = 0
+        self.turn_steps = 0  # decode steps since the turn's first boundary (the warm-up boundaries count from it)
         self.stats = CycleStats()
         self.lookahead: dict[int, torch.Tensor] = {}
         self.lookahead_pos: torch.Tensor | None = None
@@ -83,6 +84,7 @@ class LSACycle:
             self._prefetch()
         self._begin_store_step()
         self.steps_in_cycle += 1
+        self.turn_steps += 1
         self.stats.peak_device_bytes = max(self.stats.peak_device_bytes, self.device_kv_bytes())
 
     def request_boundary(self) -> None:
@@ -95,7 +97,8 @@ class LSACycle:
         self.boundary_requested = True
 
     def _early_boundary_due(self) -> bool:
-        return self.boundary_requested and self.steps_in_cycle > 0
+        """A boundary before ``interval`` steps: one the caller requested, or a warm-up boundary of the turn."""
+        return self.steps_in_cycle > 0 and (self.boundary_requested or self.turn_steps in self.lsa.warmup_steps)
 
     def _begin_store_step(self) -> None:
         self.store.begin_step()
@@ -107,7 +110,11 @@ class LSACycle:
         self.steps_in_cycle = 0
         self.stats.boundaries += 1
         early, self.boundary_requested = self.boundary_requested, False
-        if early and self.spare_slots and self.store.prefetch_pending:
+        if first or early:
+            self.turn_steps = 0
+        # a prefetch chosen before a new turn, or before the answer's first tokens, is stale
+        stale = early or self.turn_steps in self.lsa.warmup_steps
+        if stale and self.spare_slots and self.store.prefetch_pending:
             self.store.drop_prefetch()
         if self.spare_slots and self.store.prefetch_pending:
             # the pages were chosen and copied `prefetch_steps` steps ago: only the page table changes now

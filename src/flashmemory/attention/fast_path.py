@@ -198,6 +198,7 @@ class FastLSACache(LSACache):
             raise RuntimeError("a boundary step cannot be replayed from a graph: run it eagerly")
         self.store.advance_host()
         self.steps_in_cycle += 1
+        self.turn_steps += 1
         for layer in self.layers:
             if isinstance(layer, LSALayer):
                 layer.num_seen += 1

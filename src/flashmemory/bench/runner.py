@@ -49,7 +49,7 @@ _PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data", "lsa_inde
 # What a folder written before a pinned setting was recorded ran with (the default scorer changed: no entry).
 _BEFORE_RECORDED = {"protocol": "single-prefill"}
 # LSA settings added after folders were written, with the value those folders ran with
-_LSA_BEFORE_RECORDED = {"first_boundary_keys": "chunk"}
+_LSA_BEFORE_RECORDED = {"first_boundary_keys": "chunk", "warmup_steps": []}
 
 Loader = Callable[[str, str], tuple[torch.nn.Module, object]]
 PROTOCOLS = ("single-prefill", "question-last")
@@ -303,6 +303,7 @@ def run_bench(
         "machine": machine_description(),
     }
     config["lsa"]["target_layers"] = cfg.target_layers and list(cfg.target_layers)
+    config["lsa"]["warmup_steps"] = list(cfg.warmup_steps)
     out = Path(out)
     _check_resume(out, config)
     model, tokenizer = (load or default_loader)(model_name, device)
