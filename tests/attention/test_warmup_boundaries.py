@@ -61,7 +61,9 @@ def test_a_warmup_boundary_reads_the_answer_so_far():
         assert cache.stats.boundaries == 1 and cache.lookahead_pos[0, -1] == 192
         model(input_ids=ids[:, 193:194], past_key_values=cache, use_cache=True)
         assert cache.stats.boundaries == 2
-        assert not torch.equal(cache.last_scores[..., : first.shape[-1]], first)
+        now = cache.last_scores[..., : first.shape[-1]]
+        # the answer's tokens move the scores, but never below what the question gave a chunk
+        assert not torch.equal(now, first) and bool((now >= first).all())
 
 
 def test_warmup_counts_from_the_turn_a_requested_boundary_starts():

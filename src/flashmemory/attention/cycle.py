@@ -60,6 +60,8 @@ class LSACycle:
         self.spare_slots = 0  # page slots kept empty for prefetched pages; set once the reserve exists
         self._choice_pages: int | None = None  # pages a prefetch may choose from (beyond the current tail start)
         self.boundary_requested = False
+        self.turn_scores: torch.Tensor | None = None  # chunk scores of the turn's first boundary (its question)
+        self._warmup_boundary = False
 
     def __enter__(self) -> Self:
         return self
@@ -112,9 +114,10 @@ class LSACycle:
         early, self.boundary_requested = self.boundary_requested, False
         if first or early:
             self.turn_steps = 0
+            self.turn_scores = None
+        self._warmup_boundary = not (first or early) and self.turn_steps in self.lsa.warmup_steps
         # a prefetch chosen before a new turn, or before the answer's first tokens, is stale
-        stale = early or self.turn_steps in self.lsa.warmup_steps
-        if stale and self.spare_slots and self.store.prefetch_pending:
+        if (early or self._warmup_boundary) and self.spare_slots and self.store.prefetch_pending:
             self.store.drop_prefetch()
         if self.spare_slots and self.store.prefetch_pending:
             # the pages were chosen and copied `prefetch_steps` steps ago: only the page table changes now
@@ -208,7 +211,7 @@ class LSACycle:
         if k >= selectable:
             pages = torch.arange(k_all, device=store.device).expand(store.batch, -1)
             return torch.where(pages < selectable, pages, -1)
-        scores = self._score_chunks()
+        scores = self._with_turn_scores(self._score_chunks())
         valid = self._valid_chunks(scores.shape[1])
         in_sink = self._sink_chunks(scores.shape[1])
         if in_sink is not None:
@@ -234,6 +237,20 @@ class LSACycle:
         if k < k_all:
             pages = torch.nn.functional.pad(pages, (0, k_all - k), value=-1)
         return pages
+
+    def _with_turn_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """At a warm-up boundary, each chunk keeps the best of its score now and at the turn's first boundary.
+
+        The query window has rolled past part of the question by then; without this, the pages the question
+        pointed at would compete only on the answer's first tokens, and a needle found for the question would be
+        dropped for text the answer merely resembles. At the turn's first boundary the scores are kept for that.
+        """
+        if self._warmup_boundary and self.turn_scores is not None:
+            n = min(scores.shape[1], self.turn_scores.shape[1])
+            return torch.cat([torch.maximum(scores[:, :n], self.turn_scores[:, :n]), scores[:, n:]], 1)
+        if self.turn_steps == 0 and self.lsa.warmup_steps:
+            self.turn_scores = scores
+        return scores
 
     def _score_chunks(self) -> torch.Tensor:
         """The indexer's probability per chunk for the coming cycle, on the store's device. # [B, N]"""
