@@ -27,7 +27,7 @@ from flashmemory.bench.ruler import generate_ruler
 from flashmemory.bench.runner import chat_prompt, default_loader, encode_sample
 from flashmemory.config import LSAConfig
 from flashmemory.indexer.scoring import select_pages
-from flashmemory.models.adapter import backbone_spec
+from flashmemory.models.adapter import apply_rope, backbone_spec
 
 TASKS = "niah_single_1,niah_single_3,niah_multikey_2,niah_multivalue,niah_multiquery,vt"
 
@@ -56,7 +56,8 @@ def covered(span: tuple[int, int], pages: set[int], page_size: int, sink: int, t
 def variants(
     spec_layers: tuple[int, ...], default: tuple[int, ...], reduce: str
 ) -> dict[str, tuple[tuple[int, ...], str, int, str]]:
-    """name -> (layers, reduce, query tokens, keys: "chunk" means or each chunk's best "token")."""
+    """name -> (layers, reduce, query tokens, keys: "chunk" means, each chunk's best "token", or the backbone's
+    own "attention-mean" / "attention-max" mass per chunk, over heads)."""
     n = len(spec_layers)
     # the zero-shot default of earlier versions, kept as a reference row
     earlier = tuple(sorted({spec_layers[min(n - 1, int(f * n))] for f in (0.5, 0.67, 0.84)}))
@@ -76,11 +77,40 @@ def variants(
         "45-70% depth, mean": (band, "mean", 16, "chunk"),
         "45-70% depth, mean, token keys": (band, "mean", 16, "token"),
     }
+    for head in ("mean", "max"):
+        att = f"attention-{head}"
+        out[f"attention mass (heads {head}), all layers, mean"] = (spec_layers, "mean", 16, att)
+        out[f"attention mass (heads {head}), all layers, max"] = (spec_layers, "max", 16, att)
+        out[f"attention mass (heads {head}), 45-70% depth, mean"] = (band, "mean", 16, att)
+        out[f"attention mass (heads {head}), default layers"] = (default, reduce, 16, att)
+        out[f"attention mass (heads {head}), upper half, mean"] = (spec_layers[n // 2 :], "mean", 16, att)
     for layer in spec_layers:
         out[f"layer {layer}"] = ((layer,), "max", 16, "chunk")
     for layer in spec_layers:
         out[f"layer {layer}, token keys"] = ((layer,), "max", 16, "token")
     return out
+
+
+def attention_mass(indexer, j: int, hidden, pos, valid, token_keys, chunk_size: int, n: int) -> dict[str, torch.Tensor]:
+    """The backbone's own attention of the window's tokens at one layer, as mass per chunk. # {reduce: [B, N]}
+
+    Queries are the layer's ``q_proj`` (the zero-shot tower) with its rotary embedding, keys the prefill's keys of
+    every token, softmax over the whole prefix as the layer computes it (causal inside the window). Mass is
+    summed over the chunk's tokens and averaged over the window; then either averaged over heads ("mean") or the
+    best head taken ("max").
+    """
+    spec = indexer.spec
+    q, _ = indexer.tower(j, hidden.to(indexer.tower.q_proj[j].weight.dtype))
+    q = apply_rope(q, pos, indexer.inv_freq[j], spec.rope_scaling[j])  # [B, W, H, D]
+    b, w, h, d = q.shape
+    keys = token_keys.float().repeat_interleave(h // token_keys.shape[1], dim=1)  # [B, H, T, D]
+    t = keys.shape[2]
+    logits = torch.einsum("bwhd,bhtd->bhwt", q.float(), keys) / math.sqrt(d)
+    future = torch.arange(t)[None, :] > pos[0][:, None]  # the window's tokens see only their own prefix
+    probs = logits.masked_fill(future[None, None], float("-inf")).softmax(-1)
+    probs = probs.masked_fill(~valid[:, None, :, None], 0.0)
+    mass = probs[..., : n * chunk_size].reshape(b, h, w, n, chunk_size).sum(-1).mean(2)  # [B, H, N]
+    return {"mean": mass.mean(1), "max": mass.amax(1)}
 
 
 @torch.no_grad()
@@ -120,8 +150,25 @@ def run(args) -> dict:
                         logits[(layer, window, mode)] = cache.indexer.layer_logits(
                             j, hidden, pos, keys[layer], valid, token_keys=token
                         )
+                for j, layer in enumerate(cache.targets):
+                    pos, valid = cache.lookahead_pos[:, -16:], cache.lookahead_valid[:, -16:]
+                    mass = attention_mass(
+                        cache.indexer,
+                        j,
+                        cache.lookahead[layer][:, -16:],
+                        pos,
+                        valid,
+                        cache.prefill_token_keys[layer],
+                        lsa.chunk_size,
+                        n,
+                    )
+                    for head_reduce, m in mass.items():
+                        logits[(layer, 16, f"attention-{head_reduce}")] = m
                 for name, (layers, reduce, window, mode) in names.items():
-                    probs = torch.stack([torch.sigmoid(logits[(layer, window, mode)]) for layer in layers])
+                    if mode.startswith("attention"):  # masses, not logits: averaged or maxed as they are
+                        probs = torch.stack([logits[(layer, window, mode)] for layer in layers])
+                    else:
+                        probs = torch.stack([torch.sigmoid(logits[(layer, window, mode)]) for layer in layers])
                     scores = (probs.amax(0) if reduce == "max" else probs.mean(0)).masked_fill(sink, 0.0)
                     pages = select_pages(
                         scores,
