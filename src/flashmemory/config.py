@@ -149,8 +149,12 @@ class LSAConfig:
         return self.budget is not None and self.budget <= 1.0
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    """``"12,16"`` (or ``"12/16"``) as a tuple of ints."""
+def parse_int_list(text: str) -> tuple[int, ...]:
+    """``"12,16"`` (or ``"12/16"``) as a tuple of ints.
+
+    Raises:
+        ValueError: for an item that is not an integer.
+    """
     return tuple(int(x) for x in text.replace("/", ",").split(",") if x.strip())
 
 
@@ -163,13 +167,13 @@ _OVERRIDABLE = {
     "max_pages": int,
     "recent": int,
     "sink": int,
-    "target_layers": _int_list,
+    "target_layers": parse_int_list,
     "layer_reduce": str,
     "best_chunk_slots": float,
     "query_window": int,
     "follow_chunks": int,
     "first_boundary_keys": str,
-    "warmup_steps": _int_list,
+    "warmup_steps": parse_int_list,
     "prefetch_steps": int,
     "prefetch_share": float,
     "attention_backend": str,

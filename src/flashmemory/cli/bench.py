@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..config import LSAConfig, with_overrides
+from ..config import LSAConfig, parse_int_list, with_overrides
 from .errors import friendly_errors
 
 OUT = Console()
@@ -18,7 +18,7 @@ OUT = Console()
 
 def _int_list(text: str, option: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return list(parse_int_list(text))
     except ValueError:
         raise ValueError(f"{option} must be comma-separated token counts, got {text!r}") from None
 

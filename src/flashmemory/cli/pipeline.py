@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ..config import parse_int_list
 from ..dump.capture import LabelConfig
 from ..train.trainer import TrainConfig
 from .errors import friendly_errors
@@ -47,7 +48,7 @@ def dump(
         raise ValueError("--max-new-tokens must be >= 2 (targets look ahead over later steps)")
     labels = LabelConfig(chunk_size=chunk_size, top_p=top_p, min_layers=min_layers, sink=sink, recent=recent)
     try:
-        targets = tuple(int(x) for x in target_layers.replace("/", ",").split(",") if x.strip()) or None
+        targets = parse_int_list(target_layers) or None
     except ValueError:
         raise ValueError(
             f"--target-layers must be comma-separated layer numbers, e.g. 13 or 12,16; got {target_layers!r}"
