@@ -22,6 +22,12 @@ def _cache(model, lsa: LSAConfig, fast: bool, max_new_tokens: int):
     return LSACache(model, lsa, max_new_tokens=max_new_tokens)
 
 
+def _decode(model, cache, ids: torch.Tensor, start: int, stop: int) -> None:
+    """Feed tokens ``start .. stop-1`` one decode step each."""
+    for i in range(start, stop):
+        model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+
+
 def _boundary_forwards(model, cache, ids: torch.Tensor, prompt: int) -> list[int]:
     """Decode forwards (1-based, after the prefill of ``prompt`` tokens) that started with a boundary."""
     model(input_ids=ids[:, :prompt], past_key_values=cache, use_cache=True)
@@ -55,11 +61,10 @@ def test_a_warmup_boundary_reads_the_answer_so_far():
     lsa = LSAConfig(budget=None, max_pages=2, warmup_steps=(3,), **SMALL_LSA)
     with LSACache(model, lsa, max_new_tokens=20) as cache:
         model(input_ids=ids[:, :190], past_key_values=cache, use_cache=True)
-        for i in range(190, 193):
-            model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+        _decode(model, cache, ids, 190, 193)
         first = cache.last_scores.clone()
         assert cache.stats.boundaries == 1 and cache.lookahead_pos[0, -1] == 192
-        model(input_ids=ids[:, 193:194], past_key_values=cache, use_cache=True)
+        _decode(model, cache, ids, 193, 194)
         assert cache.stats.boundaries == 2
         now = cache.last_scores[..., : first.shape[-1]]
         # the answer's tokens move the scores, but never below what the question gave a chunk
@@ -72,12 +77,10 @@ def test_warmup_counts_from_the_turn_a_requested_boundary_starts():
     lsa = LSAConfig(budget=None, max_pages=2, warmup_steps=(2,), **SMALL_LSA)
     with LSACache(model, lsa, max_new_tokens=40) as cache:
         model(input_ids=ids[:, :190], past_key_values=cache, use_cache=True)
-        for i in range(190, 200):  # boundaries before forwards 1 and 3 of the first turn
-            model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+        _decode(model, cache, ids, 190, 200)  # boundaries before forwards 1 and 3 of the first turn
         assert cache.stats.boundaries == 2
         cache.request_boundary()
-        for i in range(200, 203):  # the requested boundary, then its warm-up one two steps later
-            model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+        _decode(model, cache, ids, 200, 203)  # the requested boundary, then its warm-up one two steps later
         assert cache.stats.boundaries == 4 and cache.steps_in_cycle == 1
 
 

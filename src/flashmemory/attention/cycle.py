@@ -61,7 +61,6 @@ class LSACycle:
         self._choice_pages: int | None = None  # pages a prefetch may choose from (beyond the current tail start)
         self.boundary_requested = False
         self.turn_scores: torch.Tensor | None = None  # chunk scores of the turn's first boundary (its question)
-        self._warmup_boundary = False
 
     def __enter__(self) -> Self:
         return self
@@ -100,7 +99,14 @@ class LSACycle:
 
     def _early_boundary_due(self) -> bool:
         """A boundary before ``interval`` steps: one the caller requested, or a warm-up boundary of the turn."""
-        return self.steps_in_cycle > 0 and (self.boundary_requested or self.turn_steps in self.lsa.warmup_steps)
+        return self.steps_in_cycle > 0 and (self.boundary_requested or self._at_warmup_step())
+
+    def _at_warmup_step(self) -> bool:
+        """Whether the turn has run one of ``warmup_steps`` steps; 0 (the turn's first boundary) never is one.
+
+        A prefetch never sees it true: at such a step the cycle takes a boundary instead.
+        """
+        return self.turn_steps in self.lsa.warmup_steps
 
     def _begin_store_step(self) -> None:
         self.store.begin_step()
@@ -115,9 +121,8 @@ class LSACycle:
         if first or early:
             self.turn_steps = 0
             self.turn_scores = None
-        self._warmup_boundary = not (first or early) and self.turn_steps in self.lsa.warmup_steps
         # a prefetch chosen before a new turn, or before the answer's first tokens, is stale
-        if (early or self._warmup_boundary) and self.spare_slots and self.store.prefetch_pending:
+        if (early or self._at_warmup_step()) and self.spare_slots and self.store.prefetch_pending:
             self.store.drop_prefetch()
         if self.spare_slots and self.store.prefetch_pending:
             # the pages were chosen and copied `prefetch_steps` steps ago: only the page table changes now
@@ -245,7 +250,7 @@ class LSACycle:
         pointed at would compete only on the answer's first tokens, and a needle found for the question would be
         dropped for text the answer merely resembles. At the turn's first boundary the scores are kept for that.
         """
-        if self._warmup_boundary and self.turn_scores is not None:
+        if self._at_warmup_step() and self.turn_scores is not None:
             n = min(scores.shape[1], self.turn_scores.shape[1])
             return torch.cat([torch.maximum(scores[:, :n], self.turn_scores[:, :n]), scores[:, n:]], 1)
         if self.turn_steps == 0 and self.lsa.warmup_steps:
