@@ -34,10 +34,15 @@ class LSAConfig:
         follow_chunks: chunks after a scored chunk that inherit its score, so that the text following a match
             (the value after a key) is recalled with it even when a page boundary falls between them. Default: 0.
         first_boundary_keys: what the indexer's query is matched against at the first boundary (the end of the
-            prefill): ``"chunk"``, the frozen chunk keys like every later boundary, or ``"token"``, the target
-            layers' keys of every prompt token, a chunk scoring as its best token. The prompt's keys are on the
-            device then anyway; keeping the target layers' until the boundary costs one layer's keys per target
-            layer at the prefill's peak, nothing after it. Default: "chunk".
+            prefill): ``"chunk"``, the frozen chunk keys like every later boundary; ``"token"``, the target
+            layers' keys of every prompt token, a chunk scoring as its best token; or ``"auto"``, token keys for
+            prompts of at least ``token_keys_from`` tokens and chunk keys for shorter ones. A chunk's mean key
+            blurs a needle into the text around it, which costs more the more chunks there are to tell apart:
+            on RULER's dev split token keys lost 1-3 points at 4K and 8K and gained 5.7 at 16K. The prompt's keys
+            are on the device then anyway; keeping the target layers' until the boundary costs one layer's keys
+            per target layer at the prefill's peak, nothing after it. Default: "auto".
+        token_keys_from: prompt length in tokens (of the longest prompt in a batch) from which
+            ``first_boundary_keys="auto"`` uses token keys. Default: 12288.
         warmup_steps: decode steps of a turn (counted from its first boundary: the end of the prefill, or a
             requested boundary) after which an extra boundary chooses the pages again, so that the first tokens of
             the answer join the lookahead query. An answer that follows a chain through the history (a variable
@@ -72,14 +77,15 @@ class LSAConfig:
     best_chunk_slots: float = 1.0
     query_window: int = 16
     follow_chunks: int = 0
-    first_boundary_keys: str = "chunk"
+    first_boundary_keys: str = "auto"
+    token_keys_from: int = 12288
     warmup_steps: tuple[int, ...] = ()
     prefetch_steps: int = 0
     prefetch_share: float = 0.25
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "page_chunks", "interval", "query_window"):
+        for name in ("chunk_size", "page_chunks", "interval", "query_window", "token_keys_from"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LSAConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("recent", "sink", "follow_chunks"):
@@ -108,9 +114,9 @@ class LSAConfig:
             raise ValueError(f"LSAConfig.best_chunk_slots must be in [0, 1], got {self.best_chunk_slots}")
         if self.layer_reduce not in (None, "max", "mean"):
             raise ValueError(f"LSAConfig.layer_reduce must be 'max' or 'mean', got {self.layer_reduce!r}")
-        if self.first_boundary_keys not in ("chunk", "token"):
+        if self.first_boundary_keys not in ("auto", "chunk", "token"):
             raise ValueError(
-                f"LSAConfig.first_boundary_keys must be 'chunk' or 'token', got {self.first_boundary_keys!r}"
+                f"LSAConfig.first_boundary_keys must be 'auto', 'chunk' or 'token', got {self.first_boundary_keys!r}"
             )
         if self.attention_backend not in ("auto", "mask", "triton", "torch"):
             raise ValueError(
@@ -148,6 +154,12 @@ class LSAConfig:
     def is_fractional_budget(self) -> bool:
         return self.budget is not None and self.budget <= 1.0
 
+    def scores_tokens_first(self, prompt_len: int) -> bool:
+        """Whether the first boundary after a prefill of ``prompt_len`` tokens scores chunks by their best token."""
+        if self.first_boundary_keys == "auto":
+            return prompt_len >= self.token_keys_from
+        return self.first_boundary_keys == "token"
+
 
 def parse_int_list(text: str) -> tuple[int, ...]:
     """``"12,16"`` (or ``"12/16"``) as a tuple of ints.
@@ -173,6 +185,7 @@ _OVERRIDABLE = {
     "query_window": int,
     "follow_chunks": int,
     "first_boundary_keys": str,
+    "token_keys_from": int,
     "warmup_steps": parse_int_list,
     "prefetch_steps": int,
     "prefetch_share": float,

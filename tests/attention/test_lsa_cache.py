@@ -218,6 +218,28 @@ def test_first_boundary_can_score_chunks_by_their_best_token():
     assert not torch.equal(first["chunk"], first["token"])
 
 
+def test_auto_first_boundary_keys_follow_the_prompt_length():
+    from dataclasses import replace
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 400))
+    lsa = LSAConfig(budget=0.4, **SMALL_LSA)
+    scores = {}
+    for name, cfg in {
+        "chunk": replace(lsa, first_boundary_keys="chunk"),
+        "token": replace(lsa, first_boundary_keys="token"),
+        "auto_short": replace(lsa, first_boundary_keys="auto", token_keys_from=401),
+        "auto_long": replace(lsa, first_boundary_keys="auto", token_keys_from=400),
+    }.items():
+        with LSACache(model, cfg, max_new_tokens=40) as cache:
+            calls = spy_on_token_keys(cache)
+            greedy_logits(model, ids, cache, 1)
+            scores[name] = cache.last_scores.clone()
+        assert (calls[0] is not None) == (name in ("token", "auto_long"))
+    torch.testing.assert_close(scores["auto_short"], scores["chunk"], rtol=0, atol=0)
+    torch.testing.assert_close(scores["auto_long"], scores["token"], rtol=0, atol=0)
+
+
 def test_token_keys_only_at_the_first_boundary():
     from dataclasses import replace
 

@@ -156,15 +156,17 @@ def test_changed_settings_refuse_the_folder(bench):
     bench(methods=["full"], samples=1, lsa=with_overrides(SMALL, []))  # the same settings resume
 
 
-def test_folders_written_before_an_lsa_setting_existed_resume_with_its_default(bench, tmp_path):
+def test_folders_written_before_an_lsa_setting_existed_resume_with_what_they_ran(bench, tmp_path):
     out = tmp_path / "old"
-    bench(out=out, methods=["full"], samples=1)
+    ran = with_overrides(SMALL, ["first_boundary_keys=chunk"])  # what every run did before the setting existed
+    bench(out=out, methods=["full"], samples=1, lsa=ran)
     config = json.loads((out / "config.json").read_text())
-    del config["lsa"]["first_boundary_keys"]  # as written before the setting existed
+    del config["lsa"]["first_boundary_keys"], config["lsa"]["token_keys_from"]  # as written back then
     (out / "config.json").write_text(json.dumps(config))
-    bench(out=out, methods=["full"], samples=1)
-    with pytest.raises(ValueError, match="holds results of another run"):
-        bench(out=out, methods=["full"], samples=1, lsa=with_overrides(SMALL, ["first_boundary_keys=token"]))
+    bench(out=out, methods=["full"], samples=1, lsa=ran)
+    for changed in (["first_boundary_keys=token"], []):  # the default is now "auto"
+        with pytest.raises(ValueError, match="holds results of another run"):
+            bench(out=out, methods=["full"], samples=1, lsa=with_overrides(SMALL, changed))
 
 
 def test_rows_of_another_shipped_indexer_are_not_mixed(bench, monkeypatch):

@@ -154,7 +154,7 @@ class LSACache(LSACycle, Cache):
         self.init_cycle(max_new_tokens, forced_pages)
         self.store: KVStore | None = None
         self.chunk_keys = ChunkKeys(self.targets, self.lsa.chunk_size)
-        # the target layers' prompt keys, held from the prefill to the first boundary (first_boundary_keys="token")
+        # the target layers' prompt keys, held from the prefill to the first boundary when it scores by token
         self.prefill_token_keys: dict[int, torch.Tensor] = {}
         self.pad_len: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
@@ -176,7 +176,7 @@ class LSACache(LSACycle, Cache):
             self.store.write_prefill(layer, keys, values)
             if layer in self.targets:
                 self.chunk_keys.extend(layer, keys, 0, self.pad_len, keys.device)
-                if self.lsa.first_boundary_keys == "token":
+                if self.lsa.scores_tokens_first(keys.shape[-2]):
                     self.prefill_token_keys[layer] = keys
             return keys, values
         if keys.shape[-2] != 1:

@@ -49,7 +49,7 @@ _PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data", "lsa_inde
 # What a folder written before a pinned setting was recorded ran with (the default scorer changed: no entry).
 _BEFORE_RECORDED = {"protocol": "single-prefill"}
 # LSA settings added after folders were written, with the value those folders ran with
-_LSA_BEFORE_RECORDED = {"first_boundary_keys": "chunk", "warmup_steps": []}
+_LSA_BEFORE_RECORDED = {"first_boundary_keys": "chunk", "token_keys_from": 12288, "warmup_steps": []}
 
 Loader = Callable[[str, str], tuple[torch.nn.Module, object]]
 PROTOCOLS = ("single-prefill", "question-last")
@@ -158,7 +158,7 @@ def _row_key(row: dict) -> tuple:
     return (row["task"], int(row["length"]), int(row["sample"]), row["method"])
 
 
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     rows = []
@@ -173,7 +173,7 @@ def _read_rows(path: Path) -> list[dict]:
 
 def _repair_rows(path: Path) -> list[dict]:
     # Rows appended after a torn line would be glued onto it; keep only whole rows before appending more.
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if path.exists() and len(rows) != len(path.read_text(encoding="utf-8").splitlines()):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return rows
@@ -372,7 +372,7 @@ def run_bench(
 def _summarize_rows(
     out: Path, config: dict, tasks: list[str], lengths: list[int], methods: list[str], samples: int, absent: set
 ) -> dict:
-    rows = [r for r in _read_rows(out / RESULTS) if _row_key(r)[0] in tasks]
+    rows = [r for r in read_rows(out / RESULTS) if _row_key(r)[0] in tasks]
     wanted = {(t, n, i, m) for t in tasks for n in lengths for i in range(samples) for m in methods} - absent
     kept = [r for r in rows if _row_key(r) in wanted]
     finished = len({_row_key(r) for r in kept})

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import LSAConfig
-from .bench import bench, bench_report
+from .bench import bench, bench_compare, bench_report
 from .errors import friendly_errors
 from .pipeline import dump, indexer_eval, train
 
@@ -121,6 +121,7 @@ app.command()(train)
 app.command("indexer-eval")(indexer_eval)
 app.command()(bench)
 app.command("bench-report")(bench_report)
+app.command("bench-compare")(bench_compare)
 
 
 def main() -> None:

@@ -89,6 +89,28 @@ def bench_report(
     _print_summary(summary, f"{config.get('taskset', folder.name)} on {config.get('model', '?')}", folder, "partial")
 
 
+@friendly_errors
+def bench_compare(
+    base: Path = typer.Argument(..., help="Bench folder of the setting compared against (e.g. the default)."),
+    other: Path = typer.Argument(..., help="Bench folder of the setting tried, same task set, model, seed, budget."),
+    method: str = typer.Option("lsa", help="Method whose rows are compared."),
+    reference: str = typer.Option("full", help="Method of BASE shown beside them on the same samples ('' for none)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Also write the tables here (.md, and .json beside)."),
+) -> None:
+    """Score one method of two bench folders on the samples both finished, per length and per task."""
+    import json
+
+    from ..bench.compare import compare_folders, comparison_markdown
+
+    result = compare_folders(base, other, method=method, reference=reference or None)
+    text = comparison_markdown(result)
+    OUT.print(text, markup=False, highlight=False)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+
+
 def _print_summary(summary: dict, title: str, out: Path, partial: str) -> None:
     table = Table(title=title)
     for col in ("method", "length", "score", "device KV / full", "decode s"):

@@ -119,10 +119,11 @@ class DeepseekV4LSACache(LSACycle, Cache):
     ) -> None:
         self.spec = deepseek_v4_spec(model)
         self.lsa = lsa or deepseek_v4_lsa_config()
-        if self.lsa.first_boundary_keys != "chunk":
+        if self.lsa.first_boundary_keys == "token":
             # its indexer keys are the compressed entries themselves: there is no finer key to score against
             raise ValueError(
-                "DeepSeek-V4 scores compressed entries at every boundary: first_boundary_keys must be 'chunk'"
+                "DeepSeek-V4 scores compressed entries at every boundary: first_boundary_keys must be 'chunk' "
+                "(or 'auto', which means 'chunk' here)"
             )
         self.entry_lsa = entry_config(self.lsa, self.spec.csa_rate)
         targets = self.lsa.target_layers or self.spec.default_target_layers()
