@@ -40,7 +40,12 @@ def folders(tmp_path):
     )
     other = write_folder(
         tmp_path / "other",
-        [("a", 4096, 0, "lsa", 100.0), ("a", 4096, 1, "lsa", 100.0), ("b", 4096, 0, "lsa", 0.0)],
+        [
+            ("a", 4096, 0, "lsa", 100.0),
+            ("a", 4096, 1, "lsa", 100.0),
+            ("b", 4096, 0, "lsa", 0.0),
+            ("a", 8192, 0, "lsa", 0.0),
+        ],
         first_boundary_keys="token",
     )
     return base, other
@@ -51,7 +56,7 @@ def test_rows_pair_by_sample_and_lengths_average_task_means(folders):
     assert result["pairs"] == 3
     (row,) = result["per_length"]
     # task a: 50 -> 100, task b: 50 -> 0; a length's score is the mean of its task means
-    assert (row["length"], row["pairs"], row["base"], row["other"], row["reference"]) == (4096, 3, 50.0, 50.0, 100.0)
+    assert (row["length"], row["pairs"], row["base"], row["other"], row["full"]) == (4096, 3, 50.0, 50.0, 100.0)
     assert [(r["task"], r["delta"]) for r in result["per_task"]] == [("b", -50.0), ("a", 50.0)]
     assert result["changes"] == ["first_boundary_keys: 'chunk' -> 'token'"]
     text = comparison_markdown(result)
@@ -59,8 +64,9 @@ def test_rows_pair_by_sample_and_lengths_average_task_means(folders):
 
 
 def test_without_a_reference_every_shared_sample_counts(folders):
-    result = compare_folders(*folders, reference=None)
-    assert result["pairs"] == 3 and "reference" not in result["per_length"][0]
+    result = compare_folders(*folders, references=())
+    assert result["pairs"] == 4 and "full" not in result["per_length"][0]  # now with the 8K sample
+    assert [r["length"] for r in result["per_length"]] == [4096, 8192]
 
 
 def test_folders_of_other_samples_are_refused(folders, tmp_path):
@@ -80,8 +86,9 @@ def test_folders_of_other_samples_are_refused(folders, tmp_path):
 
 def test_cli_writes_the_tables_and_rejects_a_missing_folder(folders, tmp_path):
     out = tmp_path / "cmp" / "lsa.md"
-    res = CliRunner().invoke(app, ["bench-compare", *map(str, folders), "--out", str(out)])
+    res = CliRunner().invoke(app, ["bench-compare", *map(str, folders), "--reference", "full,lsa", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert out.read_text().startswith("# `lsa`") and json.loads(out.with_suffix(".json").read_text())["pairs"] == 3
+    assert "| length | samples | base | other | delta | full | lsa |" in out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["pairs"] == 3
     res = CliRunner().invoke(app, ["bench-compare", str(folders[0]), str(tmp_path / "none")])
     assert res.exit_code == 2 and "bench output folder" in res.output

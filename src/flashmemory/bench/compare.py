@@ -52,18 +52,22 @@ def _task_means(rows: list[dict]) -> dict[tuple[int, str], float]:
     return {k: mean(v) for k, v in groups.items()}
 
 
-def compare_folders(base: Path, other: Path, method: str = "lsa", reference: str | None = "full") -> dict:
-    """Score ``method`` of two bench folders on the samples both finished, beside ``reference`` of ``base``.
+def compare_folders(
+    base: Path, other: Path, method: str = "lsa", references: tuple[str, ...] | list[str] = ("full",)
+) -> dict:
+    """Score ``method`` of two bench folders on the samples both finished, beside ``references`` of ``base``.
 
     Args:
         base: the folder of the setting compared against (e.g. the default).
         other: the folder of the setting tried.
         method: the method whose rows are compared (present in both folders).
-        reference: a method of ``base`` shown beside them on the same samples (e.g. ``"full"``), or None.
+        references: methods of ``base`` shown beside them on the same samples (e.g. ``"full"``); a sample counts
+            only when each of them finished it.
 
     Returns:
-        ``{"method", "reference", "changes", "per_length": [...], "per_task": [...], "pairs"}``. A length's score is
-        the mean over tasks of the per-task mean, as in the bench summary.
+        ``{"method", "references", "changes", "per_length": [...], "per_task": [...], "pairs"}``. A length's score
+        is the mean over tasks of the per-task mean, as in the bench summary; each row holds ``base``, ``other``,
+        ``delta`` and one entry per reference method.
 
     Raises:
         ValueError: the folders ran different samples, or share none for ``method``.
@@ -78,9 +82,10 @@ def compare_folders(base: Path, other: Path, method: str = "lsa", reference: str
     def by_sample(rows: list[dict], name: str) -> dict[tuple, dict]:
         return {(r["task"], int(r["length"]), int(r["sample"])): r for r in rows if r["method"] == name}
 
+    references = list(references)
     a, b = by_sample(rows_a, method), by_sample(rows_b, method)
-    ref = by_sample(rows_a, reference) if reference else {}
-    keys = sorted(set(a) & set(b) & (set(ref) if reference else set(a)))
+    refs = {name: by_sample(rows_a, name) for name in references}
+    keys = sorted(set(a).intersection(b, *refs.values()))
     if not keys:
         raise ValueError(f"no sample of method {method!r} is finished in both {base} and {other}")
     for key in keys:
@@ -89,11 +94,8 @@ def compare_folders(base: Path, other: Path, method: str = "lsa", reference: str
                 f"sample {key} has a {a[key]['prompt_tokens']}-token prompt in {base} but "
                 f"{b[key]['prompt_tokens']} in {other}: the folders do not hold the same samples"
             )
-    cells = {
-        "base": _task_means([a[k] for k in keys]),
-        "other": _task_means([b[k] for k in keys]),
-        "reference": _task_means([ref[k] for k in keys]) if reference else {},
-    }
+    cells = {"base": _task_means([a[k] for k in keys]), "other": _task_means([b[k] for k in keys])}
+    cells.update({name: _task_means([rows[k] for k in keys]) for name, rows in refs.items()})
     count: dict[tuple[int, str], int] = defaultdict(int)
     for task, length, _ in keys:
         count[(length, task)] += 1
@@ -105,7 +107,7 @@ def compare_folders(base: Path, other: Path, method: str = "lsa", reference: str
             "length": length,
             "tasks": len(tasks),
             "pairs": sum(count[(length, t)] for t in tasks),
-            **{side: mean(c[(length, t)] for t in tasks) for side, c in cells.items() if c},
+            **{side: mean(c[(length, t)] for t in tasks) for side, c in cells.items()},
         }
         row["delta"] = row["other"] - row["base"]
         per_length.append(row)
@@ -117,14 +119,14 @@ def compare_folders(base: Path, other: Path, method: str = "lsa", reference: str
             "task": task,
             "pairs": sum(count[(n, task)] for n in lengths),
             # pooled over lengths as the mean of the per-length means, so each length weighs the same
-            **{side: mean(c[(n, task)] for n in lengths) for side, c in cells.items() if c},
+            **{side: mean(c[(n, task)] for n in lengths) for side, c in cells.items()},
         }
         row["delta"] = row["other"] - row["base"]
         per_task.append(row)
     per_task.sort(key=lambda r: r["delta"])
     return {
         "method": method,
-        "reference": reference,
+        "references": references,
         "base": str(base),
         "other": str(other),
         "changes": _setting_changes(config_a, config_b),
@@ -136,7 +138,7 @@ def compare_folders(base: Path, other: Path, method: str = "lsa", reference: str
 
 def comparison_markdown(result: dict) -> str:
     """The comparison as markdown: one table per length, one per task (largest loss first)."""
-    ref = result["reference"]
+    refs = result["references"]
     changes = "; ".join(result["changes"]) or "no recorded setting differs"
     lines = [
         f"# `{result['method']}`: `{result['other']}` against `{result['base']}`",
@@ -144,14 +146,14 @@ def comparison_markdown(result: dict) -> str:
         f"{result['pairs']} samples finished in both folders. Settings changed: {changes}.",
         "",
     ]
-    head = ["length", "samples", "base", "other", "delta"] + ([ref] if ref else [])
+    head = ["length", "samples", "base", "other", "delta", *refs]
     lines += ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in result["per_length"]:
         cols = [str(r["length"]), str(r["pairs"]), f"{r['base']:.1f}", f"{r['other']:.1f}", f"{r['delta']:+.1f}"]
-        lines.append("| " + " | ".join(cols + ([f"{r['reference']:.1f}"] if ref else [])) + " |")
-    head = ["task", "samples", "base", "other", "delta"] + ([ref] if ref else [])
+        lines.append("| " + " | ".join(cols + [f"{r[name]:.1f}" for name in refs]) + " |")
+    head = ["task", "samples", "base", "other", "delta", *refs]
     lines += ["", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in result["per_task"]:
         cols = [r["task"], str(r["pairs"]), f"{r['base']:.1f}", f"{r['other']:.1f}", f"{r['delta']:+.1f}"]
-        lines.append("| " + " | ".join(cols + ([f"{r['reference']:.1f}"] if ref else [])) + " |")
+        lines.append("| " + " | ".join(cols + [f"{r[name]:.1f}" for name in refs]) + " |")
     return "\n".join(lines) + "\n"

@@ -94,7 +94,9 @@ def bench_compare(
     base: Path = typer.Argument(..., help="Bench folder of the setting compared against (e.g. the default)."),
     other: Path = typer.Argument(..., help="Bench folder of the setting tried, same task set, model, seed, budget."),
     method: str = typer.Option("lsa", help="Method whose rows are compared."),
-    reference: str = typer.Option("full", help="Method of BASE shown beside them on the same samples ('' for none)."),
+    reference: str = typer.Option(
+        "full", help="Comma-separated methods of BASE shown beside them on the same samples ('' for none)."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Also write the tables here (.md, and .json beside)."),
 ) -> None:
     """Score one method of two bench folders on the samples both finished, per length and per task."""
@@ -102,7 +104,8 @@ def bench_compare(
 
     from ..bench.compare import compare_folders, comparison_markdown
 
-    result = compare_folders(base, other, method=method, reference=reference or None)
+    references = [name.strip() for name in reference.split(",") if name.strip()]
+    result = compare_folders(base, other, method=method, references=references)
     text = comparison_markdown(result)
     OUT.print(text, markup=False, highlight=False)
     if out is not None:
