@@ -103,7 +103,7 @@ def attention_mass(indexer, j: int, hidden, pos, valid, token_keys, chunk_size: 
     q, _ = indexer.tower(j, hidden.to(indexer.tower.q_proj[j].weight.dtype))
     q = apply_rope(q, pos, indexer.inv_freq[j], spec.rope_scaling[j])  # [B, W, H, D]
     b, w, h, d = q.shape
-    keys = token_keys.float().repeat_interleave(h // token_keys.shape[1], dim=1)  # [B, H, T, D]
+    keys = token_keys.to(q.device).float().repeat_interleave(h // token_keys.shape[1], dim=1)  # [B, H, T, D]
     t = keys.shape[2]
     logits = torch.einsum("bwhd,bhtd->bhwt", q.float(), keys) / math.sqrt(d)
     future = torch.arange(t)[None, :] > pos[0][:, None]  # the window's tokens see only their own prefix
@@ -118,7 +118,7 @@ def run(args) -> dict:
     model, tok = default_loader(args.model, args.device)
     spec = backbone_spec(model)
     all_layers = tuple(spec.full_layers)
-    # token keys: the prompt's keys of every layer stay held, since no decode step reaches the first boundary
+    # token keys: the first boundary's scorer reads every layer's prompt keys back from the store's host mirror
     lsa = LSAConfig(budget=args.budget, target_layers=all_layers, query_window=64, first_boundary_keys="token")
     default = spec.default_target_layers()
     names = variants(all_layers, default, spec.default_layer_reduce())
@@ -138,6 +138,7 @@ def run(args) -> dict:
                 selectable = store.selectable_pages()
                 spans = answer_spans(tok, text, sample.outputs, before=store.tail_start)
                 keys = dict(zip(cache.targets, cache.chunk_keys.stacked(), strict=True))
+                prompt_keys = {layer: store.mirror_k[layer][:, :, : cache.token_keys_len] for layer in cache.targets}
                 n = next(iter(keys.values())).shape[2]
                 sink = torch.zeros(1, n, dtype=torch.bool)
                 sink[:, : lsa.sink // lsa.chunk_size] = True
@@ -146,7 +147,7 @@ def run(args) -> dict:
                     pos, valid = cache.lookahead_pos[:, -window:], cache.lookahead_valid[:, -window:]
                     for j, layer in enumerate(cache.targets):
                         hidden = cache.lookahead[layer][:, -window:]
-                        token = cache.prefill_token_keys[layer] if mode == "token" else None
+                        token = prompt_keys[layer] if mode == "token" else None
                         logits[(layer, window, mode)] = cache.indexer.layer_logits(
                             j, hidden, pos, keys[layer], valid, token_keys=token
                         )
@@ -158,7 +159,7 @@ def run(args) -> dict:
                         cache.lookahead[layer][:, -16:],
                         pos,
                         valid,
-                        cache.prefill_token_keys[layer],
+                        prompt_keys[layer],
                         lsa.chunk_size,
                         n,
                     )
@@ -228,6 +229,9 @@ def main() -> None:
     if args.seed == 0:
         raise SystemExit("seed 0 is the recorded RULER grid's: tune scorers on another seed")
     report = run(args)
+    if not report["tasks"]:
+        # every answer sat in the sink or the recent tail, which are resident whatever the scorer chooses
+        raise SystemExit(f"no sample had an answer outside the sink and recent tail at {args.length} tokens")
     args.out.mkdir(parents=True, exist_ok=True)
     report["args"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     (args.out / "needle_pages.json").write_text(json.dumps(report, indent=1))

@@ -38,9 +38,9 @@ class LSAConfig:
             layers' keys of every prompt token, a chunk scoring as its best token; or ``"auto"``, token keys for
             prompts of at least ``token_keys_from`` tokens and chunk keys for shorter ones. A chunk's mean key
             blurs a needle into the text around it, which costs more the more chunks there are to tell apart:
-            on RULER's dev split token keys lost 1-3 points at 4K and 8K and gained 5.7 at 16K. The prompt's keys
-            are on the device then anyway; keeping the target layers' until the boundary costs one layer's keys
-            per target layer at the prefill's peak, nothing after it. Default: "auto".
+            on RULER's dev split token keys lost 1-3 points at 4K and 8K and gained 5.7 at 16K. The boundary reads
+            the target layers' prompt keys back from the host mirror a block at a time, so it holds no extra device
+            memory (on a GPU it waits once for the prefill's copies into the mirror). Default: "auto".
         token_keys_from: prompt length in tokens (of the longest prompt in a batch) from which
             ``first_boundary_keys="auto"`` uses token keys. Default: 12288.
         warmup_steps: decode steps of a turn (counted from its first boundary: the end of the prefill, or a

@@ -61,3 +61,24 @@ def test_device_kv_bytes_agree_with_the_allocator():
     assert abs(stats.allocator_kv_bytes - stats.kv_bytes_device) < 0.05 * stats.kv_bytes_device + 2**20
     _, full = generate_ids(model, ids, method="full", max_new_tokens=70)
     assert stats.kv_bytes_device < 0.3 * full.kv_bytes_device
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_token_keys_read_from_the_host_mirror_score_as_on_the_cpu(fast):
+    """The first boundary scores token keys read from the pinned mirror right after the prefill wrote them."""
+    from dataclasses import replace
+
+    from flashmemory.attention.fast_path import build_lsa_cache
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (2, 3000))
+    lsa = replace(LSAConfig(budget=0.3, **SMALL_LSA), first_boundary_keys="token")
+    with LSACache(model, lsa, max_new_tokens=8) as cache:
+        greedy_logits(model, ids, cache, 1)
+        expected = cache.last_scores.clone()
+    model = model.cuda()
+    gpu_lsa = replace(lsa, attention_backend="triton" if fast else "mask")
+    with build_lsa_cache(model, gpu_lsa, max_new_tokens=8) as cache:
+        assert cache.store.mirror_k[cache.targets[0]].device.type == "cpu"
+        greedy_logits(model, ids.cuda(), cache, 1)
+        torch.testing.assert_close(cache.last_scores.cpu(), expected, rtol=1e-4, atol=1e-4)

@@ -207,11 +207,14 @@ def test_first_boundary_can_score_chunks_by_their_best_token():
             calls = spy_on_token_keys(cache)
             greedy_logits(model, ids, cache, 1)
             first[mode] = cache.last_scores.clone()
-            assert not cache.prefill_token_keys  # let go of at the first boundary
+            assert cache.token_keys_len is None  # later boundaries score chunk keys
+            mirror = {layer: cache.store.mirror_k[layer].untyped_storage().data_ptr() for layer in cache.targets}
         if mode == "token":
-            # the keys held to the first boundary are the prompt's keys at the indexer's layers
+            # the first boundary reads the prompt's keys at the indexer's layers from the host mirror: no copy of
+            # them is held from the prefill
             assert len(calls) == 1 and len(calls[0]) == len(cache.targets)
             for held, layer in zip(calls[0], cache.targets, strict=True):
+                assert held.untyped_storage().data_ptr() == mirror[layer]
                 torch.testing.assert_close(held, ref.layers[layer].keys)
         else:
             assert calls == [None]

@@ -154,8 +154,8 @@ class LSACache(LSACycle, Cache):
         self.init_cycle(max_new_tokens, forced_pages)
         self.store: KVStore | None = None
         self.chunk_keys = ChunkKeys(self.targets, self.lsa.chunk_size)
-        # the target layers' prompt keys, held from the prefill to the first boundary when it scores by token
-        self.prefill_token_keys: dict[int, torch.Tensor] = {}
+        # prompt length whose token keys the first boundary scores (None: it scores chunk keys, or it has passed)
+        self.token_keys_len: int | None = None
         self.pad_len: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
         self.hooks = CacheHooks(self, model)
@@ -176,8 +176,8 @@ class LSACache(LSACycle, Cache):
             self.store.write_prefill(layer, keys, values)
             if layer in self.targets:
                 self.chunk_keys.extend(layer, keys, 0, self.pad_len, keys.device)
-                if self.lsa.scores_tokens_first(keys.shape[-2]):
-                    self.prefill_token_keys[layer] = keys
+            if layer == self.first_lsa_layer and self.lsa.scores_tokens_first(keys.shape[-2]):
+                self.token_keys_len = keys.shape[-2]
             return keys, values
         if keys.shape[-2] != 1:
             raise NotImplementedError("LSACache decodes one token per step per sequence")
@@ -233,7 +233,17 @@ class LSACache(LSACycle, Cache):
             self.chunk_keys.extend(layer, keys, start, self.pad_len, store.device)
 
     def _score_chunks(self) -> torch.Tensor:
-        held = self.prefill_token_keys
+        n = self.token_keys_len
+        # The prompt's token keys are read from the host mirror (the prefill wrote them there, stream-ordered
+        # before this read), block by block in the scorer: holding them on the device from the prefill to here
+        # would cost one layer's keys per target layer at the prefill's peak, up to gigabytes at 1M tokens.
+        token_keys = None
+        if n is not None:
+            token_keys = [self.store.mirror_k[layer][:, :, :n] for layer in self.targets]
+            if self.store.device.type == "cuda":
+                # the prefill's copies into the mirror are queued on the stream, and a block of a strided slice
+                # is gathered on the host before it is copied over: once per turn, wait for them
+                torch.cuda.current_stream(self.store.device).synchronize()
         return self.indexer.score(
             self.lookahead,
             self.lookahead_pos,
@@ -241,14 +251,14 @@ class LSACache(LSACycle, Cache):
             self.layer_reduce,
             window_mask=self.lookahead_valid,
             chunk_offset=self.store.pad_len,
-            token_keys=[held[layer] for layer in self.targets] if held else None,
+            token_keys=token_keys,
         )
 
     def _boundary(self, first: bool) -> None:
         try:
             super()._boundary(first)
         finally:
-            self.prefill_token_keys.clear()  # later boundaries have only the chunk keys on the device
+            self.token_keys_len = None  # later boundaries score the chunk keys
 
     def _valid_chunks(self, n: int) -> torch.Tensor:
         c = self.lsa.chunk_size

@@ -176,7 +176,7 @@ class MemoryIndexer(nn.Module):
             logits = chunk_logits(q, w, bias, keys.to(q.device))  # [B, W, N]
         else:
             c, n = self.spec.chunk_size, keys.shape[2]
-            logits = token_chunk_logits(q, w, bias, token_keys.to(q.device), c, n, chunk_offset)
+            logits = token_chunk_logits(q, w, bias, token_keys, c, n, chunk_offset)
         logits = logits + self._distance_prior(j, positions.to(q.device), keys.shape[2], chunk_offset)
         if window_mask is not None:
             logits = logits.masked_fill(~window_mask.to(logits.device)[..., None], float("-inf"))

@@ -41,13 +41,14 @@ def token_chunk_logits(
 
     A chunk's mean key blurs the few tokens a question matches (a key among many like it) with the rest of the
     chunk; scoring each token keeps them apart. Computed over blocks of chunks so the per-token scores of a long
-    prompt never exist at once.
+    prompt never exist at once; keys held elsewhere (the host mirror) are copied to ``q``'s device one block at a
+    time.
 
     Args:
         q: rotated queries of ``W`` lookahead tokens. # [B, W, H, D]
         w: head weights. # [B, W, H]
         bias: scalar score bias.
-        token_keys: keys of positions ``0 .. T-1``, ``T >= num_chunks * chunk_size``. # [B, Hkv, T, D]
+        token_keys: keys of positions ``0 .. T-1``, ``T >= num_chunks * chunk_size``, on any device. # [B, Hkv, T, D]
         chunk_size: tokens per chunk.
         num_chunks: chunks to score (the complete chunks).
         pad_len: left padding per sequence; padding tokens never score. # [B]
@@ -60,7 +61,8 @@ def token_chunk_logits(
     out = []
     for c0 in range(0, num_chunks, block_chunks):
         c1 = min(num_chunks, c0 + block_chunks)
-        logits = chunk_logits(q, w, bias, token_keys[:, :, c0 * chunk_size : c1 * chunk_size])  # [B, W, n*C]
+        block = token_keys[:, :, c0 * chunk_size : c1 * chunk_size].to(q.device, non_blocking=True)
+        logits = chunk_logits(q, w, bias, block)  # [B, W, n*C]
         if pad_len is not None:
             pos = torch.arange(c0 * chunk_size, c1 * chunk_size, device=logits.device)
             padding = pos[None, :] < pad_len.to(logits.device)[:, None]  # [B, n*C]
