@@ -108,6 +108,16 @@ def test_rerun_skips_finished_rows(bench, tmp_path, monkeypatch):
     assert len(summary["overall"]) == 2
 
 
+def test_each_row_names_the_commit_of_the_run_that_made_it(bench, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHMEMORY_COMMIT", "aaaaaaa")
+    bench(methods=["full"], samples=1)
+    monkeypatch.setenv("FLASHMEMORY_COMMIT", "bbbbbbb")
+    bench(methods=["full"], samples=2)  # resumes: only sample 1 is new
+    rows = _rows_ok(tmp_path / "run" / "results.jsonl")
+    assert {(r["sample"], r["commit"]) for r in rows} == {(0, "aaaaaaa"), (1, "bbbbbbb")}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["commit"] == "bbbbbbb"
+
+
 def test_torn_last_line_is_recomputed(bench, tmp_path):
     bench(methods=["full"], samples=1)
     path = tmp_path / "run" / "results.jsonl"

@@ -339,6 +339,8 @@ def run_bench(
     ):
 
         def record(row: dict) -> None:
+            # config.json names the newest run's commit; a folder filled over several runs keeps each row's own
+            row["commit"] = config["commit"]
             sink.write(json.dumps(row) + "\n")
             sink.flush()
             advance(description=f"{row['task']} @ {row['length']} #{row['sample']} {row['method']}")
