@@ -16,7 +16,7 @@ from flashmemory.config import LSAConfig
         pytest.param({"layer_reduce": "sum"}, "layer_reduce", id="reduce"),
         pytest.param({"target_layers": ()}, "target_layers", id="targets-empty"),
         pytest.param({"first_boundary_keys": "tokens"}, "first_boundary_keys", id="first-boundary-keys"),
-        pytest.param({"token_keys_from": 0}, "token_keys_from", id="token-keys-from"),
+        pytest.param({"token_keys_from": -1}, "token_keys_from", id="token-keys-from"),
     ],
 )
 def test_lsa_config_rejects(kwargs, match):
@@ -34,9 +34,12 @@ def test_lsa_config_derived_sizes():
 def test_first_boundary_scores_tokens_from_a_prompt_length_in_auto_mode():
     auto = LSAConfig(token_keys_from=1000)
     assert auto.first_boundary_keys == "auto"
-    assert [auto.scores_tokens_first(n) for n in (999, 1000, 50_000)] == [False, True, True]
-    assert not LSAConfig(first_boundary_keys="chunk", token_keys_from=1).scores_tokens_first(50_000)
-    assert LSAConfig(first_boundary_keys="token").scores_tokens_first(1)
+    assert [auto.scores_tokens_first(n, backbone_from=5) for n in (999, 1000, 50_000)] == [False, True, True]
+    backbone = LSAConfig()  # token_keys_from=None: the backbone's own threshold
+    assert [backbone.scores_tokens_first(n, backbone_from=5) for n in (4, 5)] == [False, True]
+    assert LSAConfig(token_keys_from=0).scores_tokens_first(1, backbone_from=10**6)
+    assert not LSAConfig(first_boundary_keys="chunk", token_keys_from=1).scores_tokens_first(50_000, 0)
+    assert LSAConfig(first_boundary_keys="token").scores_tokens_first(1, 10**6)
 
 
 def test_overrides_set_typed_values_and_keep_the_rest():

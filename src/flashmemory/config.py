@@ -38,11 +38,13 @@ class LSAConfig:
             layers' keys of every prompt token, a chunk scoring as its best token; or ``"auto"``, token keys for
             prompts of at least ``token_keys_from`` tokens and chunk keys for shorter ones. A chunk's mean key
             blurs a needle into the text around it, which costs more the more chunks there are to tell apart:
-            on RULER's dev split token keys lost 1-3 points at 4K and 8K and gained 5.7 at 16K. The boundary reads
-            the target layers' prompt keys back from the host mirror a block at a time, so it holds no extra device
-            memory (on a GPU it waits once for the prefill's copies into the mirror). Default: "auto".
+            on RULER's dev split token keys lost 1-3 points at 4K and 8K on Qwen2.5's layer 13 and gained 5.7 at
+            16K. The boundary reads the target layers' prompt keys back from the host mirror a block at a time,
+            so it holds no extra device memory (on a GPU it waits once for the prefill's copies into the mirror).
+            Default: "auto".
         token_keys_from: prompt length in tokens (of the longest prompt in a batch) from which
-            ``first_boundary_keys="auto"`` uses token keys. Default: 12288.
+            ``first_boundary_keys="auto"`` uses token keys; ``None`` takes the length measured for the backbone's
+            shape (``BackboneSpec.default_token_keys_from``: 12288 unless measured otherwise). Default: None.
         warmup_steps: decode steps of a turn (counted from its first boundary: the end of the prefill, or a
             requested boundary) after which an extra boundary chooses the pages again, so that the first tokens of
             the answer join the lookahead query. An answer that follows a chain through the history (a variable
@@ -78,18 +80,18 @@ class LSAConfig:
     query_window: int = 16
     follow_chunks: int = 0
     first_boundary_keys: str = "auto"
-    token_keys_from: int = 12288
+    token_keys_from: int | None = None
     warmup_steps: tuple[int, ...] = ()
     prefetch_steps: int = 0
     prefetch_share: float = 0.25
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("chunk_size", "page_chunks", "interval", "query_window", "token_keys_from"):
+        for name in ("chunk_size", "page_chunks", "interval", "query_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LSAConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("recent", "sink", "follow_chunks"):
-            if getattr(self, name) < 0:
+        for name in ("recent", "sink", "follow_chunks", "token_keys_from"):
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"LSAConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.interval % self.chunk_size:
             raise ValueError(
@@ -154,10 +156,15 @@ class LSAConfig:
     def is_fractional_budget(self) -> bool:
         return self.budget is not None and self.budget <= 1.0
 
-    def scores_tokens_first(self, prompt_len: int) -> bool:
-        """Whether the first boundary after a prefill of ``prompt_len`` tokens scores chunks by their best token."""
+    def scores_tokens_first(self, prompt_len: int, backbone_from: int) -> bool:
+        """Whether the first boundary after a prefill of ``prompt_len`` tokens scores chunks by their best token.
+
+        Args:
+            prompt_len: tokens of the (padded) prompt.
+            backbone_from: the backbone's own threshold, used when ``token_keys_from`` is None.
+        """
         if self.first_boundary_keys == "auto":
-            return prompt_len >= self.token_keys_from
+            return prompt_len >= (backbone_from if self.token_keys_from is None else self.token_keys_from)
         return self.first_boundary_keys == "token"
 
 

@@ -172,6 +172,7 @@ def test_folders_written_before_an_lsa_setting_existed_resume_with_what_they_ran
     bench(out=out, methods=["full"], samples=1, lsa=ran)
     config = json.loads((out / "config.json").read_text())
     del config["lsa"]["first_boundary_keys"], config["lsa"]["token_keys_from"]  # as written back then
+    del config["lsa_default_scorer"]["token_keys_from"]
     (out / "config.json").write_text(json.dumps(config))
     bench(out=out, methods=["full"], samples=1, lsa=ran)
     for changed in (["first_boundary_keys=token"], []):  # the default is now "auto"
@@ -199,7 +200,33 @@ def test_rows_made_with_other_default_layers_are_not_mixed(bench, monkeypatch, t
     summary = bench(
         out=tmp_path / "explicit", methods=["full"], samples=1, lsa=with_overrides(SMALL, ["target_layers=1"])
     )
-    assert summary["config"]["lsa_default_scorer"] == {"target_layers": [1], "layer_reduce": "max"}
+    assert summary["config"]["lsa_default_scorer"] == {
+        "target_layers": [1],
+        "layer_reduce": "max",
+        "token_keys_from": 12288,
+    }
+
+
+def test_rows_made_with_another_token_keys_threshold_are_not_mixed(bench, monkeypatch, tmp_path):
+    bench(methods=["full"], samples=1)
+    monkeypatch.setattr(BackboneSpec, "default_token_keys_from", lambda self: 4096)
+    with pytest.raises(ValueError, match=re.escape("lsa_default_scorer: ")):
+        bench(methods=["full"], samples=1)
+    # a threshold that is set, or a mode that has none, does not depend on the backbone's
+    set_ = with_overrides(SMALL, ["token_keys_from=100"])
+    assert (
+        bench(out=tmp_path / "set", methods=["full"], samples=1, lsa=set_)["config"]["lsa_default_scorer"][
+            "token_keys_from"
+        ]
+        == 100
+    )
+    chunk = with_overrides(SMALL, ["first_boundary_keys=chunk"])
+    assert (
+        bench(out=tmp_path / "chunk", methods=["full"], samples=1, lsa=chunk)["config"]["lsa_default_scorer"][
+            "token_keys_from"
+        ]
+        is None
+    )
 
 
 def test_baseline_page_choosers():

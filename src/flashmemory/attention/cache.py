@@ -176,7 +176,9 @@ class LSACache(LSACycle, Cache):
             self.store.write_prefill(layer, keys, values)
             if layer in self.targets:
                 self.chunk_keys.extend(layer, keys, 0, self.pad_len, keys.device)
-            if layer == self.first_lsa_layer and self.lsa.scores_tokens_first(keys.shape[-2]):
+            if layer == self.first_lsa_layer and self.lsa.scores_tokens_first(
+                keys.shape[-2], self.spec.default_token_keys_from()
+            ):
                 self.token_keys_len = keys.shape[-2]
             return keys, values
         if keys.shape[-2] != 1:

@@ -49,7 +49,7 @@ _PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data", "lsa_inde
 # What a folder written before a pinned setting was recorded ran with (the default scorer changed: no entry).
 _BEFORE_RECORDED = {"protocol": "single-prefill"}
 # LSA settings added after folders were written, with the value those folders ran with
-_LSA_BEFORE_RECORDED = {"first_boundary_keys": "chunk", "token_keys_from": 12288, "warmup_steps": []}
+_LSA_BEFORE_RECORDED = {"first_boundary_keys": "chunk", "token_keys_from": None, "warmup_steps": []}
 
 Loader = Callable[[str, str], tuple[torch.nn.Module, object]]
 PROTOCOLS = ("single-prefill", "question-last")
@@ -187,6 +187,9 @@ def _check_resume(out: Path, config: dict) -> None:
     recorded = {**_BEFORE_RECORDED, **old}
     if isinstance(recorded.get("lsa"), dict):
         recorded["lsa"] = {**_LSA_BEFORE_RECORDED, **recorded["lsa"]}
+    if isinstance(recorded.get("lsa_default_scorer"), dict):
+        # written before the threshold was recorded: by runs that scored chunk or token keys, never "auto"
+        recorded["lsa_default_scorer"] = {"token_keys_from": None, **recorded["lsa_default_scorer"]}
     changed = [k for k in _PINNED if k in config and recorded.get(k) != config[k]]  # some are known once loaded
     if changed and (out / RESULTS).exists():
         details = ", ".join(f"{k}: {recorded.get(k)!r} -> {config[k]!r}" for k in changed)
@@ -314,8 +317,15 @@ def run_bench(
     config["lsa_indexer"] = shipped_identity(model) if "lsa" in methods else None
     # `target_layers: null` means the model's default layers, which a later version may choose differently; the
     # layers decide the zero-shot scores and, through the chunk keys' bytes, every peer's matched budget.
-    layers, reduce = backbone_spec(model).scorer(cfg.target_layers, cfg.layer_reduce)
-    config["lsa_default_scorer"] = {"target_layers": list(layers), "layer_reduce": reduce}
+    spec = backbone_spec(model)
+    layers, reduce = spec.scorer(cfg.target_layers, cfg.layer_reduce)
+    # likewise the prompt length from which "auto" scores token keys, when the backbone's own one is used
+    threshold = spec.default_token_keys_from() if cfg.token_keys_from is None else cfg.token_keys_from
+    config["lsa_default_scorer"] = {
+        "target_layers": list(layers),
+        "layer_reduce": reduce,
+        "token_keys_from": threshold if cfg.first_boundary_keys == "auto" else None,
+    }
     _check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -13,6 +13,15 @@ from torch import nn
 MEASURED_ZERO_SHOT_LAYERS: dict[tuple, tuple[int, ...]] = {
     ("qwen2", 24, 896, 14, 2): (13,),
 }
+# Prompt length from which the first boundary scores chunks by their best token (LSAConfig.token_keys_from), per
+# architecture shape; others take DEFAULT_TOKEN_KEYS_FROM, Qwen2.5 0.5B's: token keys lost 1.3 / 3.2 points at 4K / 8K
+# and gained 5.7 at 16K on RULER's dev split (benchmarks/results/ruler_dev_token_keys_h200). SmolLM2-135M gains at
+# every length it has: +10.7 points with its shipped checkpoint and +3.5 zero-shot at 4K on its dev split
+# (benchmarks/results/ruler_dev_token_keys_smollm2_cpu).
+DEFAULT_TOKEN_KEYS_FROM = 12288
+MEASURED_TOKEN_KEYS_FROM: dict[tuple, int] = {
+    ("llama", 30, 576, 9, 3): 0,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +70,10 @@ class BackboneSpec:
             return measured
         n = len(full)
         return tuple(full[int(0.45 * n) : int(0.7 * n) + 1])
+
+    def default_token_keys_from(self) -> int:
+        """Prompt length from which ``first_boundary_keys="auto"`` scores token keys on this backbone."""
+        return MEASURED_TOKEN_KEYS_FROM.get(self.shape_key, DEFAULT_TOKEN_KEYS_FROM)
 
     def default_layer_reduce(self) -> str:
         """How the zero-shot scorer combines its default layers (see :meth:`default_target_layers`)."""
