@@ -4,6 +4,7 @@ from transformers import AutoConfig
 
 from flashmemory.attention.cache import LSACache
 from flashmemory.config import LSAConfig
+from flashmemory.models import adapter
 from flashmemory.models.adapter import DEFAULT_TOKEN_KEYS_FROM, MEASURED_ZERO_SHOT_LAYERS, backbone_spec
 from flashmemory.models.tiny import tiny_model
 
@@ -37,9 +38,10 @@ def test_measured_shape_gets_its_measured_layer():
     assert backbone_spec(_config("qwen2", 28, 896, 14, 2)).default_target_layers() == tuple(range(12, 20))
 
 
-def test_token_keys_threshold_is_the_measured_one_of_the_shape():
-    assert backbone_spec(_config("qwen2", 24, 896, 14, 2)).default_token_keys_from() == 12288
-    assert backbone_spec(_config("llama", 30, 576, 9, 3)).default_token_keys_from() == 0  # SmolLM2-135M
+def test_token_keys_threshold_is_the_measured_one_of_the_shape(monkeypatch):
+    assert backbone_spec(_config("qwen2", 24, 896, 14, 2)).default_token_keys_from() == DEFAULT_TOKEN_KEYS_FROM == 12288
+    monkeypatch.setitem(adapter.MEASURED_TOKEN_KEYS_FROM, ("llama", 30, 576, 9, 3), 0)
+    assert backbone_spec(_config("llama", 30, 576, 9, 3)).default_token_keys_from() == 0
     assert backbone_spec(_config("llama", 32, 4096, 32, 8)).default_token_keys_from() == DEFAULT_TOKEN_KEYS_FROM
 
 
