@@ -2,11 +2,12 @@
 
 For each RULER sample, one prefill through an ``LSACache`` that keys every full-attention layer gives the chunk
 keys and the lookahead hidden states of all layers. The first boundary's page choice is then replayed offline for
-several scorers (which layers, max or mean over them, how many query tokens), at the reserve's real number of page
-slots (scoring chunks by their mean keys, or by their best token with ``first_boundary_keys="token"``), and
-checked against the pages that hold the answer: an answer counts as covered when every token of one of
-its occurrences is resident (in a chosen page, the sink or the recent tail). No decoding: this isolates the page
-choice from everything after it. Use RULER's dev seed (1), never the seed of the recorded grid (0).
+several scorers (which layers, max or mean over them, how many query tokens; chunks scored by their mean keys, or
+by their best token as with ``first_boundary_keys="token"``), at the number of page slots the bench's reserve has
+for the same prompt and budget, and checked against the pages that hold the answer: an answer counts as covered
+when every token of one of its occurrences is resident (in a chosen page, the sink or the recent tail). No
+decoding: this isolates the page choice from everything after it. Use RULER's dev seed (1), never the seed of the
+recorded grid (0). Folders recorded before the slots followed the bench's used fewer (their READMEs say how many).
 
 Usage: ``python3 benchmarks/needle_pages.py --out DIR [--model qwen2.5-coder-0.5b --length 4096 --samples 6]``.
 """
@@ -18,6 +19,7 @@ import json
 import math
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from flashmemory.bench.ruler import generate_ruler
 from flashmemory.bench.runner import chat_prompt, default_loader, encode_sample
 from flashmemory.config import LSAConfig
 from flashmemory.indexer.scoring import select_pages
+from flashmemory.memory.layout import plan_layout
 from flashmemory.models.adapter import apply_rope, backbone_spec
 
 TASKS = "niah_single_1,niah_single_3,niah_multikey_2,niah_multivalue,niah_multiquery,vt"
@@ -113,6 +116,22 @@ def attention_mass(indexer, j: int, hidden, pos, valid, token_keys, chunk_size: 
     return {"mean": mass.mean(1), "max": mass.amax(1)}
 
 
+def bench_page_slots(cache: LSACache, lsa: LSAConfig, default_layers: int, prompt_len: int, new_tokens: int) -> int:
+    """Page slots of the bench's reserve for this prompt: the same budget, with chunk keys of the default layers only.
+
+    The replay keys every full-attention layer so that one prefill serves every scorer; counting all those chunk
+    keys against the budget would leave fewer slots than `flashmemory bench` has.
+    """
+    elem = cache.store.mirror_k[cache.targets[0]].element_size()
+    seq = cache.sequence_bytes(elem)
+    seq = replace(seq, per_chunk_key=seq.per_chunk_key // len(cache.targets) * default_layers)
+    full_other = cache._other_bytes(prompt_len, elem)
+    layout = plan_layout(
+        lsa, seq, context_len=prompt_len, max_len=prompt_len + new_tokens, other_layers_full=full_other
+    )
+    return layout.num_page_slots
+
+
 @torch.no_grad()
 def run(args) -> dict:
     model, tok = default_loader(args.model, args.device)
@@ -131,10 +150,11 @@ def run(args) -> dict:
             text = chat_prompt(tok, sample.input, sample.answer_prefix)  # the model has a chat template
             ids = enc["input_ids"]
             assert tok(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
-            with LSACache(model, lsa, max_new_tokens=64) as cache:
+            with LSACache(model, lsa, max_new_tokens=sample.max_new_tokens) as cache:
                 model(input_ids=ids.to(model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
                 store = cache.store
-                page, k = lsa.page_size, store.layout.num_page_slots
+                page = lsa.page_size
+                k = bench_page_slots(cache, lsa, len(default), ids.shape[1], sample.max_new_tokens)
                 selectable = store.selectable_pages()
                 spans = answer_spans(tok, text, sample.outputs, before=store.tail_start)
                 keys = dict(zip(cache.targets, cache.chunk_keys.stacked(), strict=True))
@@ -187,7 +207,7 @@ def run(args) -> dict:
             print(f"{task} #{sample.index}: {time.time() - started:.0f} s, {k} page slots", flush=True)
     return {
         "args": vars(args),
-        "page_slots_note": "page slots of the reserve at this budget and length, as in the bench",
+        "page_slots_note": "the bench's page slots at this budget and length (chunk keys of the default layers)",
         "default_layers": list(default),
         "tasks": {t: {v: sum(x) / len(x) for v, x in d.items()} for t, d in per_task.items()},
         "samples": {t: len(next(iter(d.values()))) for t, d in per_task.items()},
