@@ -156,6 +156,16 @@ class LSAConfig:
     def is_fractional_budget(self) -> bool:
         return self.budget is not None and self.budget <= 1.0
 
+    def token_keys_threshold(self, backbone_from: int) -> int | None:
+        """The prompt length from which ``"auto"`` scores token keys; None when the mode is not ``"auto"``.
+
+        Args:
+            backbone_from: the backbone's own threshold, used when ``token_keys_from`` is None.
+        """
+        if self.first_boundary_keys != "auto":
+            return None
+        return backbone_from if self.token_keys_from is None else self.token_keys_from
+
     def scores_tokens_first(self, prompt_len: int, backbone_from: int) -> bool:
         """Whether the first boundary after a prefill of ``prompt_len`` tokens scores chunks by their best token.
 
@@ -164,7 +174,7 @@ class LSAConfig:
             backbone_from: the backbone's own threshold, used when ``token_keys_from`` is None.
         """
         if self.first_boundary_keys == "auto":
-            return prompt_len >= (backbone_from if self.token_keys_from is None else self.token_keys_from)
+            return prompt_len >= self.token_keys_threshold(backbone_from)
         return self.first_boundary_keys == "token"
 
 

@@ -320,11 +320,10 @@ def run_bench(
     spec = backbone_spec(model)
     layers, reduce = spec.scorer(cfg.target_layers, cfg.layer_reduce)
     # likewise the prompt length from which "auto" scores token keys, when the backbone's own one is used
-    threshold = spec.default_token_keys_from() if cfg.token_keys_from is None else cfg.token_keys_from
     config["lsa_default_scorer"] = {
         "target_layers": list(layers),
         "layer_reduce": reduce,
-        "token_keys_from": threshold if cfg.first_boundary_keys == "auto" else None,
+        "token_keys_from": cfg.token_keys_threshold(spec.default_token_keys_from()),
     }
     _check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)
