@@ -23,6 +23,7 @@ from flashmemory.runtime.stats import GenerationStats
 
 from .data_files import load_error
 from .fake_tokenizers import CharTokenizer, WordTokenizer
+from .test_runner import tiny_loader
 
 
 def _record(i, domain="Code Repository Understanding", answer="B", context="def f():\n    return 1\n", **kw):
@@ -288,6 +289,17 @@ def test_bench_longbench_published(scripted_bench, data_file, tmp_path):
     calls = methods["full"].calls
     bench("longbench-v2:code_repo,single_doc_qa", data=data_file)
     assert methods["full"].calls == calls  # a rerun reuses every finished row
+
+
+def test_bench_workers_skip_the_items_published_data_lacks(data_file, tmp_path):
+    """Workers make their own prompts; an index past the data's items is reported back, not decoded or planned."""
+    summary = runner.run_bench("longbench-v2:code_repo,single_doc_qa", "tiny", lengths=[1024], methods=["full"],
+                               samples=4, out=tmp_path / "w", budget=0.5, seed=0, device="cpu", progress=False,
+                               load=tiny_loader, data=data_file, workers=2)  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "w" / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["task"], r["sample"]) for r in rows) == [("code_repo", 0), ("code_repo", 1), ("single_doc_qa", 0)]
+    assert summary["complete"] and summary["rows"]["planned"] == 3
+    assert rows[0]["prompt_tokens"] <= 1024
 
 
 def test_bench_refuses_bad_data(scripted_bench, tmp_path, data_file):

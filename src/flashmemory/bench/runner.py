@@ -26,12 +26,13 @@ from ..config import LSAConfig
 from ..indexer.shipped import shipped_identity
 from ..models.adapter import backbone_spec
 from .longbench import LOCAL_TASKS as LONGBENCH_LOCAL_TASKS
-from .longbench import LONGBENCH_TASKS, generate_longbench, load_longbench
-from .longmemeval import LONGMEMEVAL_TASKS, generate_longmemeval, load_longmemeval
+from .longbench import LONGBENCH_TASKS, load_longbench
+from .longmemeval import LONGMEMEVAL_TASKS, load_longmemeval
 from .methods import METHODS, get_method
 from .record import git_commit, machine_description
 from .row import run_row
 from .ruler import RULER_TASKS, generate_ruler
+from .sample_source import SampleSource, chat_prompt, encode_sample
 from .workers import WorkerPool
 
 _clock = time.monotonic  # the wall clock that --max-minutes reads (tests replace it)
@@ -102,56 +103,6 @@ def default_loader(model_name: str, device: str) -> tuple[torch.nn.Module, objec
     from ..runtime.ask import load_on
 
     return load_on(model_name, device)
-
-
-def chat_prompt(tokenizer, text: str, answer_prefix: str) -> str | None:
-    """The string :func:`encode_sample` tokenizes for a chat model, or None without a chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    user = text[: len(text) - len(answer_prefix)] if answer_prefix and text.endswith(answer_prefix) else text
-    # The blank line that separates a prompt from its answer prefix in plain text is not part of the user turn
-    # (RULER's prompts have none there, so this changes nothing for them).
-    chat = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user.rstrip()}], tokenize=False, add_generation_prompt=True
-    )
-    return chat + answer_prefix
-
-
-def encode_sample(
-    tokenizer, text: str, answer_prefix: str, question_marker: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Token ids of one prompt: the chat template around the question, then the answer prefix.
-
-    As RULER does for chat models, the user turn is the prompt without its answer prefix, and the prefix is
-    appended after the generation prompt so the model continues the answer. Without a chat template the
-    prompt is used as is (it already ends with the prefix).
-
-    With ``question_marker`` the same ids are split where its last occurrence begins: ``input_ids`` is the
-    context (prefilled), ``followup_ids`` the question turn from there on (fed through the cache afterwards).
-    """
-    chat = chat_prompt(tokenizer, text, answer_prefix)
-    full_text = chat if chat is not None else text
-    special = chat is None
-    if not question_marker:
-        enc = tokenizer(full_text, return_tensors="pt", add_special_tokens=special)
-        ids = torch.as_tensor(enc["input_ids"])
-        mask = enc.get("attention_mask") if hasattr(enc, "get") else None
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else torch.as_tensor(mask)}
-    at = full_text.rfind(question_marker)
-    if at < 0:
-        raise ValueError(f"the prompt has no question marker {question_marker!r} to split the question turn at")
-    enc = tokenizer(full_text, add_special_tokens=special, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    # the first token that reaches into the question; special tokens added in front have empty spans
-    split = next(i for i, (a, b) in enumerate(offsets) if b > at and b > a)
-    if split == 0:
-        raise ValueError("the question marker opens the prompt: there is no context to prefill before it")
-    ids_t = torch.tensor([ids])
-    return {
-        "input_ids": ids_t[:, :split],
-        "attention_mask": torch.ones_like(ids_t[:, :split]),
-        "followup_ids": ids_t[:, split:],
-    }
 
 
 def _row_key(row: dict) -> tuple:
@@ -331,14 +282,14 @@ def run_bench(
 
     done = {_row_key(r) for r in _repair_rows(out / RESULTS)}
     total = len(tasks) * len(lengths) * samples * len(methods)
-    generated: dict[tuple[str, int], list] = {}
+    source = SampleSource(family, samples=samples, seed=seed, data=data, protocol=protocol, ruler=generate_ruler)
     absent: set[tuple] = set()
     if workers > 1:
         del model  # each worker loads its own copy; the parent only needs the tokenizer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         pool = WorkerPool(workers, load=load or default_loader, model_name=model_name, device=device,
-                          methods=methods, seed=seed, lsa=cfg, family=family)  # fmt: skip
+                          methods=methods, seed=seed, lsa=cfg, family=family, source=source)  # fmt: skip
     else:
         pool, runners = None, {name: get_method(name, seed=seed) for name in methods}
     with (
@@ -361,22 +312,22 @@ def run_bench(
                 continue
             if max_minutes is not None and _clock() - started > 60 * max_minutes:
                 break
-            sample = _sample_at(generated, family, task, tokenizer, length, index, samples, seed, data)
-            if sample is None:  # published data can hold fewer items
+            todo = [name for name in methods if (task, length, index, name) not in done]
+            for _ in range(len(methods) - len(todo)):
+                advance(description=f"{task} @ {length} #{index} (cached)")
+            if pool is not None:
+                pool.submit(task, length, index, todo, record)
+                continue
+            got = source.get(task, tokenizer, length, index)
+            if got is None:  # published data can hold fewer items
                 absent.update((task, length, index, m) for m in methods)
                 continue
-            marker = sample.question_marker if protocol == "question-last" else None
-            enc = encode_sample(tokenizer, sample.input, sample.answer_prefix, marker)
-            todo = [name for name in methods if (task, length, sample.index, name) not in done]
-            for _ in range(len(methods) - len(todo)):
-                advance(description=f"{task} @ {length} #{sample.index} (cached)")
-            if pool is not None:
-                pool.submit(sample, enc, todo, record)
-                continue
+            sample, enc = got
             for name in todo:
                 record(run_row(runners[name], model, tokenizer, enc, sample, cfg, family))
         if pool is not None:
             pool.close(record)
+            absent.update((task, length, index, m) for task, length, index in pool.absent for m in methods)
     return _summarize_rows(out, config, tasks, lengths, methods, samples, absent)
 
 
@@ -416,26 +367,6 @@ def report_folder(out: Path) -> dict:
     except (json.JSONDecodeError, KeyError) as exc:
         raise ValueError(f"{config_path} is not a bench config ({exc})") from None
     return _summarize_rows(out, config, *plan, absent=set())
-
-
-def _sample_at(generated: dict, family: str, task: str, tokenizer, length: int, index: int, samples: int, seed: int,
-               data: Path | None):  # fmt: skip
-    """Sample ``index`` of a task and length, or None when the task has fewer samples."""
-    if family == "ruler":
-        # A RULER sample depends only on its index, so it is made when first needed: a time-boxed run then pays only
-        # for the samples it decodes (at 32K, generating all of them costs more than decoding a few).
-        return generate_ruler(task, tokenizer, length=length, num_samples=index + 1, seed=seed, start=index)[0]
-    if (task, length) not in generated:
-        generated[(task, length)] = _generate(family, task, tokenizer, length, samples, seed, data)
-    items = generated[(task, length)]
-    return items[index] if index < len(items) else None
-
-
-def _generate(family: str, task: str, tokenizer, length: int, samples: int, seed: int, data: Path | None) -> list:
-    """All samples of a LongBench-v2 or LongMemEval task (RULER's are made one at a time by ``_sample_at``)."""
-    if family == "longbench-v2":
-        return generate_longbench(task, tokenizer, length=length, num_samples=samples, seed=seed, data=data)
-    return generate_longmemeval(task, tokenizer, length=length, num_samples=samples, seed=seed, data=data)
 
 
 def summarize(rows: list[dict], config: dict) -> dict:

@@ -2,8 +2,9 @@
 
 Batch-1 decoding of a small model is bound by the Python and kernel-launch overhead of one CPU core, not by the
 GPU, so several processes sharing one GPU (or spread over several) finish a benchmark grid several times sooner.
-The parent keeps everything that must happen once: it generates and encodes the samples, writes every row to
-``results.jsonl`` as it arrives and owns the deadline and the progress bar; workers only run rows.
+The parent keeps everything that must happen once: it hands out (task, length, index) items, writes every row to
+``results.jsonl`` as it arrives and owns the deadline and the progress bar. Workers generate and tokenize their
+items' prompts themselves (the same settings give the same ids in every process), then run the rows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from ..config import LSAConfig
 from .methods import get_method
 from .row import run_row
+from .sample_source import SampleSource
 
 OnRow = Callable[[dict], None]
 # Exceptions a worker re-raises in the parent with their own type, so bad input still reads as one clear line.
@@ -27,7 +29,7 @@ _PASSED_THROUGH = ("ValueError", "FileNotFoundError", "NotImplementedError", "OS
 
 
 def _serve(rank: int, workers: int, load, model_name: str, device: str, methods: list[str], seed: int,
-           lsa: LSAConfig, family: str, jobs, results) -> None:  # fmt: skip
+           lsa: LSAConfig, family: str, source: SampleSource, jobs, results) -> None:  # fmt: skip
     try:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
         if device.startswith("cuda") and ":" not in device and torch.cuda.device_count() > 1:
@@ -35,8 +37,12 @@ def _serve(rank: int, workers: int, load, model_name: str, device: str, methods:
         model, tokenizer = load(model_name, device)
         runners = {name: get_method(name, seed=seed) for name in methods}
         while (job := jobs.get()) is not None:
-            sample, enc, todo = job
-            enc = {k: torch.tensor(v, dtype=torch.long) for k, v in enc.items()}
+            task, length, index, todo = job
+            got = source.get(task, tokenizer, length, index)
+            if got is None:  # published data can hold fewer items
+                results.put(("absent", rank, (task, length, index)))
+                continue
+            sample, enc = got
             for name in todo:
                 results.put(("row", rank, run_row(runners[name], model, tokenizer, enc, sample, lsa, family)))
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the parent, which re-raises it
@@ -61,10 +67,14 @@ class WorkerPool:
         seed: seed of the ``random`` baseline.
         lsa: LSA settings of every row.
         family: task set family (decides the scorer).
+        source: where workers take each item's prompt from.
+
+    Attributes:
+        absent: ``(task, length, index)`` items the data does not have, as workers report them.
     """
 
     def __init__(self, workers: int, *, load, model_name: str, device: str, methods: list[str], seed: int,
-                 lsa: LSAConfig, family: str) -> None:  # fmt: skip
+                 lsa: LSAConfig, family: str, source: SampleSource) -> None:  # fmt: skip
         # spawn: the parent may already hold CUDA state, which a forked child cannot use.
         ctx = mp.get_context("spawn")
         self._jobs = ctx.Queue(maxsize=workers)  # bounded, so a deadline stops new work within one job per worker
@@ -72,18 +82,32 @@ class WorkerPool:
         self._procs = [
             ctx.Process(
                 target=_serve,
-                args=(rank, workers, load, model_name, device, methods, seed, lsa, family, self._jobs, self._results),
+                args=(
+                    rank,
+                    workers,
+                    load,
+                    model_name,
+                    device,
+                    methods,
+                    seed,
+                    lsa,
+                    family,
+                    source,
+                    self._jobs,
+                    self._results,
+                ),
                 daemon=True,
             )
             for rank in range(workers)
         ]
         self._exited: set[int] = set()
+        self.absent: list[tuple[str, int, int]] = []
         for proc in self._procs:
             proc.start()
 
-    def submit(self, sample, enc: dict[str, torch.Tensor], methods: list[str], on_row: OnRow) -> None:
-        """Queue one sample for ``methods``; rows that arrive meanwhile go to ``on_row``."""
-        self._put((sample, {k: v.tolist() for k, v in enc.items()}, list(methods)), on_row)
+    def submit(self, task: str, length: int, index: int, methods: list[str], on_row: OnRow) -> None:
+        """Queue one item for ``methods``; rows that arrive meanwhile go to ``on_row``."""
+        self._put((task, length, index, list(methods)), on_row)
         while self._receive(on_row, timeout=0):
             pass
 
@@ -121,6 +145,8 @@ class WorkerPool:
             return False
         if kind == "row":
             on_row(payload)
+        elif kind == "absent":
+            self.absent.append(payload)
         elif kind == "exit":
             self._exited.add(rank)
         else:
