@@ -37,20 +37,23 @@ class LSAConfig:
             prefill): ``"chunk"``, the frozen chunk keys like every later boundary; ``"token"``, the target
             layers' keys of every prompt token, a chunk scoring as its best token; or ``"auto"``, token keys for
             prompts of at least ``token_keys_from`` tokens and chunk keys for shorter ones. A chunk's mean key
-            blurs a needle into the text around it, which costs more the more chunks there are to tell apart:
-            on RULER's dev split token keys lost 1-3 points at 4K and 8K on Qwen2.5's layer 13 and gained 5.7 at
-            16K. The boundary reads the target layers' prompt keys back from the host mirror a block at a time,
-            so it holds no extra device memory (on a GPU it waits once for the prefill's copies into the mirror).
+            blurs a needle into the text around it: on RULER's held-out samples token keys gained 5.5-6.5 points
+            at every length from 4K to 32K on Qwen2.5's layer 13. The boundary reads the target layers' prompt
+            keys back from the host mirror a block at a time, so it holds no extra device memory (on a GPU it
+            waits once for the prefill's copies into the mirror).
             Default: "auto".
         token_keys_from: prompt length in tokens (of the longest prompt in a batch) from which
             ``first_boundary_keys="auto"`` uses token keys; ``None`` takes the length measured for the backbone's
-            shape (``BackboneSpec.default_token_keys_from``: 12288 unless measured otherwise). Default: None.
+            shape (``BackboneSpec.default_token_keys_from``: 0, every length, unless measured otherwise; SmolLM2's
+            shape keeps chunk keys for its shipped checkpoint). Default: None.
         warmup_steps: decode steps of a turn (counted from its first boundary: the end of the prefill, or a
             requested boundary) after which an extra boundary chooses the pages again, so that the first tokens of
             the answer join the lookahead query. An answer that follows a chain through the history (a variable
             assigned from another, a second hop) needs pages the question alone does not point at; these
             boundaries find them within the first cycle instead of ``interval`` steps later. Each must be in
-            ``[1, interval)``, increasing; ``()`` takes none. Default: ().
+            ``[1, interval)``, increasing; ``()`` takes none. A chunk keeps at least its score of the turn's first
+            boundary, so after token keys there (a chunk's best token outscores its mean key) these boundaries
+            rarely change the pages. Default: ().
         prefetch_steps: decode steps before a boundary at which the next cycle's pages are chosen and copied into
             spare page slots, so that the copy overlaps with those steps instead of delaying the step after the
             boundary; the pages join the resident set at the boundary (pages leaving the recent tail then are

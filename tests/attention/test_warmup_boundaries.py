@@ -58,7 +58,8 @@ def test_warmup_boundaries_fall_after_the_listed_steps_then_the_cycle_runs_from_
 def test_a_warmup_boundary_reads_the_answer_so_far():
     model = tiny_model("llama")
     ids = _ids(200, seed=1)
-    lsa = LSAConfig(budget=None, max_pages=2, warmup_steps=(3,), **SMALL_LSA)
+    # chunk keys at the first boundary too: a chunk's best token would floor every later chunk-key score
+    lsa = LSAConfig(budget=None, max_pages=2, warmup_steps=(3,), first_boundary_keys="chunk", **SMALL_LSA)
     with LSACache(model, lsa, max_new_tokens=20) as cache:
         model(input_ids=ids[:, :190], past_key_values=cache, use_cache=True)
         _decode(model, cache, ids, 190, 193)

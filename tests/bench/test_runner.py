@@ -13,7 +13,7 @@ from flashmemory.bench import runner
 from flashmemory.bench.ruler import RulerSample
 from flashmemory.bench.workers import WorkerError
 from flashmemory.config import LSAConfig, with_overrides
-from flashmemory.models.adapter import BackboneSpec
+from flashmemory.models.adapter import DEFAULT_TOKEN_KEYS_FROM, BackboneSpec
 from flashmemory.models.tiny import tiny_model
 
 from .fake_tokenizers import CharTokenizer
@@ -203,7 +203,7 @@ def test_rows_made_with_other_default_layers_are_not_mixed(bench, monkeypatch, t
     assert summary["config"]["lsa_default_scorer"] == {
         "target_layers": [1],
         "layer_reduce": "max",
-        "token_keys_from": 12288,
+        "token_keys_from": DEFAULT_TOKEN_KEYS_FROM,
     }
 
 

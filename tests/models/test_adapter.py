@@ -39,12 +39,13 @@ def test_measured_shape_gets_its_measured_layer():
 
 
 def test_token_keys_threshold_is_the_measured_one_of_the_shape(monkeypatch):
-    assert DEFAULT_TOKEN_KEYS_FROM == 12288
-    assert backbone_spec(_config("qwen2", 24, 896, 14, 2)).default_token_keys_from() == 0  # measured: every length
-    assert backbone_spec(_config("qwen2", 28, 1536, 12, 2)).default_token_keys_from() == DEFAULT_TOKEN_KEYS_FROM
-    monkeypatch.setitem(adapter.MEASURED_TOKEN_KEYS_FROM, ("llama", 30, 576, 9, 3), 0)
-    assert backbone_spec(_config("llama", 30, 576, 9, 3)).default_token_keys_from() == 0
-    assert backbone_spec(_config("llama", 32, 4096, 32, 8)).default_token_keys_from() == DEFAULT_TOKEN_KEYS_FROM
+    assert DEFAULT_TOKEN_KEYS_FROM == 0  # token keys at every length
+    smollm2 = _config("llama", 30, 576, 9, 3)
+    assert backbone_spec(smollm2).default_token_keys_from() == 8193  # measured: chunk keys within its 8K context
+    assert backbone_spec(_config("qwen2", 24, 896, 14, 2)).default_token_keys_from() == DEFAULT_TOKEN_KEYS_FROM
+    monkeypatch.setitem(adapter.MEASURED_TOKEN_KEYS_FROM, ("llama", 32, 4096, 32, 8), 4096)
+    assert backbone_spec(_config("llama", 32, 4096, 32, 8)).default_token_keys_from() == 4096
+    assert backbone_spec(_config("llama", 32, 4096, 32, 4)).default_token_keys_from() == DEFAULT_TOKEN_KEYS_FROM
 
 
 def test_sliding_layers_are_left_out_of_the_band():

@@ -14,16 +14,16 @@ MEASURED_ZERO_SHOT_LAYERS: dict[tuple, tuple[int, ...]] = {
     ("qwen2", 24, 896, 14, 2): (13,),
 }
 # Prompt length from which the first boundary scores chunks by their best token (LSAConfig.token_keys_from), per
-# architecture shape. Qwen2.5 0.5B: token keys at every length; on the RULER grid's held-out samples they gained 6.5 /
-# 6.1 / 5.5 / 5.8 points at 4K / 8K / 16K / 32K over chunk keys (benchmarks/results/ruler_qwen_h200_v2_token_keys*),
-# chosen on the dev split (+1.8 / +5.4 at 4K / 8K on 260 rows each, benchmarks/results/ruler_dev_token_keys_h200).
-# SmolLM2-135M was measured and keeps chunk keys below 12288 (it never reaches it): token keys at 4K gain 10.7 RULER
-# points with its shipped checkpoint, but lose planted facts that chunk keys answer as full attention does
-# (benchmarks/results/ruler_dev_token_keys_smollm2_cpu). Unmeasured shapes take DEFAULT_TOKEN_KEYS_FROM: the two
-# measured backbones disagree below it, and above it token keys gained on the one measured there.
-DEFAULT_TOKEN_KEYS_FROM = 12288
+# architecture shape. Token keys at every length unless measured otherwise: with the zero-shot indexer they gained on
+# both backbones measured. Qwen2.5 0.5B (layer 13): +6.5 / +6.1 / +5.5 / +5.8 RULER points at 4K / 8K / 16K / 32K on
+# the grid's held-out samples (benchmarks/results/ruler_qwen_h200_v2_token_keys*), chosen on the dev split
+# (benchmarks/results/ruler_dev_token_keys_h200). SmolLM2-135M's 45-70% band: +3.5 on the dev split at 4K, with
+# every held-out planted fact found. SmolLM2's shape keeps chunk keys at every length it takes (its context is 8192)
+# for the checkpoint shipped for it, which the default uses: token keys gain 10.7 RULER points with it but lose
+# planted facts that chunk keys answer as full attention does (benchmarks/results/ruler_dev_token_keys_smollm2_cpu).
+DEFAULT_TOKEN_KEYS_FROM = 0
 MEASURED_TOKEN_KEYS_FROM: dict[tuple, int] = {
-    ("qwen2", 24, 896, 14, 2): 0,
+    ("llama", 30, 576, 9, 3): 8193,
 }
 
 
