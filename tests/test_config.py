@@ -17,6 +17,8 @@ from flashmemory.config import LSAConfig
         pytest.param({"target_layers": ()}, "target_layers", id="targets-empty"),
         pytest.param({"first_boundary_keys": "tokens"}, "first_boundary_keys", id="first-boundary-keys"),
         pytest.param({"token_keys_from": -1}, "token_keys_from", id="token-keys-from"),
+        pytest.param({"later_boundary_keys": "tokens"}, "later_boundary_keys", id="later-boundary-keys"),
+        pytest.param({"later_boundary_keys": "token", "prefetch_steps": 8}, "prefetch_steps=0", id="later-prefetch"),
     ],
 )
 def test_lsa_config_rejects(kwargs, match):

@@ -46,6 +46,13 @@ class LSAConfig:
             ``first_boundary_keys="auto"`` uses token keys; ``None`` takes the length measured for the backbone's
             shape (``BackboneSpec.default_token_keys_from``: 0, every length, unless measured otherwise; SmolLM2's
             shape keeps chunk keys for its shipped checkpoint). Default: None.
+        later_boundary_keys: what the boundaries after the first match the query against: ``"chunk"``, the frozen
+            chunk keys; ``"token"``, the target layers' keys of every complete chunk's tokens, read back from the
+            host mirror block by block (a chunk scores as its best token). Token keys follow a continuation that
+            repeats text from far back (copy-back: SmolLM2 with the zero-shot indexer copies 0.74 of a passage's
+            tokens against 0.41 with chunk keys, full attention 0.89; ``benchmarks/results/copy_back_smollm2_cpu``),
+            at the cost of reading one layer's keys per target layer over the host link at every boundary.
+            Default: "chunk".
         warmup_steps: decode steps of a turn (counted from its first boundary: the end of the prefill, or a
             requested boundary) after which an extra boundary chooses the pages again, so that the first tokens of
             the answer join the lookahead query. An answer that follows a chain through the history (a variable
@@ -84,6 +91,7 @@ class LSAConfig:
     follow_chunks: int = 0
     first_boundary_keys: str = "auto"
     token_keys_from: int | None = None
+    later_boundary_keys: str = "chunk"
     warmup_steps: tuple[int, ...] = ()
     prefetch_steps: int = 0
     prefetch_share: float = 0.25
@@ -122,6 +130,15 @@ class LSAConfig:
         if self.first_boundary_keys not in ("auto", "chunk", "token"):
             raise ValueError(
                 f"LSAConfig.first_boundary_keys must be 'auto', 'chunk' or 'token', got {self.first_boundary_keys!r}"
+            )
+        if self.later_boundary_keys not in ("chunk", "token"):
+            raise ValueError(
+                f"LSAConfig.later_boundary_keys must be 'chunk' or 'token', got {self.later_boundary_keys!r}"
+            )
+        if self.later_boundary_keys == "token" and self.prefetch_steps:
+            raise ValueError(
+                "LSAConfig.later_boundary_keys='token' reads keys the host mirror holds, and a prefetch scores "
+                "chunks still on the device only: use prefetch_steps=0 with it"
             )
         if self.attention_backend not in ("auto", "mask", "triton", "torch"):
             raise ValueError(
@@ -206,6 +223,7 @@ _OVERRIDABLE = {
     "follow_chunks": int,
     "first_boundary_keys": str,
     "token_keys_from": int,
+    "later_boundary_keys": str,
     "warmup_steps": parse_int_list,
     "prefetch_steps": int,
     "prefetch_share": float,

@@ -243,6 +243,34 @@ def test_auto_first_boundary_keys_follow_the_prompt_length():
     torch.testing.assert_close(scores["auto_long"], scores["token"], rtol=0, atol=0)
 
 
+def test_later_boundaries_can_score_token_keys_from_the_mirror():
+    from dataclasses import replace
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 400))
+    lsa = replace(LSAConfig(budget=0.4, **SMALL_LSA), first_boundary_keys="chunk")
+    scores, held = {}, []
+    for mode in ("chunk", "token"):
+        with LSACache(model, replace(lsa, later_boundary_keys=mode), max_new_tokens=40) as cache:
+            calls = spy_on_token_keys(cache)
+            greedy_logits(model, ids, cache, lsa.interval + 1)  # up to the second boundary
+            assert cache.stats.boundaries == 2
+            scores[mode] = cache.last_scores.clone()
+            if mode == "token":
+                assert calls[0] is None and calls[1] is not None  # the first boundary as configured
+                chunks = cache.chunk_keys.num_chunks
+                for keys, layer in zip(calls[1], cache.targets, strict=True):
+                    # every complete chunk's tokens, prompt and decoded, read from the mirror's own storage
+                    assert keys.shape[-2] == chunks * lsa.chunk_size > ids.shape[1]
+                    assert keys.untyped_storage().data_ptr() == cache.store.mirror_k[layer].untyped_storage().data_ptr()
+                    held.append(keys)
+            else:
+                assert calls == [None, None]
+    # the same query (both decoded alike up to here): a chunk's best token scores at least its mean key
+    assert bool((scores["token"] >= scores["chunk"] - 1e-6).all()) and not torch.equal(scores["token"], scores["chunk"])
+    assert held
+
+
 def test_token_keys_only_at_the_first_boundary():
     from dataclasses import replace
 

@@ -156,6 +156,7 @@ class LSACache(LSACycle, Cache):
         self.chunk_keys = ChunkKeys(self.targets, self.lsa.chunk_size)
         # prompt length whose token keys the first boundary scores (None: it scores chunk keys, or it has passed)
         self.token_keys_len: int | None = None
+        self.later_boundary = False  # set while a boundary after the first of a turn chooses pages
         self.pad_len: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
         self.hooks = CacheHooks(self, model)
@@ -236,6 +237,9 @@ class LSACache(LSACycle, Cache):
 
     def _score_chunks(self) -> torch.Tensor:
         n = self.token_keys_len
+        if n is None and self.later_boundary and self.lsa.later_boundary_keys == "token":
+            # every complete chunk: the chunk keys were extended from the mirror, so it holds their tokens
+            n = self.chunk_keys.num_chunks * self.lsa.chunk_size
         # The prompt's token keys are read from the host mirror (the prefill wrote them there, stream-ordered
         # before this read), block by block in the scorer: holding them on the device from the prefill to here
         # would cost one layer's keys per target layer at the prefill's peak, up to gigabytes at 1M tokens.
@@ -257,10 +261,12 @@ class LSACache(LSACycle, Cache):
         )
 
     def _boundary(self, first: bool) -> None:
+        self.later_boundary = not first
         try:
             super()._boundary(first)
         finally:
-            self.token_keys_len = None  # later boundaries score the chunk keys
+            self.token_keys_len = None  # later boundaries score the chunk keys, unless later_boundary_keys says
+            self.later_boundary = False
 
     def _valid_chunks(self, n: int) -> torch.Tensor:
         c = self.lsa.chunk_size

@@ -50,7 +50,12 @@ _PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data", "lsa_inde
 # What a folder written before a pinned setting was recorded ran with (the default scorer changed: no entry).
 _BEFORE_RECORDED = {"protocol": "single-prefill"}
 # LSA settings added after folders were written, with the value those folders ran with
-_LSA_BEFORE_RECORDED = {"first_boundary_keys": "chunk", "token_keys_from": None, "warmup_steps": []}
+_LSA_BEFORE_RECORDED = {
+    "first_boundary_keys": "chunk",
+    "token_keys_from": None,
+    "later_boundary_keys": "chunk",
+    "warmup_steps": [],
+}
 
 Loader = Callable[[str, str], tuple[torch.nn.Module, object]]
 PROTOCOLS = ("single-prefill", "question-last")
