@@ -409,11 +409,29 @@ class Bench:
                 s, num_selectable=selectable, page_chunks=lsa.page_chunks, num_slots=num_pages, threshold=lsa.threshold
             )
 
+        buffers = self.recall_buffers(cfg, batch, context, num_pages)  # shared by every churn: pinned GiBs are slow
+        # later_boundary_keys="token": every target layer's keys of the whole history come from the pinned mirror
+        token_keys = [buffers[0].expand(batch, -1, -1, -1) for _ in targets]
+
+        def score_tokens_and_select():
+            s = indexer.score(hidden, pos, keys, reduce, token_keys=token_keys)
+            return select_pages(
+                s, num_selectable=selectable, page_chunks=lsa.page_chunks, num_slots=num_pages, threshold=lsa.threshold
+            )
+
         with torch.no_grad():
             score_and_select()
             indexer_ms = timed(score_and_select, dev, 5)
-        out = {"model": name, "context": context, "batch": batch, "indexer_ms": indexer_ms}
-        buffers = self.recall_buffers(cfg, batch, context, num_pages)  # shared by every churn: pinned GiBs are slow
+            score_tokens_and_select()
+            indexer_token_ms = timed(score_tokens_and_select, dev, 3)
+        out = {
+            "model": name,
+            "context": context,
+            "batch": batch,
+            "indexer_ms": indexer_ms,
+            "indexer_token_keys_ms": indexer_token_ms,
+            "token_key_layers": len(targets),
+        }
         for churn in self.args.churn:
             recall, n_moves, moved = self.recall_job(cfg, batch, context, num_pages, churn, buffers)
             recall()
