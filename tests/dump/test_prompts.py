@@ -195,3 +195,28 @@ def test_split_documents_is_stable_and_disjoint():
     assert split_documents(docs, validation_fraction=0.0)[1] == []
     with pytest.raises(ValueError):
         split_documents(docs, validation_fraction=1.5)
+
+
+def test_copy_back_asks_for_a_passage_planted_far_back():
+    prompts = _make(seed=7, num_prompts=4, kinds=("copy_back",))
+    assert [p.kind for p in prompts] == ["copy_back"] * 4
+    for p in prompts:
+        body, instruction = p.text.rsplit("\n\n", 1)
+        # the passage is in the body, once, and the instruction quotes its first words
+        assert p.answer and body.count(p.answer) == 1
+        assert " ".join(p.answer.split()[:8]) in instruction
+        assert MIN_TOKENS * 0.95 <= _count(p.text) <= MAX_TOKENS * 1.05
+        assert len(set(p.doc_ids)) == len(p.doc_ids)
+    assert _make(seed=7, num_prompts=4, kinds=("copy_back",)) == prompts
+    # the default kinds do not include it, so "all" gives the prompts it gave before
+    assert "copy_back" not in PROMPT_KINDS
+
+
+def test_spec_names_extra_kinds_next_to_all():
+    from flashmemory.dump.spec import build_prompts
+
+    prompts = build_prompts(f"n=12,val=0,min={MIN_TOKENS},max={MAX_TOKENS},seed=1,kinds=all+copy_back",
+                            WhitespaceTokenizer())  # fmt: skip
+    assert {p.kind for p in prompts} == {*PROMPT_KINDS, "copy_back"}
+    with pytest.raises(ValueError, match="unknown prompt kinds"):
+        build_prompts("n=2,val=0,kinds=all+copying", WhitespaceTokenizer())

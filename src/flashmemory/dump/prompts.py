@@ -25,6 +25,8 @@ from typing import Any
 from .sources import SourceDocument, debian_doc_documents, split_documents, stdlib_source_documents
 
 PROMPT_KINDS = ("keyed_fact", "multi_hop", "multi_turn", "code_qa", "continuation")
+# Kinds built only when named, so that "all" keeps giving the prompts that recorded dumps were made from.
+EXTRA_KINDS = ("copy_back",)
 SPLITS = ("train", "validation")
 
 # Sizes of the pieces that documents are cut into: big enough to keep a paragraph or a small function whole,
@@ -81,7 +83,7 @@ def training_prompts(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     unknown = [k for k in kinds if k not in _BUILDERS]
     if not kinds or unknown:
-        raise ValueError(f"kinds must be a non-empty subset of {PROMPT_KINDS}, got {kinds!r}")
+        raise ValueError(f"kinds must be a non-empty subset of {PROMPT_KINDS + EXTRA_KINDS}, got {kinds!r}")
     if num_prompts < 0 or not 0 < min_tokens <= max_tokens:
         raise ValueError(f"need num_prompts >= 0 and 0 < min_tokens <= max_tokens, got "
                          f"{num_prompts}, {min_tokens}, {max_tokens}")  # fmt: skip
@@ -901,10 +903,43 @@ def _block_index_at(blocks: Sequence[str], chars: float) -> int:
     return max(0, len(blocks) - 1)
 
 
+# ------------------------------------------------------------------------------------------------ copy_back
+
+_COPY_INSTRUCTIONS = (
+    'Repeat, word for word, the passage above that begins "{cue}".',
+    'Copy out the passage starting with "{cue}" exactly as it appears in the text above.',
+    'Quote the section that opens with "{cue}" verbatim, from its first word on.',
+    'Write out again, unchanged, the part of the document that begins "{cue}".',
+)
+
+
+def _copy_back(rng: random.Random, pools: _Pools, counter: _TokenCounter, target: int) -> TrainPrompt:
+    # A passage planted early and asked for back word for word: while the answer is written, the tokens it reads
+    # move through the passage's chunks in order, so a dump's lookahead labels follow a copy across cycles.
+    docs = pools.groups[rng.randrange(len(pools.groups))]
+    source = docs[rng.randrange(len(docs))]
+    blocks = _blocks(source)
+    start = rng.randrange(len(blocks))
+    passage = "\n\n".join(blocks[start : start + rng.randint(1, 3)])
+    cue = " ".join(passage.split()[:8])
+    instruction = rng.choice(_COPY_INSTRUCTIONS).format(cue=cue)
+    depth = rng.uniform(0.05, 0.6)
+    filler_seed = rng.getrandbits(64)
+
+    def render(budget: int) -> tuple[str, ...]:
+        pieces = _take(_excerpt_stream(random.Random(filler_seed), pools.groups), budget, counter)
+        body = "\n\n".join(_insert_at_depths([b for _, b in pieces], [(depth, passage)]))
+        return f"{body}\n\n{instruction}", *_doc_ids([(source.doc_id, passage), *pieces])
+
+    text, *doc_ids = _fit(render, target, counter)
+    return TrainPrompt(text=text, kind="copy_back", doc_ids=tuple(doc_ids), answer=passage)
+
+
 _BUILDERS: dict[str, Callable[[random.Random, _Pools, _TokenCounter, int], TrainPrompt]] = {
     "keyed_fact": _keyed_fact,
     "multi_hop": _multi_hop,
     "multi_turn": _multi_turn,
     "code_qa": _code_qa,
     "continuation": _continuation,
+    "copy_back": _copy_back,
 }

@@ -65,13 +65,17 @@ def build_prompts(spec: str, tokenizer) -> list[DumpPrompt]:
         if not path.is_file():
             raise FileNotFoundError(f"--data file not found: {path}")
         return read_jsonl(path)
-    from .prompts import PROMPT_KINDS, training_prompts
+    from .prompts import EXTRA_KINDS, PROMPT_KINDS, training_prompts
 
     cfg = parse_spec(spec)
-    kinds = PROMPT_KINDS if cfg["kinds"] == "all" else tuple(cfg["kinds"].split("+"))
-    unknown = set(kinds) - set(PROMPT_KINDS)
+    # "all+copy_back": the default kinds and named extra ones
+    parts = cfg["kinds"].split("+")
+    kinds = tuple(dict.fromkeys(k for part in parts for k in (PROMPT_KINDS if part == "all" else (part,))))
+    unknown = set(kinds) - set(PROMPT_KINDS + EXTRA_KINDS)
     if unknown:
-        raise ValueError(f"unknown prompt kinds {sorted(unknown)}; known: {', '.join(PROMPT_KINDS)}")
+        raise ValueError(
+            f"unknown prompt kinds {sorted(unknown)}; known: {', '.join(PROMPT_KINDS + EXTRA_KINDS)}, or all"
+        )
     out = []
     for split, n, seed in (
         ("train", cfg["n"], cfg["seed"]),
