@@ -205,6 +205,8 @@ def test_copy_back_asks_for_a_passage_planted_far_back():
         # the passage is in the body, once, and the instruction quotes its first words
         assert p.answer and body.count(p.answer) == 1
         assert " ".join(p.answer.split()[:8]) in instruction
+        # the answer starts with the passage's own first eight words, whitespace and all
+        assert p.answer.startswith(p.answer_prefix) and len(p.answer_prefix.split()) == 8
         assert MIN_TOKENS * 0.95 <= _count(p.text) <= MAX_TOKENS * 1.05
         assert len(set(p.doc_ids)) == len(p.doc_ids)
     assert _make(seed=7, num_prompts=4, kinds=("copy_back",)) == prompts
@@ -220,3 +222,22 @@ def test_spec_names_extra_kinds_next_to_all():
     assert {p.kind for p in prompts} == {*PROMPT_KINDS, "copy_back"}
     with pytest.raises(ValueError, match="unknown prompt kinds"):
         build_prompts("n=2,val=0,kinds=all+copying", WhitespaceTokenizer())
+
+
+def test_answer_prefixes_reach_the_dumped_ids(tmp_path):
+    import json
+
+    from flashmemory.dump.runner import encode_chat
+    from flashmemory.dump.spec import build_prompts
+
+    from ..bench.fake_tokenizers import CharTokenizer
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"text": "abc", "answer_prefix": "xy"}) + "\n" + json.dumps({"text": "de"}) + "\n")
+    with_prefix, without = build_prompts(str(path), None)
+    assert (with_prefix.answer_prefix, without.answer_prefix) == ("xy", "")
+    tok = CharTokenizer()  # no chat template: the prefix follows the prompt after a blank line
+    assert encode_chat(tok, "abc", "xy")[0].tolist() == tok.encode("abc\n\nxy")
+    assert encode_chat(tok, "abc")[0].tolist() == tok.encode("abc")
+    made = build_prompts(f"n=2,val=0,min={MIN_TOKENS},max={MAX_TOKENS},seed=3,kinds=copy_back", WhitespaceTokenizer())
+    assert all(p.answer_prefix and p.answer_prefix.split()[0] in p.text for p in made)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import functools
 import random
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,13 +45,15 @@ class TrainPrompt:
     """One training prompt.
 
     ``text`` is the whole user message; ``answer`` is the expected answer where the kind has one (for a
-    continuation it is the text that really follows, when there is any), else None.
+    continuation it is the text that really follows, when there is any), else None. ``answer_prefix`` starts the
+    model's answer (after the chat template's generation prompt), as RULER's answer prefixes do.
     """
 
     text: str
     kind: str
     doc_ids: tuple[str, ...]
     answer: str | None
+    answer_prefix: str = ""
 
 
 def training_prompts(
@@ -921,8 +924,10 @@ def _copy_back(rng: random.Random, pools: _Pools, counter: _TokenCounter, target
     blocks = _blocks(source)
     start = rng.randrange(len(blocks))
     passage = "\n\n".join(blocks[start : start + rng.randint(1, 3)])
-    cue = " ".join(passage.split()[:8])
-    instruction = rng.choice(_COPY_INSTRUCTIONS).format(cue=cue)
+    # the passage's own first eight words, whitespace and all: the answer starts with them verbatim
+    words = list(re.finditer(r"\S+", passage))
+    cue = passage[: words[min(7, len(words) - 1)].end()]
+    instruction = rng.choice(_COPY_INSTRUCTIONS).format(cue=" ".join(cue.split()))
     depth = rng.uniform(0.05, 0.6)
     filler_seed = rng.getrandbits(64)
 
@@ -932,7 +937,8 @@ def _copy_back(rng: random.Random, pools: _Pools, counter: _TokenCounter, target
         return f"{body}\n\n{instruction}", *_doc_ids([(source.doc_id, passage), *pieces])
 
     text, *doc_ids = _fit(render, target, counter)
-    return TrainPrompt(text=text, kind="copy_back", doc_ids=tuple(doc_ids), answer=passage)
+    # the answer starts with the cue, so that even a small model that would not follow the instruction copies on
+    return TrainPrompt(text=text, kind="copy_back", doc_ids=tuple(doc_ids), answer=passage, answer_prefix=cue)
 
 
 _BUILDERS: dict[str, Callable[[random.Random, _Pools, _TokenCounter, int], TrainPrompt]] = {

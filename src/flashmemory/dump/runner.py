@@ -51,14 +51,17 @@ def capture_backend(model: nn.Module):
     return GenericCapture if name is None else import_module(name)
 
 
-def encode_chat(tokenizer, text: str) -> torch.Tensor:
-    """Token ids of ``text`` as one user turn (the way ``flashmemory.generate`` prompts the model)."""
+def encode_chat(tokenizer, text: str, answer_prefix: str = "") -> torch.Tensor:
+    """Token ids of ``text`` as one user turn (the way ``flashmemory.generate`` prompts the model).
+
+    ``answer_prefix`` follows the generation prompt: the model's answer goes on from it.
+    """
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
-        return tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    return tokenizer(text, return_tensors="pt")["input_ids"]
+        return tokenizer(text + answer_prefix, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return tokenizer(f"{text}\n\n{answer_prefix}" if answer_prefix else text, return_tensors="pt")["input_ids"]
 
 
 def run_dump(
@@ -116,7 +119,7 @@ def run_dump(
             records, metas = {}, []
             for i in group:
                 p = prompts[i]
-                ids = encode_chat(tokenizer, p.text).to(device)
+                ids = encode_chat(tokenizer, p.text, p.answer_prefix).to(device)
                 rec = backend.capture_prompt(
                     model,
                     ids,

@@ -15,6 +15,7 @@ class DumpPrompt:
     kind: str
     doc_ids: tuple[str, ...]
     split: str
+    answer_prefix: str = ""  # the start of the model's answer, after the chat template's generation prompt
 
 
 DEFAULTS = {"n": 64, "val": 8, "min": 2048, "max": 6144, "seed": 0, "kinds": "all"}
@@ -36,7 +37,10 @@ def parse_spec(spec: str) -> dict:
 
 
 def read_jsonl(path: Path) -> list[DumpPrompt]:
-    """Prompts from a JSONL file: ``{"text": ..., "kind"?: ..., "split"?: "train"|"validation"}`` per line."""
+    """Prompts from a JSONL file, one per line.
+
+    Each line is ``{"text": ..., "kind"?: ..., "split"?: "train"|"validation", "answer_prefix"?: ...}``.
+    """
     prompts = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
@@ -52,7 +56,8 @@ def read_jsonl(path: Path) -> list[DumpPrompt]:
         if split not in ("train", "validation"):
             raise ValueError(f"{path}:{i + 1} split must be 'train' or 'validation', got {split!r}")
         doc_ids = tuple(row.get("doc_ids") or (f"{path.name}:{i + 1}",))
-        prompts.append(DumpPrompt(str(text), row.get("kind", "file"), doc_ids, split))
+        prefix = str(row.get("answer_prefix") or "")
+        prompts.append(DumpPrompt(str(text), row.get("kind", "file"), doc_ids, split, prefix))
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
@@ -92,5 +97,5 @@ def build_prompts(spec: str, tokenizer) -> list[DumpPrompt]:
             split=split,
             kinds=kinds,
         )
-        out += [DumpPrompt(p.text, p.kind, tuple(p.doc_ids), split) for p in made]
+        out += [DumpPrompt(p.text, p.kind, tuple(p.doc_ids), split, p.answer_prefix) for p in made]
     return out
