@@ -119,7 +119,8 @@ def run_dump(
             records, metas = {}, []
             for i in group:
                 p = prompts[i]
-                ids = encode_chat(tokenizer, p.text, p.answer_prefix).to(device)
+                # prompts given as any object with a ``text`` (tests, other pipelines) have no prefix
+                ids = encode_chat(tokenizer, p.text, getattr(p, "answer_prefix", "")).to(device)
                 rec = backend.capture_prompt(
                     model,
                     ids,
