@@ -83,3 +83,31 @@ def test_token_keys_read_from_the_host_mirror_score_as_on_the_cpu(fast):
         # the store is allocated by the prefill; its mirror is host memory, which the scorer read
         assert cache.store.mirror_k[cache.targets[0]].device.type == "cpu"
         torch.testing.assert_close(cache.last_scores.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_later_boundary_token_keys_wait_for_the_cycle_flush_cuda(fast):
+    """A later boundary reads the mirror that the cycle's end flushed (on the copy stream, on the fast path)."""
+    from dataclasses import replace
+
+    from flashmemory.attention.fast_path import build_lsa_cache
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 3000 + SMALL_LSA["interval"] + 1))
+    prompt = 3000
+    lsa = replace(LSAConfig(budget=0.3, **SMALL_LSA), first_boundary_keys="chunk", later_boundary_keys="token")
+
+    def second_boundary_scores(cache, ids):
+        model(input_ids=ids[:, :prompt], past_key_values=cache, use_cache=True)
+        for i in range(prompt, ids.shape[1]):  # teacher-forced: both devices see the same tokens
+            model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+        assert cache.stats.boundaries == 2
+        return cache.last_scores.clone()
+
+    with LSACache(model, lsa, max_new_tokens=80) as cache:
+        expected = second_boundary_scores(cache, ids)
+    model = model.cuda()
+    gpu_lsa = replace(lsa, attention_backend="triton" if fast else "mask")
+    with build_lsa_cache(model, gpu_lsa, max_new_tokens=80) as cache:
+        got = second_boundary_scores(cache, ids.cuda())
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)

@@ -238,7 +238,7 @@ class LSACache(LSACycle, Cache):
     def _score_chunks(self) -> torch.Tensor:
         n = self.token_keys_len
         if n is None and self.later_boundary and self.lsa.later_boundary_keys == "token":
-            # every complete chunk: the chunk keys were extended from the mirror, so it holds their tokens
+            # every complete chunk: the cycle's end has flushed their tokens to the mirror
             n = self.chunk_keys.num_chunks * self.lsa.chunk_size
         # The prompt's token keys are read from the host mirror (the prefill wrote them there, stream-ordered
         # before this read), block by block in the scorer: holding them on the device from the prefill to here
@@ -246,10 +246,9 @@ class LSACache(LSACycle, Cache):
         token_keys = None
         if n is not None:
             token_keys = [self.store.mirror_k[layer][:, :, :n] for layer in self.targets]
-            if self.store.device.type == "cuda":
-                # the prefill's copies into the mirror are queued on the stream, and a block of a strided slice
-                # is gathered on the host before it is copied over: once per turn, wait for them
-                torch.cuda.current_stream(self.store.device).synchronize()
+            # a block of a strided slice is gathered on the host before it is copied over: the copies into the
+            # mirror (the prefill's, a flushed cycle's) must have landed first
+            self.store.wait_mirror()
         return self.indexer.score(
             self.lookahead,
             self.lookahead_pos,

@@ -84,6 +84,18 @@ class KVStore:
         if pin:
             self._copy_stream = torch.cuda.Stream(self.device)
 
+    def wait_mirror(self) -> None:
+        """Block the host until every copy into the host mirror has landed, before the host reads the mirror.
+
+        The prefill's copies are queued on the compute stream; an asynchronous store flushes a cycle's tokens on
+        its copy stream.
+        """
+        if self.device.type != "cuda":
+            return
+        torch.cuda.current_stream(self.device).synchronize()
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()
+
     @property
     def batch(self) -> int:
         return 0 if self.page_table is None else self.page_table.shape[0]
