@@ -34,6 +34,7 @@ from flashmemory.bench.record import command_line, git_commit, machine_descripti
 from flashmemory.bench.ruler.data import essay_words
 from flashmemory.config import with_overrides
 from flashmemory.runtime.ask import load_on
+from flashmemory.runtime.generate import dynamic_cache_bytes
 
 CUE_TOKENS = 16  # the passage's first tokens, which end the prompt and start the copy
 
@@ -116,11 +117,6 @@ def open_cache(name: str, model, lsa: LSAConfig, steps: int, info: dict):
     if not isinstance(method, LSAMethod):
         raise SystemExit(f"method {name!r} is not full attention or an LSA page method")
     return bench_cache(model, lsa, method.resolve(model), steps, method.page_chooser())
-
-
-def dynamic_cache_bytes(cache: DynamicCache) -> int:
-    """Bytes of every key and value tensor a full cache holds."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def main() -> None:

@@ -180,7 +180,7 @@ def generate_ids(
                 logits = out.logits[:, -1]
             next_pos = next_pos + 1
             if isinstance(cache, DynamicCache):
-                stats.kv_bytes_device = max(stats.kv_bytes_device, _dynamic_bytes(cache))
+                stats.kv_bytes_device = max(stats.kv_bytes_device, dynamic_cache_bytes(cache))
         _sync(device)
         stats.decode_seconds = time.perf_counter() - t0
         if allocated_before is not None:
@@ -212,7 +212,7 @@ def _fill_cache_stats(stats: GenerationStats, cache, final_len: int) -> None:
         stats.kv_bytes_full = cache.full_kv_bytes(final_len)
         copy_cycle_stats(stats, cache)
     else:
-        stats.kv_bytes_device = max(stats.kv_bytes_device, _dynamic_bytes(cache))
+        stats.kv_bytes_device = max(stats.kv_bytes_device, dynamic_cache_bytes(cache))
         stats.kv_bytes_full = stats.kv_bytes_device
 
 
@@ -228,7 +228,8 @@ def copy_cycle_stats(stats: GenerationStats, cache: LSACycle) -> None:
     stats.kept_fraction = list(cs.kept_fraction)
 
 
-def _dynamic_bytes(cache) -> int:
+def dynamic_cache_bytes(cache) -> int:
+    """Device bytes of a ``transformers`` dynamic cache: the storage behind every layer's keys and values."""
     return storage_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
 
 
