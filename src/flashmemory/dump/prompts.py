@@ -926,9 +926,9 @@ def _copy_back(rng: random.Random, pools: _Pools, counter: _TokenCounter, target
     passage = "\n\n".join(blocks[start : start + rng.randint(1, 3)])
     # The answer starts with the passage's own first eight words, whitespace and all. The instruction quotes only
     # four: quoting all eight gives a copying model a second place to continue from, the instruction itself.
-    words = passage.split()
-    cue = passage[: list(re.finditer(r"\S+", passage))[min(7, len(words) - 1)].end()]
-    instruction = rng.choice(_COPY_INSTRUCTIONS).format(cue=" ".join(words[:4]))
+    words = list(re.finditer(r"\S+", passage))
+    cue = passage[: words[min(7, len(words) - 1)].end()]
+    instruction = rng.choice(_COPY_INSTRUCTIONS).format(cue=" ".join(w.group() for w in words[:4]))
     depth = rng.uniform(0.05, 0.6)
     filler_seed = rng.getrandbits(64)
 
