@@ -111,3 +111,14 @@ def test_later_boundary_token_keys_wait_for_the_cycle_flush_cuda(fast):
     with build_lsa_cache(model, gpu_lsa, max_new_tokens=80) as cache:
         got = second_boundary_scores(cache, ids.cuda())
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_token_keys_of_a_pinned_mirror_slice_reach_the_device_unchanged_cuda():
+    from flashmemory.indexer.scoring import keys_to_device
+
+    mirror = torch.randn(2, 4, 300, 64, dtype=torch.bfloat16).pin_memory()
+    block = mirror[:, :, 64:256]
+    got = keys_to_device(block, torch.device("cuda"))
+    torch.cuda.synchronize()
+    assert got.is_cuda and got.shape == block.shape
+    assert torch.equal(got.cpu(), block)
