@@ -135,6 +135,25 @@ def test_interpolated_checkpoint_lies_between_initial_and_trained(dump_dir, tmp_
         TrainConfig(interpolate=0.0)
 
 
+def test_distance_prior_can_be_off_or_left_out_of_the_checkpoint(dump_dir, tmp_path):
+    cfg = TrainConfig(epochs=2, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2, head_lr=0.1)
+    runs = {}
+    for mode in ("learn", "off", "train-only"):
+        runs[mode] = train_indexer([dump_dir], tmp_path / mode, replace(cfg, distance_prior=mode), progress=False)
+    learned, off, train_only = (load_indexer(tmp_path / m).state_dict() for m in ("learn", "off", "train-only"))
+    assert learned["distance_bias"].abs().max() > 0  # the prior does learn, so the checks below can fail
+    assert torch.count_nonzero(off["distance_bias"]) == 0
+    assert torch.count_nonzero(train_only["distance_bias"]) == 0
+    # "train-only" learned with the prior, so its query tower differs from the one trained without it
+    assert not torch.equal(off["tower.q_proj.0.weight"], train_only["tower.q_proj.0.weight"])
+    # and the validation numbers it reports are those of the saved indexer, with the prior left out
+    report = evaluate_methods([dump_dir], tmp_path / "train-only", interval=16, recent=16)
+    saved = report["methods"]["trained"]["recall"][report["fractions"].index(0.15)]
+    assert saved == pytest.approx(runs["train-only"]["best"]["recall@0.15"], abs=1e-6)
+    with pytest.raises(ValueError, match="distance_prior"):
+        TrainConfig(distance_prior="maybe")
+
+
 def test_training_never_imports_a_model_class(dump_dir, tmp_path):
     train_without_model_classes(
         dump_dir,

@@ -100,6 +100,10 @@ def train(
     interpolate: float = typer.Option(
         TRAIN.interpolate, help="Save (1-a)*initial + a*trained weights; 1 saves the trained weights."
     ),
+    distance_prior: str = typer.Option(
+        TRAIN.distance_prior,
+        help="Bias by how far back a chunk lies: learn, off, or train-only (learned, then left out of the checkpoint).",
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Train the Memory Indexer's query tower from dumps only (no backbone is loaded)."""
@@ -122,6 +126,7 @@ def train(
         recent=recent,
         seed=seed,
         interpolate=interpolate,
+        distance_prior=distance_prior,
     )
     history = train_indexer(dumps, out, cfg, device=device)
     best, zero = history.get("interpolated", history["best"]), history["zero_shot"]

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
 
 from ..indexer.checkpoint import load_indexer, save_indexer
 from ..indexer.memory_indexer import MemoryIndexer
 from .dataset import TARGETS, PromptExamples, check_compatible, load_examples
 from .metrics import RecallCurve
 from .scorers import indexer_logits
+
+DISTANCE_PRIORS = ("learn", "off", "train-only")
 
 
 @dataclass(slots=True)
@@ -60,6 +64,11 @@ class TrainConfig:
             with the zero-shot indexer it started from). The trained weights rank more of the needed chunks, the
             zero-shot ones keep some single-fact retrievals that training trades away; 1 keeps the trained
             weights as they are. Default: 1.0.
+        distance_prior: the learned bias by how far back a chunk lies. ``"learn"`` trains it and keeps it.
+            ``"off"`` holds it at zero. ``"train-only"`` trains it, but validates and saves the indexer without it:
+            during training it takes up the preference for recent chunks that decode-time attention labels carry,
+            so the query tower learns what a chunk holds, not where it lies; at run time LSA most needs the far
+            chunks that a question or a copy reads. Default: "learn".
     """
 
     epochs: int = 12
@@ -86,6 +95,7 @@ class TrainConfig:
     target: str = "golden"
     peak_threshold: float = 0.3
     interpolate: float = 1.0
+    distance_prior: str = "learn"
 
     def __post_init__(self) -> None:
         if self.loss not in ("focal", "bce", "listwise"):
@@ -98,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"peak_threshold must be in (0, 1], got {self.peak_threshold}")
         if not 0.0 < self.interpolate <= 1.0:
             raise ValueError(f"interpolate must be in (0, 1], got {self.interpolate}")
+        if self.distance_prior not in DISTANCE_PRIORS:
+            raise ValueError(f"distance_prior must be one of {DISTANCE_PRIORS}, got {self.distance_prior!r}")
         if self.boundary_weight <= 0:
             raise ValueError(f"boundary_weight must be > 0, got {self.boundary_weight}")
         if self.epochs < 1 or self.steps_per_prompt < 1 or self.prompts_per_batch < 1:
@@ -231,8 +243,14 @@ def train_indexer(
     # Biases and the distance prior start far from their optimum and are cheap to move; the matrices (query
     # projection, head-weight projection) multiply hidden states of large norm and need the small rate.
     fast = ("head_weight.bias", "score_bias", "distance_bias")
-    heads = [p for n, p in indexer.named_parameters() if any(f in n for f in fast)]
-    rest = [p for n, p in indexer.named_parameters() if not any(f in n for f in fast)]
+    if cfg.distance_prior == "off":
+        with torch.no_grad():
+            indexer.distance_bias.zero_()
+        indexer.distance_bias.requires_grad_(False)
+    scored = _without_prior if cfg.distance_prior == "train-only" else _as_is
+    params = [(n, p) for n, p in indexer.named_parameters() if p.requires_grad]
+    heads = [p for n, p in params if any(f in n for f in fast)]
+    rest = [p for n, p in params if not any(f in n for f in fast)]
     opt = torch.optim.AdamW(
         [{"params": rest, "lr": cfg.lr}, {"params": heads, "lr": cfg.head_lr}], weight_decay=cfg.weight_decay
     )
@@ -282,7 +300,8 @@ def train_indexer(
                     torch.nn.utils.clip_grad_norm_(indexer.parameters(), cfg.clip)
                     opt.step()
                 bar.advance(task)
-            metrics = evaluate(indexer, val, window=cfg.window, interval=cfg.interval)
+            with scored(indexer):
+                metrics = evaluate(indexer, val, window=cfg.window, interval=cfg.interval)
             name = ("boundary_" if cfg.select_on == "boundary" else "") + f"recall@{cfg.select_fraction:g}"
             key = metrics[name] if name in metrics else -metrics["loss"]
             history["epochs"].append({"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)), **metrics})
@@ -294,6 +313,10 @@ def train_indexer(
                 if stale >= cfg.patience:
                     break
     indexer.load_state_dict(best_state)
+    if cfg.distance_prior == "train-only":
+        with torch.no_grad():
+            indexer.distance_bias.zero_()
+        best_state = indexer.state_dict()
     indexer.spec.trained = True
     history["best"] = history["epochs"][history["best_epoch"] - 1]
     saved = {"dumps": [str(d) for d in dump_dirs], "best": history["best"]}
@@ -311,6 +334,24 @@ def train_indexer(
     if world > 1:
         torch.distributed.barrier()  # the other ranks return once the checkpoint exists
     return history
+
+
+@contextlib.contextmanager
+def _without_prior(indexer: nn.Module) -> Iterator[None]:
+    """Score with the distance prior set to zero, then put the learned one back."""
+    kept = indexer.distance_bias.detach().clone()
+    with torch.no_grad():
+        indexer.distance_bias.zero_()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            indexer.distance_bias.copy_(kept)
+
+
+@contextlib.contextmanager
+def _as_is(indexer: nn.Module) -> Iterator[None]:
+    yield
 
 
 def plot_history(history: dict, path: Path) -> None:
