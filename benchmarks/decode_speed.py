@@ -22,6 +22,11 @@ With ``--compile`` the graph-captured kernel rows are measured once more with ev
 ``torch.compile`` (rows ``full_kernel+compile`` and ``lsa+compile``): Inductor fuses the norms, the rotary
 embedding, the residual adds and the MLP's activation, which eager mode runs as dozens of small kernels per layer.
 
+With ``--fuse-projections`` the kernel rows at batch 1 (graph-captured on CUDA) are measured once more with each layer's
+q/k/v and gate/up projections fused into one matmul each (``flashmemory.models.fused_projections``; rows with
+``+fused``, and ``+fused+compile`` with ``--compile``): the short-context probe shows what the dense part of the
+step gains.
+
 For the graph-captured LSA rows it also times one whole cycle (``interval`` steps) three ways: alone, with the
 boundary's page copies started on a side stream together with the steps, and with the copies run first. That shows
 how much of the recall the steps hide.
@@ -55,6 +60,7 @@ from flashmemory.memory.async_store import plan_moves
 from flashmemory.memory.layout import SequenceBytes, plan_layout
 from flashmemory.memory.resident import page_aligned_tail_start
 from flashmemory.models.adapter import backbone_spec
+from flashmemory.models.fused_projections import fuse_projections
 
 GiB = 2**30
 SHAPES = {
@@ -652,6 +658,14 @@ def run_model(bench: Bench, name: str) -> None:
                 )
         if args.compile and bench.use_graph:
             compiled_rows(bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes)
+        if args.fuse_projections:
+            undo = fuse_projections(model)
+            try:
+                compiled_rows(bench, name, model, context, [1], [1], layout, ck_bytes, compile_=False, tag="+fused")
+                if args.compile:
+                    compiled_rows(bench, name, model, context, [1], [1], layout, ck_bytes, tag="+fused+compile")
+            finally:
+                undo()
         model.set_attn_implementation("sdpa")
         for b in batches_lsa:
             with measurement(bench, f"{name} {context} cycle b={b}"):
@@ -667,38 +681,42 @@ def run_model(bench: Bench, name: str) -> None:
         torch.cuda.empty_cache()
 
 
-def compiled_rows(bench: Bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes) -> None:
-    """The graph-captured kernel rows again with every decoder layer compiled (``--compile``)."""
+def compiled_rows(
+    bench: Bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes, compile_=True, tag="+compile"
+) -> None:
+    """The graph-captured kernel rows again, with every decoder layer compiled (``--compile``) and/or with the model
+    as the caller changed it (``--fuse-projections``); ``tag`` names the rows."""
     rep = bench.report
-    eager = compile_layers(model)
+    eager = compile_layers(model) if compile_ else None
     try:
         if context == bench.args.contexts[0]:
-            short_context_probe(bench, name, model, tag="+compile")
+            short_context_probe(bench, name, model, tag=tag)
         jobs = [("full_kernel", b) for b in batches_full] + [("lsa", b) for b in batches_lsa]
         for method, b in jobs:
             pages = None if method == "full_kernel" else layout.num_page_slots
-            t0 = time.perf_counter()
+            t0, note = time.perf_counter(), " with compiling" if compile_ else ""
             # a compiler failure is a result to report, not a reason to lose the run
-            with measurement(bench, f"{name} {context} {method}+compile b={b}", any_failure=True):
+            with measurement(bench, f"{name} {context} {method}{tag} b={b}", any_failure=True):
                 row = bench.run_kernel(
                     name,
                     model,
                     b,
                     context,
                     pages,
-                    graph=True,
+                    graph=bench.use_graph,
                     chunk_key_bytes=0 if pages is None else ck_bytes,
-                    tag="+compile",
+                    tag=tag,
                     cycles=False,
                 )
                 rep.rows.append(asdict(row))
                 print(
                     f"  {row.method:19s} b={b:3d} {row.step_ms:8.2f} ms/step {row.tokens_per_s:9.1f} tok/s  "
-                    f"floor x{row.over_floor:.2f}  ({time.perf_counter() - t0:.0f} s with compiling)",
+                    f"floor x{row.over_floor:.2f}  ({time.perf_counter() - t0:.0f} s{note})",
                     flush=True,
                 )
     finally:
-        restore_layers(model, eager)
+        if eager is not None:
+            restore_layers(model, eager)
 
 
 def short_context_probe(bench: Bench, name: str, model, tag: str = "") -> None:
@@ -825,6 +843,11 @@ def main() -> None:
     p.add_argument("--cycle-reps", type=int, default=2, help="timed repeats of each whole-cycle measurement")
     p.add_argument(
         "--compile", action="store_true", help="also time the graph-captured kernel rows with compiled decoder layers"
+    )
+    p.add_argument(
+        "--fuse-projections",
+        action="store_true",
+        help="also time the graph-captured batch-1 rows with fused q/k/v and gate/up projections",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
