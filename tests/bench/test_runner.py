@@ -188,6 +188,17 @@ def test_rows_of_another_shipped_indexer_are_not_mixed(bench, monkeypatch):
         bench(methods=["lsa"], samples=1)
 
 
+def test_a_folder_resumes_for_the_other_methods_without_lsa(bench, monkeypatch, tmp_path):
+    bench(methods=["full", "lsa"], samples=1)
+    monkeypatch.setattr(runner, "shipped_identity", lambda model: "tiny@0123456789ab")
+    # lsa is not run, so the indexer it would load does not matter: the folder keeps its record
+    summary = bench(methods=["full", "recent"], samples=1)
+    assert summary["config"]["lsa_indexer"] == "zero-shot"
+    assert {r["method"] for r in _rows_ok(tmp_path / "run" / "results.jsonl")} == {"full", "lsa", "recent"}
+    with pytest.raises(ValueError, match="lsa_indexer: 'zero-shot' -> 'tiny@0123456789ab'"):
+        bench(methods=["lsa"], samples=1)  # running lsa again still checks it
+
+
 def test_rows_made_with_other_default_layers_are_not_mixed(bench, monkeypatch, tmp_path):
     summary = bench(methods=["full"], samples=1)
     scorer = summary["config"]["lsa_default_scorer"]

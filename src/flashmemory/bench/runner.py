@@ -135,6 +135,12 @@ def _repair_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _recorded(out: Path, key: str):
+    """``key`` of the folder's recorded config; None for a new folder."""
+    path = out / CONFIG
+    return json.loads(path.read_text(encoding="utf-8")).get(key) if path.exists() else None
+
+
 def _check_resume(out: Path, config: dict) -> None:
     path = out / CONFIG
     if not path.exists():
@@ -270,7 +276,9 @@ def run_bench(
     if limit is not None and max(lengths) > limit:
         raise ValueError(f"--lengths {max(lengths)} exceeds the model's context window ({limit} tokens)")
     # `lsa` means the shipped checkpoint when one matches the model: rows of another checkpoint must not mix in.
-    config["lsa_indexer"] = shipped_identity(model) if "lsa" in methods else None
+    # A run without `lsa` decodes no row that depends on it, so it keeps the folder's record (resuming the other
+    # methods of a grid must not be refused for an indexer it does not use).
+    config["lsa_indexer"] = shipped_identity(model) if "lsa" in methods else _recorded(out, "lsa_indexer")
     # `target_layers: null` means the model's default layers, which a later version may choose differently; the
     # layers decide the zero-shot scores and, through the chunk keys' bytes, every peer's matched budget.
     spec = backbone_spec(model)
