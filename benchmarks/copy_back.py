@@ -30,7 +30,7 @@ from transformers.cache_utils import DynamicCache
 from flashmemory import LSAConfig
 from flashmemory.bench.methods import get_method
 from flashmemory.bench.page_methods import LSAMethod, bench_cache, pad_slots
-from flashmemory.bench.record import command_line, git_commit, machine_description
+from flashmemory.bench.record import provenance
 from flashmemory.bench.ruler.data import essay_words
 from flashmemory.config import with_overrides
 from flashmemory.runtime.ask import load_on
@@ -157,9 +157,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("seed", "method", "nll", "copy_accuracy")}), flush=True)
     meta = {
-        "command": command_line("benchmarks/copy_back.py", vars(args)),
-        "commit": git_commit(),
-        "machine": machine_description(),
+        **provenance("benchmarks/copy_back.py", vars(args)),
         "model": args.model,
         "budget": args.budget,
         "lsa": args.lsa,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flashmemory import LSAConfig, generate
 from flashmemory.bench.planted_fact import planted_fact
-from flashmemory.bench.record import command_line, git_commit, machine_description
+from flashmemory.bench.record import provenance
 from flashmemory.runtime.ask import load_on
 
 
@@ -52,9 +52,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps({k: row[k] for k in ("length", "method", "correct", "kv_bytes_device", "kv_ratio")}))
     meta = {
-        "command": command_line("benchmarks/kv_memory.py", vars(args)),
-        "commit": git_commit(),
-        "machine": machine_description(),
+        **provenance("benchmarks/kv_memory.py", vars(args)),
         "model": args.model,
         "dtype": str(dtype),
         "lsa": {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from flashmemory import LSAConfig, generate, load_indexer, model_fingerprint
 from flashmemory.bench.planted_fact import planted_fact
-from flashmemory.bench.record import command_line, git_commit, machine_description
+from flashmemory.bench.record import provenance
 from flashmemory.runtime.ask import load_on
 
 
@@ -63,9 +63,7 @@ def main() -> None:
                 )
                 print(json.dumps({k: rows[-1][k] for k in ("length", "seed", "method", "correct", "kv_ratio")}))
     meta = {
-        "command": command_line("benchmarks/planted_fact_eval.py", vars(args)),
-        "commit": git_commit(),
-        "machine": machine_description(),
+        **provenance("benchmarks/planted_fact_eval.py", vars(args)),
         "model": args.model,
         "budget": args.budget,
     }

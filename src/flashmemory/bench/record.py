@@ -40,3 +40,8 @@ def command_line(script: str, args: dict) -> str:
             if v is not None:
                 flags.append(f"--{key.replace('_', '-')} {v}")
     return f"python {script} {' '.join(flags)}"
+
+
+def provenance(script: str, args: dict) -> dict[str, str]:
+    """``command``, ``commit`` and ``machine`` of a benchmark script's run, to head its recorded JSON."""
+    return {"command": command_line(script, args), "commit": git_commit(), "machine": machine_description()}
