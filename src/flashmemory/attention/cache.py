@@ -246,8 +246,9 @@ class LSACache(LSACycle, Cache):
         token_keys = None
         if n is not None:
             token_keys = [self.store.mirror_k[layer][:, :, :n] for layer in self.targets]
-            # a block of a strided slice is gathered on the host before it is copied over: the copies into the
-            # mirror (the prefill's, a flushed cycle's) must have landed first
+            # the copies into the mirror (the prefill's on the compute stream, a flushed cycle's on the store's copy
+            # stream) must have landed before the scorer copies blocks of it back; a mirror that is not pinned is
+            # read by the host itself
             self.store.wait_mirror()
         return self.indexer.score(
             self.lookahead,

@@ -247,7 +247,6 @@ def train_indexer(
         with torch.no_grad():
             indexer.distance_bias.zero_()
         indexer.distance_bias.requires_grad_(False)
-    scored = _without_prior if cfg.distance_prior == "train-only" else _as_is
     params = [(n, p) for n, p in indexer.named_parameters() if p.requires_grad]
     heads = [p for n, p in params if any(f in n for f in fast)]
     rest = [p for n, p in params if not any(f in n for f in fast)]
@@ -300,7 +299,7 @@ def train_indexer(
                     torch.nn.utils.clip_grad_norm_(indexer.parameters(), cfg.clip)
                     opt.step()
                 bar.advance(task)
-            with scored(indexer):
+            with _without_prior(indexer) if cfg.distance_prior == "train-only" else contextlib.nullcontext():
                 metrics = evaluate(indexer, val, window=cfg.window, interval=cfg.interval)
             name = ("boundary_" if cfg.select_on == "boundary" else "") + f"recall@{cfg.select_fraction:g}"
             key = metrics[name] if name in metrics else -metrics["loss"]
@@ -347,11 +346,6 @@ def _without_prior(indexer: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             indexer.distance_bias.copy_(kept)
-
-
-@contextlib.contextmanager
-def _as_is(indexer: nn.Module) -> Iterator[None]:
-    yield
 
 
 def plot_history(history: dict, path: Path) -> None:
