@@ -657,13 +657,13 @@ def run_model(bench: Bench, name: str) -> None:
                     flush=True,
                 )
         if args.compile and bench.use_graph:
-            compiled_rows(bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes)
+            variant_rows(bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes)
         if args.fuse_projections:
             undo = fuse_projections(model)
             try:
-                compiled_rows(bench, name, model, context, [1], [1], layout, ck_bytes, compile_=False, tag="+fused")
+                variant_rows(bench, name, model, context, [1], [1], layout, ck_bytes, compile_=False, tag="+fused")
                 if args.compile:
-                    compiled_rows(bench, name, model, context, [1], [1], layout, ck_bytes, tag="+fused+compile")
+                    variant_rows(bench, name, model, context, [1], [1], layout, ck_bytes, tag="+fused+compile")
             finally:
                 undo()
         model.set_attn_implementation("sdpa")
@@ -681,7 +681,7 @@ def run_model(bench: Bench, name: str) -> None:
         torch.cuda.empty_cache()
 
 
-def compiled_rows(
+def variant_rows(
     bench: Bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes, compile_=True, tag="+compile"
 ) -> None:
     """The graph-captured kernel rows again, with every decoder layer compiled (``--compile``) and/or with the model
