@@ -1,5 +1,8 @@
 """Fused q/k/v and gate/up projections change nothing a model computes."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -68,3 +71,17 @@ def test_a_model_converted_after_fusing_still_computes_the_same():
         fuse_projections(model)
         model.double()  # every view becomes a matrix of its own; the fused one stays float32
         torch.testing.assert_close(model(ids).logits, want)
+
+
+def test_fusing_releases_the_separate_weights_and_undo_restores_them():
+    model = tiny_model("llama")
+    attn = decoder_layers(model)[0].self_attn
+    values = attn.k_proj.weight.detach().clone()
+    separate = weakref.ref(attn.k_proj.weight)
+    undo = fuse_projections(model)
+    gc.collect()
+    # a fused model must not hold its projection weights twice
+    assert separate() is None
+    undo()
+    assert torch.equal(attn.k_proj.weight, values)
+    assert attn.k_proj.weight.untyped_storage().nbytes() == values.untyped_storage().nbytes()

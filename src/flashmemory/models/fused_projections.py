@@ -5,10 +5,11 @@ ones (an 8B Llama's k and v are 8 MB each) run well below the memory bandwidth, 
 even replayed from a CUDA graph. Concatenating the weights that read the same input makes one larger kernel.
 
 The modules stay as they are (names, shapes, ``state_dict``): each one's ``weight`` becomes a view into the
-concatenated matrix, so nothing is stored twice and code that reads ``q_proj.weight`` (the indexer's zero-shot
-query tower) sees the same values. The first projection of a group computes the whole group and keeps the other
-parts; each later one returns its part when it is called with that same input tensor, and otherwise computes its
-own product (another order of calls, or another input, stays correct).
+concatenated matrix and the separate matrices are released, so nothing is stored twice, and code that reads
+``q_proj.weight`` (the indexer's zero-shot query tower) sees the same values. The first projection of a group
+computes the whole group and keeps the other parts; each later one returns its part when it is called with that
+same input tensor, and otherwise computes its own product (another order of calls, or another input, stays
+correct).
 """
 
 from __future__ import annotations
@@ -56,12 +57,10 @@ def _part_forward(module: nn.Linear, group: _Group, index: int, x: torch.Tensor)
 
 
 def _fuse(modules: Sequence[nn.Linear]) -> Callable[[], None]:
-    weights = [m.weight for m in modules]
-    biases = [m.bias for m in modules]
-    fused_w = torch.cat([w.detach() for w in weights])
-    has_bias = [b is not None for b in biases]
-    fused_b = torch.cat([b.detach() for b in biases]) if all(has_bias) else None
-    sizes = [w.shape[0] for w in weights]
+    fused_w = torch.cat([m.weight.detach() for m in modules])
+    fused_b = torch.cat([m.bias.detach() for m in modules]) if all(m.bias is not None for m in modules) else None
+    sizes = [m.weight.shape[0] for m in modules]
+    trainable = [m.weight.requires_grad for m in modules]
     group = _Group(fused_w, fused_b, sizes)
     start = 0
     for i, (m, n) in enumerate(zip(modules, sizes, strict=True)):
@@ -73,10 +72,12 @@ def _fuse(modules: Sequence[nn.Linear]) -> Callable[[], None]:
         start += n
 
     def undo() -> None:
-        for m, w, b in zip(modules, weights, biases, strict=True):
-            m.weight = w
-            if b is not None:
-                m.bias = b
+        # Each projection gets a matrix of its own again, copied from its view. Holding the original weights
+        # here instead would keep every fused group in memory twice for as long as the model is fused.
+        for m, grad in zip(modules, trainable, strict=True):
+            m.weight = nn.Parameter(m.weight.detach().clone(), requires_grad=grad)
+            if fused_b is not None:
+                m.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=grad)
             del m.forward  # back to the class's forward
 
     return undo
