@@ -53,6 +53,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 from flashmemory.attention.fast_path import SparseDecodeMask, attention_key
 from flashmemory.attention.sparse_decode import sparse_decode
 from flashmemory.attention.sparse_decode_ref import ResidentSet
+from flashmemory.bench.record import provenance
 from flashmemory.config import LSAConfig
 from flashmemory.indexer.memory_indexer import MemoryIndexer
 from flashmemory.indexer.scoring import select_pages
@@ -130,6 +131,8 @@ class Report:
     device: str
     torch: str
     args: dict
+    command: str = ""
+    commit: str = ""
     copy_tb_s: float = 0.0
     h2d_gb_s: float = 0.0
     rows: list[dict] = field(default_factory=list)
@@ -754,6 +757,8 @@ def markdown(report: Report, churn: float) -> str:
     lines = [
         f"# Decode speed, full attention vs LSA ({report.device}, torch {report.torch})",
         "",
+        f"`{report.command}` at commit `{report.commit}`",
+        "",
         f"Device copy ceiling {report.copy_tb_s:.2f} TB/s (read+write); pinned H2D {report.h2d_gb_s:.1f} GB/s. "
         f"Memory cap {report.args['mem_cap_gib']} GiB. LSA budget {report.args['budget']}. "
         f"Cycle costs amortised over {report.args['interval']} steps with {churn:.0%} of page slots changing.",
@@ -852,6 +857,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
+    prov = provenance("benchmarks/decode_speed.py", vars(args))  # the flags as typed, before they are parsed
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.churn = [float(x) for x in args.churn.split(",")]
     args.dtype = getattr(torch, args.dtype)
@@ -861,6 +867,7 @@ def main() -> None:
     args.interval = bench.lsa.interval
     print(f"copy {bench.copy_tb_s:.2f} TB/s, H2D {bench.h2d_gb_s:.1f} GB/s", flush=True)
     bench.report.args = {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items()}
+    bench.report.command, bench.report.commit = prov["command"], prov["commit"]
     args.out.mkdir(parents=True, exist_ok=True)
     churn = args.churn[0]
     for name in args.models.split(","):

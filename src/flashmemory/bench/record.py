@@ -33,12 +33,19 @@ def git_commit() -> str:
 
 
 def command_line(script: str, args: dict) -> str:
-    """The command that reproduces a run from its parsed arguments (a list repeats its flag once per value)."""
+    """The command that reproduces a run from its parsed arguments.
+
+    A list repeats its flag once per value; ``True`` is a bare switch (``store_true``), and ``False`` or ``None``
+    leaves the flag out.
+    """
     flags = []
     for key, value in args.items():
+        flag = f"--{key.replace('_', '-')}"
         for v in value if isinstance(value, list) else [value]:
-            if v is not None:
-                flags.append(f"--{key.replace('_', '-')} {v}")
+            if v is True:
+                flags.append(flag)
+            elif v is not None and v is not False:
+                flags.append(f"{flag} {v}")
     return f"python {script} {' '.join(flags)}"
 
 
