@@ -122,3 +122,14 @@ def test_token_keys_of_a_pinned_mirror_slice_reach_the_device_unchanged_cuda():
     torch.cuda.synchronize()
     assert got.is_cuda and got.shape == block.shape
     assert torch.equal(got.cpu(), block)
+
+
+def test_device_rows_land_in_a_pinned_mirror_slice_unchanged_cuda():
+    from flashmemory.memory.host_rows import copy_to_host_slice
+
+    mirror = torch.zeros(2, 4, 300, 64, dtype=torch.bfloat16).pin_memory()
+    keys = torch.randn(2, 300, 4, 64, dtype=torch.bfloat16, device="cuda").transpose(1, 2)  # as attention lays out
+    copy_to_host_slice(keys[:, :, :200], mirror[:, :, :200])
+    torch.cuda.synchronize()
+    assert torch.equal(mirror[:, :, :200], keys[:, :, :200].cpu())
+    assert not mirror[:, :, 200:].any()

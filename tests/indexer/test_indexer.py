@@ -205,7 +205,8 @@ def test_token_chunk_logits_is_the_best_token_of_each_chunk():
 
 
 def test_token_key_rows_copy_a_mirror_slice_exactly():
-    from flashmemory.indexer.scoring import copy_rows, keys_to_device
+    from flashmemory.indexer.scoring import keys_to_device
+    from flashmemory.memory.host_rows import copy_rows
 
     mirror = torch.randn(2, 3, 40, 8)
     block = mirror[:, :, 16:32]  # a token-axis slice: not contiguous, each (sequence, head) row is

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..memory.host_rows import copy_rows
+
 
 def chunk_logits(q: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Pre-sigmoid score of every chunk for one target layer, per query token.
@@ -30,11 +32,8 @@ def chunk_logits(q: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, keys: tor
 def keys_to_device(keys: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``keys`` on ``device``, copied one (sequence, head) row at a time when they are a slice of a host tensor.
 
-    A slice along the token axis of a ``[B, Hkv, T, D]`` host mirror is not contiguous. ``Tensor.to`` first gathers
-    such a tensor into a fresh pageable host buffer on the CPU and copies that synchronously. With it, scoring one
-    boundary by token keys took 1.07 s on an H200 host (``benchmarks/decode_speed.py``: 8B Llama shape, 9 target
-    layers, 128K), where moving the same 2.4 GB at the link's pinned rate takes some 45 ms. Each row of the slice is
-    contiguous, so copying rows keeps the transfer a direct, asynchronous one from the mirror's pinned pages.
+    A token-axis slice of the host mirror is not contiguous, and ``Tensor.to`` would move it through a pageable
+    bounce buffer (:mod:`flashmemory.memory.host_rows`).
 
     Args:
         keys: keys of a block of positions, on any device. # [B, Hkv, L, D]
@@ -48,21 +47,6 @@ def keys_to_device(keys: torch.Tensor, device: torch.device) -> torch.Tensor:
     if keys.is_contiguous():
         return keys.to(device, non_blocking=True)
     return copy_rows(keys, torch.empty(keys.shape, dtype=keys.dtype, device=device))
-
-
-def copy_rows(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Copy ``src`` into ``out`` one contiguous ``[L, D]`` row per (sequence, head); returns ``out``.
-
-    Args:
-        src: a tensor whose every ``src[b, h]`` is contiguous (a token-axis slice of one). # [B, H, L, D]
-        out: the destination, on any device. # [B, H, L, D]
-    """
-    if src.shape != out.shape:
-        raise ValueError(f"copy_rows needs equal shapes, got {tuple(src.shape)} and {tuple(out.shape)}")
-    for b in range(src.shape[0]):
-        for h in range(src.shape[1]):
-            out[b, h].copy_(src[b, h], non_blocking=True)
-    return out
 
 
 def token_chunk_logits(

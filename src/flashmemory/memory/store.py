@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .host_rows import copy_to_host_slice
 from .layout import ReserveLayout
 from .resident import page_aligned_tail_start, resident_positions
 
@@ -113,8 +114,8 @@ class KVStore:
         """
         seq_len = keys.shape[2]
         self._ensure_capacity(seq_len)
-        self.mirror_k[layer][:, :, :seq_len].copy_(keys, non_blocking=True)
-        self.mirror_v[layer][:, :, :seq_len].copy_(values, non_blocking=True)
+        copy_to_host_slice(keys, self.mirror_k[layer][:, :, :seq_len])
+        copy_to_host_slice(values, self.mirror_v[layer][:, :, :seq_len])
         self.log.d2h_bytes += 2 * keys.numel() * keys.element_size()
         if layer == self.layers[0]:
             self.seq_len = self.flushed_len = seq_len
