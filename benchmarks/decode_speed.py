@@ -27,6 +27,10 @@ q/k/v and gate/up projections fused into one matmul each (``flashmemory.models.f
 ``+fused``, and ``+fused+compile`` with ``--compile``): the short-context probe shows what the dense part of the
 step gains.
 
+At batch 1 the per-cycle line also times the prefill's writes of keys and values into the pinned mirror, once as
+a single ``copy_`` into a token-axis slice of it and once row by row as the store writes them
+(``prefill_write_ms_one_copy``, ``prefill_write_ms_rows``, for every layer's keys and values; CUDA only).
+
 For the graph-captured LSA rows it also times one whole cycle (``interval`` steps) three ways: alone, with the
 boundary's page copies started on a side stream together with the steps, and with the copies run first. That shows
 how much of the recall the steps hide.
@@ -58,6 +62,7 @@ from flashmemory.config import LSAConfig
 from flashmemory.indexer.memory_indexer import MemoryIndexer
 from flashmemory.indexer.scoring import select_pages
 from flashmemory.memory.async_store import plan_moves
+from flashmemory.memory.host_rows import copy_to_host_slice
 from flashmemory.memory.layout import SequenceBytes, plan_layout
 from flashmemory.memory.resident import page_aligned_tail_start
 from flashmemory.models.adapter import backbone_spec
@@ -441,6 +446,8 @@ class Bench:
             "indexer_token_keys_ms": indexer_token_ms,
             "token_key_layers": len(targets),
         }
+        if batch == 1:
+            out.update(self.prefill_write(buffers[0], layers))
         for churn in self.args.churn:
             recall, n_moves, moved = self.recall_job(cfg, batch, context, num_pages, churn, buffers)
             recall()
@@ -449,6 +456,26 @@ class Bench:
             out[f"recall_gb_s_churn_{churn}"] = moved / ms / 1e6
             out[f"pages_moved_churn_{churn}"] = n_moves
         return out
+
+    def prefill_write(self, mirror: torch.Tensor, layers: int) -> dict:
+        """The prefill's writes of one sequence's keys and values into the mirror, for the whole model, in ms.
+
+        One layer's keys are timed going into a token-axis slice of the pinned mirror (the prompt is shorter than
+        the mirror's capacity) two ways: one ``copy_`` (through a pageable bounce buffer) and row by row
+        (``copy_to_host_slice``, what ``KVStore.write_prefill`` does); times 2 × layers for keys and values.
+        """
+        if self.device.type != "cuda":
+            return {}
+        dst = mirror[:, :, : mirror.shape[2] - self.lsa.interval]
+        src = random_(torch.empty(dst.shape, dtype=dst.dtype, device=self.device))
+        one_copy = timed(lambda: dst.copy_(src, non_blocking=True), self.device, 3)
+        rows = timed(lambda: copy_to_host_slice(src, dst), self.device, 3)
+        gb = 2 * layers * src.numel() * src.element_size() / 1e9
+        return {
+            "prefill_write_gb": gb,
+            "prefill_write_ms_one_copy": 2 * layers * one_copy,
+            "prefill_write_ms_rows": 2 * layers * rows,
+        }
 
     def recall_buffers(self, cfg, batch, context, num_pages):
         """A pinned one-sequence mirror (see the module docstring) and a reserve of their own for the copies."""
