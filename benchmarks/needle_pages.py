@@ -9,7 +9,9 @@ when every token of one of its occurrences is resident (in a chosen page, the si
 decoding: this isolates the page choice from everything after it. Use RULER's dev seed (1), never the seed of the
 recorded grid (0). Folders recorded before the slots followed the bench's used fewer (their READMEs say how many).
 
-Usage: ``python3 benchmarks/needle_pages.py --out DIR [--model qwen2.5-coder-0.5b --length 4096 --samples 6]``.
+Usage: ``python3 benchmarks/needle_pages.py --out DIR [--model qwen2.5-coder-0.5b --length 4096 --samples 6]
+[--ckpt FOLDER ...]``. Each ``--ckpt`` adds rows for a trained indexer, scored by its own query tower on its own
+target layers with chunk keys and with token keys.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ from flashmemory.attention.cache import LSACache
 from flashmemory.bench.ruler import generate_ruler
 from flashmemory.bench.runner import chat_prompt, default_loader, encode_sample
 from flashmemory.config import LSAConfig
+from flashmemory.indexer.checkpoint import load_indexer
 from flashmemory.indexer.scoring import select_pages
 from flashmemory.memory.layout import plan_layout
 from flashmemory.models.adapter import apply_rope, backbone_spec
+from flashmemory.models.loader import model_fingerprint
 
 TASKS = "niah_single_1,niah_single_3,niah_multikey_2,niah_multivalue,niah_multiquery,vt"
 
@@ -141,6 +145,13 @@ def run(args) -> dict:
     lsa = LSAConfig(budget=args.budget, target_layers=all_layers, query_window=64, first_boundary_keys="token")
     default = spec.default_target_layers()
     names = variants(all_layers, default, spec.default_layer_reduce())
+    # trained indexers, each scored with its own query tower on its own target layers (mean over them, as saved)
+    trained = {
+        Path(c).name: load_indexer(c, fingerprint=model_fingerprint(model), device=model.device) for c in args.ckpt
+    }
+    for label, ix in trained.items():
+        for mode in ("chunk", "token"):
+            names[f"checkpoint {label}, {mode} keys"] = (tuple(ix.target_layers), "mean", 16, f"ckpt:{label}:{mode}")
     per_task: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     started = time.time()
     for task in args.tasks.split(","):
@@ -171,6 +182,15 @@ def run(args) -> dict:
                         logits[(layer, window, mode)] = cache.indexer.layer_logits(
                             j, hidden, pos, keys[layer], valid, token_keys=token
                         )
+                pos, valid = cache.lookahead_pos[:, -16:], cache.lookahead_valid[:, -16:]
+                for label, ix in trained.items():
+                    for j, layer in enumerate(ix.target_layers):
+                        hidden = cache.lookahead[layer][:, -16:]
+                        for mode in ("chunk", "token"):
+                            token = prompt_keys[layer] if mode == "token" else None
+                            logits[(layer, 16, f"ckpt:{label}:{mode}")] = ix.layer_logits(
+                                j, hidden, pos, keys[layer], valid, token_keys=token
+                            )
                 for j, layer in enumerate(cache.targets):
                     pos, valid = cache.lookahead_pos[:, -16:], cache.lookahead_valid[:, -16:]
                     mass = attention_mass(
@@ -245,6 +265,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1, help="RULER dev seed; the recorded grid uses 0")
     p.add_argument("--budget", type=float, default=0.15)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--ckpt", action="append", default=[], help="a trained indexer folder to score as well (repeatable)")
     args = p.parse_args()
     if args.seed == 0:
         raise SystemExit("seed 0 is the recorded RULER grid's: tune scorers on another seed")
