@@ -114,7 +114,7 @@ def test_later_boundary_token_keys_wait_for_the_cycle_flush_cuda(fast):
 
 
 def test_token_keys_of_a_pinned_mirror_slice_reach_the_device_unchanged_cuda():
-    from flashmemory.indexer.scoring import keys_to_device
+    from flashmemory.memory.host_rows import keys_to_device
 
     mirror = torch.randn(2, 4, 300, 64, dtype=torch.bfloat16).pin_memory()
     block = mirror[:, :, 64:256]

@@ -202,17 +202,3 @@ def test_token_chunk_logits_is_the_best_token_of_each_chunk():
     torch.testing.assert_close(
         token_chunk_logits(q, wt, bias, keys, 1, n * c), chunk_logits(q, wt, bias, keys[:, :, : n * c])
     )
-
-
-def test_token_key_rows_copy_a_mirror_slice_exactly():
-    from flashmemory.indexer.scoring import keys_to_device
-    from flashmemory.memory.host_rows import copy_rows
-
-    mirror = torch.randn(2, 3, 40, 8)
-    block = mirror[:, :, 16:32]  # a token-axis slice: not contiguous, each (sequence, head) row is
-    assert not block.is_contiguous() and block[1, 2].is_contiguous()
-    out = copy_rows(block, torch.empty(2, 3, 16, 8))
-    torch.testing.assert_close(out, block, rtol=0, atol=0)
-    assert keys_to_device(block, block.device) is block  # already there: no copy
-    with pytest.raises(ValueError, match="equal shapes"):
-        copy_rows(block, torch.empty(2, 3, 15, 8))

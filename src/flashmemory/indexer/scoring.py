@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..memory.host_rows import copy_rows
+from ..memory.host_rows import keys_to_device
 
 
 def chunk_logits(q: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -27,26 +27,6 @@ def chunk_logits(q: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, keys: tor
     dots = torch.einsum("bwkgd,bknd->bwkgn", qg, keys).float() / math.sqrt(d)  # [B, W, Hkv, G, N]
     weighted = torch.relu(dots) * w.reshape(b, t, hkv, h // hkv, 1).float()
     return weighted.sum((2, 3)) + bias.float()
-
-
-def keys_to_device(keys: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``keys`` on ``device``, copied one (sequence, head) row at a time when they are a slice of a host tensor.
-
-    A token-axis slice of the host mirror is not contiguous, and ``Tensor.to`` would move it through a pageable
-    bounce buffer (:mod:`flashmemory.memory.host_rows`).
-
-    Args:
-        keys: keys of a block of positions, on any device. # [B, Hkv, L, D]
-        device: where they are needed.
-
-    Returns:
-        The keys on ``device`` (``keys`` itself when already there). # [B, Hkv, L, D]
-    """
-    if keys.device == device:
-        return keys
-    if keys.is_contiguous():
-        return keys.to(device, non_blocking=True)
-    return copy_rows(keys, torch.empty(keys.shape, dtype=keys.dtype, device=device))
 
 
 def token_chunk_logits(

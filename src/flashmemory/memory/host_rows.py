@@ -16,8 +16,11 @@ import torch
 def copy_rows(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Copy ``src`` into ``out`` one contiguous ``[L, D]`` row per (sequence, head); returns ``out``.
 
+    Each row of the host side (a token-axis slice of the mirror) is contiguous, so each row copy is one direct
+    transfer; a strided row on the device side is made contiguous there.
+
     Args:
-        src: a tensor whose every ``src[b, h]`` is contiguous (a token-axis slice of one). # [B, H, L, D]
+        src: the source, on any device. # [B, H, L, D]
         out: the destination, on any device. # [B, H, L, D]
     """
     if src.shape != out.shape:
@@ -42,3 +45,22 @@ def copy_to_host_slice(src: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(src, non_blocking=True)
     else:
         copy_rows(src, out)
+
+
+def keys_to_device(keys: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``keys`` on ``device``, copied one (sequence, head) row at a time when they are a slice of a host tensor.
+
+    The read of :func:`copy_to_host_slice`'s writes: the scorer's token keys come back from the mirror this way.
+
+    Args:
+        keys: keys of a block of positions, on any device. # [B, Hkv, L, D]
+        device: where they are needed.
+
+    Returns:
+        The keys on ``device`` (``keys`` itself when already there). # [B, Hkv, L, D]
+    """
+    if keys.device == device:
+        return keys
+    if keys.is_contiguous():
+        return keys.to(device, non_blocking=True)
+    return copy_rows(keys, torch.empty(keys.shape, dtype=keys.dtype, device=device))
