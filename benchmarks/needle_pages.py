@@ -192,7 +192,6 @@ def run(args) -> dict:
                                 j, hidden, pos, keys[layer], valid, token_keys=token
                             )
                 for j, layer in enumerate(cache.targets):
-                    pos, valid = cache.lookahead_pos[:, -16:], cache.lookahead_valid[:, -16:]
                     mass = attention_mass(
                         cache.indexer,
                         j,
