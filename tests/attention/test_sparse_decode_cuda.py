@@ -147,3 +147,45 @@ def test_graph_replay_with_prefetch_equals_eager_steps_and_overlaps_nothing_earl
             pos = pos + 1
         assert runner.replays > 40
     torch.testing.assert_close(torch.stack(logits, 1), eager_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "splits, block_n, warps, stages, branchless",
+    [(None, 64, 4, 2, True), (3, 32, 8, 1, True), (7, 64, 4, 3, True), (1, 32, 4, 1, False), (64, 64, 8, 3, False)],
+)
+def test_sparse_decode_launch_settings_agree_and_skip_empty_slots_cuda(splits, block_n, warps, stages, branchless):
+    """Every tuning setting (the masked-load loop included) reads only valid slots and gives the same output."""
+    from flashmemory.attention.sparse_decode_triton import sparse_decode_fwd
+
+    for seed, shape in enumerate([(3, 8, 2, 64, 16, 32, 5, 63), (2, 28, 4, 128, 16, 64, 40, 129)]):
+        b, hq, hkv, d, sink, page, num_pages, tail_cap = shape
+        q, k, v, rs = random_case(
+            b,
+            hq,
+            hkv,
+            d,
+            sink=sink,
+            page=page,
+            num_pages=num_pages,
+            tail_cap=tail_cap,
+            dtype=torch.bfloat16,
+            device="cuda",
+            seed=seed,
+        )
+        poisoned = ~(rs.slot_positions(k.shape[2]) >= 0)[:, None, :, None]
+        kp, vp = k.masked_fill(poisoned, float("nan")), v.masked_fill(poisoned, float("nan"))
+        out = sparse_decode_fwd(
+            q,
+            kp,
+            vp,
+            rs,
+            d**-0.5,
+            num_splits=splits,
+            block_n=block_n,
+            num_warps=warps,
+            num_stages=stages,
+            branchless=branchless,
+        )
+        ref = sdpa_over_valid_keys(q, k, v, rs)
+        assert not out.isnan().any()
+        assert float((out.float() - ref).norm() / ref.norm()) < BOUND[torch.bfloat16]

@@ -22,6 +22,35 @@ import triton.language as tl
 from .sparse_decode_ref import ResidentSet, check_sparse_decode_inputs
 
 
+@triton.jit
+def _attend_tile(
+    b_q, p_k0, p_v0, slot, m_n, m_d, o_d, stride_ks, stride_vs, scale_log2, b_m, b_l, b_acc, USE_IEEE: tl.constexpr
+):
+    """One tile of keys and values into the running softmax: returns the new maxima, sums and accumulator."""
+    slot64 = slot.to(tl.int64)
+    m_kv = m_n[:, None] & m_d[None, :]
+    b_k = tl.load(p_k0 + slot64[:, None] * stride_ks + o_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    b_v = tl.load(p_v0 + slot64[:, None] * stride_vs + o_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
+    if USE_IEEE:
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+    else:
+        b_s = tl.dot(b_q, tl.trans(b_k))
+    # the cast keeps the scores fp32 when a compiler hands the scale over as a float64 scalar
+    b_s = tl.where(m_n[None, :], (b_s * scale_log2).to(tl.float32), float("-inf"))  # [BG, BN]
+    b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+    # a tile with no valid key leaves -inf maxima; shift by 0 there so exp2 yields 0, not NaN
+    b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+    b_p = tl.exp2(b_s - b_shift[:, None])
+    b_alpha = tl.exp2(b_m - b_shift)
+    b_l = b_l * b_alpha + tl.sum(b_p, 1)
+    if USE_IEEE:
+        b_pv = tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
+    else:
+        b_pv = tl.dot(b_p.to(b_v.dtype), b_v)
+    b_acc = b_acc * b_alpha[:, None] + b_pv
+    return b_m_new, b_l, b_acc
+
+
 @triton.jit(do_not_specialize=["num_pages", "tail_cap", "tiles_per_split", "num_tiles", "num_splits"])
 def sparse_decode_fwd_kernel(
     q,
@@ -58,6 +87,7 @@ def sparse_decode_fwd_kernel(
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     USE_IEEE: tl.constexpr,
+    BRANCHLESS: tl.constexpr,
 ):
     i_bh = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -105,41 +135,37 @@ def sparse_decode_fwd_kernel(
         # tail tile
         in_tail = (t - NUM_SINK_TILES - num_page_tiles) * BLOCK_N + o_n
         tail_pos = b_tail_start + in_tail
-        if is_sink:
-            slot = sink_off
-            m_n = sink_off < b_sink_len
-            active = t * BLOCK_N < b_sink_len
-        elif is_page:
-            slot = SINK + k_slot * PAGE + in_page
-            m_n = (in_page < PAGE) & (page_pos >= b_lo) & (page_pos < b_tail_start)
-            active = page >= 0
+        if BRANCHLESS:
+            # masks instead of branches: a straight-line loop body lets the compiler pipeline the loads of the
+            # next tile behind this tile's math; masked-off lanes (empty slots, unwritten tail) fetch nothing
+            slot = tl.where(
+                is_sink, sink_off, tl.where(is_page, SINK + k_slot * PAGE + in_page, SINK + num_pages * PAGE + in_tail)
+            )
+            m_page = (in_page < PAGE) & (page_pos >= b_lo) & (page_pos < b_tail_start) & (page >= 0)
+            m_tail = (in_tail < tail_cap) & (tail_pos >= b_lo) & (tail_pos < b_seq_len)
+            m_n = tl.where(is_sink, sink_off < b_sink_len, tl.where(is_page, m_page, m_tail)) & (t < num_tiles)
+            active = t < num_tiles
         else:
-            slot = SINK + num_pages * PAGE + in_tail
-            m_n = (in_tail < tail_cap) & (tail_pos >= b_lo) & (tail_pos < b_seq_len)
-            active = b_tail_start + (t - NUM_SINK_TILES - num_page_tiles) * BLOCK_N < b_seq_len
-        if active & (t < num_tiles):
-            slot64 = slot.to(tl.int64)
-            m_kv = m_n[:, None] & m_d[None, :]
-            b_k = tl.load(p_k0 + slot64[:, None] * stride_ks + o_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
-            b_v = tl.load(p_v0 + slot64[:, None] * stride_vs + o_d[None, :], mask=m_kv, other=0.0)  # [BN, BD]
-            if USE_IEEE:
-                b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
+            if is_sink:
+                slot = sink_off
+                m_n = sink_off < b_sink_len
+                active = t * BLOCK_N < b_sink_len
+            elif is_page:
+                slot = SINK + k_slot * PAGE + in_page
+                m_n = (in_page < PAGE) & (page_pos >= b_lo) & (page_pos < b_tail_start)
+                active = page >= 0
             else:
-                b_s = tl.dot(b_q, tl.trans(b_k))
-            # the cast keeps the scores fp32 when a compiler hands the scale over as a float64 scalar
-            b_s = tl.where(m_n[None, :], (b_s * scale_log2).to(tl.float32), float("-inf"))  # [BG, BN]
-            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-            # a tile with no valid key leaves -inf maxima; shift by 0 there so exp2 yields 0, not NaN
-            b_shift = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
-            b_p = tl.exp2(b_s - b_shift[:, None])
-            b_alpha = tl.exp2(b_m - b_shift)
-            b_l = b_l * b_alpha + tl.sum(b_p, 1)
-            if USE_IEEE:
-                b_pv = tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
-            else:
-                b_pv = tl.dot(b_p.to(b_v.dtype), b_v)
-            b_acc = b_acc * b_alpha[:, None] + b_pv
-            b_m = b_m_new
+                slot = SINK + num_pages * PAGE + in_tail
+                m_n = (in_tail < tail_cap) & (tail_pos >= b_lo) & (tail_pos < b_seq_len)
+                active = b_tail_start + (t - NUM_SINK_TILES - num_page_tiles) * BLOCK_N < b_seq_len
+        if BRANCHLESS:
+            b_m, b_l, b_acc = _attend_tile(
+                b_q, p_k0, p_v0, slot, m_n, m_d, o_d, stride_ks, stride_vs, scale_log2, b_m, b_l, b_acc, USE_IEEE
+            )
+        elif active & (t < num_tiles):
+            b_m, b_l, b_acc = _attend_tile(
+                b_q, p_k0, p_v0, slot, m_n, m_d, o_d, stride_ks, stride_vs, scale_log2, b_m, b_l, b_acc, USE_IEEE
+            )
 
     has = b_l > 0
     b_out = b_acc / tl.where(has, b_l, 1.0)[:, None]
@@ -195,8 +221,15 @@ def sparse_decode_fwd(
     scale: float,
     num_splits: int | None = None,
     block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    branchless: bool = False,
 ) -> torch.Tensor:
-    """Launch both passes. Shapes as in :func:`sparse_decode`; returns ``[B, Hq, D]`` in the dtype of ``q``."""
+    """Launch both passes. Shapes as in :func:`sparse_decode`; returns ``[B, Hq, D]`` in the dtype of ``q``.
+
+    ``num_splits``, ``block_n``, ``num_warps``, ``num_stages`` and ``branchless`` (masked loads instead of
+    branches in the key loop) are the kernel's tuning knobs; ``benchmarks/decode_kernel_sweep.py`` times them.
+    """
     b, hq, d = q.shape
     hkv, num_slots = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -252,8 +285,9 @@ def sparse_decode_fwd(
         PAGE=page,
         BLOCK_N=block_n,
         USE_IEEE=q.dtype == torch.float32,
-        num_warps=4,
-        num_stages=2,
+        BRANCHLESS=branchless,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     out = torch.empty(b, hq, d, device=q.device, dtype=q.dtype)
     sparse_decode_reduce_kernel[(b * hq,)](
