@@ -119,6 +119,17 @@ def test_training_reduces_loss_and_writes_checkpoint(dump_dir, tmp_path):
     assert 0 < report["needed_share"] < 1
 
 
+def test_time_limit_stops_after_an_epoch_and_still_saves_the_best(dump_dir, tmp_path):
+    cfg = TrainConfig(epochs=5, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2, patience=5)
+    history = train_indexer([dump_dir], tmp_path / "ck", replace(cfg, max_minutes=1e-6), progress=False)
+    assert len(history["epochs"]) == 1 and history["stopped_by_time"] == 1
+    assert load_indexer(tmp_path / "ck").spec.trained
+    unlimited = train_indexer([dump_dir], tmp_path / "all", cfg, progress=False)
+    assert len(unlimited["epochs"]) > 1 and "stopped_by_time" not in unlimited
+    with pytest.raises(ValueError, match="max_minutes"):
+        TrainConfig(max_minutes=0)
+
+
 def test_interpolated_checkpoint_lies_between_initial_and_trained(dump_dir, tmp_path):
     cfg = TrainConfig(epochs=2, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2, lr=1e-2)
     train_indexer([dump_dir], tmp_path / "ck", cfg, progress=False)

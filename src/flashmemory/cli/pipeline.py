@@ -104,6 +104,9 @@ def train(
         TRAIN.distance_prior,
         help="Bias by how far back a chunk lies: learn, off, or train-only (learned, then left out of the checkpoint).",
     ),
+    max_minutes: float = typer.Option(
+        0.0, help="Stop after the epoch in which this many minutes have passed, keeping the best so far (0: no limit)."
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Train the Memory Indexer's query tower from dumps only (no backbone is loaded)."""
@@ -127,6 +130,7 @@ def train(
         seed=seed,
         interpolate=interpolate,
         distance_prior=distance_prior,
+        max_minutes=max_minutes or None,
     )
     history = train_indexer(dumps, out, cfg, device=device)
     best, zero = history.get("interpolated", history["best"]), history["zero_shot"]

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import random
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ class TrainConfig:
             during training it takes up the preference for recent chunks that decode-time attention labels carry,
             so the query tower learns what a chunk holds, not where it lies; at run time LSA most needs the far
             chunks that a question or a copy reads. Default: "learn".
+        max_minutes: stop after the epoch during which this much wall time has passed, keeping the best epoch so
+            far (a time-limited machine then still gets a checkpoint). None: no limit. Default: None.
     """
 
     epochs: int = 12
@@ -96,6 +99,7 @@ class TrainConfig:
     peak_threshold: float = 0.3
     interpolate: float = 1.0
     distance_prior: str = "learn"
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in ("focal", "bce", "listwise"):
@@ -114,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"boundary_weight must be > 0, got {self.boundary_weight}")
         if self.epochs < 1 or self.steps_per_prompt < 1 or self.prompts_per_batch < 1:
             raise ValueError("epochs, steps_per_prompt and prompts_per_batch must be >= 1")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be > 0 or None, got {self.max_minutes}")
 
 
 def listwise_loss(logits: torch.Tensor, ex: PromptExamples, steps: torch.Tensor, cfg: TrainConfig):
@@ -211,6 +217,16 @@ def _average_gradients(module: torch.nn.Module, world: int) -> None:
         p.grad /= world
 
 
+def _out_of_time(start: float, cfg: TrainConfig, world: int) -> bool:
+    """Whether the time limit has passed; under several ranks, whether it has for any of them (all stop together)."""
+    late = cfg.max_minutes is not None and time.monotonic() - start > 60.0 * cfg.max_minutes
+    if world > 1:
+        flag = torch.tensor([float(late)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        late = bool(flag.item())
+    return late
+
+
 def train_indexer(
     dump_dirs: Sequence[str | Path],
     out: str | Path,
@@ -259,6 +275,7 @@ def train_indexer(
     zero_shot = evaluate(indexer, val, window=cfg.window, interval=cfg.interval)
     history = {"config": asdict(cfg), "epochs": [], "zero_shot": zero_shot}
     best, best_state, stale = -1.0, None, 0
+    start = time.monotonic()
     mine = train[rank::world]
     # Every rank takes the same number of optimiser steps, or the gradient all-reduce would wait forever.
     per_rank = -(-len(train) // world)
@@ -311,6 +328,9 @@ def train_indexer(
                 stale += 1
                 if stale >= cfg.patience:
                     break
+            if _out_of_time(start, cfg, world):
+                history["stopped_by_time"] = epoch + 1
+                break
     indexer.load_state_dict(best_state)
     if cfg.distance_prior == "train-only":
         with torch.no_grad():
