@@ -254,6 +254,38 @@ def test_dump_records_peak_head_mass_per_step(dump_dir):
     assert bool((peak[:, 0] > 0).all())
 
 
+def test_target_layer_peak_counts_only_the_heads_the_indexer_scores_with(dump_dir, tmp_path):
+    from flashmemory.dump.shards import iter_records
+    from flashmemory.train.dataset import load_examples
+
+    manifest = read_manifest(dump_dir)
+    assert 0 < len(manifest["target_layers"]) < 4  # a strict subset of the tiny model's 4 layers
+    _, rec = next(iter_records(dump_dir, "train"))
+    peak, target = rec["peak"].float(), rec["peak_target"].float()
+    assert target.shape == peak.shape
+    assert bool((target <= peak).all()) and bool((target < peak).any())  # fewer heads, so never more mass
+    assert bool((target[:, 0] > 0).all())
+    thr = float(target[target > 0].median())
+    ex = load_examples([dump_dir], split="train", interval=16, recent=16, target="target-peak", peak_threshold=thr)
+    wide = load_examples([dump_dir], split="train", interval=16, recent=16, target="peak", peak_threshold=thr)
+    assert bool(ex[0].targets.any()) and int(ex[0].targets.sum()) < int(wide[0].targets.sum())
+    cfg = TrainConfig(
+        epochs=2,
+        interval=16,
+        recent=16,
+        steps_per_prompt=8,
+        prompts_per_batch=2,
+        target="target-peak",
+        peak_threshold=thr,
+    )
+    history = train_indexer([dump_dir], tmp_path / "ck", cfg, progress=False)
+    assert history["config"]["target"] == "target-peak"
+    report = evaluate_methods(
+        [dump_dir], tmp_path / "ck", interval=16, recent=16, target="target-peak", peak_threshold=thr
+    )
+    assert report["target"] == f"target-peak>={thr}"
+
+
 def test_training_on_peak_targets(dump_dir, tmp_path):
     from flashmemory.dump.shards import iter_records
     from flashmemory.train.dataset import load_examples
@@ -295,8 +327,12 @@ def test_peak_target_on_an_old_dump_is_a_clear_error(dump_dir, tmp_path):
     for shard in old.glob("shard-*.safetensors"):
         save_file({k: v for k, v in load_file(shard).items() if not k.endswith("/peak")}, shard)
     assert load_examples([old], split="train", interval=16, recent=16)  # golden targets still work
-    with pytest.raises(DumpError, match="no peak head masses"):
+    with pytest.raises(DumpError, match="no peak masses of some head of some layer"):
         load_examples([old], split="train", interval=16, recent=16, target="peak")
+    for shard in old.glob("shard-*.safetensors"):
+        save_file({k: v for k, v in load_file(shard).items() if not k.endswith("/peak_target")}, shard)
+    with pytest.raises(DumpError, match="no peak masses of some head of a target layer"):
+        load_examples([old], split="train", interval=16, recent=16, target="target-peak")
 
 
 def test_listwise_loss_on_a_hand_made_step():

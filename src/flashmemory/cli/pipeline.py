@@ -17,6 +17,12 @@ LABELS = LabelConfig()
 TRAIN = TrainConfig()
 
 
+TARGET_HELP = (
+    "Label to learn: 'golden' (top-p head-mean mass), 'peak' (a single head's mass) or 'target-peak' (a single head "
+    "of the target layers)."
+)
+
+
 @friendly_errors
 def dump(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Short name, HF folder or GGUF file."),
@@ -90,9 +96,7 @@ def train(
         TRAIN.boundary_weight, help="Loss weight of the steps where the runtime asks the indexer."
     ),
     select_on: str = typer.Option(TRAIN.select_on, help="Best epoch by recall over 'all' or 'boundary' steps."),
-    target: str = typer.Option(
-        TRAIN.target, help="Label to learn: 'golden' (top-p head-mean mass) or 'peak' (a single head's mass)."
-    ),
+    target: str = typer.Option(TRAIN.target, help=TARGET_HELP),
     peak_threshold: float = typer.Option(TRAIN.peak_threshold, help="Single-head mass that makes a chunk needed."),
     interval: int = typer.Option(TRAIN.interval, help="Lookahead horizon in decode steps."),
     recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
@@ -150,9 +154,7 @@ def indexer_eval(
     recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
     window: int = typer.Option(TRAIN.window, help="Newest steps forming each lookahead query."),
     steps: str = typer.Option("all", help="Score 'all' decode steps or only the 'boundary' steps."),
-    target: str = typer.Option(
-        TRAIN.target, help="Label to learn: 'golden' (top-p head-mean mass) or 'peak' (a single head's mass)."
-    ),
+    target: str = typer.Option(TRAIN.target, help=TARGET_HELP),
     peak_threshold: float = typer.Option(TRAIN.peak_threshold, help="Single-head mass that makes a chunk needed."),
 ) -> None:
     """Recall of golden chunks vs fraction kept: trained, zero-shot, Quest-style, recent, random."""

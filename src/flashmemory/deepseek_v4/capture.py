@@ -115,7 +115,7 @@ def capture_prompt(
     recorder = SelectionRecorder(model, targets, keep=query_window)
     cache = DynamicCache(config=model.config)
 
-    def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, None]:  # no peak fields
         masks = [selection_mask(recorder.scores[i], spec.index_topk, labels.top_p) for i in recorder.layers]
         # The native top-k scores are one score per entry, not per-head attention: no peak-head labels here.
         return torch.stack(masks), torch.stack([recorder.hidden[i] for i in targets], 1), None

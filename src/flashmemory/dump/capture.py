@@ -55,7 +55,7 @@ def record_steps(
     input_ids: torch.Tensor,
     cache,
     recorder,
-    observe: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    observe: Callable[[int], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]],
     *,
     max_new_tokens: int,
     eos_token_id: list[int],
@@ -66,22 +66,23 @@ def record_steps(
     Step 0 is the prompt's forward, step ``s > 0`` the ``s``-th decode forward. After each forward
     ``observe(seq_len)`` (``seq_len``: tokens the model has seen) returns each layer's selection of chunks
     ``[num_layers, N]``, the target layers' recorded hidden states, newest last, ``[W, L, ...]``, and the peak
-    single-head mass per chunk ``[N]`` (None where the backbone has no per-head attention to report). The
-    recorder's hooks are removed at the end, whatever happens.
+    single-head masses per chunk, ``{field: [N]}`` (None where the backbone has no per-head attention to report).
+    The recorder's hooks are removed at the end, whatever happens.
 
     Returns:
         The dump fields every backbone shares: ``hidden [S, L, ...]``, ``positions [S]``, ``tokens``,
         ``prefix_hidden [P, L, ...]`` / ``prefix_positions [P]``, the golden CSR (``indptr``, ``indices``,
-        ``hits``) and, when observed, ``peak [S, N]``.
+        ``hits``) and, when observed, each peak field ``[S, N]``.
     """
-    hidden, golden, hits, peaks = [], [], [], []
+    hidden, golden, hits = [], [], []
+    peaks: dict[str, list[torch.Tensor]] = {}
     tokens = input_ids[0].tolist()
     try:
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
         for step in range(max_new_tokens + 1):
-            masks, window, peak = observe(len(tokens))
-            if peak is not None:
-                peaks.append(peak)
+            masks, window, step_peaks = observe(len(tokens))
+            for name, value in (step_peaks or {}).items():
+                peaks.setdefault(name, []).append(value)
             ids, count = golden_chunks(masks, min_layers)
             golden.append(ids.cpu())
             hits.append(count.cpu())
@@ -98,7 +99,7 @@ def record_steps(
     finally:
         recorder.remove()
     first = input_ids.shape[1] - 1  # the position of step 0
-    extra = {"peak": stack_peaks(peaks)} if peaks else {}
+    extra = {name: stack_peaks(values) for name, values in peaks.items()}
     return {
         **extra,
         "hidden": torch.stack(hidden),
@@ -185,7 +186,8 @@ def capture_prompt(
 
     Returns:
         ``hidden [S, L, hidden]`` (target layers), ``positions [S]``, golden CSR (``indptr``, ``indices``,
-        ``hits``), ``peak [S, N]`` (largest single-head mass per chunk over all layers),
+        ``hits``), ``peak [S, N]`` (largest single-head mass per chunk over all layers), ``peak_target [S, N]``
+        (the same over the target layers only: what the heads of the layers the indexer scores with read),
         ``chunk_keys``/``chunk_kmin``/``chunk_kmax`` ``[L, Hkv, N, D]`` of the final sequence,
         ``tokens`` (prompt + generated ids), and ``prefix_hidden [P, L, hidden]`` / ``prefix_positions [P]``: the
         ``query_window - 1`` prompt tokens before step 0, which join it in the first lookahead window.
@@ -193,13 +195,17 @@ def capture_prompt(
     recorder = AttentionRecorder(model, keep=query_window)
     cache = DynamicCache(config=model.config)
 
-    def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        masks, peak = [], None
+    def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        masks, peak, target_peak = [], None, None
         for layer in recorder.layers:
             mass, layer_peak = _decidable_mass(recorder, layer, cache.layers[layer].keys, labels, seq_len)
             masks.append(top_p_mask(mass, labels.top_p))
             peak = layer_peak if peak is None else torch.maximum(peak, layer_peak)
-        return torch.stack(masks), torch.stack([recorder.hidden[layer][0] for layer in targets], 1), peak
+            if layer in targets:
+                target_peak = layer_peak if target_peak is None else torch.maximum(target_peak, layer_peak)
+        window = torch.stack([recorder.hidden[layer][0] for layer in targets], 1)
+        fields = {"peak": peak} if target_peak is None else {"peak": peak, "peak_target": target_peak}
+        return torch.stack(masks), window, fields
 
     record = record_steps(
         model,

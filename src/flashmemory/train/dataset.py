@@ -80,31 +80,38 @@ def check_compatible(dirs: Sequence[str | Path]) -> dict:
     return first
 
 
-TARGETS = ("golden", "peak")
+TARGETS = ("golden", "peak", "target-peak")
+# the dump field each peak target reads, and what it says
+PEAK_FIELDS = {
+    "peak": ("peak", "some head of some layer"),
+    "target-peak": ("peak_target", "some head of a target layer"),
+}
 
 
 def step_targets(
     rec: dict[str, torch.Tensor], target: str, interval: int, peak_threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Which chunks each step's lookahead needs, by the chosen label: ``"golden"`` (the union of golden chunks over
-    the next ``interval`` steps) or ``"peak"`` (some head of some layer puts at least ``peak_threshold`` of its
-    attention on the chunk in one of those steps).
+    the next ``interval`` steps), ``"peak"`` (some head of some layer puts at least ``peak_threshold`` of its
+    attention on the chunk in one of those steps) or ``"target-peak"`` (the same, counting only the heads of the
+    target layers, whose keys the indexer scores).
 
     Returns:
-        Targets ``[S-1, N]`` and, for ``"peak"``, the lookahead peak mass itself ``[S-1, N]`` (else None).
+        Targets ``[S-1, N]`` and, for the peak targets, the lookahead peak mass itself ``[S-1, N]`` (else None).
     """
     n = rec["chunk_keys"].shape[2]
     if target == "golden":
         return lookahead_targets(from_csr(rec), interval, n), None
-    if target == "peak":
+    if target in PEAK_FIELDS:
         if not 0.0 < peak_threshold <= 1.0:
             raise ValueError(f"peak_threshold must be in (0, 1], got {peak_threshold}")
-        if "peak" not in rec:
+        field, what = PEAK_FIELDS[target]
+        if field not in rec:
             raise DumpError(
-                "this dump has no peak head masses (made before they were recorded): dump again, or "
-                "train on target 'golden'"
+                f"this dump has no peak masses of {what} (made before they were recorded, or by a backbone without "
+                f"per-head attention): dump again, or train on target 'golden'"
             )
-        strength = lookahead_peak(rec["peak"], interval, n)
+        strength = lookahead_peak(rec[field], interval, n)
         return strength >= peak_threshold, strength
     raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 

@@ -70,7 +70,7 @@ def evaluate_methods(
         "step_kind": steps,
         "fractions": list(DEFAULT_FRACTIONS),
         "window": window,
-        "target": target if target == "golden" else f"peak>={peak_threshold}",
+        "target": target if target == "golden" else f"{target}>={peak_threshold}",
         "needed_share": curves["oracle"].positives / max(curves["oracle"].candidates, 1.0),
         "methods": {m: {"recall": c.recall(), **c.summary()} for m, c in curves.items()},
     }

@@ -58,8 +58,9 @@ class TrainConfig:
         select_on: validation metrics that pick the best epoch: ``"all"`` steps or ``"boundary"`` steps only.
             Default: "all".
         target: the label the lookahead targets come from: ``"golden"`` (chunks in the top-p attention mass,
-            head mean, of ``min_layers`` layers) or ``"peak"`` (chunks some single head attends to with at least
-            ``peak_threshold`` of its mass). Default: "golden".
+            head mean, of ``min_layers`` layers), ``"peak"`` (chunks some single head attends to with at least
+            ``peak_threshold`` of its mass) or ``"target-peak"`` (the same, heads of the target layers only: what
+            the layers whose keys the indexer scores read). Default: "golden".
         peak_threshold: single-head mass that makes a chunk needed, for ``target="peak"``. Default: 0.3.
         interpolate: the checkpoint holds ``(1 - a) * initial + a * trained`` weights (weight-space ensembling
             with the zero-shot indexer it started from). The trained weights rank more of the needed chunks, the
