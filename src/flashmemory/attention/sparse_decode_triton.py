@@ -144,7 +144,6 @@ def sparse_decode_fwd_kernel(
             m_page = (in_page < PAGE) & (page_pos >= b_lo) & (page_pos < b_tail_start) & (page >= 0)
             m_tail = (in_tail < tail_cap) & (tail_pos >= b_lo) & (tail_pos < b_seq_len)
             m_n = tl.where(is_sink, sink_off < b_sink_len, tl.where(is_page, m_page, m_tail)) & (t < num_tiles)
-            active = t < num_tiles
         else:
             if is_sink:
                 slot = sink_off
@@ -206,6 +205,16 @@ def sparse_decode_reduce_kernel(
     tl.store(out + i_b * stride_ob + i_h * stride_oh + o_d, b_res.to(out.dtype.element_ty), mask=m_d)
 
 
+def _num_tiles(rs: ResidentSet, num_slots: int, block_n: int) -> int:
+    """Key tiles of ``block_n`` slots the kernel walks: the sink's, each page slot's, and the tail's."""
+    tail_cap = rs.tail_capacity(num_slots)
+    return (
+        triton.cdiv(rs.sink, block_n)
+        + rs.num_pages * triton.cdiv(rs.page_size, block_n)
+        + triton.cdiv(tail_cap, block_n)
+    )
+
+
 def _num_splits(num_programs: int, num_tiles: int, device: torch.device) -> int:
     """Splits of the key axis: about four programs per multiprocessor (flash-decoding), and at least 16.
 
@@ -246,9 +255,7 @@ def sparse_decode_fwd(
     if block_n is None:
         block_n = max(16, min(64, triton.next_power_of_2(page)))
     tail_cap = rs.tail_capacity(num_slots)
-    num_tiles = (
-        triton.cdiv(rs.sink, block_n) + rs.num_pages * triton.cdiv(page, block_n) + triton.cdiv(tail_cap, block_n)
-    )
+    num_tiles = _num_tiles(rs, num_slots, block_n)
     splits = num_splits or _num_splits(b * hkv, num_tiles, q.device)
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)
