@@ -23,40 +23,28 @@ from pathlib import Path
 
 import torch
 
-from flashmemory.attention.sparse_decode_ref import ResidentSet
-from flashmemory.attention.sparse_decode_triton import _num_splits, sparse_decode_fwd
+# the sibling script (run from benchmarks/, so it is on the path): the same shapes, layout and resident set
+from decode_speed import SHAPES, kv_geometry, lsa_plan, measure_ceilings, resident_set
+
+from flashmemory.attention.sparse_decode_triton import _num_splits, _num_tiles, sparse_decode_fwd
 from flashmemory.bench.record import provenance
 from flashmemory.config import LSAConfig
-from flashmemory.memory.layout import SequenceBytes, plan_layout
-from flashmemory.memory.resident import page_aligned_tail_start
 
 # the launch settings sparse_decode_fwd uses when not told otherwise: the "default" row of each case
 LAUNCH_KNOBS = ("num_warps", "num_stages", "branchless")
 LAUNCH_DEFAULTS = {n: inspect.signature(sparse_decode_fwd).parameters[n].default for n in LAUNCH_KNOBS}
-HEADS = {"llama3-8b": (32, 8, 128, 32), "qwen2.5-7b": (28, 4, 128, 28)}  # hq, hkv, d, layers
 
 
-def reserve(hq, hkv, d, layers, context, batch, lsa: LSAConfig, full: bool, device):
-    page, sink = lsa.page_size, lsa.sink
-    if full:
-        tail_start, num_pages, tail_cap = context, context // page, 264
-    else:
-        seq = SequenceBytes(per_token=2 * hkv * d * 2 * layers, per_chunk_key=hkv * d * 2)
-        layout = plan_layout(lsa, seq, context_len=context, max_len=context + 256, other_layers_full=0)
-        tail_start = page_aligned_tail_start(context, lsa.recent, page)
-        num_pages, tail_cap = layout.num_page_slots, layout.tail_capacity
-    gen = torch.Generator(device=device).manual_seed(0)
-    selectable = tail_start // page
-    table = torch.stack(
-        [torch.randperm(selectable, device=device, generator=gen)[:num_pages].sort().values for _ in range(batch)]
-    )
-    slots = sink + num_pages * page + tail_cap
-    i32 = lambda v: torch.full((batch,), v, dtype=torch.int32, device=device)  # noqa: E731
-    rs = ResidentSet(table.contiguous(), i32(sink), i32(sink), i32(tail_start), i32(context), sink, page)
-    q = torch.randn(batch, hq, d, device=device, dtype=torch.bfloat16)
+def reserve(name: str, context: int, batch: int, lsa: LSAConfig, full: bool, device):
+    """Random q and reserve of one layer of shape ``name`` (``decode_speed.py``'s shapes, layout and resident set),
+    and the KV bytes one call must read."""
+    cfg = SHAPES[name](0)
+    _, hkv, d = kv_geometry(cfg)
+    pages = None if full else lsa_plan(cfg, lsa, context, 256, 1)[0].num_page_slots
+    rs, slots, resident = resident_set(lsa, batch, context, pages, 264, device)
+    q = torch.randn(batch, cfg.num_attention_heads, d, device=device, dtype=torch.bfloat16)
     k = torch.randn(batch, hkv, slots, d, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    resident = sink + num_pages * page + (context - tail_start)
     return q, k, v, rs, resident * batch * hkv * d * 2 * 2
 
 
@@ -80,29 +68,12 @@ def time_call(fn, calls: int, reps: int = 15) -> float:
     return times[len(times) // 2]
 
 
-def copy_rate(device) -> float:
-    """TB/s read plus written by one large ``copy_``, timed as ``decode_speed.py`` times it (no graph)."""
-    a = torch.empty(2 << 30, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(10):
-        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t0.record()
-        b.copy_(a)
-        t1.record()
-        t1.synchronize()
-        times.append(t0.elapsed_time(t1))
-    return 2 * a.numel() / (sorted(times)[5] * 1e-3) / 1e12
-
-
 def sweep_case(q, k, v, rs, kv_bytes: float, args, device) -> tuple[list[dict], dict, dict]:
     """Every launch setting of one case: its rows, the best row and the default heuristic's row."""
     batch, hkv, d = k.shape[0], k.shape[1], k.shape[3]
     scale = d**-0.5
     ref = sparse_decode_fwd(q, k, v, rs, scale)
-    tail_cap = rs.tail_capacity(k.shape[2])
-    num_tiles = -(-rs.sink // 64) + rs.num_pages * -(-rs.page_size // 64) + -(-tail_cap // 64)
-    auto = _num_splits(batch * hkv, num_tiles, device)
+    auto = _num_splits(batch * hkv, _num_tiles(rs, k.shape[2], 64), device)  # the splits of the default tile
     rows = []
     for sp, bn, w, st, bl in itertools.product(
         args.splits.split(","),
@@ -196,7 +167,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda")
     lsa = LSAConfig(budget=args.budget)
-    rate = copy_rate(device)
+    rate, _ = measure_ceilings(device)
     print(f"device copy rate {rate:.2f} TB/s (read+write)")
     cases = []
     for name, context, batch, full in itertools.product(
@@ -205,9 +176,8 @@ def main() -> None:
         [int(b) for b in args.batches.split(",")],
         [False, True] if args.full else [False],
     ):
-        hq, hkv, d, layers = HEADS[name]
         try:
-            q, k, v, rs, kv_bytes = reserve(hq, hkv, d, layers, context, batch, lsa, full, device)
+            q, k, v, rs, kv_bytes = reserve(name, context, batch, lsa, full, device)
         except torch.OutOfMemoryError:
             print(f"{name} {context} b={batch} full={full}: does not fit, skipped")
             continue

@@ -245,6 +245,35 @@ def random_(t: torch.Tensor) -> torch.Tensor:
     return t.normal_(0, 1)
 
 
+def resident_set(
+    lsa: LSAConfig, batch: int, context: int, lsa_pages: int | None, full_tail_cap: int, device
+) -> tuple[ResidentSet, int, int]:
+    """What ``batch`` reserves at ``context`` hold: every page (``lsa_pages=None``, a tail of ``full_tail_cap`` slots
+    for the new tokens) or LSA's layout with ``lsa_pages`` distinct random pages per sequence.
+
+    Returns:
+        The resident set, the reserve's slots per sequence and head, and the tokens it holds of each.
+    """
+    page, sink = lsa.page_size, lsa.sink
+    if lsa_pages is None:
+        tail_start, num_pages, tail_cap = context, context // page, full_tail_cap
+        table = torch.arange(num_pages, device=device).expand(batch, -1).contiguous()
+    else:
+        tail_start = page_aligned_tail_start(context, lsa.recent, page)
+        num_pages, tail_cap = lsa_pages, lsa.tail_capacity
+        selectable = tail_start // page
+        gen = torch.Generator(device=device).manual_seed(0)
+        table = torch.stack(
+            [torch.randperm(selectable, device=device, generator=gen)[:num_pages].sort().values for _ in range(batch)]
+        )
+    i32 = lambda v: torch.full((batch,), v, dtype=torch.int32, device=device)  # noqa: E731
+    rs = ResidentSet(table, i32(sink), i32(sink), i32(tail_start), i32(context), sink, page)
+    resident = (
+        sink + (min(context, tail_start) - sink if lsa_pages is None else num_pages * page) + (context - tail_start)
+    )
+    return rs, sink + num_pages * page + tail_cap, resident
+
+
 class Bench:
     def __init__(self, args, device):
         self.args, self.device = args, device
@@ -291,34 +320,15 @@ class Bench:
     def reserve_state(self, cfg, batch, context, lsa_pages: int | None):
         """Random reserves of every layer plus their resident set (all pages for ``lsa_pages=None``)."""
         layers, hkv, d = kv_geometry(cfg)
-        page, sink = self.lsa.page_size, self.lsa.sink
-        if lsa_pages is None:
-            tail_start, num_pages, tail_cap = context, context // page, self.args.steps * 4 + 8
-            table = torch.arange(num_pages, device=self.device).expand(batch, -1).contiguous()
-        else:
-            tail_start = page_aligned_tail_start(context, self.lsa.recent, page)
-            num_pages, tail_cap = lsa_pages, self.lsa.tail_capacity
-            selectable = tail_start // page
-            gen = torch.Generator(device=self.device).manual_seed(0)
-            table = torch.stack(
-                [
-                    torch.randperm(selectable, device=self.device, generator=gen)[:num_pages].sort().values
-                    for _ in range(batch)
-                ]
-            )
-        slots = sink + num_pages * page + tail_cap
-        i32 = lambda v: torch.full((batch,), v, dtype=torch.int32, device=self.device)  # noqa: E731
-        rs = ResidentSet(table, i32(sink), i32(sink), i32(tail_start), i32(context), sink, page)
-        slot = torch.tensor([sink + num_pages * page + context - 1 - tail_start], device=self.device)
+        rs, slots, resident = resident_set(self.lsa, batch, context, lsa_pages, self.args.steps * 4 + 8, self.device)
+        tail_start = int(rs.tail_start[0])
+        slot = torch.tensor([rs.sink + rs.num_pages * rs.page_size + context - 1 - tail_start], device=self.device)
         dtype = self.args.dtype
         res = []
         for _ in range(layers):
             k = random_(torch.empty(batch, hkv, slots, d, dtype=dtype, device=self.device))
             v = random_(torch.empty(batch, hkv, slots, d, dtype=dtype, device=self.device))
             res.append(ReserveLayer(k, v, rs, slot))
-        resident = (
-            sink + (min(context, tail_start) - sink if lsa_pages is None else num_pages * page) + (context - tail_start)
-        )
         return ReserveCache(res), rs, slot, resident
 
     def install_hooks(self, model, rs, slot):
