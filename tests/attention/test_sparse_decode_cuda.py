@@ -41,30 +41,28 @@ def sdpa_over_valid_keys(q, k, v, rs):
     return torch.stack(out)
 
 
+def cuda_case(shape: tuple, dtype: torch.dtype, seed: int):
+    """``random_case`` on the GPU for a ``(b, hq, hkv, d, sink, page, num_pages, tail_cap)`` shape."""
+    b, hq, hkv, d, sink, page, num_pages, tail_cap = shape
+    return random_case(
+        b, hq, hkv, d, sink=sink, page=page, num_pages=num_pages, tail_cap=tail_cap, dtype=dtype, device="cuda",
+        seed=seed,
+    )  # fmt: skip
+
+
+def poison_skipped_slots(k, v, rs):
+    """``k`` and ``v`` with NaN in every slot the kernel must skip: reading any of them would poison the output."""
+    skipped = ~(rs.slot_positions(k.shape[2]) >= 0)[:, None, :, None]
+    return k.masked_fill(skipped, float("nan")), v.masked_fill(skipped, float("nan"))
+
+
 @pytest.mark.parametrize("b, hq, hkv, d, sink, page, num_pages, tail_cap", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_sparse_decode_triton(b, hq, hkv, d, sink, page, num_pages, tail_cap, dtype):
     for seed in range(3):  # fresh random inputs and resident sets every time
-        q, k, v, rs = random_case(
-            b,
-            hq,
-            hkv,
-            d,
-            sink=sink,
-            page=page,
-            num_pages=num_pages,
-            tail_cap=tail_cap,
-            dtype=dtype,
-            device="cuda",
-            seed=seed,
-        )
-        valid = rs.slot_positions(k.shape[2]) >= 0
-        poisoned = ~valid[:, None, :, None]
+        q, k, v, rs = cuda_case((b, hq, hkv, d, sink, page, num_pages, tail_cap), dtype, seed)
         ref = sdpa_over_valid_keys(q, k, v, rs)
-        # slots the kernel must skip hold NaN: reading any of them would poison the output
-        out = sparse_decode(
-            q, k.masked_fill(poisoned, float("nan")), v.masked_fill(poisoned, float("nan")), rs, backend="triton"
-        )
+        out = sparse_decode(q, *poison_skipped_slots(k, v, rs), rs, backend="triton")
         assert out.dtype == dtype and not out.isnan().any()
         err = float((out.float() - ref).norm() / ref.norm())
         assert err < BOUND[dtype], f"relative error {err:.2e}"
@@ -158,22 +156,9 @@ def test_sparse_decode_launch_settings_agree_and_skip_empty_slots_cuda(splits, b
     from flashmemory.attention.sparse_decode_triton import sparse_decode_fwd
 
     for seed, shape in enumerate([(3, 8, 2, 64, 16, 32, 5, 63), (2, 28, 4, 128, 16, 64, 40, 129)]):
-        b, hq, hkv, d, sink, page, num_pages, tail_cap = shape
-        q, k, v, rs = random_case(
-            b,
-            hq,
-            hkv,
-            d,
-            sink=sink,
-            page=page,
-            num_pages=num_pages,
-            tail_cap=tail_cap,
-            dtype=torch.bfloat16,
-            device="cuda",
-            seed=seed,
-        )
-        poisoned = ~(rs.slot_positions(k.shape[2]) >= 0)[:, None, :, None]
-        kp, vp = k.masked_fill(poisoned, float("nan")), v.masked_fill(poisoned, float("nan"))
+        q, k, v, rs = cuda_case(shape, torch.bfloat16, seed)
+        d = shape[3]
+        kp, vp = poison_skipped_slots(k, v, rs)
         out = sparse_decode_fwd(
             q,
             kp,
