@@ -24,8 +24,10 @@ embedding, the residual adds and the MLP's activation, which eager mode runs as 
 
 With ``--fuse-projections`` the kernel rows at batch 1 (graph-captured on CUDA) are measured once more with each layer's
 q/k/v and gate/up projections fused into one matmul each (``flashmemory.models.fused_projections``; rows with
-``+fused``, and ``+fused+compile`` with ``--compile``): the short-context probe shows what the dense part of the
-step gains.
+``+fused``, and ``+fused+compile`` with ``--compile``, the latter also at the largest batch full attention fits): the
+short-context probe shows what the dense part of the step gains. ``--autotune`` adds the same rows compiled in
+Inductor's ``max-autotune`` mode with coordinate-descent tuning (``+fused+autotune``): it times Triton matmul
+configurations against cuBLAS for each shape and keeps the fastest, at the cost of minutes of compiling.
 
 At batch 1 the per-cycle line also times the prefill's writes of keys and values into the pinned mirror, once as
 a single ``copy_`` into a token-axis slice of it and once row by row as the store writes them
@@ -581,7 +583,7 @@ def measurement(bench: Bench, label: str, any_failure: bool = False):
             torch.cuda.empty_cache()
 
 
-def compile_layers(model) -> list:
+def compile_layers(model, mode: str | None = None) -> list:
     """``torch.compile`` every decoder layer in place; returns the eager forwards (see :func:`restore_layers`).
 
     Each layer is its own graph (its index picks its cache layer, and Dynamo specialises on it), compiled once per
@@ -595,7 +597,7 @@ def compile_layers(model) -> list:
     eager = []
     for layer in model.model.layers:
         eager.append(layer.forward)
-        layer.forward = torch.compile(layer.forward, dynamic=False)
+        layer.forward = torch.compile(layer.forward, dynamic=False, mode=mode)
     return eager
 
 
@@ -700,10 +702,20 @@ def run_model(bench: Bench, name: str) -> None:
             variant_rows(bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes)
         if args.fuse_projections:
             undo = fuse_projections(model)
+            # the batch full attention fits too, where the LSA step is furthest from its floor after batch 1
+            lsa_fused = sorted({1, min(b_full, b_lsa)}) if b_full else [1]
             try:
                 variant_rows(bench, name, model, context, [1], [1], layout, ck_bytes, compile_=False, tag="+fused")
                 if args.compile:
-                    variant_rows(bench, name, model, context, [1], [1], layout, ck_bytes, tag="+fused+compile")
+                    variant_rows(bench, name, model, context, [1], lsa_fused, layout, ck_bytes, tag="+fused+compile")
+                if args.autotune:
+                    import torch._inductor.config as inductor_config
+
+                    with inductor_config.patch(coordinate_descent_tuning=True):
+                        variant_rows(
+                            bench, name, model, context, [1], lsa_fused, layout, ck_bytes,
+                            tag="+fused+autotune", mode="max-autotune-no-cudagraphs",
+                        )  # fmt: skip
             finally:
                 undo()
         model.set_attn_implementation("sdpa")
@@ -722,12 +734,22 @@ def run_model(bench: Bench, name: str) -> None:
 
 
 def variant_rows(
-    bench: Bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes, compile_=True, tag="+compile"
+    bench: Bench,
+    name,
+    model,
+    context,
+    batches_full,
+    batches_lsa,
+    layout,
+    ck_bytes,
+    compile_=True,
+    tag="+compile",
+    mode: str | None = None,
 ) -> None:
-    """The graph-captured kernel rows again, with every decoder layer compiled (``--compile``) and/or with the model
-    as the caller changed it (``--fuse-projections``); ``tag`` names the rows."""
+    """The graph-captured kernel rows again, with every decoder layer compiled (``--compile``, in Inductor's ``mode``)
+    and/or with the model as the caller changed it (``--fuse-projections``); ``tag`` names the rows."""
     rep = bench.report
-    eager = compile_layers(model) if compile_ else None
+    eager = compile_layers(model, mode) if compile_ else None
     try:
         if context == bench.args.contexts[0]:
             short_context_probe(bench, name, model, tag=tag)
@@ -891,9 +913,17 @@ def main() -> None:
         action="store_true",
         help="also time the graph-captured batch-1 rows with fused q/k/v and gate/up projections",
     )
+    p.add_argument(
+        "--autotune",
+        action="store_true",
+        help="with --fuse-projections: also time the fused rows compiled in Inductor's max-autotune mode, which "
+        "benchmarks Triton matmul and reduction configurations against cuBLAS and keeps the fastest",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
+    if args.autotune and not args.fuse_projections:
+        p.error("--autotune times the fused rows: add --fuse-projections")
     prov = provenance("benchmarks/decode_speed.py", vars(args))  # the flags as typed, before they are parsed
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.churn = [float(x) for x in args.churn.split(",")]
