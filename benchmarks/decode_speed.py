@@ -28,6 +28,8 @@ q/k/v and gate/up projections fused into one matmul each (``flashmemory.models.f
 short-context probe shows what the dense part of the step gains. ``--autotune`` adds the same rows compiled in
 Inductor's ``max-autotune`` mode with coordinate-descent tuning (``+fused+autotune``): it times Triton matmul
 configurations against cuBLAS for each shape and keeps the fastest, at the cost of minutes of compiling.
+``--compile-whole`` adds them with the decoder stack compiled as one graph instead of one graph per layer
+(``+fused+compile-whole``), which lets Inductor fuse across layer boundaries.
 
 At batch 1 the per-cycle line also times the prefill's writes of keys and values into the pinned mirror, once as
 a single ``copy_`` into a token-axis slice of it and once row by row as the store writes them
@@ -289,6 +291,7 @@ class Bench:
         self.report.copy_tb_s, self.report.h2d_gb_s = self.copy_tb_s, self.h2d_gb_s
         self.use_graph = device.type == "cuda"
         self.backend = "triton" if device.type == "cuda" else "torch"
+        self.warmup_steps = 1
 
     # ----- shared pieces
     def floor_ms(self, weight_bytes: int, kv_bytes: float) -> float:
@@ -304,7 +307,8 @@ class Bench:
             return model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
 
         with torch.no_grad():
-            step()  # warm-up (compiles kernels)
+            for _ in range(self.warmup_steps):
+                step()  # compiles kernels; autotuned ones also benchmark here, where a host sync is allowed
             sync(self.device)
             if not graph:
                 return timed(step, self.device, steps), step
@@ -606,6 +610,22 @@ def restore_layers(model, eager: list) -> None:
         layer.forward = forward
 
 
+def compile_decoder(model, mode: str | None = None):
+    """``torch.compile`` the whole decoder stack as one graph; returns the function that undoes it.
+
+    One graph lets Inductor fuse across layer boundaries (a layer's last residual add with the next layer's input
+    norm), which per-layer graphs cannot; at batch 1 every kernel saved is a launch saved.
+    """
+    inner = model.model
+    eager = inner.forward
+    inner.forward = torch.compile(eager, dynamic=False, mode=mode)
+
+    def undo() -> None:
+        inner.forward = eager
+
+    return undo
+
+
 def storage_kv(cache: ReserveCache) -> int:
     return sum(
         layer.keys.untyped_storage().nbytes() + layer.values.untyped_storage().nbytes() for layer in cache.layers
@@ -708,6 +728,11 @@ def run_model(bench: Bench, name: str) -> None:
                 variant_rows(bench, name, model, context, [1], [1], layout, ck_bytes, compile_=False, tag="+fused")
                 if args.compile:
                     variant_rows(bench, name, model, context, [1], lsa_fused, layout, ck_bytes, tag="+fused+compile")
+                if args.compile_whole:
+                    variant_rows(
+                        bench, name, model, context, [1], lsa_fused, layout, ck_bytes,
+                        tag="+fused+compile-whole", whole=True,
+                    )  # fmt: skip
                 if args.autotune:
                     import torch._inductor.config as inductor_config
 
@@ -745,11 +770,19 @@ def variant_rows(
     compile_=True,
     tag="+compile",
     mode: str | None = None,
+    whole: bool = False,
 ) -> None:
-    """The graph-captured kernel rows again, with every decoder layer compiled (``--compile``, in Inductor's ``mode``)
-    and/or with the model as the caller changed it (``--fuse-projections``); ``tag`` names the rows."""
+    """The graph-captured kernel rows again, with every decoder layer compiled (``--compile``, in Inductor's ``mode``;
+    ``whole``: the decoder stack as one graph) and/or with the model as the caller changed it
+    (``--fuse-projections``); ``tag`` names the rows."""
     rep = bench.report
-    eager = compile_layers(model, mode) if compile_ else None
+    undo = None
+    if compile_ and whole:
+        undo = compile_decoder(model, mode)
+    eager = compile_layers(model, mode) if compile_ and not whole else None
+    # An autotuned kernel that first runs inside a graph capture benchmarks there, and its host sync breaks the
+    # capture: more warm-up steps, so that every kernel has run (and tuned) before capture.
+    bench.warmup_steps = 3 if mode else 1
     try:
         if context == bench.args.contexts[0]:
             short_context_probe(bench, name, model, tag=tag)
@@ -777,8 +810,11 @@ def variant_rows(
                     flush=True,
                 )
     finally:
+        bench.warmup_steps = 1
         if eager is not None:
             restore_layers(model, eager)
+        if undo is not None:
+            undo()
 
 
 def short_context_probe(bench: Bench, name: str, model, tag: str = "") -> None:
@@ -786,8 +822,9 @@ def short_context_probe(bench: Bench, name: str, model, tag: str = "") -> None:
     weights-only floor is what the rest of the model costs, and splits a long-context ×floor into its parts."""
     try:
         row = bench.run_kernel(name, model, 1, 2 * bench.lsa.page_size, None, graph=bench.use_graph, tag=tag)
-    except torch.OutOfMemoryError as e:
-        bench.report.errors.append(f"{name} short-context probe: out of memory ({str(e).splitlines()[0]})")
+    except Exception as e:  # a probe that fails is reported; the rows after it still run
+        bench.report.errors.append(f"{name} short-context probe{tag}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        print(f"  short ctx{tag}: failed ({type(e).__name__})", flush=True)
         return
     bench.report.short_context.append(
         {
@@ -919,11 +956,16 @@ def main() -> None:
         help="with --fuse-projections: also time the fused rows compiled in Inductor's max-autotune mode, which "
         "benchmarks Triton matmul and reduction configurations against cuBLAS and keeps the fastest",
     )
+    p.add_argument(
+        "--compile-whole",
+        action="store_true",
+        help="with --fuse-projections: also time the fused rows with the decoder stack compiled as one graph",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
-    if args.autotune and not args.fuse_projections:
-        p.error("--autotune times the fused rows: add --fuse-projections")
+    if (args.autotune or args.compile_whole) and not args.fuse_projections:
+        p.error("--autotune and --compile-whole time the fused rows: add --fuse-projections")
     prov = provenance("benchmarks/decode_speed.py", vars(args))  # the flags as typed, before they are parsed
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.churn = [float(x) for x in args.churn.split(",")]

@@ -85,3 +85,23 @@ def test_fusing_releases_the_separate_weights_and_undo_restores_them():
     undo()
     assert torch.equal(attn.k_proj.weight, values)
     assert attn.k_proj.weight.untyped_storage().nbytes() == values.untyped_storage().nbytes()
+
+
+def test_a_fused_layer_compiles_as_one_graph_and_still_honours_a_replaced_weight():
+    # fullgraph=True raises on a graph break: each break splits a compiled decoder layer into pieces that the
+    # compiler cannot fuse across (the eager backend traces without generating code, so this takes a second)
+    model = tiny_model("llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model(ids).logits
+    fuse_projections(model)
+    torch._dynamo.reset()
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+        attn = decoder_layers(model)[0].self_attn
+        attn.k_proj.weight = torch.nn.Parameter(torch.zeros_like(attn.k_proj.weight))
+        changed = model(ids).logits
+    assert not torch.allclose(changed, want, atol=1e-3)  # the zeroed k_proj is used, not the fused copy
+    torch._dynamo.reset()

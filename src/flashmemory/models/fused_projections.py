@@ -36,13 +36,23 @@ class _Group:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]) -> None:
         self.weight, self.bias, self.sizes = weight, bias, sizes
         self.ptrs: list[int] = []  # where each projection's view starts in ``weight``
+        self.params: list[nn.Parameter] = []  # the view each projection was given
         self.input: torch.Tensor | None = None
         self.parts: tuple[torch.Tensor, ...] = ()
 
 
+def _moved(module: nn.Linear, group: _Group, index: int) -> bool:
+    """Whether the module's weight was replaced (or, outside ``torch.compile``, moved) since fusing."""
+    if module.weight is not group.params[index]:
+        return True
+    # A data-pointer comparison breaks a compiled graph in two (Dynamo cannot trace it), and compiled code guards
+    # on each parameter's device and dtype anyway; eager code checks the pointer, which also catches a move.
+    return not torch.compiler.is_compiling() and module.weight.data_ptr() != group.ptrs[index]
+
+
 def _part_forward(module: nn.Linear, group: _Group, index: int, x: torch.Tensor) -> torch.Tensor:
-    if module.weight.data_ptr() != group.ptrs[index]:
-        # the module was moved or its weight replaced since fusing: its own weight is the one to use
+    if _moved(module, group, index):
+        # its own weight is the one to use
         return F.linear(x, module.weight, module.bias)
     if index == 0:
         group.parts = torch.split(F.linear(x, group.weight, group.bias), group.sizes, dim=-1)
@@ -66,6 +76,7 @@ def _fuse(modules: Sequence[nn.Linear]) -> Callable[[], None]:
     for i, (m, n) in enumerate(zip(modules, sizes, strict=True)):
         m.weight = nn.Parameter(fused_w[start : start + n], requires_grad=False)
         group.ptrs.append(m.weight.data_ptr())
+        group.params.append(m.weight)
         if fused_b is not None:
             m.bias = nn.Parameter(fused_b[start : start + n], requires_grad=False)
         m.forward = functools.partial(_part_forward, m, group, i)
