@@ -21,7 +21,6 @@ import importlib.util
 
 import torch
 
-from .host_rows import copy_to_host_slice
 from .resident import page_aligned_tail_start, resident_positions
 from .store import KVStore
 
@@ -174,9 +173,7 @@ class AsyncKVStore(KVStore):
             for layer in self.layers:
                 for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
                     src = reserve[layer][:, :, t0 + lo - self.tail_start : t0 + hi - self.tail_start]
-                    # row by row: one copy into the strided mirror slice would bounce through pageable memory
-                    # and hold the host for the whole transfer
-                    copy_to_host_slice(src, mirror[layer][:, :, lo:hi])
+                    mirror[layer][:, :, lo:hi].copy_(src, non_blocking=True)
         self.log.d2h_bytes += 2 * len(self.layers) * self._token_bytes() * (hi - lo)
         if shift:
             current.wait_stream(stream)  # the slide overwrites tail slots the flush is still reading

@@ -171,7 +171,7 @@ class KVStore:
             for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
                 res = reserve[layer]
                 src = res[:, :, t0 + lo - self.tail_start : t0 + hi - self.tail_start]
-                copy_to_host_slice(src, mirror[layer][:, :, lo:hi])
+                mirror[layer][:, :, lo:hi].copy_(src, non_blocking=True)
                 if shift:
                     kept = self.seq_len - new_start
                     res[:, :, t0 : t0 + kept] = res[:, :, t0 + shift : t0 + shift + kept].clone()
