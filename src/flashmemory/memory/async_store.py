@@ -8,8 +8,9 @@ Differences from :class:`KVStore`:
 - recall plans its moves on the device (which slot keeps its page, which page goes to which free slot) and, on
   CUDA with Triton, copies the incoming pages straight from the pinned mirror on a side stream; per-layer
   events let the compute stream wait for a layer's pages just before that layer attends;
-- the tail flush at a boundary runs on the same side stream and the tail slides after it on the device, with
-  no host synchronisation.
+- the tail flush at a boundary runs on the same side stream, through a pinned staging buffer, and the tail
+  slides after it on the device. The flush is the one place the host waits: the boundary's chunk keys and
+  recall read the flushed tokens from the mirror right after it.
 
 Counts that only the device knows (pages copied per boundary) are kept as device tensors and read back by
 :meth:`AsyncKVStore.sync_log` when the caller wants numbers.
@@ -169,11 +170,15 @@ class AsyncKVStore(KVStore):
             self._ensure_capacity(hi)
         t0 = self.layout.tail_start
         stream.wait_stream(current)
+        pairs = [
+            (reserve[layer][:, :, t0 + lo - self.tail_start : t0 + hi - self.tail_start], mirror[layer][:, :, lo:hi])
+            for layer in self.layers
+            for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v))
+        ]
         with torch.cuda.stream(stream):
-            for layer in self.layers:
-                for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
-                    src = reserve[layer][:, :, t0 + lo - self.tail_start : t0 + hi - self.tail_start]
-                    mirror[layer][:, :, lo:hi].copy_(src, non_blocking=True)
+            # Through a pinned staging buffer: one copy into the strided mirror slice would bounce through pageable
+            # memory and hold the host longer (both forms return once the tokens are on the host).
+            self._flush_writer.write(pairs, stream)
         self.log.d2h_bytes += 2 * len(self.layers) * self._token_bytes() * (hi - lo)
         if shift:
             current.wait_stream(stream)  # the slide overwrites tail slots the flush is still reading

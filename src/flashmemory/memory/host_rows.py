@@ -64,3 +64,46 @@ def keys_to_device(keys: torch.Tensor, device: torch.device) -> torch.Tensor:
     if keys.is_contiguous():
         return keys.to(device, non_blocking=True)
     return copy_rows(keys, torch.empty(keys.shape, dtype=keys.dtype, device=device))
+
+
+class StagedWriter:
+    """Writes short device blocks into token-axis slices of a pinned host tensor through one pinned staging buffer.
+
+    A cycle boundary flushes ``interval`` new tokens per (sequence, head): rows of a few KB, too short for
+    :func:`copy_rows` (one transfer per row costs more than it moves), and a single ``copy_`` into the strided slice
+    bounces through pageable memory. Copying every block into one contiguous pinned buffer runs at the link's
+    speed, and the host then scatters it into the slices. On an H200 host, for an 8B Llama's 64-token flush at
+    128K: 45 ms at batch 43 against 103 ms for one copy per block and 303 ms by rows; 4.4 against 19.8 and 9.3 ms
+    at batch 1 (``benchmarks/results/mirror_flush_copy_h200/``).
+
+    The buffer is kept between calls and grows when a flush needs more room than any before; each flush uses a
+    contiguous view of its front, so that every staging copy has a contiguous pinned destination.
+    """
+
+    def __init__(self) -> None:
+        self._flat: torch.Tensor | None = None
+
+    def write(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], stream: torch.cuda.Stream | None = None) -> None:
+        """Copy each ``src`` into its ``out``; returns once every ``out`` holds its values.
+
+        Args:
+            pairs: ``(src, out)`` blocks of one shape and dtype; ``src`` on the device, ``out`` a slice of a host
+                tensor. # [B, H, L, D] each
+            stream: the stream the sources are ready on (the current stream when None); the staging copies are
+                queued on it and awaited there.
+        """
+        if not pairs:
+            return
+        src0 = pairs[0][0]
+        shape = (len(pairs), *src0.shape)
+        numel = len(pairs) * src0.numel()
+        flat = self._flat
+        if flat is None or flat.dtype != src0.dtype or flat.numel() < numel:
+            flat = self._flat = torch.empty(numel, dtype=src0.dtype, pin_memory=src0.is_cuda)
+        buf = flat[:numel].view(shape)
+        for i, (src, _) in enumerate(pairs):
+            buf[i].copy_(src, non_blocking=True)
+        if src0.is_cuda:
+            (stream or torch.cuda.current_stream(src0.device)).synchronize()
+        for i, (_, out) in enumerate(pairs):
+            out.copy_(buf[i])

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .host_rows import copy_to_host_slice
+from .host_rows import StagedWriter, copy_to_host_slice
 from .layout import ReserveLayout
 from .resident import page_aligned_tail_start, resident_positions
 
@@ -58,6 +58,7 @@ class KVStore:
         self.step = 0
         self.log = TransferLog()
         self._copy_stream = None
+        self._flush_writer = StagedWriter()
 
     def allocate(
         self,
@@ -167,18 +168,24 @@ class KVStore:
         lo, hi = self.flushed_len, self.seq_len
         self._ensure_capacity(hi)
         t0 = self.layout.tail_start
+        pairs = []
         for layer in self.layers:
             for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
-                res = reserve[layer]
-                src = res[:, :, t0 + lo - self.tail_start : t0 + hi - self.tail_start]
-                mirror[layer][:, :, lo:hi].copy_(src, non_blocking=True)
-                if shift:
-                    kept = self.seq_len - new_start
+                src = reserve[layer][:, :, t0 + lo - self.tail_start : t0 + hi - self.tail_start]
+                pairs.append((src, mirror[layer][:, :, lo:hi]))
+        if self.device.type == "cuda":
+            # staged: the tail slide below must not overwrite slots before they are copied, and the host reads
+            # the flushed tokens next (new chunk keys); the writer returns once they have landed
+            self._flush_writer.write(pairs)
+        else:
+            for src, out in pairs:
+                out.copy_(src)
+        if shift:
+            kept = self.seq_len - new_start
+            for layer in self.layers:
+                for res in (self.reserve_k[layer], self.reserve_v[layer]):
                     res[:, :, t0 : t0 + kept] = res[:, :, t0 + shift : t0 + shift + kept].clone()
         self.log.d2h_bytes += 2 * len(self.layers) * self._token_bytes() * (hi - lo)
-        if self.device.type == "cuda":
-            # The flushed tokens are read on the host next (new chunk keys); the copies are asynchronous.
-            torch.cuda.current_stream(self.device).synchronize()
         self.flushed_len = hi
         self.tail_start = new_start
         self.refresh_positions()
