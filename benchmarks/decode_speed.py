@@ -292,6 +292,7 @@ class Bench:
         self.use_graph = device.type == "cuda"
         self.backend = "triton" if device.type == "cuda" else "torch"
         self.warmup_steps = 1
+        self.save = lambda: None  # main() puts the writer of the results files here
 
     # ----- shared pieces
     def floor_ms(self, weight_bytes: int, kv_bytes: float) -> float:
@@ -743,6 +744,7 @@ def run_model(bench: Bench, name: str) -> None:
                         )  # fmt: skip
             finally:
                 undo()
+        bench.save()
         model.set_attn_implementation("sdpa")
         for b in batches_lsa:
             with measurement(bench, f"{name} {context} cycle b={b}"):
@@ -752,6 +754,7 @@ def run_model(bench: Bench, name: str) -> None:
                     f"  cycle b={b}: {json.dumps({k: round(v, 3) for k, v in costs.items() if isinstance(v, float)})}",
                     flush=True,
                 )
+        bench.save()
     del model
     gc.collect()
     if dev.type == "cuda":
@@ -979,11 +982,16 @@ def main() -> None:
     bench.report.command, bench.report.commit = prov["command"], prov["commit"]
     args.out.mkdir(parents=True, exist_ok=True)
     churn = args.churn[0]
-    for name in args.models.split(","):
-        run_model(bench, name)
-        amortise(bench.report, bench.lsa.interval, churn)  # written after every model: a cut-off run keeps results
+
+    def save() -> None:
+        amortise(bench.report, bench.lsa.interval, churn)
         (args.out / "decode_speed.json").write_text(json.dumps(asdict(bench.report), indent=1, default=str))
         (args.out / "decode_speed.md").write_text(markdown(bench.report, churn))
+
+    bench.save = save  # called after every context: a run cut off by a time limit keeps what it measured
+    for name in args.models.split(","):
+        run_model(bench, name)
+        save()
     print(markdown(bench.report, churn))
 
 
