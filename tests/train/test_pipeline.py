@@ -361,3 +361,34 @@ def test_listwise_loss_on_a_hand_made_step():
     assert torch.allclose(loss, expected)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and float(logits.grad[1].abs().sum()) == 0.0
+
+
+def test_a_run_stopped_from_outside_keeps_its_best_epoch_so_far(dump_dir, tmp_path, monkeypatch):
+    import json
+
+    import flashmemory.train.trainer as trainer
+
+    calls = {"n": 0}
+    real = trainer.evaluate
+
+    def evaluate_then_die(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # zero-shot, epoch 1, then the run is killed during epoch 2's validation
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate_then_die)
+    cfg = TrainConfig(epochs=5, interval=16, recent=16, steps_per_prompt=8, prompts_per_batch=2, interpolate=0.5)
+    with pytest.raises(KeyboardInterrupt):
+        train_indexer([dump_dir], tmp_path / "ck", cfg, progress=False)
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["training"]["partial"] is True and meta["training"]["best"]["epoch"] == 1
+    assert json.loads((tmp_path / "ck" / "history.json").read_text())["best_epoch"] == 1
+    partial = load_indexer(tmp_path / "ck", fingerprint="fp-tiny")
+    init = load_indexer(dump_dir / "init_indexer", fingerprint="fp-tiny")
+    moved = [k for k, v in partial.state_dict().items() if not torch.equal(v, init.state_dict()[k])]
+    assert moved and partial.spec.trained  # trained weights (blended half-way), not the initial ones
+    # a finished run writes the whole checkpoint over the partial one
+    monkeypatch.setattr(trainer, "evaluate", real)
+    train_indexer([dump_dir], tmp_path / "ck", replace(cfg, epochs=1), progress=False)
+    assert "partial" not in json.loads((tmp_path / "ck" / "config.json").read_text())["training"]

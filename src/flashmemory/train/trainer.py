@@ -322,9 +322,17 @@ def train_indexer(
             name = ("boundary_" if cfg.select_on == "boundary" else "") + f"recall@{cfg.select_fraction:g}"
             key = metrics[name] if name in metrics else -metrics["loss"]
             history["epochs"].append({"epoch": epoch + 1, "train_loss": sum(losses) / max(1, len(losses)), **metrics})
+            if progress and rank == 0:
+                bar.console.print(
+                    f"epoch {epoch + 1}: train loss {history['epochs'][-1]['train_loss']:.4f}, validation {name} "
+                    f"{metrics.get(name, float('nan')):.3f} (zero-shot {zero_shot.get(name, float('nan')):.3f})"
+                )
             if key > best:
                 best, best_state, stale = key, copy.deepcopy(indexer.state_dict()), 0
                 history["best_epoch"] = epoch + 1
+                if rank == 0:
+                    # a run stopped from outside (a time out, a lost machine) keeps its best epoch so far
+                    _save_partial(indexer, best_state, initial, cfg, out, history, dump_dirs)
             else:
                 stale += 1
                 if stale >= cfg.patience:
@@ -332,17 +340,12 @@ def train_indexer(
             if _out_of_time(start, cfg, world):
                 history["stopped_by_time"] = epoch + 1
                 break
-    indexer.load_state_dict(best_state)
-    if cfg.distance_prior == "train-only":
-        with torch.no_grad():
-            indexer.distance_bias.zero_()
-        best_state = indexer.state_dict()
+    indexer.load_state_dict(_checkpoint_state(best_state, initial, cfg))
     indexer.spec.trained = True
     history["best"] = history["epochs"][history["best_epoch"] - 1]
     saved = {"dumps": [str(d) for d in dump_dirs], "best": history["best"]}
     if cfg.interpolate < 1.0:
         a = cfg.interpolate
-        indexer.load_state_dict({k: (1 - a) * initial[k] + a * v for k, v in best_state.items()})
         history["interpolated"] = saved["interpolated"] = {
             "interpolate": a,
             **evaluate(indexer, val, window=cfg.window, interval=cfg.interval),
@@ -354,6 +357,31 @@ def train_indexer(
     if world > 1:
         torch.distributed.barrier()  # the other ranks return once the checkpoint exists
     return history
+
+
+def _checkpoint_state(best: dict, initial: dict, cfg: TrainConfig) -> dict:
+    """The weights a checkpoint holds for the best epoch's ``best``: without the distance prior when it was for
+    training only, and blended with the ``initial`` weights when ``cfg.interpolate`` < 1."""
+    state = dict(best)
+    if cfg.distance_prior == "train-only":
+        state["distance_bias"] = torch.zeros_like(state["distance_bias"])
+    if cfg.interpolate < 1.0:
+        a = cfg.interpolate
+        state = {k: (1 - a) * initial[k] + a * v for k, v in state.items()}
+    return state
+
+
+def _save_partial(
+    indexer: MemoryIndexer, best: dict, initial: dict, cfg: TrainConfig, out: Path, history: dict, dumps: list[Path]
+) -> None:
+    """Write the best epoch so far as the checkpoint, marked partial; the end of training overwrites it."""
+    snapshot = copy.deepcopy(indexer)
+    snapshot.load_state_dict(_checkpoint_state(best, initial, cfg))
+    snapshot.spec.trained = True
+    epoch = history["best_epoch"]
+    extra = {"training": {"dumps": [str(d) for d in dumps], "best": history["epochs"][epoch - 1], "partial": True}}
+    save_indexer(snapshot, out, extra=extra)
+    (out / "history.json").write_text(json.dumps(history, indent=1))
 
 
 @contextlib.contextmanager
