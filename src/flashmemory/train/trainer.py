@@ -254,8 +254,16 @@ def train_indexer(
     labels = dict(
         interval=cfg.interval, recent=cfg.recent, sink=cfg.sink, target=cfg.target, peak_threshold=cfg.peak_threshold
     )
+    loading = time.monotonic()
     train = load_examples(dump_dirs, split="train", frequent_weight=cfg.frequent_weight, **labels)
     val = load_examples(dump_dirs, split="validation", **labels)
+    if progress and rank == 0:
+        steps = sum(ex.num_steps for ex in train)
+        print(
+            f"loaded {len(train)} training prompts ({steps} decode steps) and {len(val)} validation prompts "
+            f"in {time.monotonic() - loading:.0f} s",
+            flush=True,
+        )
     indexer = load_indexer(init or dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"]).to(device)
     # Biases and the distance prior start far from their optimum and are cheap to move; the matrices (query
     # projection, head-weight projection) multiply hidden states of large norm and need the small rate.
