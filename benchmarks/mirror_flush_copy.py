@@ -4,7 +4,8 @@ At every boundary the store writes the cycle's new tokens (``interval`` of them,
 from the device tail into a token-axis slice of the pinned mirror ``[B, H, T, D]``. That slice is strided, and a
 single ``copy_`` into it goes through a pageable bounce buffer. The alternatives: one contiguous ``(sequence, head)``
 row at a time (``flashmemory.memory.host_rows.copy_to_host_slice``, as the prefill writes), or one copy into a
-contiguous pinned staging buffer and then a host-side copy into the slice. This times the three forms side by
+contiguous pinned staging buffer and then a host-side copy into the slice (``StagedWriter``, what the stores
+do). This times the three forms side by
 side, for the 8B Llama shape at 128K, at each batch given: the time the flush holds the calling thread, and the
 time until the copies are done.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from flashmemory.bench.record import provenance
-from flashmemory.memory.host_rows import copy_to_host_slice
+from flashmemory.memory.host_rows import StagedWriter, copy_to_host_slice
 
 LAYERS, HEADS, DIM, CONTEXT, INTERVAL = 32, 8, 128, 131072, 64
 
@@ -33,25 +34,20 @@ def measure(batch: int, reps: int) -> dict:
     tails = [torch.randn(batch, HEADS, INTERVAL, DIM, dtype=torch.bfloat16, device=dev) for _ in range(2 * LAYERS)]
     nbytes = sum(t.numel() * t.element_size() for t in tails)
     result = {"batch": batch, "gb": nbytes / 1e9}
-    stage = torch.empty((len(tails), *tails[0].shape), dtype=tails[0].dtype).pin_memory()
-    for name in ("one_copy", "rows", "staged"):
+    writer = StagedWriter()  # what the stores use
+    forms = {
+        "one_copy": lambda pairs: [out.copy_(src, non_blocking=True) for src, out in pairs],
+        "rows": lambda pairs: [copy_to_host_slice(src, out) for src, out in pairs],
+        "staged": writer.write,
+    }
+    for name, flush in forms.items():
         host, done = [], []
         for r in range(reps + 1):
             torch.cuda.synchronize()
             lo = CONTEXT + (r % 2) * INTERVAL
             t0 = time.perf_counter()
             outs = [mirror[:, :, lo + i * INTERVAL : lo + (i + 1) * INTERVAL] for i in range(len(tails))]
-            if name == "staged":  # contiguous pinned buffer at link speed, then a host-side scatter into the slice
-                for src, buf in zip(tails, stage, strict=True):
-                    buf.copy_(src, non_blocking=True)
-                torch.cuda.current_stream().synchronize()
-                for buf, out in zip(stage, outs, strict=True):
-                    out.copy_(buf)
-            for src, out in zip(tails, outs, strict=True):
-                if name == "rows":
-                    copy_to_host_slice(src, out)
-                elif name == "one_copy":
-                    out.copy_(src, non_blocking=True)
+            flush(list(zip(tails, outs, strict=True)))
             t1 = time.perf_counter()
             torch.cuda.synchronize()
             t2 = time.perf_counter()
