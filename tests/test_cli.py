@@ -81,3 +81,14 @@ def test_bench_rejects_bad_lsa_settings(tmp_path, setting, message):
     assert message in res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "b").exists()
+
+
+def test_blend_rejects_a_missing_checkpoint_and_a_weight_out_of_range(tmp_path):
+    res = CliRunner().invoke(
+        app, ["blend", "--start", str(tmp_path / "a"), "--end", str(tmp_path / "b"), "-w", "0.5", "-o", str(tmp_path)]
+    )
+    assert res.exit_code == 2 and "not an indexer checkpoint" in res.output
+    res = CliRunner().invoke(
+        app, ["blend", "--start", str(tmp_path), "--end", str(tmp_path), "-w", "2", "-o", str(tmp_path / "c")]
+    )
+    assert res.exit_code == 2 and "weight must be in [0, 1]" in res.output

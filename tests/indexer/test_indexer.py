@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashmemory.indexer.checkpoint import CheckpointError, load_indexer, save_indexer
+from flashmemory.indexer.checkpoint import CheckpointError, blend_indexers, load_indexer, save_indexer
 from flashmemory.indexer.chunk_keys import chunk_means
 from flashmemory.indexer.memory_indexer import MemoryIndexer
 from flashmemory.indexer.scoring import chunk_logits, follow_scores, select_pages
@@ -161,6 +162,33 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_indexer(path)
     with pytest.raises(CheckpointError, match="not an indexer checkpoint"):
         load_indexer(tmp_path / "missing")
+
+
+def test_blend_walks_from_start_to_end_in_weight_space_and_refuses_other_shapes(tmp_path):
+    model = tiny_model("llama")
+    start = MemoryIndexer.from_model(model, (2,), chunk_size=8, backbone="tiny", fingerprint="abc")
+    end = MemoryIndexer.from_model(model, (2,), chunk_size=8, backbone="tiny", fingerprint="abc")
+    with torch.no_grad():
+        for p in end.parameters():
+            p.add_(torch.randn_like(p))
+    end.spec.trained = True
+    save_indexer(start, tmp_path / "a")
+    save_indexer(end, tmp_path / "b", extra={"training": {"epochs": 3}})
+    for w in (0.0, 0.25, 1.0):
+        got = load_indexer(blend_indexers(tmp_path / "a", tmp_path / "b", w, tmp_path / f"w{w}"), fingerprint="abc")
+        for name, v in got.state_dict().items():
+            a, b = start.state_dict()[name], end.state_dict()[name]
+            torch.testing.assert_close(v, a + w * (b - a), msg=name)
+        assert got.spec.trained
+    meta = json.loads((tmp_path / "w0.25" / "config.json").read_text())
+    assert meta["blend"]["weight"] == 0.25 and meta["training"] == {"epochs": 3}
+    other = MemoryIndexer.from_model(model, (1,), chunk_size=8, backbone="tiny", fingerprint="abc")
+    save_indexer(other, tmp_path / "c")
+    with pytest.raises(CheckpointError, match="target_layers"):
+        blend_indexers(tmp_path / "a", tmp_path / "c", 0.5, tmp_path / "bad")
+    with pytest.raises(ValueError, match="weight"):
+        blend_indexers(tmp_path / "a", tmp_path / "b", 1.5, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_follow_scores_lends_a_chunk_score_to_the_chunks_after_it():

@@ -1,4 +1,4 @@
-"""``flashmemory dump | train | indexer-eval``: the backbone-free indexer pipeline."""
+"""``flashmemory dump | train | indexer-eval | blend``: the backbone-free indexer pipeline."""
 
 from __future__ import annotations
 
@@ -174,3 +174,17 @@ def indexer_eval(
     write_report(report, out)
     OUT.print(markdown_table(report))
     OUT.print(f"[dim]written to {out}/indexer_eval.{{json,md,png}}[/]")
+
+
+@friendly_errors
+def blend(
+    start: Path = typer.Option(..., "--start", help="Checkpoint at weight 0, e.g. a dump's init_indexer."),
+    end: Path = typer.Option(..., "--end", help="Checkpoint at weight 1, e.g. a trained indexer."),
+    weight: float = typer.Option(..., "--weight", "-w", help="Share of the way from --start to --end, in [0, 1]."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write."),
+) -> None:
+    """Blend two indexer checkpoints in weight space: start + weight * (end - start)."""
+    from ..indexer.checkpoint import blend_indexers
+
+    blend_indexers(start, end, weight, out)
+    OUT.print(f"[green]saved[/] {out}: {1 - weight:g} × {start} + {weight:g} × {end}")

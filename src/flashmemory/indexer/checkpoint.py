@@ -89,3 +89,33 @@ def _classes(fmt: str | None, path: Path) -> tuple[type, type]:
         module = import_module(TOWER_FORMATS[fmt])
         return module.SPEC_CLASS, module.INDEXER_CLASS
     raise CheckpointError(f"{path} has format {fmt!r}, expected {FORMAT!r} or one of {sorted(TOWER_FORMATS)}")
+
+
+def blend_indexers(start: str | Path, end: str | Path, weight: float, out: str | Path) -> Path:
+    """Write ``start + weight * (end - start)`` of two checkpoints of one indexer shape to ``out``.
+
+    Weight-space interpolation between, typically, the zero-shot indexer of a dump (``DUMP/init_indexer``) and a
+    trained checkpoint: what ``train --interpolate`` does at the end of training, done afterwards, so that a
+    blend can be chosen on a dev split without training again. ``weight`` 0 gives ``start``, 1 gives ``end``.
+
+    Raises:
+        CheckpointError: a checkpoint is missing or corrupt, or the two differ in backbone, layers or shape.
+        ValueError: ``weight`` outside [0, 1].
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    start, end, out = Path(start), Path(end), Path(out)
+    a, b = load_indexer(start), load_indexer(end)
+    spec_a = {k: v for k, v in a.spec.to_dict().items() if k != "trained"}
+    spec_b = {k: v for k, v in b.spec.to_dict().items() if k != "trained"}
+    if type(a) is not type(b) or spec_a != spec_b:
+        diff = sorted(k for k in spec_a.keys() | spec_b.keys() if spec_a.get(k) != spec_b.get(k))
+        raise CheckpointError(f"{start} and {end} are not the same indexer shape (they differ in {diff or 'kind'})")
+    state_a, state_b = a.state_dict(), b.state_dict()
+    with torch.no_grad():
+        b.load_state_dict({k: state_a[k] + weight * (state_b[k] - state_a[k]) for k in state_b})
+    b.spec.trained = a.spec.trained or b.spec.trained
+    meta = json.loads((end / CONFIG).read_text())
+    extra = {k: v for k, v in meta.items() if k not in ("format", "spec")}
+    extra["blend"] = {"start": str(start), "end": str(end), "weight": weight}
+    return save_indexer(b, out, extra=extra)
