@@ -91,6 +91,11 @@ def _classes(fmt: str | None, path: Path) -> tuple[type, type]:
     raise CheckpointError(f"{path} has format {fmt!r}, expected {FORMAT!r} or one of {sorted(TOWER_FORMATS)}")
 
 
+def blend_states(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], weight: float) -> dict:
+    """``start + weight * (end - start)`` of two state dicts with the same tensors."""
+    return {k: start[k] + weight * (end[k] - start[k]) for k in end}
+
+
 def blend_indexers(start: str | Path, end: str | Path, weight: float, out: str | Path) -> Path:
     """Write ``start + weight * (end - start)`` of two checkpoints of one indexer shape to ``out``.
 
@@ -111,9 +116,8 @@ def blend_indexers(start: str | Path, end: str | Path, weight: float, out: str |
     if type(a) is not type(b) or spec_a != spec_b:
         diff = sorted(k for k in spec_a.keys() | spec_b.keys() if spec_a.get(k) != spec_b.get(k))
         raise CheckpointError(f"{start} and {end} are not the same indexer shape (they differ in {diff or 'kind'})")
-    state_a, state_b = a.state_dict(), b.state_dict()
     with torch.no_grad():
-        b.load_state_dict({k: state_a[k] + weight * (state_b[k] - state_a[k]) for k in state_b})
+        b.load_state_dict(blend_states(a.state_dict(), b.state_dict(), weight))
     b.spec.trained = a.spec.trained or b.spec.trained
     meta = json.loads((end / CONFIG).read_text())
     extra = {k: v for k, v in meta.items() if k not in ("format", "spec")}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from ..indexer.checkpoint import load_indexer, save_indexer
+from ..indexer.checkpoint import blend_states, load_indexer, save_indexer
 from ..indexer.memory_indexer import MemoryIndexer
 from .dataset import TARGETS, PromptExamples, check_compatible, load_examples
 from .metrics import RecallCurve
@@ -374,8 +374,7 @@ def _checkpoint_state(best: dict, initial: dict, cfg: TrainConfig) -> dict:
     if cfg.distance_prior == "train-only":
         state["distance_bias"] = torch.zeros_like(state["distance_bias"])
     if cfg.interpolate < 1.0:
-        a = cfg.interpolate
-        state = {k: (1 - a) * initial[k] + a * v for k, v in state.items()}
+        state = blend_states(initial, state, cfg.interpolate)
     return state
 
 
