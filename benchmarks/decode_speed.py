@@ -50,6 +50,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -588,35 +589,41 @@ def measurement(bench: Bench, label: str, any_failure: bool = False):
             torch.cuda.empty_cache()
 
 
-def compile_layers(model, mode: str | None = None) -> list:
-    """``torch.compile`` every decoder layer in place; returns the eager forwards (see :func:`restore_layers`).
-
-    Each layer is its own graph (its index picks its cache layer, and Dynamo specialises on it), compiled once per
-    shape; the limits are raised so that no layer silently falls back to eager. Shapes are static: the kernels
-    are specialised to the batch and the reserve, as a server would compile per batch size.
-    """
+def _raise_recompile_limits() -> None:
+    """So that no compiled graph silently falls back to eager after too many recompiles."""
     dyn = torch._dynamo.config
     dyn.recompile_limit = dyn.cache_size_limit = 4096
     dyn.accumulated_recompile_limit = max(getattr(dyn, "accumulated_recompile_limit", 0), 1 << 16)
     dyn.fail_on_recompile_limit_hit = True
-    eager = []
-    for layer in model.model.layers:
-        eager.append(layer.forward)
+
+
+def compile_layers(model, mode: str | None = None) -> Callable[[], None]:
+    """``torch.compile`` every decoder layer in place; returns the function that puts the eager forwards back.
+
+    Each layer is its own graph (its index picks its cache layer, and Dynamo specialises on it), compiled once per
+    shape. Shapes are static: the kernels are specialised to the batch and the reserve, as a server would compile
+    per batch size.
+    """
+    _raise_recompile_limits()
+    layers = list(model.model.layers)
+    eager = [layer.forward for layer in layers]
+    for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=False, mode=mode)
-    return eager
+
+    def undo() -> None:
+        for layer, forward in zip(layers, eager, strict=True):
+            layer.forward = forward
+
+    return undo
 
 
-def restore_layers(model, eager: list) -> None:
-    for layer, forward in zip(model.model.layers, eager, strict=True):
-        layer.forward = forward
-
-
-def compile_decoder(model, mode: str | None = None):
+def compile_decoder(model, mode: str | None = None) -> Callable[[], None]:
     """``torch.compile`` the whole decoder stack as one graph; returns the function that undoes it.
 
     One graph lets Inductor fuse across layer boundaries (a layer's last residual add with the next layer's input
     norm), which per-layer graphs cannot; at batch 1 every kernel saved is a launch saved.
     """
+    _raise_recompile_limits()
     inner = model.model
     eager = inner.forward
     inner.forward = torch.compile(eager, dynamic=False, mode=mode)
@@ -779,10 +786,7 @@ def variant_rows(
     ``whole``: the decoder stack as one graph) and/or with the model as the caller changed it
     (``--fuse-projections``); ``tag`` names the rows."""
     rep = bench.report
-    undo = None
-    if compile_ and whole:
-        undo = compile_decoder(model, mode)
-    eager = compile_layers(model, mode) if compile_ and not whole else None
+    undo = (compile_decoder if whole else compile_layers)(model, mode) if compile_ else None
     # An autotuned kernel that first runs inside a graph capture benchmarks there, and its host sync breaks the
     # capture: more warm-up steps, so that every kernel has run (and tuned) before capture.
     bench.warmup_steps = 3 if mode else 1
@@ -814,8 +818,6 @@ def variant_rows(
                 )
     finally:
         bench.warmup_steps = 1
-        if eager is not None:
-            restore_layers(model, eager)
         if undo is not None:
             undo()
 
@@ -991,7 +993,6 @@ def main() -> None:
     bench.save = save  # called after every context: a run cut off by a time limit keeps what it measured
     for name in args.models.split(","):
         run_model(bench, name)
-        save()
     print(markdown(bench.report, churn))
 
 
