@@ -29,7 +29,10 @@ short-context probe shows what the dense part of the step gains. ``--autotune`` 
 Inductor's ``max-autotune`` mode with coordinate-descent tuning (``+fused+autotune``): it times Triton matmul
 configurations against cuBLAS for each shape and keeps the fastest, at the cost of minutes of compiling.
 ``--compile-whole`` adds them with the decoder stack compiled as one graph instead of one graph per layer
-(``+fused+compile-whole``), which lets Inductor fuse across layer boundaries.
+(``+fused+compile-whole``), which lets Inductor fuse across layer boundaries. Both run last in each context, after
+the cycle costs: a failed graph capture leaves the device's allocator and random generator in capture mode, so the
+run saves what it has and stops there. Every graph is captured only after a warm-up step that compiled nothing.
+``--skip-cycle-costs`` leaves the per-boundary costs out.
 
 At batch 1 the per-cycle line also times the prefill's writes of keys and values into the pinned mirror, once as
 a single ``copy_`` into a token-axis slice of it and once row by row as the store writes them
@@ -56,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
@@ -279,6 +283,18 @@ def resident_set(
     return rs, sink + num_pages * page + tail_cap, resident
 
 
+MAX_EXTRA_WARMUP = 8
+
+
+class CaptureFailed(RuntimeError):
+    """A CUDA graph capture failed; the device's allocator and generator are left in capture mode."""
+
+
+def dynamo_frames() -> int:
+    """Frames Dynamo has compiled so far in this process (it counts only cache misses)."""
+    return counters["frames"]["total"]
+
+
 class Bench:
     def __init__(self, args, device):
         self.args, self.device = args, device
@@ -293,6 +309,7 @@ class Bench:
         self.use_graph = device.type == "cuda"
         self.backend = "triton" if device.type == "cuda" else "torch"
         self.warmup_steps = 1
+        self.capture_failed: str | None = None  # set by a failed graph capture; the run stops there
         self.save = lambda: None  # main() puts the writer of the results files here
 
     # ----- shared pieces
@@ -309,14 +326,21 @@ class Bench:
             return model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
 
         with torch.no_grad():
-            for _ in range(self.warmup_steps):
-                step()  # compiles kernels; autotuned ones also benchmark here, where a host sync is allowed
-            sync(self.device)
+            self.warm_up(step)
             if not graph:
                 return timed(step, self.device, steps), step
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step()
+            frames = dynamo_frames()
+            try:
+                with torch.cuda.graph(g):
+                    step()
+            except Exception as e:
+                # A failed capture leaves the allocator and the default generator in capture mode: nothing on this
+                # device can be trusted afterwards, so the run stops after saving what it has.
+                compiled = dynamo_frames() - frames
+                why = f"; {compiled} frame(s) compiled inside the capture" if compiled else ""
+                self.capture_failed = f"{type(e).__name__}: {str(e).splitlines()[0]}{why}"
+                raise CaptureFailed(self.capture_failed) from e
 
             # The graph reads ids and pos at their addresses: the replay must keep them alive, or the allocator
             # hands their memory to the next tensor and the embedding looks up whatever lands there.
@@ -324,6 +348,17 @@ class Bench:
                 g.replay()
 
             return timed(replay, self.device, steps), replay
+
+    def warm_up(self, step: Callable[[], object]) -> None:
+        """At least ``warmup_steps`` steps, then more until one compiles nothing: a kernel compiled or autotuned
+        inside the capture would sync the host there and break it."""
+        for i in range(self.warmup_steps + MAX_EXTRA_WARMUP):
+            frames = dynamo_frames()
+            step()  # compiles kernels; autotuned ones also benchmark here, where a host sync is allowed
+            if i + 1 >= self.warmup_steps and dynamo_frames() == frames:
+                sync(self.device)
+                return
+        raise RuntimeError(f"still compiling after {self.warmup_steps + MAX_EXTRA_WARMUP} warm-up steps")
 
     def reserve_state(self, cfg, batch, context, lsa_pages: int | None):
         """Random reserves of every layer plus their resident set (all pages for ``lsa_pages=None``)."""
@@ -575,6 +610,10 @@ def measurement(bench: Bench, label: str, any_failure: bool = False):
     ``label`` instead of ending the run; the allocator's cache is emptied after it either way."""
     try:
         yield
+    except CaptureFailed as e:
+        bench.report.errors.append(f"{label}: graph capture failed, run stopped: {e}")
+        print(f"  {label}: graph capture failed ({e}); the run stops here", flush=True)
+        raise
     except torch.OutOfMemoryError as e:
         bench.report.errors.append(f"{label}: out of memory ({str(e).splitlines()[0]})")
         print(f"  {label}: out of memory", flush=True)
@@ -728,14 +767,32 @@ def run_model(bench: Bench, name: str) -> None:
                 )
         if args.compile and bench.use_graph:
             variant_rows(bench, name, model, context, batches_full, batches_lsa, layout, ck_bytes)
+        # the batch full attention fits too, where the LSA step is furthest from its floor after batch 1
+        lsa_fused = sorted({1, min(b_full, b_lsa)}) if b_full else [1]
         if args.fuse_projections:
             undo = fuse_projections(model)
-            # the batch full attention fits too, where the LSA step is furthest from its floor after batch 1
-            lsa_fused = sorted({1, min(b_full, b_lsa)}) if b_full else [1]
             try:
                 variant_rows(bench, name, model, context, [1], [1], layout, ck_bytes, compile_=False, tag="+fused")
                 if args.compile:
                     variant_rows(bench, name, model, context, [1], lsa_fused, layout, ck_bytes, tag="+fused+compile")
+            finally:
+                undo()
+        bench.save()
+        model.set_attn_implementation("sdpa")
+        for b in [] if args.skip_cycle_costs else batches_lsa:
+            with measurement(bench, f"{name} {context} cycle b={b}"):
+                costs = bench.cycle_costs(name, model, b, context, layout.num_page_slots)
+                rep.recall.append(costs)
+                print(
+                    f"  cycle b={b}: {json.dumps({k: round(v, 3) for k, v in costs.items() if isinstance(v, float)})}",
+                    flush=True,
+                )
+        bench.save()
+        if args.compile_whole or args.autotune:
+            # Last in the context: a failed capture here ends the run, and everything above is already saved.
+            model.set_attn_implementation(attention_key("sdpa"))
+            undo = fuse_projections(model)
+            try:
                 if args.compile_whole:
                     variant_rows(
                         bench, name, model, context, [1], lsa_fused, layout, ck_bytes,
@@ -751,17 +808,7 @@ def run_model(bench: Bench, name: str) -> None:
                         )  # fmt: skip
             finally:
                 undo()
-        bench.save()
-        model.set_attn_implementation("sdpa")
-        for b in batches_lsa:
-            with measurement(bench, f"{name} {context} cycle b={b}"):
-                costs = bench.cycle_costs(name, model, b, context, layout.num_page_slots)
-                rep.recall.append(costs)
-                print(
-                    f"  cycle b={b}: {json.dumps({k: round(v, 3) for k, v in costs.items() if isinstance(v, float)})}",
-                    flush=True,
-                )
-        bench.save()
+                bench.save()
     del model
     gc.collect()
     if dev.type == "cuda":
@@ -827,6 +874,8 @@ def short_context_probe(bench: Bench, name: str, model, tag: str = "") -> None:
     weights-only floor is what the rest of the model costs, and splits a long-context ×floor into its parts."""
     try:
         row = bench.run_kernel(name, model, 1, 2 * bench.lsa.page_size, None, graph=bench.use_graph, tag=tag)
+    except CaptureFailed:
+        raise
     except Exception as e:  # a probe that fails is reported; the rows after it still run
         bench.report.errors.append(f"{name} short-context probe{tag}: {type(e).__name__}: {str(e).splitlines()[0]}")
         print(f"  short ctx{tag}: failed ({type(e).__name__})", flush=True)
@@ -966,6 +1015,12 @@ def main() -> None:
         action="store_true",
         help="with --fuse-projections: also time the fused rows with the decoder stack compiled as one graph",
     )
+    p.add_argument(
+        "--skip-cycle-costs",
+        action="store_true",
+        help="leave out the per-boundary costs (indexer, recall, flush): step rows only, for a run that re-measures "
+        "steps whose cycle costs are already recorded",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
@@ -991,8 +1046,14 @@ def main() -> None:
         (args.out / "decode_speed.md").write_text(markdown(bench.report, churn))
 
     bench.save = save  # called after every context: a run cut off by a time limit keeps what it measured
-    for name in args.models.split(","):
-        run_model(bench, name)
+    try:
+        for name in args.models.split(","):
+            run_model(bench, name)
+    except CaptureFailed as e:
+        save()
+        raise SystemExit(
+            f"decode_speed: stopped after a failed graph capture ({e}); results so far in {args.out}"
+        ) from e
     print(markdown(bench.report, churn))
 
 
