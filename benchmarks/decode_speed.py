@@ -332,7 +332,9 @@ class Bench:
             g = torch.cuda.CUDAGraph()
             frames = dynamo_frames()
             try:
-                with torch.cuda.graph(g):
+                # Only this thread's calls are checked: Inductor's compile and autotuning helpers may touch the
+                # device from other threads meanwhile, which in the default (global) mode invalidates the capture.
+                with torch.cuda.graph(g, capture_error_mode="thread_local"):
                     step()
             except Exception as e:
                 # A failed capture leaves the allocator and the default generator in capture mode: nothing on this
