@@ -309,7 +309,6 @@ class Bench:
         self.use_graph = device.type == "cuda"
         self.backend = "triton" if device.type == "cuda" else "torch"
         self.warmup_steps = 1
-        self.capture_failed: str | None = None  # set by a failed graph capture; the run stops there
         self.save = lambda: None  # main() puts the writer of the results files here
 
     # ----- shared pieces
@@ -341,8 +340,7 @@ class Bench:
                 # device can be trusted afterwards, so the run stops after saving what it has.
                 compiled = dynamo_frames() - frames
                 why = f"; {compiled} frame(s) compiled inside the capture" if compiled else ""
-                self.capture_failed = f"{type(e).__name__}: {str(e).splitlines()[0]}{why}"
-                raise CaptureFailed(self.capture_failed) from e
+                raise CaptureFailed(f"{type(e).__name__}: {str(e).splitlines()[0]}{why}") from e
 
             # The graph reads ids and pos at their addresses: the replay must keep them alive, or the allocator
             # hands their memory to the next tensor and the embedding looks up whatever lands there.

@@ -168,13 +168,8 @@ class AsyncKVStore(KVStore):
         if hi > self.capacity:
             stream.synchronize()  # growing re-allocates the mirror on the host: no copy may still target it
             self._ensure_capacity(hi)
-        t0 = self.layout.tail_start
         stream.wait_stream(current)
-        pairs = [
-            (reserve[layer][:, :, t0 + lo - self.tail_start : t0 + hi - self.tail_start], mirror[layer][:, :, lo:hi])
-            for layer in self.layers
-            for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v))
-        ]
+        pairs = self._flush_pairs(lo, hi)
         with torch.cuda.stream(stream):
             # Through a pinned staging buffer: one copy into the strided mirror slice would bounce through pageable
             # memory and hold the host longer (both forms return once the tokens are on the host).
@@ -182,10 +177,7 @@ class AsyncKVStore(KVStore):
         self.log.d2h_bytes += 2 * len(self.layers) * self._token_bytes() * (hi - lo)
         if shift:
             current.wait_stream(stream)  # the slide overwrites tail slots the flush is still reading
-            kept = self.seq_len - new_start
-            for layer in self.layers:
-                for res in (self.reserve_k[layer], self.reserve_v[layer]):
-                    res[:, :, t0 : t0 + kept] = res[:, :, t0 + shift : t0 + shift + kept].clone()
+            self._slide_tail(shift, new_start)
         self.flushed_len = hi
         self.tail_start = new_start
         self.refresh_positions()

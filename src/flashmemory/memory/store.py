@@ -167,12 +167,7 @@ class KVStore:
         shift = new_start - self.tail_start
         lo, hi = self.flushed_len, self.seq_len
         self._ensure_capacity(hi)
-        t0 = self.layout.tail_start
-        pairs = []
-        for layer in self.layers:
-            for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v)):
-                src = reserve[layer][:, :, t0 + lo - self.tail_start : t0 + hi - self.tail_start]
-                pairs.append((src, mirror[layer][:, :, lo:hi]))
+        pairs = self._flush_pairs(lo, hi)
         if self.device.type == "cuda":
             # staged: the tail slide below must not overwrite slots before they are copied, and the host reads
             # the flushed tokens next (new chunk keys); the writer returns once they have landed
@@ -181,14 +176,28 @@ class KVStore:
             for src, out in pairs:
                 out.copy_(src)
         if shift:
-            kept = self.seq_len - new_start
-            for layer in self.layers:
-                for res in (self.reserve_k[layer], self.reserve_v[layer]):
-                    res[:, :, t0 : t0 + kept] = res[:, :, t0 + shift : t0 + shift + kept].clone()
+            self._slide_tail(shift, new_start)
         self.log.d2h_bytes += 2 * len(self.layers) * self._token_bytes() * (hi - lo)
         self.flushed_len = hi
         self.tail_start = new_start
         self.refresh_positions()
+
+    def _flush_pairs(self, lo: int, hi: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(tail slice, mirror slice)`` of tokens ``lo..hi`` for every layer's keys and values."""
+        a = self.layout.tail_start + lo - self.tail_start
+        b = a + (hi - lo)
+        return [
+            (reserve[layer][:, :, a:b], mirror[layer][:, :, lo:hi])
+            for layer in self.layers
+            for reserve, mirror in ((self.reserve_k, self.mirror_k), (self.reserve_v, self.mirror_v))
+        ]
+
+    def _slide_tail(self, shift: int, new_start: int) -> None:
+        """Move the tail's kept tokens ``shift`` slots towards its start, as the tail now begins at ``new_start``."""
+        t0, kept = self.layout.tail_start, self.seq_len - new_start
+        for layer in self.layers:
+            for res in (self.reserve_k[layer], self.reserve_v[layer]):
+                res[:, :, t0 : t0 + kept] = res[:, :, t0 + shift : t0 + shift + kept].clone()
 
     def selectable_pages(self) -> int:
         """Pages wholly before the tail: complete in the mirror, so they may be recalled."""
