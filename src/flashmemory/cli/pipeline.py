@@ -136,7 +136,14 @@ def train(
         distance_prior=distance_prior,
         max_minutes=max_minutes or None,
     )
-    history = train_indexer(dumps, out, cfg, device=device)
+    try:
+        history = train_indexer(dumps, out, cfg, device=device)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # under torchrun: a group left to interpreter shutdown can abort the process from Gloo's threads
+            dist.destroy_process_group()
     best, zero = history.get("interpolated", history["best"]), history["zero_shot"]
     OUT.print(
         f"[green]saved[/] {out} (epoch {history['best_epoch']}): validation recall@15% "
