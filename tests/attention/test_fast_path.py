@@ -84,3 +84,24 @@ def test_plan_moves_keeps_resident_pages_in_place():
                     assert table[b, s] == old[b, s] and moves[b, s] == -1  # never copied again
                 elif table[b, s] >= 0:
                     assert moves[b, s] == table[b, s]
+
+
+def test_decode_mask_is_skipped_the_same_way_inside_a_graph_capture(monkeypatch):
+    """transformers builds the mask while a CUDA graph is captured and skips it otherwise; a compiled decoder would
+    then meet new guards inside the capture and compile there. The fast path's mask never depends on it."""
+    import transformers.utils.import_utils as import_utils
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from flashmemory.attention.fast_path import attention_key
+
+    ours = AttentionMaskInterface._global_mapping[attention_key("sdpa")]
+    decode = dict(batch_size=1, q_length=1, kv_length=10, q_offset=torch.tensor(9), kv_offset=0, device="cpu")
+    assert sdpa_mask(**decode) is None and ours(**decode) is None
+    monkeypatch.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+    assert sdpa_mask(**decode) is not None  # what a capture sees without the fast path's mask function
+    assert ours(**decode) is None
+    # anything a one-token query without padding does not cover still gets the full mask
+    padding = torch.tensor([[0] * 3 + [1] * 7])
+    for changed in (dict(q_length=2, kv_length=11), dict(attention_mask=padding), dict(local_size=4)):
+        kw = decode | changed
+        torch.testing.assert_close(ours(**kw), sdpa_mask(**kw))

@@ -16,6 +16,7 @@ For every call that is not an LSA decode step it runs the model's original atten
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +78,32 @@ def attention_key(base: str) -> str:
     name = f"lsa_sparse_{base}"  # a name without "flash": transformers reads those as flash-attention kernels
     if name not in AttentionInterface._global_mapping:
         AttentionInterface.register(name, _make_attention(base))
-        AttentionMaskInterface.register(name, _BASES[base][1])
+        AttentionMaskInterface.register(name, _skip_decode_mask(_BASES[base][1]))
     return name
+
+
+def _skip_decode_mask(base_mask: Callable) -> Callable:
+    """``base_mask``, but no mask at all for a one-token query with no padding, as transformers does outside tracing.
+
+    transformers builds the full mask whenever a CUDA graph is being captured (it cannot tell a capture from an
+    export), so a compiled decoder would see ``None`` while warming up and a tensor inside the capture: its guards
+    fail and it compiles there, which breaks the capture as soon as compiling touches the device (autotuning). A
+    one-token query attends to the whole cache in either case, so the mask is never needed.
+    """
+
+    def mask(*args, **kwargs):
+        local = kwargs.get("local_size")
+        if (
+            not args
+            and kwargs.get("q_length") == 1
+            and kwargs.get("attention_mask") is None
+            and kwargs.get("allow_is_causal_skip", True)
+            and (local is None or kwargs["kv_length"] < local)
+        ):
+            return None
+        return base_mask(*args, **kwargs)
+
+    return mask
 
 
 def resolve_attention_backend(lsa: LSAConfig, device: torch.device) -> str:
