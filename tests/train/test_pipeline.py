@@ -393,3 +393,38 @@ def test_a_run_stopped_from_outside_keeps_its_best_epoch_so_far(dump_dir, tmp_pa
     monkeypatch.setattr(trainer, "evaluate", real)
     train_indexer([dump_dir], tmp_path / "ck", replace(cfg, epochs=1), progress=False)
     assert "partial" not in json.loads((tmp_path / "ck" / "config.json").read_text())["training"]
+
+
+def test_token_keys_are_recorded_on_request_and_scored_by_best_token(tmp_path):
+    from flashmemory.dump.shards import iter_records
+    from flashmemory.train.dataset import load_examples
+    from flashmemory.train.scorers import indexer_logits
+
+    out = tmp_path / "tok"
+    kwargs = dict(backbone="tiny", fingerprint="fp-tiny", labels=LABELS, max_new_tokens=20, progress=False)
+    manifest = run_dump(tiny_model("llama"), CharTokenizer(), prompts(1, 2), out, token_keys=True, **kwargs)
+    assert manifest["token_keys"] is True
+    for _, rec in iter_records(out):
+        tokens = rec["token_keys"].float()  # [L, Hkv, N*C, D]
+        blocks = tokens.unflatten(2, (rec["chunk_keys"].shape[2], LABELS.chunk_size))
+        torch.testing.assert_close(blocks.mean(3), rec["chunk_keys"].float(), atol=2e-3, rtol=2e-3)
+        assert torch.equal(blocks.amin(3), rec["chunk_kmin"].float())
+
+    report = evaluate_methods([out], None, interval=16, recent=16)
+    assert {"zero-shot", "zero-shot, token keys"} <= set(report["methods"])
+    assert "| zero-shot, token keys |" in markdown_table(report)
+
+    # with every token of a chunk equal to the chunk's key, its best token is its mean: the two scorers agree
+    ex = load_examples([out], split="validation", interval=16, recent=16)[0]
+    ex.token_keys = ex.keys.repeat_interleave(LABELS.chunk_size, dim=2)
+    zero = load_indexer(out / "init_indexer")
+    steps = torch.arange(ex.num_steps)
+    by_mean = indexer_logits(zero, ex, steps, window=4)
+    by_token = indexer_logits(zero, ex, steps, window=4, token_keys=True)
+    torch.testing.assert_close(by_token, by_mean, atol=1e-4, rtol=1e-4)
+    ex.token_keys = None
+    with pytest.raises(ValueError, match="--token-keys"):
+        indexer_logits(zero, ex, steps, token_keys=True)
+    # dumps made before the option resume as before: the setting is stored only when asked for
+    run_dump(tiny_model("llama"), CharTokenizer(), prompts(1, 1), tmp_path / "plain", **kwargs)
+    assert "token_keys" not in read_manifest(tmp_path / "plain")

@@ -42,6 +42,9 @@ def dump(
         "", help="Comma-separated layers whose hidden states and chunk keys are recorded (default: the model's)."
     ),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    token_keys: bool = typer.Option(
+        False, "--token-keys", help="Also record every key of the target layers (indexer-eval then scores by token)."
+    ),
 ) -> None:
     """Run the backbone with full attention over training prompts and record indexer training data."""
 
@@ -73,6 +76,7 @@ def dump(
         target_layers=targets,
         max_new_tokens=max_new_tokens,
         shard_size=shard_size,
+        token_keys=token_keys,
     )
     steps = sum(m["num_steps"] for m in manifest["prompts"])
     OUT.print(f"[green]done:[/] {len(manifest['prompts'])} prompts, {steps} decode steps in {out}")

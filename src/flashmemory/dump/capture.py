@@ -179,6 +179,7 @@ def capture_prompt(
     max_new_tokens: int,
     eos_token_id: list[int],
     query_window: int = 16,
+    token_keys: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Prefill ``input_ids`` (batch 1), decode greedily, and record one prompt's dump.
 
@@ -190,7 +191,9 @@ def capture_prompt(
         (the same over the target layers only: what the heads of the layers the indexer scores with read),
         ``chunk_keys``/``chunk_kmin``/``chunk_kmax`` ``[L, Hkv, N, D]`` of the final sequence,
         ``tokens`` (prompt + generated ids), and ``prefix_hidden [P, L, hidden]`` / ``prefix_positions [P]``: the
-        ``query_window - 1`` prompt tokens before step 0, which join it in the first lookahead window.
+        ``query_window - 1`` prompt tokens before step 0, which join it in the first lookahead window. With
+        ``token_keys``, also ``token_keys [L, Hkv, N * chunk, D]``: every key of the complete chunks, so that
+        scorers can rate a chunk by its best token, as the runtime can at a boundary.
     """
     recorder = AttentionRecorder(model, keep=query_window)
     cache = DynamicCache(config=model.config)
@@ -218,7 +221,7 @@ def capture_prompt(
         min_layers=min(labels.min_layers, len(recorder.layers)),
     )
     zero = torch.zeros(1, dtype=torch.long, device=input_ids.device)
-    means, kmin, kmax = [], [], []
+    means, kmin, kmax, tokens = [], [], [], []
     c = labels.chunk_size
     for layer in targets:
         keys = cache.layers[layer].keys  # [1, Hkv, T, D]
@@ -227,7 +230,10 @@ def capture_prompt(
         means.append(chunk_means(keys, 0, c, zero)[0])
         kmin.append(blocks.amin(3)[0])
         kmax.append(blocks.amax(3)[0])
+        tokens.append(keys[0, :, : n * c])
     record["chunk_keys"] = torch.stack(means).to(torch.float16).cpu()
     record["chunk_kmin"] = torch.stack(kmin).to(torch.float16).cpu()
     record["chunk_kmax"] = torch.stack(kmax).to(torch.float16).cpu()
+    if token_keys:
+        record["token_keys"] = torch.stack(tokens).to(torch.float16).cpu()
     return record

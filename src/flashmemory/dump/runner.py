@@ -77,11 +77,14 @@ def run_dump(
     max_new_tokens: int = 96,
     shard_size: int = 8,
     progress: bool = True,
+    token_keys: bool = False,
 ) -> dict:
     """Dump ``prompts`` (objects with ``text``, ``kind``, ``doc_ids`` and optionally ``split``) into ``out``.
 
     A folder that already holds a dump of the same backbone and settings is resumed: finished prompts are
-    skipped. Anything else in ``out`` is refused rather than overwritten.
+    skipped. Anything else in ``out`` is refused rather than overwritten. ``token_keys`` also records every key
+    of the target layers (about ``2 * Hkv * D`` bytes per token and layer), for token-key scoring in
+    ``indexer-eval``.
 
     Returns:
         The manifest.
@@ -98,6 +101,10 @@ def run_dump(
         "max_new_tokens": max_new_tokens,
         "num_prompts": len(prompts),
     }
+    if token_keys:  # only then, so that dumps made before the option still resume
+        settings["token_keys"] = True
+    if token_keys and backend is not GenericCapture:
+        raise ValueError("token keys are recorded for decoder models with full-attention layers only")
     # built first: it checks the target layers before anything is written to ``out``
     init = backend.init_indexer(
         model, targets, chunk_size=labels.chunk_size, backbone=backbone, fingerprint=fingerprint
@@ -128,6 +135,7 @@ def run_dump(
                     labels=labels,
                     max_new_tokens=max_new_tokens,
                     eos_token_id=eos_ids,
+                    **({"token_keys": True} if token_keys else {}),
                 )
                 key = f"p{i:05d}"
                 records[key] = rec

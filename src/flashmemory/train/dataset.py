@@ -31,6 +31,7 @@ class PromptExamples:
         prefix_positions: their positions. # [P]
         strength: how strongly the lookahead needs each chunk (its peak single-head mass), for peak targets;
             None otherwise. # [S, N]
+        token_keys: every key of the complete chunks, for dumps made with ``--token-keys``. # [L, Hkv, N*C, D]
     """
 
     hidden: torch.Tensor
@@ -45,6 +46,7 @@ class PromptExamples:
     prefix_hidden: torch.Tensor | None = None
     prefix_positions: torch.Tensor | None = None
     strength: torch.Tensor | None = None
+    token_keys: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -169,6 +171,7 @@ def load_examples(
                     prefix_hidden=rec.get("prefix_hidden"),
                     prefix_positions=rec.get("prefix_positions"),
                     strength=None if strength is None else strength * candidates,
+                    token_keys=rec.get("token_keys"),
                 )
             )
     if not out:

@@ -14,6 +14,10 @@ from .metrics import DEFAULT_FRACTIONS, RecallCurve
 from .scorers import indexer_logits, page_bound_scores, random_scores, recent_scores
 
 METHODS = ("trained", "zero-shot", "quest", "recent", "random", "oracle")
+# with dumps made with --token-keys: the two indexers again, rating a chunk by its best token
+TOKEN_METHODS = {"trained": "trained, token keys", "zero-shot": "zero-shot, token keys"}
+INDEXER_METHODS = ("trained", "zero-shot", *TOKEN_METHODS.values())
+TOKEN_STEPS = 16  # steps scored at once by token: their per-token scores of a long prompt exist together
 # "oracle" ranks by the label itself: the most any scorer could recall at a kept fraction. When a cycle needs
 # more chunks than the fraction keeps, even it falls short, so the ceiling says which targets are reachable.
 
@@ -46,6 +50,9 @@ def evaluate_methods(
     trained = load_indexer(ckpt, fingerprint=manifest["fingerprint"]) if ckpt is not None else None
     gen = torch.Generator().manual_seed(seed)
     curves = {m: RecallCurve() for m in METHODS if m != "trained" or trained is not None}
+    by_token = all(p.token_keys is not None for p in prompts)
+    if by_token:
+        curves |= {TOKEN_METHODS[m]: RecallCurve() for m in list(curves) if m in TOKEN_METHODS}
     with torch.no_grad():
         for ex in prompts:
             chosen = torch.arange(0, ex.num_steps, stride)
@@ -58,8 +65,16 @@ def evaluate_methods(
             }
             if trained is not None:
                 scores["trained"] = torch.sigmoid(indexer_logits(trained, ex, chosen, window=window)).cpu()
+            if by_token:
+                for name, indexer in (("zero-shot", zero), ("trained", trained)):
+                    if indexer is not None:
+                        parts = [
+                            indexer_logits(indexer, ex, part, window=window, token_keys=True)
+                            for part in chosen.split(TOKEN_STEPS)
+                        ]
+                        scores[TOKEN_METHODS[name]] = torch.sigmoid(torch.cat(parts)).cpu()
             for method, s in scores.items():
-                thr = 0.5 if method in ("trained", "zero-shot") else None
+                thr = 0.5 if method in INDEXER_METHODS else None
                 for r, step in enumerate(chosen.tolist()):
                     c = ex.candidates[step]
                     curves[method].add(s[r, c], ex.targets[step, c], thr)
@@ -87,7 +102,7 @@ def markdown_table(report: dict) -> str:
         cells = " | ".join(f"{r:.3f}" for r in m["recall"])
         thr = (
             f"{m['fraction_kept']:.3f} | {m['recall_at_kept']:.3f} | {m['f1_at_threshold']:.3f}"
-            if method in ("trained", "zero-shot")
+            if method in INDEXER_METHODS
             else "– | – | –"
         )
         rows.append(f"| {method} | {cells} | {thr} |")

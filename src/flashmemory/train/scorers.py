@@ -12,7 +12,12 @@ from .dataset import PromptExamples
 
 
 def indexer_logits(
-    indexer: MemoryIndexer, ex: PromptExamples, steps: torch.Tensor, reduce: str = "max", window: int = 1
+    indexer: MemoryIndexer,
+    ex: PromptExamples,
+    steps: torch.Tensor,
+    reduce: str = "max",
+    window: int = 1,
+    token_keys: bool = False,
 ) -> torch.Tensor:
     """Indexer logits for ``steps`` of one prompt, max over a lookahead window and combined over layers.
 
@@ -22,6 +27,8 @@ def indexer_logits(
         steps: which steps to score. # [S]
         reduce: ``"max"`` or ``"mean"`` over target layers.
         window: newest steps forming each query (the runtime's ``query_window``). Default: 1.
+        token_keys: score each chunk as its best token (needs a dump made with ``--token-keys``), as the runtime
+            does at boundaries set to token keys, instead of by its mean key.
 
     Returns:
         Logits. # [S, N]
@@ -30,10 +37,15 @@ def indexer_logits(
     hidden, pos, valid = ex.windows(steps, window)
     hidden = hidden.to(device, torch.float32)  # [S, W, L, hidden]
     pos, valid = pos.to(device), valid.to(device)
+    if token_keys and ex.token_keys is None:
+        raise ValueError("this dump has no token keys: dump again with --token-keys")
     per_layer = []
     for j in range(len(indexer.target_layers)):
         keys = ex.keys[j].to(device, torch.float32).unsqueeze(0).expand(len(steps), -1, -1, -1)
-        per_layer.append(indexer.layer_logits(j, hidden[:, :, j], pos, keys, valid))
+        tokens = None
+        if token_keys:
+            tokens = ex.token_keys[j].to(device, torch.float32).unsqueeze(0).expand(len(steps), -1, -1, -1)
+        per_layer.append(indexer.layer_logits(j, hidden[:, :, j], pos, keys, valid, token_keys=tokens))
     stacked = torch.stack(per_layer)
     return stacked.amax(0) if reduce == "max" else torch.logit(torch.sigmoid(stacked).mean(0), eps=1e-6)
 
