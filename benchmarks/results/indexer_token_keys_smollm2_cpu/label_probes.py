@@ -4,6 +4,7 @@
     python label_probes.py past DUMP          # score = golden in the steps t-63 .. t (attention already seen)
     python label_probes.py mass DUMP [W]      # the target layers' true softmax attention of the query window
     python label_probes.py where DUMP         # where the golden chunks beyond recency lie
+    python label_probes.py feedback DUMP      # "past", seeing only the chunks a 15% resident set held
 
 ``hybrid`` and ``mass`` need a dump made with ``--token-keys``. Each prints recall at the kept fractions as JSON.
 """
@@ -84,9 +85,7 @@ def past(dump: Path) -> str:
     curves = {k: RecallCurve() for k in names + [f"{k}, step 0 only" for k in names]}
     for ex, rec in zip(prompts, recs, strict=True):
         n = ex.keys.shape[2]
-        g = torch.zeros(len(from_csr(rec)), n)
-        for s, ids in enumerate(from_csr(rec)):
-            g[s, ids] = 1
+        g = golden_steps(rec, n)
         cum = torch.cat([torch.zeros(1, n), g.cumsum(0)])
         recency = torch.arange(n, dtype=torch.float) / n  # < 1: only breaks ties
         for t in range(ex.num_steps):
@@ -100,6 +99,50 @@ def past(dump: Path) -> str:
                 curves[k].add(v, y, None)
                 if t == 0:
                     curves[f"{k}, step 0 only"].add(v, y, None)
+    return as_json(curves)
+
+
+def golden_steps(rec: dict, n: int) -> torch.Tensor:
+    """Per-step golden flags. # [S, N]"""
+    ids = from_csr(rec)
+    g = torch.zeros(len(ids), n)
+    for s, chunk_ids in enumerate(ids):
+        g[s, chunk_ids] = 1
+    return g
+
+
+def feedback(dump: Path, kept: float = 0.15, boundaries: tuple[int, ...] = (16, 32)) -> str:
+    """Attention feedback as LSA could see it. Step 0 (the prefill's last token) is seen whole. At step 0 a
+    resident set of ``kept`` of the candidates is chosen, by recency or by step 0's golden chunks; during the
+    next steps only the golden chunks inside it are seen. At a later boundary t, chunks score by how often they
+    were seen golden (ties by recency), against the target of steps t+1 .. t+64. "past, all seen" is the same
+    with every chunk visible."""
+    names = ["recent", "past, all seen", "feedback, resident set by recency", "feedback, resident set by step 0"]
+    curves = {k: RecallCurve() for k in names + ["oracle"]}
+    recs = [rec for _, rec in iter_records(dump, "validation")]
+    for ex, rec in zip(validation(dump), recs, strict=True):
+        n = ex.keys.shape[2]
+        g = golden_steps(rec, n)
+        recency = torch.arange(n, dtype=torch.float) / n
+        cand0 = ex.candidates[0]
+        k = max(1, math.ceil(kept * int(cand0.sum())))
+        resident = {}
+        for name, score in (("recency", recency), ("step 0", g[0] + recency)):
+            chosen = torch.zeros(n, dtype=torch.bool)
+            idx = cand0.nonzero().flatten()
+            chosen[idx[torch.argsort(score[idx], descending=True)[:k]]] = True
+            resident[name] = chosen | ~cand0  # the sink and the tail are always resident
+        for t in boundaries:
+            if t >= ex.num_steps:
+                continue
+            c, y = ex.candidates[t], ex.targets[t, ex.candidates[t]]
+            seen_all = g[: t + 1].sum(0)
+            scores = {"recent": recency, "past, all seen": seen_all + recency, "oracle": ex.targets[t].float()}
+            for name, res in resident.items():
+                seen = g[0] + (g[1 : t + 1] * res.float()).sum(0)
+                scores[f"feedback, resident set by {name}"] = seen + recency
+            for key, v in scores.items():
+                curves[key].add(v[c], y, None)
     return as_json(curves)
 
 
@@ -165,5 +208,11 @@ def where(dump: Path) -> str:
 
 if __name__ == "__main__":
     probe, dump, rest = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    probes = {"hybrid": hybrid, "past": past, "mass": lambda d, *a: mass(d, *map(int, a)), "where": where}
+    probes = {
+        "hybrid": hybrid,
+        "past": past,
+        "mass": lambda d, *a: mass(d, *map(int, a)),
+        "where": where,
+        "feedback": feedback,
+    }
     print(probes[probe](dump, *rest))
