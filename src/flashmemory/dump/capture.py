@@ -230,7 +230,8 @@ def capture_prompt(
         means.append(chunk_means(keys, 0, c, zero)[0])
         kmin.append(blocks.amin(3)[0])
         kmax.append(blocks.amax(3)[0])
-        tokens.append(keys[0, :, : n * c])
+        if token_keys:
+            tokens.append(keys[0, :, : n * c])
     record["chunk_keys"] = torch.stack(means).to(torch.float16).cpu()
     record["chunk_kmin"] = torch.stack(kmin).to(torch.float16).cpu()
     record["chunk_kmax"] = torch.stack(kmax).to(torch.float16).cpu()

@@ -135,6 +135,7 @@ def run_dump(
                     labels=labels,
                     max_new_tokens=max_new_tokens,
                     eos_token_id=eos_ids,
+                    # only when asked: other backends' capture takes no such argument (and refuses it above)
                     **({"token_keys": True} if token_keys else {}),
                 )
                 key = f"p{i:05d}"
