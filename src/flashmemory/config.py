@@ -74,6 +74,11 @@ class LSAConfig:
             capturable steps), ``"torch"`` (the same fast path with the kernel's torch reference), or ``"auto"``
             (``"triton"`` on CUDA when Triton is importable, else ``"mask"``). Used by
             :func:`flashmemory.attention.fast_path.build_lsa_cache`. Default: "auto".
+        attention_feedback: when the indexer has an attention-feedback head, count the layers' attention
+            consensus per chunk (the prompt's last tokens at the end of the prefill, the resident chunks at every
+            decode step) and let the head score chunks from it with the tower's logit
+            (:mod:`flashmemory.attention.feedback`). The counting runs on the ``"mask"`` backend, which ``"auto"``
+            then picks; False scores with the tower alone. Default: True.
     """
 
     chunk_size: int = 16
@@ -96,6 +101,7 @@ class LSAConfig:
     prefetch_steps: int = 0
     prefetch_share: float = 0.25
     attention_backend: str = "auto"
+    attention_feedback: bool = True
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "page_chunks", "interval", "query_window"):

@@ -428,3 +428,92 @@ def test_token_keys_are_recorded_on_request_and_scored_by_best_token(tmp_path):
     # dumps made before the option resume as before: the setting is stored only when asked for
     run_dump(tiny_model("llama"), CharTokenizer(), prompts(1, 1), tmp_path / "plain", **kwargs)
     assert "token_keys" not in read_manifest(tmp_path / "plain")
+
+
+def test_prompt_window_labels_match_a_capture_that_ends_at_each_token():
+    """Row r of the prompt-window labels is the golden set the token at that position gets when it is itself the
+    last prompt token: causal masking and rotary angles of the window are right."""
+    from flashmemory.dump.capture import capture_prompt
+    from flashmemory.dump.labels import from_csr
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (1, 120), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(targets=(1,), labels=LABELS, max_new_tokens=1, eos_token_id=[], feedback_window=6)
+    full = capture_prompt(model, ids, **kwargs)
+    rows = from_csr({k.removeprefix("prefix_"): v for k, v in full.items() if k.startswith("prefix_")})
+    assert len(rows) == 5
+    for back in (1, 3, 5):
+        alone = capture_prompt(model, ids[:, :-back], **kwargs)
+        assert torch.equal(rows[-back], from_csr(alone)[0])
+    assert any(len(r) for r in rows)
+    none = capture_prompt(model, ids, **{**kwargs, "feedback_window": 0})
+    assert not any(k.startswith("prefix_indptr") for k in none)
+
+
+def test_layer_masses_give_back_the_golden_labels(dump_dir):
+    """The per-layer chunk masses recorded per step rebuild the golden sets exactly."""
+    from flashmemory.dump.labels import from_csr, golden_chunks, top_p_mask
+    from flashmemory.dump.shards import iter_records
+
+    _, rec = next(iter_records(dump_dir, "train"))
+    mass = rec["layer_mass"].float()  # [S, layers, N]
+    layers = tiny_model("llama").config.num_hidden_layers  # every layer votes, not only the target ones
+    assert mass.shape == (rec["hidden"].shape[0], layers, rec["chunk_keys"].shape[2])
+    same = 0
+    for s, ids in enumerate(from_csr(rec)):
+        masks = torch.stack([top_p_mask(m, LABELS.top_p) for m in mass[s]])
+        same += torch.equal(golden_chunks(masks, LABELS.min_layers)[0], ids)
+    assert same == mass.shape[0]
+
+
+def test_feedback_head_trains_from_dumps_alone_and_is_evaluated(dump_dir, tmp_path):
+    """The head's loss falls, its settings follow the dump's labels, indexer-eval scores it by replay, and the
+    whole run imports no model class."""
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith("transformers.models") or name == "transformers.modeling_utils":
+                    raise ImportError("model classes are blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from flashmemory.train.feedback_trainer import FeedbackTrainConfig, train_feedback
+        cfg = FeedbackTrainConfig(interval=16, recent=16, iterations=60, rounds=2, steps_per_prompt=8)
+        train_feedback([{str(dump_dir)!r}], {str(dump_dir / "init_indexer")!r}, {str(tmp_path / "fb")!r}, cfg,
+                       progress=False)
+        assert not any(m.startswith("transformers.models") for m in sys.modules)
+        print("ok")
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+    import json
+
+    history = json.loads((tmp_path / "fb" / "feedback_history.json").read_text())
+    first = [h["loss"] for h in history if h["round"] == 0]
+    assert first[-1] < first[0]
+    indexer = load_indexer(tmp_path / "fb")
+    spec = indexer.feedback_spec
+    assert (spec.window, spec.top_p, spec.min_layers) == (64, LABELS.top_p, LABELS.min_layers)
+    report = evaluate_methods([dump_dir], tmp_path / "fb", interval=16, recent=16)
+    methods = report["methods"]
+    assert {"trained", "trained, tower alone", "attention feedback, untrained"} <= set(methods)
+    assert "trained, tower alone" in markdown_table(report)
+
+
+def test_replay_sees_only_the_resident_chunks_after_the_first_boundary(dump_dir):
+    """Decode feedback counts a chunk only in steps it was resident; the prompt window counts every chunk."""
+    from flashmemory.indexer.feedback import FeedbackSpec
+    from flashmemory.train.dataset import load_examples
+    from flashmemory.train.feedback_sim import replay_features
+
+    ex = load_examples([dump_dir], split="train", interval=16, recent=16, sink=0)[0]
+    n = ex.keys.shape[2]
+    spec = FeedbackSpec(window=64, top_p=LABELS.top_p, min_layers=LABELS.min_layers, kept=0.1)
+    # a chooser that ranks chunk 0 first, so that of the candidates only the first few are resident
+    feats = replay_features(ex, spec, torch.zeros(ex.num_steps, n), interval=16, choose=lambda f: -torch.arange(n))
+    t = 10
+    resident_rate, decode_rate = feats[t, :, 5], feats[t, :, 3]
+    hidden = ex.candidates[0] & (resident_rate == 0)
+    assert hidden.any() and bool((decode_rate[hidden] == 0).all())
+    assert bool((feats[t, :, 1] > 0).any()) and float(feats[0, :, 6].max()) == 0.0  # no decode steps at step 0

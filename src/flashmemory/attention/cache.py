@@ -15,7 +15,9 @@ from ..indexer.memory_indexer import MemoryIndexer
 from ..memory.layout import SequenceBytes, plan_layout
 from ..memory.store import KVStore
 from ..models.adapter import backbone_spec
+from ..indexer.feedback import logit_of
 from .cycle import CycleStats, LSACycle
+from .feedback import AttentionFeedback
 from .hooks import CacheHooks
 
 __all__ = ["CompactSlidingLayer", "CycleStats", "LSACache", "LSALayer"]
@@ -111,6 +113,7 @@ class LSACache(LSACycle, Cache):
     """
 
     store_class = KVStore
+    counts_feedback = True  # caches whose decode steps may skip the hooks (graph replay) say False
 
     def __init__(
         self,
@@ -159,6 +162,11 @@ class LSACache(LSACycle, Cache):
         self.later_boundary = False  # set while a boundary after the first of a turn chooses pages
         self.pad_len: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
+        self.feedback: AttentionFeedback | None = None
+        if self.lsa.attention_feedback and indexer.feedback is not None:
+            if not self.counts_feedback:
+                raise ValueError(f"{type(self).__name__} does not count attention feedback: use the 'mask' backend")
+            self.feedback = AttentionFeedback(model, self.lsa_layers, indexer.feedback_spec, self.lsa.chunk_size)
         self.hooks = CacheHooks(self, model)
 
     @property
@@ -175,6 +183,8 @@ class LSACache(LSACycle, Cache):
             elif layer == self.first_lsa_layer:
                 raise NotImplementedError("LSACache takes the prompt in one forward pass (no chunked prefill)")
             self.store.write_prefill(layer, keys, values)
+            if self.feedback is not None:
+                self.feedback.observe_prefill(layer, keys, self.pad_len)
             if layer in self.targets:
                 self.chunk_keys.extend(layer, keys, 0, self.pad_len, keys.device)
             if layer == self.first_lsa_layer and self.lsa.scores_tokens_first(
@@ -184,7 +194,10 @@ class LSACache(LSACycle, Cache):
             return keys, values
         if keys.shape[-2] != 1:
             raise NotImplementedError("LSACache decodes one token per step per sequence")
-        return self.store.append(layer, keys, values)
+        keys, values = self.store.append(layer, keys, values)
+        if self.feedback is not None:
+            self.feedback.observe_decode(layer, keys, self.store.slot_pos, self.store.seq_len)
+        return keys, values
 
     def _allocate(self, keys: torch.Tensor) -> None:
         batch, heads, seq_len, head_dim = keys.shape
@@ -244,13 +257,15 @@ class LSACache(LSACycle, Cache):
         # before this read), block by block in the scorer: holding them on the device from the prefill to here
         # would cost one layer's keys per target layer at the prefill's peak, up to gigabytes at 1M tokens.
         token_keys = None
+        if self.feedback is not None:
+            n = None  # the feedback head was trained on the tower's chunk-key logits
         if n is not None:
             token_keys = [self.store.mirror_k[layer][:, :, :n] for layer in self.targets]
             # the copies into the mirror (the prefill's on the compute stream, a flushed cycle's on the store's copy
             # stream) must have landed before the scorer copies blocks of it back; a mirror that is not pinned is
             # read by the host itself
             self.store.wait_mirror()
-        return self.indexer.score(
+        probs = self.indexer.score(
             self.lookahead,
             self.lookahead_pos,
             self.chunk_keys.stacked(),
@@ -259,6 +274,11 @@ class LSACache(LSACycle, Cache):
             chunk_offset=self.store.pad_len,
             token_keys=token_keys,
         )
+        if self.feedback is None:
+            return probs
+        features = self.feedback.features(logit_of(probs), self.store.seq_len - 1)
+        head = self.indexer.feedback
+        return torch.sigmoid(head(features.to(next(head.parameters()).device))).to(probs.device)
 
     def _boundary(self, first: bool) -> None:
         self.later_boundary = not first

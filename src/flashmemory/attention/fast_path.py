@@ -122,6 +122,8 @@ class FastLSACache(LSACache):
         backend: sparse decode backend, ``"triton"`` or ``"torch"``. Default: "triton".
     """
 
+    counts_feedback = False  # replayed graph steps run no hooks
+
     store_class = AsyncKVStore
     supports_prefetch = True
 
@@ -255,6 +257,14 @@ def build_lsa_cache(
     backend = resolve_attention_backend(lsa, device)
     if backend != "mask" and getattr(model.config, "_attn_implementation", "sdpa") not in _BASES:
         backend = "mask" if lsa.attention_backend == "auto" else backend
+    if backend != "mask" and lsa.attention_feedback and getattr(indexer, "feedback", None) is not None:
+        if lsa.attention_backend != "auto":
+            raise ValueError(
+                f"this indexer has an attention-feedback head, which counts attention on the 'mask' backend only: "
+                f"use attention_backend='mask' (or 'auto'), or attention_feedback=False for the "
+                f"{lsa.attention_backend!r} backend"
+            )
+        backend = "mask"
     if backend == "mask":
         return LSACache(model, lsa, indexer, **kwargs)
     return FastLSACache(model, lsa, indexer, backend=backend, **kwargs)

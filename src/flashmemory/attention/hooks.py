@@ -55,6 +55,9 @@ class CacheHooks:
                 cache.begin_decode_step()
             if is_target:
                 cache.capture_lookahead(layer, hidden, kwargs.get("position_ids"))
+            if is_lsa and cache.feedback is not None:
+                rows = 1 if decoding else min(cache.feedback.spec.window, hidden.shape[1])
+                cache.feedback.capture_query(layer, hidden, kwargs["position_embeddings"], rows)
             if decoding and is_lsa:
                 kwargs["attention_mask"] = cache.decode_mask(hidden.dtype)
                 return args, kwargs

@@ -12,7 +12,7 @@ from rich.table import Table
 from ..config import LSAConfig
 from .bench import bench, bench_compare, bench_report
 from .errors import friendly_errors
-from .pipeline import blend, dump, indexer_eval, train
+from .pipeline import blend, dump, indexer_eval, train, train_feedback
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lookahead Sparse Attention for long contexts.")
 OUT = Console()
@@ -118,6 +118,7 @@ def demo(
 
 app.command()(dump)
 app.command()(train)
+app.command("train-feedback")(train_feedback)
 app.command("indexer-eval")(indexer_eval)
 app.command()(blend)
 app.command()(bench)

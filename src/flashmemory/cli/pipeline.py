@@ -45,6 +45,11 @@ def dump(
     token_keys: bool = typer.Option(
         False, "--token-keys", help="Also record every key of the target layers (indexer-eval then scores by token)."
     ),
+    feedback_window: int | None = typer.Option(
+        None,
+        help="Prompt tokens (the last included) whose attention is labelled too: the indexer's feedback input at "
+        "the first boundary. Default 64 (0 for DeepSeek-V4, whose capture has no such labels); 0 records none.",
+    ),
 ) -> None:
     """Run the backbone with full attention over training prompts and record indexer training data."""
 
@@ -77,6 +82,7 @@ def dump(
         max_new_tokens=max_new_tokens,
         shard_size=shard_size,
         token_keys=token_keys,
+        feedback_window=feedback_window,
     )
     steps = sum(m["num_steps"] for m in manifest["prompts"])
     OUT.print(f"[green]done:[/] {len(manifest['prompts'])} prompts, {steps} decode steps in {out}")
@@ -152,6 +158,48 @@ def train(
     OUT.print(
         f"[green]saved[/] {out} (epoch {history['best_epoch']}): validation recall@15% "
         f"{best['recall@0.15']:.3f} (zero-shot {zero['recall@0.15']:.3f}), kept at 0.5 {best['fraction_kept']:.3f}"
+    )
+
+
+@friendly_errors
+def train_feedback(
+    dumps: list[Path] = typer.Option(..., "--dumps", "-d", help="Dump folders (repeat the option for several)."),
+    indexer: Path = typer.Option(..., "--indexer", "-i", help="Trained indexer checkpoint whose tower is kept."),
+    out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (tower + feedback head)."),
+    kept: float = typer.Option(0.15, help="Share of candidate chunks resident while feedback is replayed."),
+    rounds: int = typer.Option(2, help="Replays; later ones follow the previous round's head."),
+    iterations: int = typer.Option(400, help="Full-batch optimiser steps per round."),
+    lr: float = typer.Option(0.01, help="Learning rate of the head."),
+    hidden: int = typer.Option(32, help="Width of the head."),
+    steps_per_prompt: int = typer.Option(48, help="Training steps sampled per prompt."),
+    interval: int = typer.Option(TRAIN.interval, help="Decode steps per cycle."),
+    recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
+    window: int = typer.Option(TRAIN.window, help="Newest steps forming the tower's lookahead query."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Add an attention-feedback head to a trained indexer, from dumps only (no backbone is loaded)."""
+    from ..train.feedback_trainer import FeedbackTrainConfig
+    from ..train.feedback_trainer import train_feedback as run
+
+    cfg = FeedbackTrainConfig(
+        interval=interval,
+        recent=recent,
+        query_window=window,
+        kept=kept,
+        hidden=hidden,
+        rounds=rounds,
+        iterations=iterations,
+        lr=lr,
+        steps_per_prompt=steps_per_prompt,
+        seed=seed,
+        device=device,
+    )
+    record = run(dumps, indexer, out, cfg)
+    best = record["best"]
+    OUT.print(
+        f"[green]saved[/] {out}: validation recall@{kept:g} {best['recall']:.3f} "
+        f"(round {best['round'] + 1}, iteration {best['iteration']})"
     )
 
 

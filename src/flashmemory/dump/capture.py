@@ -14,6 +14,11 @@ from ..models.adapter import attention_module, backbone_spec
 from .labels import chunk_mass, chunk_peak, decidable_chunks, golden_chunks, stack_peaks, to_csr, top_p_mask
 
 
+# Per-layer masses are cut at top-p again when feedback is replayed: near-equal masses would flip at the cut after
+# fp16 rounding, so they keep float32.
+FIELD_DTYPES = {"layer_mass": torch.float32}
+
+
 @dataclass(slots=True)
 class LabelConfig:
     """How golden chunks are derived from attention.
@@ -99,7 +104,7 @@ def record_steps(
     finally:
         recorder.remove()
     first = input_ids.shape[1] - 1  # the position of step 0
-    extra = {name: stack_peaks(values) for name, values in peaks.items()}
+    extra = {name: stack_peaks(values, FIELD_DTYPES.get(name, torch.float16)) for name, values in peaks.items()}
     return {
         **extra,
         "hidden": torch.stack(hidden),
@@ -132,7 +137,7 @@ class AttentionRecorder:
             # a clone, because a view would pin all of the prompt's hidden states.
             self.hidden[layer] = hidden[:, -self.keep :].detach().clone()
             cos, sin = kwargs["position_embeddings"]
-            self.rope[layer] = (cos[:, -1].detach().clone(), sin[:, -1].detach().clone())
+            self.rope[layer] = (cos[:, -self.keep :].detach().clone(), sin[:, -self.keep :].detach().clone())
 
         return hook
 
@@ -142,18 +147,26 @@ class AttentionRecorder:
 
     def attention_probs(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """Attention probabilities of the newest token at ``layer`` over all cached keys (batch 1). # [H, T]"""
+        return self.window_probs(layer, keys, 1)[0]
+
+    def window_probs(self, layer: int, keys: torch.Tensor, rows: int) -> torch.Tensor:
+        """Causal attention probabilities of the newest ``rows`` kept tokens at ``layer`` over the cached keys
+        (batch 1); the newest token sees every key, each older one the keys up to its own. # [rows, H, T]"""
         attn = attention_module(self.model, layer)
         spec = backbone_spec(self.model)
-        h = self.hidden[layer][0, -1]
-        q = attn.q_proj(h).view(spec.num_heads, spec.head_dim)
+        h = self.hidden[layer][0, -rows:]
+        q = attn.q_proj(h).view(h.shape[0], spec.num_heads, spec.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             q = attn.q_norm(q)
-        cos, sin = self.rope[layer]
+        cos, sin = (r[0, -rows:, None] for r in self.rope[layer])  # [rows, 1, D]
         half = spec.head_dim // 2
-        q = q * cos[0] + torch.cat([-q[..., half:], q[..., :half]], -1) * sin[0]
+        q = q * cos + torch.cat([-q[..., half:], q[..., :half]], -1) * sin
         k = keys[0].repeat_interleave(spec.num_heads // spec.num_kv_heads, 0)  # [H, T, D]
-        scores = torch.einsum("hd,htd->ht", q.float(), k.float()) * float(attn.scaling)
-        return torch.softmax(scores, dim=-1)
+        scores = torch.einsum("rhd,htd->rht", q.float(), k.float()) * float(attn.scaling)
+        t = k.shape[1]
+        last = torch.arange(t - h.shape[0], t, device=scores.device)  # each row's own position
+        future = torch.arange(t, device=scores.device)[None, :] > last[:, None]  # [rows, T]
+        return torch.softmax(scores.masked_fill(future[:, None], float("-inf")), dim=-1)
 
 
 def _decidable_mass(
@@ -169,6 +182,32 @@ def _decidable_mass(
     return mass * keep, peak * keep
 
 
+def _prefix_golden(
+    recorder: AttentionRecorder, cache, labels: LabelConfig, seq_len: int, rows: int, min_layers: int
+) -> dict[str, torch.Tensor]:
+    """Golden chunks of the ``rows`` prompt tokens before the last one, each over the keys up to itself, as CSR
+    ``prefix_indptr``/``prefix_indices``/``prefix_hits`` (oldest first)."""
+    if rows <= 0:
+        return _prefixed(to_csr([], []))
+    masks = []  # per layer [rows, N]
+    for layer in recorder.layers:
+        probs = recorder.window_probs(layer, cache.layers[layer].keys, rows + 1)[:-1]  # [rows, H, T]
+        per_row = []
+        for r in range(rows):
+            mass = chunk_mass(probs[r], labels.chunk_size)
+            if labels.sink or labels.recent:
+                mass = mass * labels.decidable(mass.shape[0], seq_len - rows + r).to(mass.device)
+            per_row.append(top_p_mask(mass, labels.top_p))
+        masks.append(torch.stack(per_row))
+    layer_masks = torch.stack(masks, 1)  # [rows, L, N]
+    ids, hits = zip(*(golden_chunks(m, min_layers) for m in layer_masks), strict=True)
+    return _prefixed(to_csr(list(ids), list(hits)))
+
+
+def _prefixed(csr: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"prefix_{k}": v for k, v in csr.items()}
+
+
 @torch.no_grad()
 def capture_prompt(
     model: nn.Module,
@@ -180,6 +219,7 @@ def capture_prompt(
     eos_token_id: list[int],
     query_window: int = 16,
     token_keys: bool = False,
+    feedback_window: int = 64,
 ) -> dict[str, torch.Tensor]:
     """Prefill ``input_ids`` (batch 1), decode greedily, and record one prompt's dump.
 
@@ -190,24 +230,38 @@ def capture_prompt(
         ``hits``), ``peak [S, N]`` (largest single-head mass per chunk over all layers), ``peak_target [S, N]``
         (the same over the target layers only: what the heads of the layers the indexer scores with read),
         ``chunk_keys``/``chunk_kmin``/``chunk_kmax`` ``[L, Hkv, N, D]`` of the final sequence,
+        ``layer_mass [S, num_layers, N]`` (each layer's head-mean mass per chunk: what a scorer that sees only some
+        chunks would have found, since attention over a subset is the same softmax renormalised),
         ``tokens`` (prompt + generated ids), and ``prefix_hidden [P, L, hidden]`` / ``prefix_positions [P]``: the
         ``query_window - 1`` prompt tokens before step 0, which join it in the first lookahead window. With
         ``token_keys``, also ``token_keys [L, Hkv, N * chunk, D]``: every key of the complete chunks, so that
-        scorers can rate a chunk by its best token, as the runtime can at a boundary.
+        scorers can rate a chunk by its best token, as the runtime can at a boundary. With ``feedback_window``
+        ``W > 1``, also the golden CSR of the ``W - 1`` prompt tokens before step 0 (``prefix_indptr``,
+        ``prefix_indices``, ``prefix_hits``, oldest first): the attention the runtime sees at the end of the
+        prefill, which the indexer's feedback input counts.
     """
-    recorder = AttentionRecorder(model, keep=query_window)
+    recorder = AttentionRecorder(model, keep=max(query_window, feedback_window))
     cache = DynamicCache(config=model.config)
+    prefix_labels: dict[str, torch.Tensor] = {}
 
     def observe(seq_len: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        masks, peak, target_peak = [], None, None
+        if feedback_window > 1 and not prefix_labels:  # the first call: right after the prefill
+            rows = min(feedback_window, seq_len) - 1
+            prefix_labels.update(
+                _prefix_golden(recorder, cache, labels, seq_len, rows, min(labels.min_layers, len(recorder.layers)))
+            )
+        masks, masses, peak, target_peak = [], [], None, None
         for layer in recorder.layers:
             mass, layer_peak = _decidable_mass(recorder, layer, cache.layers[layer].keys, labels, seq_len)
             masks.append(top_p_mask(mass, labels.top_p))
+            masses.append(mass)
             peak = layer_peak if peak is None else torch.maximum(peak, layer_peak)
             if layer in targets:
                 target_peak = layer_peak if target_peak is None else torch.maximum(target_peak, layer_peak)
-        window = torch.stack([recorder.hidden[layer][0] for layer in targets], 1)
-        fields = {"peak": peak} if target_peak is None else {"peak": peak, "peak_target": target_peak}
+        window = torch.stack([recorder.hidden[layer][0, -query_window:] for layer in targets], 1)
+        fields = {"peak": peak, "layer_mass": torch.stack(masses)}
+        if target_peak is not None:
+            fields["peak_target"] = target_peak
         return torch.stack(masks), window, fields
 
     record = record_steps(
@@ -220,6 +274,7 @@ def capture_prompt(
         eos_token_id=eos_token_id,
         min_layers=min(labels.min_layers, len(recorder.layers)),
     )
+    record.update(prefix_labels)
     zero = torch.zeros(1, dtype=torch.long, device=input_ids.device)
     means, kmin, kmax, tokens = [], [], [], []
     c = labels.chunk_size

@@ -104,12 +104,15 @@ def to_csr(rows: list[torch.Tensor], counts: list[torch.Tensor]) -> dict[str, to
     return {"indptr": indptr, "indices": indices.to(torch.int32), "hits": hits}
 
 
-def stack_peaks(peaks: list[torch.Tensor]) -> torch.Tensor:
-    """Per-step peak masses (the chunk count grows as decoding goes on) as one zero-padded matrix. # [S, N]"""
-    n = max((len(p) for p in peaks), default=0)
-    out = torch.zeros(len(peaks), n, dtype=torch.float16)
+def stack_peaks(peaks: list[torch.Tensor], dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Per-step chunk masses ``[..., N_s]`` (the chunk count grows as decoding goes on) as one tensor, zero-padded
+    on the chunk axis. # [S, ..., N]"""
+    if not peaks:
+        return torch.zeros(0, 0, dtype=dtype)
+    n = max(p.shape[-1] for p in peaks)
+    out = torch.zeros(len(peaks), *peaks[0].shape[:-1], n, dtype=dtype)
     for s, p in enumerate(peaks):
-        out[s, : len(p)] = p.to(torch.float16).cpu()
+        out[s, ..., : p.shape[-1]] = p.to(dtype).cpu()
     return out
 
 

@@ -78,13 +78,16 @@ def run_dump(
     shard_size: int = 8,
     progress: bool = True,
     token_keys: bool = False,
+    feedback_window: int | None = None,
 ) -> dict:
     """Dump ``prompts`` (objects with ``text``, ``kind``, ``doc_ids`` and optionally ``split``) into ``out``.
 
     A folder that already holds a dump of the same backbone and settings is resumed: finished prompts are
     skipped. Anything else in ``out`` is refused rather than overwritten. ``token_keys`` also records every key
     of the target layers (about ``2 * Hkv * D`` bytes per token and layer), for token-key scoring in
-    ``indexer-eval``.
+    ``indexer-eval``. ``feedback_window`` prompt tokens (the last one included) also get golden labels: the
+    attention the runtime sees at the end of the prefill, which the indexer's feedback input counts (default:
+    64 where the capture supports it, else 0).
 
     Returns:
         The manifest.
@@ -103,12 +106,23 @@ def run_dump(
     }
     if token_keys:  # only then, so that dumps made before the option still resume
         settings["token_keys"] = True
-    if token_keys and backend is not GenericCapture:
-        raise ValueError("token keys are recorded for decoder models with full-attention layers only")
+    if feedback_window is None:
+        feedback_window = 64 if backend is GenericCapture else 0
+    if feedback_window < 0:
+        raise ValueError(f"feedback_window must be >= 0, got {feedback_window}")
+    if feedback_window > 1:
+        settings["feedback_window"] = feedback_window
+    if (token_keys or feedback_window > 1) and backend is not GenericCapture:
+        raise ValueError(
+            "token keys and prompt-window labels are recorded for decoder models with full-attention layers only "
+            "(use --feedback-window 0)"
+        )
     # built first: it checks the target layers before anything is written to ``out``
     init = backend.init_indexer(
         model, targets, chunk_size=labels.chunk_size, backbone=backbone, fingerprint=fingerprint
     )
+    # other backends' capture takes neither argument (and refuses them above)
+    extra = {"token_keys": token_keys, "feedback_window": feedback_window} if backend is GenericCapture else {}
     manifest = _open_manifest(out, settings)
     done = {m["index"] for m in manifest["prompts"]}
     if not (out / INIT_INDEXER).is_dir():
@@ -135,8 +149,7 @@ def run_dump(
                     labels=labels,
                     max_new_tokens=max_new_tokens,
                     eos_token_id=eos_ids,
-                    # only when asked: other backends' capture takes no such argument (and refuses it above)
-                    **({"token_keys": True} if token_keys else {}),
+                    **extra,
                 )
                 key = f"p{i:05d}"
                 records[key] = rec

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..models.adapter import apply_rope, attention_module, backbone_spec, rope_parameters
+from .feedback import FeedbackHead, FeedbackSpec
 from .query_tower import QueryTower
 from .scoring import chunk_logits, token_chunk_logits
 
@@ -41,6 +42,8 @@ class IndexerSpec:
         rms_eps: epsilon of that norm.
         rope_scaling: per target layer, the rotary output scaling.
         trained: False for the zero-shot (q_proj-initialised) tower.
+        feedback: settings of the attention-feedback head (:class:`~flashmemory.indexer.feedback.FeedbackSpec`),
+            None for an indexer without one.
     """
 
     backbone: str
@@ -56,6 +59,7 @@ class IndexerSpec:
     rms_eps: float = 1e-6
     rope_scaling: list[float] | None = None
     trained: bool = False
+    feedback: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,6 +94,17 @@ class MemoryIndexer(nn.Module):
         self.distance_bias = nn.Parameter(torch.zeros(n, NUM_DISTANCE_BUCKETS))
         if spec.rope_scaling is None:
             spec.rope_scaling = [1.0] * n
+        self.feedback = None if spec.feedback is None else FeedbackHead(FeedbackSpec(**spec.feedback))
+
+    @property
+    def feedback_spec(self) -> FeedbackSpec | None:
+        """Settings of the attention-feedback head, None when the indexer has none."""
+        return None if self.spec.feedback is None else FeedbackSpec(**self.spec.feedback)
+
+    def add_feedback(self, spec: FeedbackSpec) -> None:
+        """Give the indexer a fresh attention-feedback head (its weights are then trained on dumps)."""
+        self.spec.feedback = spec.to_dict()
+        self.feedback = FeedbackHead(spec).to(self.inv_freq.device)
 
     @property
     def target_layers(self) -> tuple[int, ...]:

@@ -32,6 +32,12 @@ class PromptExamples:
         strength: how strongly the lookahead needs each chunk (its peak single-head mass), for peak targets;
             None otherwise. # [S, N]
         token_keys: every key of the complete chunks, for dumps made with ``--token-keys``. # [L, Hkv, N*C, D]
+        golden: golden chunks of every recorded step, the last one included. # [S+1, N]
+        prompt_hits: for dumps with prompt-window labels, how many of the window's tokens (step 0 included) have
+            each chunk golden; None otherwise. # [N]
+        prompt_rows: tokens of that window.
+        layer_mass: each layer's attention mass per chunk at every step, for dumps that recorded it. # [S+1, L', N]
+        chunk_size: tokens per chunk.
     """
 
     hidden: torch.Tensor
@@ -47,6 +53,11 @@ class PromptExamples:
     prefix_positions: torch.Tensor | None = None
     strength: torch.Tensor | None = None
     token_keys: torch.Tensor | None = None
+    golden: torch.Tensor | None = None
+    prompt_hits: torch.Tensor | None = None
+    prompt_rows: int = 0
+    layer_mass: torch.Tensor | None = None
+    chunk_size: int = 16
 
     @property
     def num_steps(self) -> int:
@@ -153,6 +164,7 @@ def load_examples(
             if targets.shape[0] == 0:
                 continue
             pos = rec["positions"][: targets.shape[0]]
+            golden, prompt_hits, rows = _golden_rows(rec, n)
             candidates = decidable_chunks(n, pos + 1, chunk, sink, recent)
             targets &= candidates
             freq = targets.float().sum(0) / max(1, targets.shape[0])
@@ -172,8 +184,38 @@ def load_examples(
                     prefix_positions=rec.get("prefix_positions"),
                     strength=None if strength is None else strength * candidates,
                     token_keys=rec.get("token_keys"),
+                    golden=golden,
+                    prompt_hits=prompt_hits,
+                    prompt_rows=rows,
+                    layer_mass=_padded(rec.get("layer_mass"), n),
+                    chunk_size=chunk,
                 )
             )
     if not out:
         raise DumpError(f"no usable {split or ''} prompts in {', '.join(map(str, dirs))}")
+    return out
+
+
+def _golden_rows(rec: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Per-step golden flags ``[S+1, N]`` and, for dumps with prompt-window labels, the window's golden count per
+    chunk ``[N]`` (step 0, the prompt's last token, included) and the window's length."""
+    golden = torch.zeros(rec["indptr"].shape[0] - 1, n, dtype=torch.bool)
+    for s, ids in enumerate(from_csr(rec)):
+        golden[s, ids[ids < n]] = True
+    if "prefix_indptr" not in rec:
+        return golden, None, 0
+    prefix = from_csr({k.removeprefix("prefix_"): v for k, v in rec.items() if k.startswith("prefix_")})
+    hits = golden[0].long()
+    for ids in prefix:
+        hits[ids[ids < n]] += 1
+    return golden, hits, len(prefix) + 1
+
+
+def _padded(mass: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """Per-step chunk masses cut or zero-padded to ``n`` chunks."""
+    if mass is None or mass.shape[-1] == n:
+        return mass
+    out = mass.new_zeros(*mass.shape[:-1], n)
+    m = min(n, mass.shape[-1])
+    out[..., :m] = mass[..., :m]
     return out

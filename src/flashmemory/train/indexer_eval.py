@@ -10,13 +10,17 @@ import torch
 
 from ..indexer.checkpoint import load_indexer
 from .dataset import check_compatible, load_examples
+from .feedback_sim import counts_chooser, replay_features
 from .metrics import DEFAULT_FRACTIONS, RecallCurve
 from .scorers import indexer_logits, page_bound_scores, random_scores, recent_scores
 
 METHODS = ("trained", "zero-shot", "quest", "recent", "random", "oracle")
 # with dumps made with --token-keys: the two indexers again, rating a chunk by its best token
 TOKEN_METHODS = {"trained": "trained, token keys", "zero-shot": "zero-shot, token keys"}
-INDEXER_METHODS = ("trained", "zero-shot", *TOKEN_METHODS.values())
+# with an indexer that has an attention-feedback head: "trained" is the head over the replayed feedback (see
+# feedback_sim), and these two show its parts: the tower alone, and the plain feedback counts
+FEEDBACK_METHODS = ("trained, tower alone", "attention feedback, untrained")
+INDEXER_METHODS = ("trained", "zero-shot", "trained, tower alone", *TOKEN_METHODS.values())
 TOKEN_STEPS = 16  # steps scored at once by token: their per-token scores of a long prompt exist together
 # "oracle" ranks by the label itself: the most any scorer could recall at a kept fraction. When a cycle needs
 # more chunks than the fraction keeps, even it falls short, so the ceiling says which targets are reachable.
@@ -53,6 +57,9 @@ def evaluate_methods(
     by_token = all(p.token_keys is not None for p in prompts)
     if by_token:
         curves |= {TOKEN_METHODS[m]: RecallCurve() for m in list(curves) if m in TOKEN_METHODS}
+    feedback = trained is not None and trained.feedback is not None
+    if feedback:
+        curves |= {m: RecallCurve() for m in FEEDBACK_METHODS}
     with torch.no_grad():
         for ex in prompts:
             chosen = torch.arange(0, ex.num_steps, stride)
@@ -63,8 +70,10 @@ def evaluate_methods(
                 "random": random_scores(ex, chosen, gen),
                 "oracle": ex.targets[chosen].float(),
             }
-            if trained is not None:
+            if trained is not None and not feedback:
                 scores["trained"] = torch.sigmoid(indexer_logits(trained, ex, chosen, window=window)).cpu()
+            if feedback:
+                scores |= _feedback_scores(trained, ex, chosen, window, interval)
             if by_token:
                 for name, indexer in (("zero-shot", zero), ("trained", trained)):
                     if indexer is not None:
@@ -88,6 +97,23 @@ def evaluate_methods(
         "target": target if target == "golden" else f"{target}>={peak_threshold}",
         "needed_share": curves["oracle"].positives / max(curves["oracle"].candidates, 1.0),
         "methods": {m: {"recall": c.recall(), **c.summary()} for m, c in curves.items()},
+    }
+
+
+def _feedback_scores(indexer, ex, chosen: torch.Tensor, window: int, interval: int) -> dict[str, torch.Tensor]:
+    """Scores of an indexer with a feedback head, replayed with its own resident sets, and of its parts."""
+    from .feedback_trainer import head_chooser
+
+    spec = indexer.feedback_spec
+    z = indexer_logits(indexer, ex, torch.arange(ex.num_steps), window=window).cpu()
+    head = indexer.feedback
+    own = replay_features(ex, spec, z, interval=interval, choose=head_chooser(head))
+    counts = replay_features(ex, spec, z, interval=interval, choose=counts_chooser)
+    p = next(head.parameters())
+    return {
+        "trained": torch.sigmoid(head(own[chosen].to(p.device)).float()).cpu(),
+        "trained, tower alone": torch.sigmoid(z[chosen]),
+        "attention feedback, untrained": counts_chooser(counts[chosen]),
     }
 
 

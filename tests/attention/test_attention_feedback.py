@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from flashmemory.attention.cache import LSACache
+from flashmemory.attention.fast_path import build_lsa_cache
+from flashmemory.config import LSAConfig
+from flashmemory.dump.capture import LabelConfig, capture_prompt
+from flashmemory.dump.labels import from_csr
+from flashmemory.indexer.checkpoint import load_indexer, save_indexer
+from flashmemory.indexer.feedback import FeedbackSpec, logit_of
+from flashmemory.indexer.memory_indexer import MemoryIndexer
+from flashmemory.models.tiny import tiny_model
+
+from ..conftest import SMALL_LSA
+from .decode_helpers import greedy_logits
+
+LABELS = LabelConfig(chunk_size=8, top_p=0.6, min_layers=2)
+SPEC = FeedbackSpec(window=32, top_p=LABELS.top_p, min_layers=LABELS.min_layers)
+
+
+def feedback_indexer(model) -> MemoryIndexer:
+    indexer = MemoryIndexer.from_model(model, (1,), chunk_size=LABELS.chunk_size)
+    indexer.add_feedback(SPEC)
+    return indexer
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_runtime_counts_the_consensus_the_dump_labels(family):
+    """With every page resident, LSA attends like full attention: the runtime's prompt-window and per-step
+    consensus must be the dump's golden sets, row for row."""
+    model = tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (1, 203), generator=torch.Generator().manual_seed(5))
+    steps = 20
+    rec = capture_prompt(
+        model, ids, targets=(1,), labels=LABELS, max_new_tokens=steps, eos_token_id=[], feedback_window=SPEC.window
+    )
+    golden = from_csr(rec)
+    prefix = from_csr({k.removeprefix("prefix_"): v for k, v in rec.items() if k.startswith("prefix_")})
+    n0 = ids.shape[1] // LABELS.chunk_size
+    expected_prompt = torch.zeros(n0, dtype=torch.long)
+    for row in [*prefix, golden[0]]:
+        expected_prompt[row] += 1
+
+    lsa = LSAConfig(budget=None, max_pages=10_000, target_layers=(1,), **SMALL_LSA)
+    observed = []
+    with LSACache(model, lsa, feedback_indexer(model), max_new_tokens=steps + 4) as cache:
+        tokens, _ = greedy_logits(model, ids, cache, steps, on_step=lambda s: observed.append(cache.feedback.steps[-1]))
+        assert cache.feedback.prompt_rows == SPEC.window
+        assert torch.equal(cache.feedback.prompt_hits[0], expected_prompt)
+    assert tokens[0].tolist() == rec["tokens"][ids.shape[1] :].tolist()
+    for s, (agreed, seen) in enumerate(observed, start=1):
+        assert seen.all()  # every chunk was resident
+        assert agreed[0].nonzero().flatten().tolist() == golden[s].tolist()
+    assert any(len(g) for g in golden[1:])
+
+
+def test_boundary_scores_come_from_the_head():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (1, 240), generator=torch.Generator().manual_seed(2))
+    indexer = feedback_indexer(model)
+    with torch.no_grad():
+        indexer.feedback.net[-1].bias.fill_(-30.0)  # a head that rules every chunk out
+    lsa = LSAConfig(budget=None, max_pages=3, target_layers=(1,), **SMALL_LSA)
+    with LSACache(model, lsa, indexer, max_new_tokens=30) as cache:
+        greedy_logits(model, ids, cache, 5)
+        assert float(cache.last_scores.max()) < 1e-6
+    off = LSAConfig(budget=None, max_pages=3, target_layers=(1,), attention_feedback=False, **SMALL_LSA)
+    with LSACache(model, off, indexer, max_new_tokens=30) as cache:
+        greedy_logits(model, ids, cache, 5)
+        assert cache.feedback is None and float(cache.last_scores.max()) > 1e-3
+
+
+def test_fast_path_refuses_a_feedback_head_unless_told_to_ignore_it():
+    model = tiny_model("llama")
+    indexer = feedback_indexer(model)
+    lsa = LSAConfig(budget=None, max_pages=3, target_layers=(1,), attention_backend="torch", **SMALL_LSA)
+    with pytest.raises(ValueError, match="attention-feedback head"):
+        build_lsa_cache(model, lsa, indexer)
+    off = LSAConfig(
+        budget=None, max_pages=3, target_layers=(1,), attention_backend="torch", attention_feedback=False, **SMALL_LSA
+    )
+    cache = build_lsa_cache(model, off, indexer)
+    assert cache.feedback is None
+    cache.close()
+    auto = build_lsa_cache(model, LSAConfig(budget=None, max_pages=3, target_layers=(1,), **SMALL_LSA), indexer)
+    assert type(auto) is LSACache and auto.feedback is not None
+    auto.close()
+
+
+def test_feedback_head_survives_a_checkpoint_round_trip(tmp_path):
+    indexer = feedback_indexer(tiny_model("llama"))
+    with torch.no_grad():
+        indexer.feedback.net[0].weight.normal_()
+    save_indexer(indexer, tmp_path / "ck")
+    back = load_indexer(tmp_path / "ck")
+    assert back.feedback_spec == SPEC
+    x = torch.randn(3, 7, 8)
+    torch.testing.assert_close(back.feedback(x), indexer.feedback(x))
+    plain = MemoryIndexer.from_model(tiny_model("llama"), (1,), chunk_size=8)
+    save_indexer(plain, tmp_path / "plain")
+    assert load_indexer(tmp_path / "plain").feedback is None
+
+
+def test_logit_of_is_finite_at_the_ends():
+    z = logit_of(torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.isfinite(z).all() and float(z[1]) == 0.0
