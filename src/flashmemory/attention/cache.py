@@ -11,11 +11,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from ..config import LSAConfig
 from ..indexer.chunk_keys import ChunkKeys
+from ..indexer.feedback import logit_of
 from ..indexer.memory_indexer import MemoryIndexer
 from ..memory.layout import SequenceBytes, plan_layout
 from ..memory.store import KVStore
 from ..models.adapter import backbone_spec
-from ..indexer.feedback import logit_of
 from .cycle import CycleStats, LSACycle
 from .feedback import AttentionFeedback
 from .hooks import CacheHooks

@@ -13,7 +13,6 @@ from ..indexer.chunk_keys import chunk_means
 from ..models.adapter import attention_module, backbone_spec
 from .labels import chunk_mass, chunk_peak, decidable_chunks, golden_chunks, stack_peaks, to_csr, top_p_mask
 
-
 # Per-layer masses are cut at top-p again when feedback is replayed: near-equal masses would flip at the cut after
 # fp16 rounding, so they keep float32.
 FIELD_DTYPES = {"layer_mass": torch.float32}
