@@ -497,7 +497,12 @@ def test_feedback_head_trains_from_dumps_alone_and_is_evaluated(dump_dir, tmp_pa
     assert (spec.window, spec.top_p, spec.min_layers) == (64, LABELS.top_p, LABELS.min_layers)
     report = evaluate_methods([dump_dir], tmp_path / "fb", interval=16, recent=16)
     methods = report["methods"]
-    assert {"trained", "trained, tower alone", "attention feedback, untrained"} <= set(methods)
+    assert {
+        "trained",
+        "trained, tower and head alternating",
+        "trained, tower alone",
+        "attention feedback, untrained",
+    } <= set(methods)
     assert "trained, tower alone" in markdown_table(report)
 
 
@@ -517,3 +522,15 @@ def test_replay_sees_only_the_resident_chunks_after_the_first_boundary(dump_dir)
     hidden = ex.candidates[0] & (resident_rate == 0)
     assert hidden.any() and bool((decode_rate[hidden] == 0).all())
     assert bool((feats[t, :, 1] > 0).any()) and float(feats[0, :, 6].max()) == 0.0  # no decode steps at step 0
+
+
+def test_alternating_order_takes_turns_and_skips_repeats():
+    from flashmemory.train.indexer_eval import alternate
+
+    first = torch.tensor([0.9, 0.8, 0.1, 0.0, 0.5])
+    second = torch.tensor([0.9, 0.0, 0.8, 0.7, 0.1])
+    candidates = torch.tensor([True, True, True, True, False])
+    s = alternate(first, second, candidates)
+    order = torch.argsort(s[:4], descending=True).tolist()
+    assert order == [0, 2, 1, 3]  # first's 0, second's 2 (its 0 is taken), first's 1, second's 3
+    assert float(s[4]) == 0.0

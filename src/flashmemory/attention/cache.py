@@ -163,6 +163,7 @@ class LSACache(LSACycle, Cache):
         self.pad_len: torch.Tensor | None = None
         self.lookahead_valid: torch.Tensor | None = None
         self.feedback: AttentionFeedback | None = None
+        self.tower_probs: torch.Tensor | None = None  # the tower's scores at the latest boundary, with a feedback head
         if self.lsa.attention_feedback and indexer.feedback is not None:
             if not self.counts_feedback:
                 raise ValueError(f"{type(self).__name__} does not count attention feedback: use the 'mask' backend")
@@ -276,9 +277,13 @@ class LSACache(LSACycle, Cache):
         )
         if self.feedback is None:
             return probs
+        self.tower_probs = probs
         features = self.feedback.features(logit_of(probs), self.store.seq_len - 1)
         head = self.indexer.feedback
         return torch.sigmoid(head(features.to(next(head.parameters()).device))).to(probs.device)
+
+    def _tower_scores(self) -> torch.Tensor | None:
+        return self.tower_probs
 
     def _boundary(self, first: bool) -> None:
         self.later_boundary = not first

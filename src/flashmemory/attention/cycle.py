@@ -217,12 +217,14 @@ class LSACycle:
             pages = torch.arange(k_all, device=store.device).expand(store.batch, -1)
             return torch.where(pages < selectable, pages, -1)
         scores = self._with_turn_scores(self._score_chunks())
+        tower = self._tower_scores()
         valid = self._valid_chunks(scores.shape[1])
         in_sink = self._sink_chunks(scores.shape[1])
         if in_sink is not None:
             # the sink is resident anyway; models that dump attention on their first token would otherwise spend
             # a page slot on the page that starts with it
             scores = scores.masked_fill(in_sink, 0.0)
+            tower = None if tower is None else tower.masked_fill(in_sink, 0.0)
         if self.lsa.follow_chunks:
             # padding must not lend its score to the first real chunks
             held = scores if valid is None else scores.masked_fill(~valid, 0.0)
@@ -236,8 +238,11 @@ class LSACycle:
             num_slots=k,
             threshold=self.lsa.threshold,
             valid_chunks=valid,
-            top_m=math.ceil(self.lsa.best_chunk_slots * min(k, selectable)),
+            top_m=math.ceil(
+                (self.lsa.best_chunk_slots if tower is None else self.lsa.tower_slots) * min(k, selectable)
+            ),
             by_rank=by_rank,
+            best_scores=tower,
         )
         if k < k_all:
             pages = torch.nn.functional.pad(pages, (0, k_all - k), value=-1)
@@ -260,6 +265,11 @@ class LSACycle:
     def _score_chunks(self) -> torch.Tensor:
         """The indexer's probability per chunk for the coming cycle, on the store's device. # [B, N]"""
         raise NotImplementedError
+
+    def _tower_scores(self) -> torch.Tensor | None:
+        """The query tower's own probabilities of the latest :meth:`_score_chunks`, where a feedback head made
+        the scores; they rank the ``tower_slots`` share of the pages. None otherwise. # [B, N]"""
+        return None
 
     def _valid_chunks(self, n: int) -> torch.Tensor | None:
         """Chunks that hold real tokens ``[B, N]``; ``None`` when every chunk does."""

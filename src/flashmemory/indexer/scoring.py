@@ -105,6 +105,7 @@ def select_pages(
     valid_chunks: torch.Tensor | None = None,
     top_m: int | None = None,
     by_rank: bool = False,
+    best_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fill the page slots: pages holding the best chunks first, then the densest pages.
 
@@ -123,6 +124,8 @@ def select_pages(
         top_m: slots given to the best-chunk ranking. Default: half the slots, rounded up.
         by_rank: return the pages in the order they were chosen (best-chunk picks, then density picks) instead of
             sorted, for callers that may keep only a prefix.
+        best_scores: other chunk scores that rank the first ``top_m`` slots instead of ``scores`` (an indexer with
+            a feedback head: its tower's scores find a needle that no attention has looked at yet). # [B, N]
 
     Returns:
         Page ids per slot, -1 where nothing is left to choose. # [B, K]
@@ -139,6 +142,11 @@ def select_pages(
     best = pages.amax(-1)  # [B, P]
     empty = best == float("-inf")
     density = ((pages > threshold).sum(-1).float() + best.clamp(min=0.0, max=0.999)).masked_fill(empty, float("-inf"))
+    if best_scores is not None:
+        other = best_scores[:, : usable * page_chunks].float()
+        if valid_chunks is not None:
+            other = other.masked_fill(~valid_chunks[:, : usable * page_chunks], float("-inf"))
+        best = other.view(b, usable, page_chunks).amax(-1)
     k = min(num_slots, usable)
     m = min(k, (k + 1) // 2 if top_m is None else top_m)
     first = best.topk(m, dim=-1).indices  # [B, m]

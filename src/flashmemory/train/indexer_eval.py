@@ -19,7 +19,7 @@ METHODS = ("trained", "zero-shot", "quest", "recent", "random", "oracle")
 TOKEN_METHODS = {"trained": "trained, token keys", "zero-shot": "zero-shot, token keys"}
 # with an indexer that has an attention-feedback head: "trained" is the head over the replayed feedback (see
 # feedback_sim), and these two show its parts: the tower alone, and the plain feedback counts
-FEEDBACK_METHODS = ("trained, tower alone", "attention feedback, untrained")
+FEEDBACK_METHODS = ("trained, tower and head alternating", "trained, tower alone", "attention feedback, untrained")
 INDEXER_METHODS = ("trained", "zero-shot", "trained, tower alone", *TOKEN_METHODS.values())
 TOKEN_STEPS = 16  # steps scored at once by token: their per-token scores of a long prompt exist together
 # "oracle" ranks by the label itself: the most any scorer could recall at a kept fraction. When a cycle needs
@@ -110,11 +110,38 @@ def _feedback_scores(indexer, ex, chosen: torch.Tensor, window: int, interval: i
     own = replay_features(ex, spec, z, interval=interval, choose=head_chooser(head))
     counts = replay_features(ex, spec, z, interval=interval, choose=counts_chooser)
     p = next(head.parameters())
+    trained = torch.sigmoid(head(own[chosen].to(p.device)).float()).cpu()
+    tower = torch.sigmoid(z[chosen])
     return {
-        "trained": torch.sigmoid(head(own[chosen].to(p.device)).float()).cpu(),
-        "trained, tower alone": torch.sigmoid(z[chosen]),
+        "trained": trained,
+        # the runtime's page choice gives half the slots to the tower's best chunks (LSAConfig.tower_slots)
+        "trained, tower and head alternating": torch.stack(
+            [alternate(t, h, c) for t, h, c in zip(tower, trained, ex.candidates[chosen], strict=True)]
+        ),
+        "trained, tower alone": tower,
         "attention feedback, untrained": counts_chooser(counts[chosen]),
     }
+
+
+def alternate(first: torch.Tensor, second: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Scores whose order over the candidates takes turns between the orders of ``first`` and ``second``
+    (first's best, second's best not yet taken, ...): at any kept fraction, half the picks come from each. # [N]"""
+    idx = candidates.nonzero().flatten()
+    orders = [idx[torch.argsort(x[idx], descending=True)].tolist() for x in (first, second)]
+    taken: set[int] = set()
+    merged: list[int] = []
+    heads = [0, 0]
+    while len(merged) < len(idx):
+        for o in (0, 1):
+            order = orders[o]
+            while heads[o] < len(order) and order[heads[o]] in taken:
+                heads[o] += 1
+            if heads[o] < len(order):
+                taken.add(order[heads[o]])
+                merged.append(order[heads[o]])
+    out = torch.zeros_like(first, dtype=torch.float32)
+    out[torch.tensor(merged, dtype=torch.long)] = torch.linspace(1.0, 0.0, len(merged) + 1)[:-1] if merged else 0
+    return out
 
 
 def markdown_table(report: dict) -> str:
