@@ -113,7 +113,8 @@ def open_cache(name: str, model, lsa: LSAConfig, steps: int, info: dict):
     if name == "passage":
         chooser = passage_chooser(lsa, info["passage_at"], info["copy_start"])
         return bench_cache(model, lsa, None, steps, chooser)
-    method = get_method(name)
+    # "lsa@FOLDER": the LSA runtime with the indexer checkpoint in FOLDER
+    method = LSAMethod(name, name.removeprefix("lsa@")) if name.startswith("lsa@") else get_method(name)
     if not isinstance(method, LSAMethod):
         raise SystemExit(f"method {name!r} is not full attention or an LSA page method")
     return bench_cache(model, lsa, method.resolve(model), steps, method.page_chooser())
@@ -127,7 +128,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget", type=float, default=0.15)
-    ap.add_argument("--methods", default="full,lsa,lsa-zeroshot,recent,random")
+    ap.add_argument(
+        "--methods", default="full,lsa,lsa-zeroshot,recent,random", help="also lsa@FOLDER: LSA with that checkpoint"
+    )
     ap.add_argument("--lsa", action="append", default=[], help="LSA setting KEY=VALUE (as bench --lsa); repeatable")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", type=Path, required=True)

@@ -30,17 +30,19 @@ def main() -> None:
         "--ckpt", type=Path, action="append", default=[], help="trained indexer (adds lsa-<folder>); repeatable"
     )
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--lsa", action="append", default=[], metavar="KEY=VALUE", help="other LSAConfig setting")
+    ap.add_argument("--no-zeroshot", action="store_true", help="leave out the zero-shot indexer")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     model, tok = load_on(args.model, "auto", progress=False)
     device = model.device
-    methods = {"full": ("full", None), "lsa-zeroshot": ("lsa", None)}
+    methods = {"full": ("full", None)} | ({} if args.no_zeroshot else {"lsa-zeroshot": ("lsa", None)})
     for ckpt in args.ckpt:
         name = f"lsa-{ckpt.resolve().name}"
         if name in methods:
             raise SystemExit(f"two checkpoints named {ckpt.resolve().name}: give them folders of different names")
         methods[name] = ("lsa", load_indexer(ckpt, fingerprint=model_fingerprint(model), device=device))
-    lsa = LSAConfig(budget=args.budget)
+    lsa = LSAConfig(budget=args.budget, **parse_settings(args.lsa))
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         for s in range(args.samples):
@@ -72,6 +74,18 @@ def main() -> None:
     table = markdown(meta, rows)
     (args.out / "planted_fact.md").write_text(table)
     print(table)
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``["tower_slots=0.75"]`` -> ``{"tower_slots": 0.75}`` (numbers as numbers)."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:

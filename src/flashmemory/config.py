@@ -79,10 +79,11 @@ class LSAConfig:
             decode step) and let the head score chunks from it with the tower's logit
             (:mod:`flashmemory.attention.feedback`). The counting runs on the ``"mask"`` backend, which ``"auto"``
             then picks; False scores with the tower alone. Default: True.
-        tower_slots: with a feedback head, the share of page slots that go to the pages holding the tower's best
-            chunks; the head's scores rank the rest (by density, as above). The head predicts the chunks attention
-            keeps returning to, but a needle that the question's attention has not reached yet has no feedback: on
-            held-out planted facts the head alone dropped 4 of the first 5 facts the tower finds. Default: 0.5.
+        tower_slots: with a feedback head, at the boundaries after a turn's first, the share of page slots that go
+            to the pages holding the tower's best chunks; the head's scores rank the rest (by density, as above).
+            The head predicts the chunks attention keeps returning to, but a needle no attention has reached yet
+            has no feedback. A turn's first boundary, where only the prompt window's feedback exists, is chosen by
+            the tower alone. ``None`` takes the share stored with the head. Default: None.
     """
 
     chunk_size: int = 16
@@ -106,7 +107,7 @@ class LSAConfig:
     prefetch_share: float = 0.25
     attention_backend: str = "auto"
     attention_feedback: bool = True
-    tower_slots: float = 0.5
+    tower_slots: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "page_chunks", "interval", "query_window"):
@@ -134,7 +135,7 @@ class LSAConfig:
             raise ValueError(f"LSAConfig.budget must be > 0 (a fraction in (0, 1] or bytes), got {self.budget}")
         if self.max_pages is not None and self.max_pages < 0:
             raise ValueError(f"LSAConfig.max_pages must be >= 0, got {self.max_pages}")
-        if not 0.0 <= self.tower_slots <= 1.0:
+        if self.tower_slots is not None and not 0.0 <= self.tower_slots <= 1.0:
             raise ValueError(f"LSAConfig.tower_slots must be in [0, 1], got {self.tower_slots}")
         if not 0.0 <= self.best_chunk_slots <= 1.0:
             raise ValueError(f"LSAConfig.best_chunk_slots must be in [0, 1], got {self.best_chunk_slots}")

@@ -18,6 +18,12 @@ LABELS = LabelConfig(chunk_size=8, top_p=0.6, min_layers=2)
 SPEC = FeedbackSpec(window=32, top_p=LABELS.top_p, min_layers=LABELS.min_layers)
 
 
+def _fields(cfg: LSAConfig) -> dict:
+    from dataclasses import fields
+
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+
+
 def feedback_indexer(model) -> MemoryIndexer:
     indexer = MemoryIndexer.from_model(model, (1,), chunk_size=LABELS.chunk_size)
     indexer.add_feedback(SPEC)
@@ -61,13 +67,23 @@ def test_boundary_scores_come_from_the_head():
     with torch.no_grad():
         indexer.feedback.net[-1].bias.fill_(-30.0)  # a head that rules every chunk out
     lsa = LSAConfig(budget=None, max_pages=3, target_layers=(1,), **SMALL_LSA)
-    with LSACache(model, lsa, indexer, max_new_tokens=30) as cache:
-        greedy_logits(model, ids, cache, 5)
-        assert float(cache.last_scores.max()) < 1e-6
-    off = LSAConfig(budget=None, max_pages=3, target_layers=(1,), attention_feedback=False, **SMALL_LSA)
-    with LSACache(model, off, indexer, max_new_tokens=30) as cache:
-        greedy_logits(model, ids, cache, 5)
-        assert cache.feedback is None and float(cache.last_scores.max()) > 1e-3
+    tables = {}
+    for name, cfg in (("feedback", lsa), ("tower", LSAConfig(**{**_fields(lsa), "attention_feedback": False}))):
+        with LSACache(model, cfg, indexer, max_new_tokens=30) as cache:
+            seen = []
+
+            def record(step, cache=cache, seen=seen):
+                seen.append((cache.stats.boundaries, cache.store.page_table.clone(), cache.last_scores.clone()))
+
+            greedy_logits(model, ids, cache, SMALL_LSA["interval"] + 2, on_step=record)
+            tables[name] = seen
+            assert (cache.feedback is None) == (name == "tower")
+    first_fb, first_tower = tables["feedback"][0], tables["tower"][0]
+    # the turn's first boundary: the tower alone chooses, head or not
+    assert torch.equal(first_fb[1], first_tower[1]) and torch.equal(first_fb[2], first_tower[2])
+    later_fb, later_tower = tables["feedback"][-1], tables["tower"][-1]
+    assert later_fb[0] == 2  # a second boundary happened
+    assert float(later_fb[2].max()) < 1e-6 < float(later_tower[2].max())  # there the head's scores rank
 
 
 def test_fast_path_refuses_a_feedback_head_unless_told_to_ignore_it():
@@ -104,3 +120,13 @@ def test_feedback_head_survives_a_checkpoint_round_trip(tmp_path):
 def test_logit_of_is_finite_at_the_ends():
     z = logit_of(torch.tensor([0.0, 0.5, 1.0]))
     assert torch.isfinite(z).all() and float(z[1]) == 0.0
+
+
+def test_tower_slots_keep_the_towers_best_page_that_the_head_ranks_last():
+    from flashmemory.indexer.scoring import select_pages
+
+    head = torch.tensor([[0.9, 0.9, 0.8, 0.8, 0.7, 0.7, 0.1, 0.1]])  # pages of 2 chunks: head likes pages 0, 1, 2
+    tower = torch.tensor([[0.1, 0.1, 0.2, 0.2, 0.1, 0.1, 0.9, 0.1]])  # the tower's best chunk is in page 3
+    kw = dict(num_selectable=4, page_chunks=2, num_slots=2, threshold=0.5)
+    assert select_pages(head, top_m=1, **kw).tolist() == [[0, 1]]
+    assert select_pages(head, top_m=1, best_scores=tower, **kw).tolist() == [[0, 3]]

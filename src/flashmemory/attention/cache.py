@@ -257,9 +257,13 @@ class LSACache(LSACycle, Cache):
         # The prompt's token keys are read from the host mirror (the prefill wrote them there, stream-ordered
         # before this read), block by block in the scorer: holding them on the device from the prefill to here
         # would cost one layer's keys per target layer at the prefill's peak, up to gigabytes at 1M tokens.
+        # A turn's first boundary has no decode feedback yet, only the prompt window's, which has not looked at a
+        # needle the question asks for: there the tower scores alone, as without a head (with the head, 16 of 20
+        # dev planted facts at 2K against full attention's 20)
+        use_head = self.feedback is not None and self.turn_steps != 0
+        if use_head:
+            n = None  # the head was trained on the tower's chunk-key logits
         token_keys = None
-        if self.feedback is not None:
-            n = None  # the feedback head was trained on the tower's chunk-key logits
         if n is not None:
             token_keys = [self.store.mirror_k[layer][:, :, :n] for layer in self.targets]
             # the copies into the mirror (the prefill's on the compute stream, a flushed cycle's on the store's copy
@@ -275,9 +279,9 @@ class LSACache(LSACycle, Cache):
             chunk_offset=self.store.pad_len,
             token_keys=token_keys,
         )
-        if self.feedback is None:
+        self.tower_probs = probs if use_head else None
+        if not use_head:
             return probs
-        self.tower_probs = probs
         features = self.feedback.features(logit_of(probs), self.store.seq_len - 1)
         head = self.indexer.feedback
         return torch.sigmoid(head(features.to(next(head.parameters()).device))).to(probs.device)

@@ -238,9 +238,7 @@ class LSACycle:
             num_slots=k,
             threshold=self.lsa.threshold,
             valid_chunks=valid,
-            top_m=math.ceil(
-                (self.lsa.best_chunk_slots if tower is None else self.lsa.tower_slots) * min(k, selectable)
-            ),
+            top_m=math.ceil((self.lsa.best_chunk_slots if tower is None else self._tower_share()) * min(k, selectable)),
             by_rank=by_rank,
             best_scores=tower,
         )
@@ -265,6 +263,13 @@ class LSACycle:
     def _score_chunks(self) -> torch.Tensor:
         """The indexer's probability per chunk for the coming cycle, on the store's device. # [B, N]"""
         raise NotImplementedError
+
+    def _tower_share(self) -> float:
+        """Share of page slots for the tower's best chunks when a feedback head scores: the config's, else the
+        head's own."""
+        if self.lsa.tower_slots is not None:
+            return self.lsa.tower_slots
+        return self.indexer.feedback_spec.tower_slots
 
     def _tower_scores(self) -> torch.Tensor | None:
         """The query tower's own probabilities of the latest :meth:`_score_chunks`, where a feedback head made

@@ -171,6 +171,9 @@ def train_feedback(
     iterations: int = typer.Option(400, help="Full-batch optimiser steps per round."),
     lr: float = typer.Option(0.01, help="Learning rate of the head."),
     hidden: int = typer.Option(32, help="Width of the head."),
+    tower_slots: float = typer.Option(
+        0.5, help="Share of page slots the runtime gives to the tower's best chunks (stored with the head)."
+    ),
     steps_per_prompt: int = typer.Option(48, help="Training steps sampled per prompt."),
     interval: int = typer.Option(TRAIN.interval, help="Decode steps per cycle."),
     recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
@@ -188,6 +191,7 @@ def train_feedback(
         query_window=window,
         kept=kept,
         hidden=hidden,
+        tower_slots=tower_slots,
         rounds=rounds,
         iterations=iterations,
         lr=lr,

@@ -60,6 +60,8 @@ class FeedbackSpec:
         min_layers: layers that must agree (the dumps' label setting).
         hidden: width of the head's hidden layer.
         kept: fraction of the candidate chunks resident during the decode steps the head was trained on.
+        tower_slots: share of the page slots the runtime gives to the tower's best chunks (see
+            :attr:`flashmemory.config.LSAConfig.tower_slots`, which overrides it when set).
     """
 
     window: int = 64
@@ -67,6 +69,7 @@ class FeedbackSpec:
     min_layers: int = 3
     hidden: int = 32
     kept: float = 0.15
+    tower_slots: float = 0.5
 
     def to_dict(self) -> dict:
         return asdict(self)

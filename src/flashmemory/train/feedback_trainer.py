@@ -36,6 +36,8 @@ class FeedbackTrainConfig:
         query_window: newest tokens of the tower's lookahead query. Default: 16.
         kept: share of candidates resident in the replay. Default: 0.15.
         hidden: width of the head. Default: 32.
+        tower_slots: share of page slots the runtime gives to the tower's best chunks, stored with the head.
+            Default: 0.5.
         rounds: replays; round ``r > 0`` lets round ``r - 1``'s head choose the resident sets. Default: 2.
         iterations: full-batch optimiser steps per round. Default: 400.
         lr: AdamW learning rate. Default: 0.01.
@@ -49,6 +51,7 @@ class FeedbackTrainConfig:
     query_window: int = 16
     kept: float = 0.15
     hidden: int = 32
+    tower_slots: float = 0.5
     rounds: int = 2
     iterations: int = 400
     lr: float = 0.01
@@ -144,6 +147,7 @@ def train_feedback(
         min_layers=labels["min_layers"],
         hidden=cfg.hidden,
         kept=cfg.kept,
+        tower_slots=cfg.tower_slots,
     )
     kw = {"interval": cfg.interval, "recent": cfg.recent}
     train = load_examples(dirs, split="train", **kw)

@@ -19,7 +19,7 @@ METHODS = ("trained", "zero-shot", "quest", "recent", "random", "oracle")
 TOKEN_METHODS = {"trained": "trained, token keys", "zero-shot": "zero-shot, token keys"}
 # with an indexer that has an attention-feedback head: "trained" is the head over the replayed feedback (see
 # feedback_sim), and these two show its parts: the tower alone, and the plain feedback counts
-FEEDBACK_METHODS = ("trained, tower and head alternating", "trained, tower alone", "attention feedback, untrained")
+FEEDBACK_METHODS = ("trained, as the runtime chooses", "trained, tower alone", "attention feedback, untrained")
 INDEXER_METHODS = ("trained", "zero-shot", "trained, tower alone", *TOKEN_METHODS.values())
 TOKEN_STEPS = 16  # steps scored at once by token: their per-token scores of a long prompt exist together
 # "oracle" ranks by the label itself: the most any scorer could recall at a kept fraction. When a cycle needs
@@ -114,9 +114,13 @@ def _feedback_scores(indexer, ex, chosen: torch.Tensor, window: int, interval: i
     tower = torch.sigmoid(z[chosen])
     return {
         "trained": trained,
-        # the runtime's page choice gives half the slots to the tower's best chunks (LSAConfig.tower_slots)
-        "trained, tower and head alternating": torch.stack(
-            [alternate(t, h, c) for t, h, c in zip(tower, trained, ex.candidates[chosen], strict=True)]
+        # the runtime's page choice (LSAConfig.tower_slots, at its default share of one half)
+        "trained, as the runtime chooses": torch.stack(
+            [
+                # a turn's first boundary by the tower alone, later ones half the slots each
+                tower[r] if int(step) == 0 else alternate(tower[r], trained[r], ex.candidates[step])
+                for r, step in enumerate(chosen)
+            ]
         ),
         "trained, tower alone": tower,
         "attention feedback, untrained": counts_chooser(counts[chosen]),
