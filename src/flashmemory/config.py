@@ -76,9 +76,11 @@ class LSAConfig:
             :func:`flashmemory.attention.fast_path.build_lsa_cache`. Default: "auto".
         attention_feedback: when the indexer has an attention-feedback head, count the layers' attention
             consensus per chunk (the prompt's last tokens at the end of the prefill, the resident chunks at every
-            decode step) and let the head score chunks from it with the tower's logit
-            (:mod:`flashmemory.attention.feedback`). The counting runs on the ``"mask"`` backend, which ``"auto"``
-            then picks; False scores with the tower alone. Default: True.
+            decode step) and let the head score the boundaries after a turn's first from it, with the tower's logit
+            (:mod:`flashmemory.attention.feedback`). The counting runs on the ``"mask"`` backend only. ``None``
+            counts wherever the backend is ``"mask"`` (on a CPU, or when asked for) and leaves the head out on the
+            fast path, which keeps its speed; True also makes ``"auto"`` pick ``"mask"``; False scores with the
+            tower alone everywhere. Default: None.
         tower_slots: with a feedback head, at the boundaries after a turn's first, the share of page slots that go
             to the pages holding the tower's best chunks; the head's scores rank the rest (by density, as above).
             The head predicts the chunks attention keeps returning to, but a needle no attention has reached yet
@@ -106,7 +108,7 @@ class LSAConfig:
     prefetch_steps: int = 0
     prefetch_share: float = 0.25
     attention_backend: str = "auto"
-    attention_feedback: bool = True
+    attention_feedback: bool | None = None
     tower_slots: float | None = None
 
     def __post_init__(self) -> None:

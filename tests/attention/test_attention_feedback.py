@@ -86,21 +86,22 @@ def test_boundary_scores_come_from_the_head():
     assert float(later_fb[2].max()) < 1e-6 < float(later_tower[2].max())  # there the head's scores rank
 
 
-def test_fast_path_refuses_a_feedback_head_unless_told_to_ignore_it():
+def test_fast_path_leaves_the_head_out_unless_feedback_is_asked_for():
     model = tiny_model("llama")
     indexer = feedback_indexer(model)
-    lsa = LSAConfig(budget=None, max_pages=3, target_layers=(1,), attention_backend="torch", **SMALL_LSA)
-    with pytest.raises(ValueError, match="attention-feedback head"):
-        build_lsa_cache(model, lsa, indexer)
-    off = LSAConfig(
-        budget=None, max_pages=3, target_layers=(1,), attention_backend="torch", attention_feedback=False, **SMALL_LSA
-    )
-    cache = build_lsa_cache(model, off, indexer)
-    assert cache.feedback is None
-    cache.close()
-    auto = build_lsa_cache(model, LSAConfig(budget=None, max_pages=3, target_layers=(1,), **SMALL_LSA), indexer)
-    assert type(auto) is LSACache and auto.feedback is not None
-    auto.close()
+    base = dict(budget=None, max_pages=3, target_layers=(1,), **SMALL_LSA)
+    fast = build_lsa_cache(model, LSAConfig(attention_backend="torch", **base), indexer)
+    assert type(fast) is not LSACache and fast.feedback is None  # the fast path keeps its speed
+    fast.close()
+    with pytest.raises(ValueError, match="attention_feedback=True"):
+        build_lsa_cache(model, LSAConfig(attention_backend="torch", attention_feedback=True, **base), indexer)
+    for flag in (None, True):  # on a CPU "auto" is the mask backend anyway; True asks for it everywhere
+        auto = build_lsa_cache(model, LSAConfig(attention_feedback=flag, **base), indexer)
+        assert type(auto) is LSACache and auto.feedback is not None
+        auto.close()
+    off = build_lsa_cache(model, LSAConfig(attention_feedback=False, **base), indexer)
+    assert off.feedback is None
+    off.close()
 
 
 def test_feedback_head_survives_a_checkpoint_round_trip(tmp_path):

@@ -164,10 +164,11 @@ class LSACache(LSACycle, Cache):
         self.lookahead_valid: torch.Tensor | None = None
         self.feedback: AttentionFeedback | None = None
         self.tower_probs: torch.Tensor | None = None  # the tower's scores at the latest boundary, with a feedback head
-        if self.lsa.attention_feedback and indexer.feedback is not None:
-            if not self.counts_feedback:
+        if self.lsa.attention_feedback is not False and indexer.feedback is not None:
+            if self.counts_feedback:
+                self.feedback = AttentionFeedback(model, self.lsa_layers, indexer.feedback_spec, self.lsa.chunk_size)
+            elif self.lsa.attention_feedback:
                 raise ValueError(f"{type(self).__name__} does not count attention feedback: use the 'mask' backend")
-            self.feedback = AttentionFeedback(model, self.lsa_layers, indexer.feedback_spec, self.lsa.chunk_size)
         self.hooks = CacheHooks(self, model)
 
     @property

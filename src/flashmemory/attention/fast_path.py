@@ -257,12 +257,12 @@ def build_lsa_cache(
     backend = resolve_attention_backend(lsa, device)
     if backend != "mask" and getattr(model.config, "_attn_implementation", "sdpa") not in _BASES:
         backend = "mask" if lsa.attention_backend == "auto" else backend
-    if backend != "mask" and lsa.attention_feedback and getattr(indexer, "feedback", None) is not None:
+    if backend != "mask" and lsa.attention_feedback is True and getattr(indexer, "feedback", None) is not None:
         if lsa.attention_backend != "auto":
             raise ValueError(
-                f"this indexer has an attention-feedback head, which counts attention on the 'mask' backend only: "
-                f"use attention_backend='mask' (or 'auto'), or attention_feedback=False for the "
-                f"{lsa.attention_backend!r} backend"
+                f"attention_feedback=True counts attention on the 'mask' backend only: use attention_backend='mask' "
+                f"(or 'auto'), or leave attention_feedback at None for the {lsa.attention_backend!r} backend (the "
+                f"head is then left out)"
             )
         backend = "mask"
     if backend == "mask":
