@@ -534,3 +534,17 @@ def test_alternating_order_takes_turns_and_skips_repeats():
     order = torch.argsort(s[:4], descending=True).tolist()
     assert order == [0, 2, 1, 3]  # first's 0, second's 2 (its 0 is taken), first's 1, second's 3
     assert float(s[4]) == 0.0
+
+
+def test_alternating_order_follows_the_share():
+    from flashmemory.train.indexer_eval import alternate
+
+    first = torch.rand(9, generator=torch.Generator().manual_seed(1))
+    second = torch.rand(9, generator=torch.Generator().manual_seed(2))
+    assert int(first.argmax()) != int(second.argmax())
+    every = torch.ones(9, dtype=torch.bool)
+    for share, own in ((0.0, second), (1.0, first)):
+        s = alternate(first, second, every, share)
+        assert torch.argsort(s, descending=True).tolist() == torch.argsort(own, descending=True).tolist()
+    quarter = torch.argsort(alternate(first, second, every, 0.25), descending=True).tolist()
+    assert quarter[0] == int(first.argmax()) and quarter[1] == int(second.argmax())

@@ -114,11 +114,10 @@ def _feedback_scores(indexer, ex, chosen: torch.Tensor, window: int, interval: i
     tower = torch.sigmoid(z[chosen])
     return {
         "trained": trained,
-        # the runtime's page choice (LSAConfig.tower_slots, at its default share of one half)
         "trained, as the runtime chooses": torch.stack(
             [
-                # a turn's first boundary by the tower alone, later ones half the slots each
-                tower[r] if int(step) == 0 else alternate(tower[r], trained[r], ex.candidates[step])
+                # a turn's first boundary by the tower alone, later ones tower_slots of the picks to the tower
+                tower[r] if int(step) == 0 else alternate(tower[r], trained[r], ex.candidates[step], spec.tower_slots)
                 for r, step in enumerate(chosen)
             ]
         ),
@@ -127,24 +126,28 @@ def _feedback_scores(indexer, ex, chosen: torch.Tensor, window: int, interval: i
     }
 
 
-def alternate(first: torch.Tensor, second: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Scores whose order over the candidates takes turns between the orders of ``first`` and ``second``
-    (first's best, second's best not yet taken, ...): at any kept fraction, half the picks come from each. # [N]"""
+def alternate(first: torch.Tensor, second: torch.Tensor, candidates: torch.Tensor, share: float = 0.5) -> torch.Tensor:
+    """Scores whose order over the candidates merges the orders of ``first`` and ``second``, skipping chunks already
+    taken, so that at any kept fraction ``share`` of the picks come from ``first`` (0.5: they take turns). # [N]"""
     idx = candidates.nonzero().flatten()
     orders = [idx[torch.argsort(x[idx], descending=True)].tolist() for x in (first, second)]
     taken: set[int] = set()
     merged: list[int] = []
-    heads = [0, 0]
+    heads, picked = [0, 0], [0, 0]
     while len(merged) < len(idx):
-        for o in (0, 1):
+        want = 0 if picked[0] < share * (len(merged) + 1) else 1
+        for o in (want, 1 - want):
             order = orders[o]
             while heads[o] < len(order) and order[heads[o]] in taken:
                 heads[o] += 1
             if heads[o] < len(order):
                 taken.add(order[heads[o]])
                 merged.append(order[heads[o]])
+                picked[o] += 1
+                break
     out = torch.zeros_like(first, dtype=torch.float32)
-    out[torch.tensor(merged, dtype=torch.long)] = torch.linspace(1.0, 0.0, len(merged) + 1)[:-1] if merged else 0
+    if merged:
+        out[torch.tensor(merged, dtype=torch.long)] = torch.linspace(1.0, 0.0, len(merged) + 1)[:-1]
     return out
 
 
