@@ -92,3 +92,12 @@ def test_blend_rejects_a_missing_checkpoint_and_a_weight_out_of_range(tmp_path):
         app, ["blend", "--start", str(tmp_path), "--end", str(tmp_path), "-w", "2", "-o", str(tmp_path / "c")]
     )
     assert res.exit_code == 2 and "weight must be in [0, 1]" in res.output
+
+
+def test_train_feedback_rejects_missing_dump_and_bad_settings(tmp_path):
+    base = ["train-feedback", "--dumps", str(tmp_path / "none"), "--indexer", str(tmp_path / "ck"), "--out"]
+    res = CliRunner().invoke(app, [*base, str(tmp_path / "out")])
+    assert res.exit_code == 2 and "not a dump folder" in res.output
+    res = CliRunner().invoke(app, [*base, str(tmp_path / "out"), "--kept", "1.5"])
+    assert res.exit_code == 2 and "kept must be in (0, 1)" in res.output
+    assert "Traceback" not in res.output

@@ -22,6 +22,17 @@ from .dataset import PromptExamples
 Chooser = Callable[[torch.Tensor], torch.Tensor]
 
 
+def head_chooser(head: torch.nn.Module) -> Chooser:
+    """Boundary scores from a feedback head (for replays that follow the head's own choices)."""
+
+    def choose(features: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            p = next(head.parameters())
+            return head(features.to(p.device, p.dtype)).float().cpu()
+
+    return choose
+
+
 def counts_chooser(features: torch.Tensor) -> torch.Tensor:
     """Untrained feedback: prompt-window plus decode consensus rates, newer chunks first on ties."""
     recency = -features[..., 7] * 1e-3

@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..dump.shards import read_manifest
 from ..indexer.checkpoint import load_indexer, save_indexer
 from ..indexer.feedback import FeedbackHead, FeedbackSpec
 from ..indexer.memory_indexer import MemoryIndexer
 from .dataset import PromptExamples, check_compatible, load_examples
-from .feedback_sim import Chooser, counts_chooser, replay_features
+from .feedback_sim import Chooser, counts_chooser, head_chooser, replay_features
 from .metrics import RecallCurve
 from .scorers import indexer_logits
 
@@ -58,24 +59,12 @@ class FeedbackTrainConfig:
     steps_per_prompt: int = 48
     seed: int = 0
     device: str = "cpu"
-    history: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.kept < 1.0:
             raise ValueError(f"kept must be in (0, 1), got {self.kept}")
         if self.rounds < 1 or self.iterations < 1 or self.steps_per_prompt < 1:
             raise ValueError("rounds, iterations and steps_per_prompt must be >= 1")
-
-
-def head_chooser(head: FeedbackHead) -> Chooser:
-    """Boundary scores from a head (for replays that follow the head's own choices)."""
-
-    def choose(features: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            p = next(head.parameters())
-            return head(features.to(p.device, p.dtype)).float().cpu()
-
-    return choose
 
 
 def tower_logits(indexer: MemoryIndexer, ex: PromptExamples, window: int) -> torch.Tensor:
@@ -152,7 +141,7 @@ def train_feedback(
     kw = {"interval": cfg.interval, "recent": cfg.recent}
     train = load_examples(dirs, split="train", **kw)
     val = load_examples(dirs, split="validation", **kw)
-    missing = [d for d in dirs if "feedback_window" not in json.loads((d / "manifest.json").read_text())]
+    missing = [d for d in dirs if "feedback_window" not in read_manifest(d)]
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     head = FeedbackHead(spec).to(device)
@@ -162,6 +151,7 @@ def train_feedback(
     val_z = [tower_logits(indexer, ex, cfg.query_window) for ex in val]
     best = {"recall": -1.0}
     best_state = None
+    history: list[dict] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress) as bar:
         for rnd in range(cfg.rounds):
@@ -181,7 +171,7 @@ def train_feedback(
                 opt.step()
                 if (it + 1) % 20 == 0 or it + 1 == cfg.iterations:
                     recall = _recall(head, val_rows, cfg.kept, device)
-                    cfg.history.append({"round": rnd, "iteration": it + 1, "loss": float(loss), "recall": recall})
+                    history.append({"round": rnd, "iteration": it + 1, "loss": float(loss), "recall": recall})
                     if recall > best["recall"]:
                         best = {"round": rnd, "iteration": it + 1, "loss": float(loss), "recall": recall}
                         best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -195,7 +185,7 @@ def train_feedback(
         "train_prompts": len(train),
         "validation_prompts": len(val),
         "without_prompt_window": [str(d) for d in missing],
-        "config": {k: v for k, v in asdict(cfg).items() if k != "history"},
+        "config": asdict(cfg),
         "best": {**best, f"recall@{cfg.kept:g}": best["recall"]},
         "seconds": time.perf_counter() - t0,
     }
@@ -204,5 +194,5 @@ def train_feedback(
     extra = {k: v for k, v in json.loads(meta_path.read_text()).items() if k not in ("format", "spec")}
     extra["feedback_training"] = record
     save_indexer(indexer.cpu(), out, extra=extra)
-    (out / "feedback_history.json").write_text(json.dumps(cfg.history, indent=1))
+    (out / "feedback_history.json").write_text(json.dumps(history, indent=1))
     return record

@@ -10,7 +10,7 @@ import torch
 
 from ..indexer.checkpoint import load_indexer
 from .dataset import check_compatible, load_examples
-from .feedback_sim import counts_chooser, replay_features
+from .feedback_sim import counts_chooser, head_chooser, replay_features
 from .metrics import DEFAULT_FRACTIONS, RecallCurve
 from .scorers import indexer_logits, page_bound_scores, random_scores, recent_scores
 
@@ -102,8 +102,6 @@ def evaluate_methods(
 
 def _feedback_scores(indexer, ex, chosen: torch.Tensor, window: int, interval: int) -> dict[str, torch.Tensor]:
     """Scores of an indexer with a feedback head, replayed with its own resident sets, and of its parts."""
-    from .feedback_trainer import head_chooser
-
     spec = indexer.feedback_spec
     z = indexer_logits(indexer, ex, torch.arange(ex.num_steps), window=window).cpu()
     head = indexer.feedback
