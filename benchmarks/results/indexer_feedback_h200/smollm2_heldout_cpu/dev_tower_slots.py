@@ -1,6 +1,6 @@
 """tower_slots on the dev dump: recall of the runtime page choice for shares 0, 0.25, 0.5.
 
-    python dev_tower_slots.py DEV_DUMP
+python dev_tower_slots.py DEV_DUMP
 """
 
 import json
