@@ -17,8 +17,8 @@ from collections import deque
 import torch
 from torch import nn
 
-from ..indexer.feedback import FeedbackSpec, chunk_distance, feedback_features, top_p_sets
-from ..models.adapter import attention_module, backbone_spec
+from ..indexer.feedback import FeedbackSpec, chunk_distance, chunk_mass, feedback_features, fit_chunks, top_p_sets
+from ..models.adapter import attention_module, backbone_spec, rotated_queries
 
 ROW_BLOCK = 16  # prompt-window rows per block at prefill: [B, H, rows, T] float32 scores exist together
 
@@ -42,21 +42,15 @@ class AttentionFeedback:
         self.modules = {layer: attention_module(model, layer) for layer in self.layers}
         self.queries: dict[int, torch.Tensor] = {}
         self.layer_hits: torch.Tensor | None = None  # this forward's top-p votes per chunk (and row)
-        self.resident: torch.Tensor | None = None
         self.prompt_hits: torch.Tensor | None = None  # [B, N]
         self.prompt_rows = 0
         self.steps: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=spec.window)
 
     def capture_query(self, layer: int, hidden: torch.Tensor, position_embeddings, rows: int) -> None:
         """Post-rotary queries of the newest ``rows`` tokens entering ``layer``'s attention. # [B, H, rows, D]"""
-        attn, ms = self.modules[layer], self.model_spec
-        h = hidden[:, -rows:]
-        q = attn.q_proj(h).view(h.shape[0], h.shape[1], ms.num_heads, ms.head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
+        ms = self.model_spec
         cos, sin = (r[:, -rows:, None, :] for r in position_embeddings)  # [B, rows, 1, D]
-        half = ms.head_dim // 2
-        q = q * cos + torch.cat([-q[..., half:], q[..., :half]], -1) * sin
+        q = rotated_queries(self.modules[layer], ms.num_heads, ms.head_dim, hidden[:, -rows:], cos, sin)
         self.queries[layer] = q.transpose(1, 2).float()
 
     def _scores(self, layer: int, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -76,8 +70,7 @@ class AttentionFeedback:
         q = self.queries.pop(layer, None)
         if q is None:
             return
-        c, t = self.chunk_size, keys.shape[2]
-        n, rows = t // c, q.shape[2]
+        c, t, rows = self.chunk_size, keys.shape[2], q.shape[2]
         pos = torch.arange(t, device=keys.device)
         pad = pad_len.to(keys.device)[:, None, None, None]
         votes = []
@@ -86,8 +79,7 @@ class AttentionFeedback:
             own = t - rows + lo + torch.arange(block.shape[2], device=keys.device)  # each row's position
             hidden_keys = (pos[None, :] > own[:, None])[None, None] | (pos[None, None, None, :] < pad)
             probs = torch.softmax(self._scores(layer, block, keys).masked_fill(hidden_keys, float("-inf")), -1)
-            mass = probs[..., : n * c].unflatten(-1, (n, c)).sum(-1).mean(1)  # [B, rows, N]
-            votes.append(top_p_sets(mass, self.spec.top_p))
+            votes.append(top_p_sets(chunk_mass(probs.transpose(1, 2), c), self.spec.top_p))  # [B, rows, N]
         layer_votes = torch.cat(votes, 1).to(torch.int16)
         self.layer_hits = layer_votes if self.layer_hits is None else self.layer_hits + layer_votes
         if layer == self.last_layer:
@@ -132,22 +124,13 @@ class AttentionFeedback:
         """
         b, n = indexer_logit.shape
         device = indexer_logit.device
-        prompt = self._fit(self.prompt_hits, b, n, device)
-        hits = torch.zeros(b, n, dtype=torch.long, device=device)
-        resident = torch.zeros_like(hits)
-        for agreed, seen in self.steps:
-            hits += self._fit(agreed, b, n, device)
-            resident += self._fit(seen, b, n, device)
+        counts = torch.zeros(b, n, dtype=torch.long, device=device)
+        prompt = counts if self.prompt_hits is None else fit_chunks(self.prompt_hits.long(), n)
+        hits, resident = counts, counts
+        for agreed, seen in self.steps:  # the chunk count grows while decoding
+            hits = hits + fit_chunks(agreed.long(), n)
+            resident = resident + fit_chunks(seen.long(), n)
         distance = chunk_distance(n, torch.tensor(newest, device=device), self.chunk_size).expand(b, -1)
         return feedback_features(
             indexer_logit, prompt, self.prompt_rows, hits, resident, len(self.steps), distance, self.spec.window
         )
-
-    @staticmethod
-    def _fit(x: torch.Tensor | None, b: int, n: int, device) -> torch.Tensor:
-        """Counts cut or zero-padded to ``n`` chunks (the chunk count grows while decoding). # [B, N]"""
-        out = torch.zeros(b, n, dtype=torch.long, device=device)
-        if x is not None:
-            m = min(n, x.shape[1])
-            out[:, :m] = x[:, :m].long()
-        return out

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from ..indexer.chunk_keys import chunk_means
-from ..models.adapter import attention_module, backbone_spec
+from ..models.adapter import attention_module, backbone_spec, rotated_queries
 from .labels import chunk_mass, chunk_peak, decidable_chunks, golden_chunks, stack_peaks, to_csr, top_p_mask
 
 # Per-layer masses are cut at top-p again when feedback is replayed: near-equal masses would flip at the cut after
@@ -154,12 +154,8 @@ class AttentionRecorder:
         attn = attention_module(self.model, layer)
         spec = backbone_spec(self.model)
         h = self.hidden[layer][0, -rows:]
-        q = attn.q_proj(h).view(h.shape[0], spec.num_heads, spec.head_dim)
-        if getattr(attn, "q_norm", None) is not None:
-            q = attn.q_norm(q)
         cos, sin = (r[0, -rows:, None] for r in self.rope[layer])  # [rows, 1, D]
-        half = spec.head_dim // 2
-        q = q * cos + torch.cat([-q[..., half:], q[..., :half]], -1) * sin
+        q = rotated_queries(attn, spec.num_heads, spec.head_dim, h, cos, sin)  # [rows, H, D]
         k = keys[0].repeat_interleave(spec.num_heads // spec.num_kv_heads, 0)  # [H, T, D]
         scores = torch.einsum("rhd,htd->rht", q.float(), k.float()) * float(attn.scaling)
         t = k.shape[1]

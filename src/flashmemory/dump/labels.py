@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import torch
 
-
-def chunk_mass(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Attention mass per chunk, summed over the chunk's tokens and averaged over heads.
-
-    Args:
-        probs: attention probabilities of one query over ``T`` keys. # [H, T]
-        chunk_size: tokens per chunk; a trailing partial chunk is dropped.
-
-    Returns:
-        Mass per complete chunk. # [N]
-    """
-    n = probs.shape[-1] // chunk_size
-    return probs[:, : n * chunk_size].float().view(probs.shape[0], n, chunk_size).sum(-1).mean(0)
+# one definition for the labels, the runtime's feedback counts and their replay: ``chunk_mass`` takes ``[..., H, T]``
+# probabilities, ``top_p_mask`` any number of leading axes
+from ..indexer.feedback import chunk_mass
+from ..indexer.feedback import top_p_sets as top_p_mask
 
 
 def chunk_peak(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -55,28 +46,6 @@ def decidable_chunks(
     start = torch.arange(num_chunks) * chunk_size
     end = torch.as_tensor(seq_len)[..., None] - recent
     return (start >= sink) & (start + chunk_size <= end)
-
-
-def top_p_mask(mass: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The smallest set of chunks whose mass reaches ``top_p`` of the total (ties broken by index).
-
-    Args:
-        mass: chunk masses of one query. # [N]
-        top_p: fraction of the total mass to cover, in (0, 1].
-
-    Returns:
-        Boolean membership. # [N]
-    """
-    if mass.numel() == 0:
-        return torch.zeros(0, dtype=torch.bool, device=mass.device)
-    order = torch.argsort(mass, descending=True, stable=True)
-    sorted_mass = mass[order]
-    total = sorted_mass.sum()
-    before = torch.cumsum(sorted_mass, 0) - sorted_mass  # mass strictly above each chunk in the order
-    keep_sorted = before < top_p * total
-    keep = torch.zeros_like(keep_sorted)
-    keep[order] = keep_sorted
-    return keep
 
 
 def golden_chunks(layer_masks: torch.Tensor, min_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,3 +132,17 @@ def _max_over_next_steps(per_step: torch.Tensor, interval: int) -> torch.Tensor:
     for t in range(per_step.shape[0] - 1):
         out[t] = per_step[t + 1 : t + 1 + interval].amax(0)
     return out
+
+
+__all__ = [
+    "chunk_mass",
+    "chunk_peak",
+    "decidable_chunks",
+    "from_csr",
+    "golden_chunks",
+    "lookahead_peak",
+    "lookahead_targets",
+    "stack_peaks",
+    "to_csr",
+    "top_p_mask",
+]

@@ -31,6 +31,30 @@ FEATURES = (
 )
 
 
+def chunk_mass(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Attention mass per chunk, summed over the chunk's tokens and averaged over heads.
+
+    Args:
+        probs: attention probabilities over ``T`` keys, per head. # [..., H, T]
+        chunk_size: tokens per chunk; a trailing partial chunk is dropped.
+
+    Returns:
+        Mass per complete chunk. # [..., N]
+    """
+    n = probs.shape[-1] // chunk_size
+    return probs[..., : n * chunk_size].float().unflatten(-1, (n, chunk_size)).sum(-1).mean(-2)
+
+
+def fit_chunks(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` cut or zero-padded to ``n`` chunks on its last axis (the chunk count grows while decoding)."""
+    if x.shape[-1] == n:
+        return x
+    out = x.new_zeros(*x.shape[:-1], n)
+    m = min(n, x.shape[-1])
+    out[..., :m] = x[..., :m]
+    return out
+
+
 def top_p_sets(mass: torch.Tensor, top_p: float) -> torch.Tensor:
     """The smallest set of chunks whose mass reaches ``top_p`` of each row's total (ties broken by index).
 
@@ -164,8 +188,10 @@ __all__ = [
     "FeedbackHead",
     "FeedbackSpec",
     "chunk_distance",
+    "chunk_mass",
     "consensus",
     "feedback_features",
+    "fit_chunks",
     "logit_of",
     "top_p_sets",
 ]

@@ -172,6 +172,29 @@ def rope_parameters(model: nn.Module, layer_idx: int) -> tuple[torch.Tensor, flo
     raise ValueError(f"cannot find the rotary embedding of {type(model).__name__}")
 
 
+def rotated_queries(
+    attn: nn.Module, num_heads: int, head_dim: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """The post-rotary queries a Llama-family attention module computes from ``hidden``.
+
+    Args:
+        attn: the attention module (its ``q_proj`` and optional ``q_norm``).
+        num_heads: query heads.
+        head_dim: channels per head.
+        hidden: its input. # [..., rows, hidden]
+        cos: rotary cosines of those rows, broadcastable to the queries. # [..., rows, 1, D]
+        sin: rotary sines, likewise. # [..., rows, 1, D]
+
+    Returns:
+        Queries. # [..., rows, H, D]
+    """
+    q = attn.q_proj(hidden).unflatten(-1, (num_heads, head_dim))
+    if getattr(attn, "q_norm", None) is not None:
+        q = attn.q_norm(q)
+    half = head_dim // 2
+    return q * cos + torch.cat([-q[..., half:], q[..., :half]], -1) * sin
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
     """Rotate ``x`` the way Llama-family attention rotates queries (half-split layout).
 

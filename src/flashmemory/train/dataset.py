@@ -10,6 +10,7 @@ import torch
 
 from ..dump.labels import decidable_chunks, from_csr, lookahead_peak, lookahead_targets
 from ..dump.shards import DumpError, iter_records, read_manifest
+from ..indexer.feedback import fit_chunks
 
 
 @dataclass(slots=True)
@@ -187,7 +188,7 @@ def load_examples(
                     golden=golden,
                     prompt_hits=prompt_hits,
                     prompt_rows=rows,
-                    layer_mass=_padded(rec.get("layer_mass"), n),
+                    layer_mass=None if "layer_mass" not in rec else fit_chunks(rec["layer_mass"], n),
                     chunk_size=chunk,
                 )
             )
@@ -209,13 +210,3 @@ def _golden_rows(rec: dict[str, torch.Tensor], n: int) -> tuple[torch.Tensor, to
     for ids in prefix:
         hits[ids[ids < n]] += 1
     return golden, hits, len(prefix) + 1
-
-
-def _padded(mass: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """Per-step chunk masses cut or zero-padded to ``n`` chunks."""
-    if mass is None or mass.shape[-1] == n:
-        return mass
-    out = mass.new_zeros(*mass.shape[:-1], n)
-    m = min(n, mass.shape[-1])
-    out[..., :m] = mass[..., :m]
-    return out
