@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from flashmemory.indexer.checkpoint import CheckpointError, blend_indexers, load_indexer, save_indexer
 from flashmemory.indexer.chunk_keys import chunk_means
-from flashmemory.indexer.memory_indexer import MemoryIndexer
+from flashmemory.indexer.memory_indexer import MemoryIndexer, covered_buckets, distance_buckets
 from flashmemory.indexer.scoring import chunk_logits, follow_scores, select_pages
 from flashmemory.models.adapter import apply_rope, attention_module, backbone_spec
 from flashmemory.models.tiny import tiny_model
@@ -230,3 +230,25 @@ def test_token_chunk_logits_is_the_best_token_of_each_chunk():
     torch.testing.assert_close(
         token_chunk_logits(q, wt, bias, keys, 1, n * c), chunk_logits(q, wt, bias, keys[:, :, : n * c])
     )
+
+
+def test_covered_buckets_stop_at_the_first_bucket_training_reached_only_in_part():
+    c = 16
+    assert covered_buckets(0, c) == 1 and covered_buckets(-1, c) == 0
+    last_of_34 = int((distance_buckets(torch.arange(1000) * c, c) == 34).nonzero().max())  # in chunks
+    assert covered_buckets(last_of_34 * c, c) == 35  # bucket 34 seen whole
+    assert covered_buckets((last_of_34 - 1) * c, c) == 34  # its last chunk distance never seen
+    assert covered_buckets(10**7, c) == 48  # the last bucket takes every farther distance anyway
+
+
+def test_prior_past_its_reach_uses_the_last_covered_bucket():
+    model = tiny_model("llama")
+    indexer = MemoryIndexer.from_model(model, (1,), chunk_size=4)
+    with torch.no_grad():
+        indexer.distance_bias.copy_(torch.arange(48.0)[None])  # bias = bucket number
+    positions = torch.tensor([[4000]])
+    free = indexer._distance_prior(0, positions, 1000, None)
+    assert float(free.max()) > 20  # far chunks reach far buckets, so the clamp below can fail
+    indexer.spec.prior_buckets = 20
+    clamped = indexer._distance_prior(0, positions, 1000, None)
+    torch.testing.assert_close(clamped, free.clamp(max=19.0))

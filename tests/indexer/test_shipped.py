@@ -19,7 +19,11 @@ def test_auto_picks_the_checkpoint_with_the_models_fingerprint(tmp_path, monkeyp
     assert label.startswith("tiny-llama@") and len(label) == len("tiny-llama@") + 12
     trained.tower.score_bias.data.fill_(-2.0)  # retrained under the same name: another label
     save_indexer(trained, tmp_path / "tiny-llama")
-    assert shipped.shipped_identity(model) not in (label, "zero-shot")
+    relabelled = shipped.shipped_identity(model)
+    assert relabelled not in (label, "zero-shot")
+    trained.spec.prior_buckets = 20  # same weights, other settings: another label too
+    save_indexer(trained, tmp_path / "tiny-llama")
+    assert shipped.shipped_identity(model) not in (label, relabelled, "zero-shot")
     assert shipped.shipped_identity(tiny_model("llama", seed=1)) == "zero-shot"
 
 

@@ -12,7 +12,9 @@ from flashmemory.dump.capture import LabelConfig
 from flashmemory.dump.runner import run_dump
 from flashmemory.dump.shards import DumpError, read_manifest
 from flashmemory.indexer.checkpoint import load_indexer
+from flashmemory.indexer.memory_indexer import covered_buckets
 from flashmemory.models.tiny import tiny_model
+from flashmemory.train.dataset import load_examples
 from flashmemory.train.indexer_eval import evaluate_methods, markdown_table
 from flashmemory.train.trainer import TrainConfig, train_indexer
 
@@ -119,6 +121,23 @@ def test_training_reduces_loss_and_writes_checkpoint(dump_dir, tmp_path):
     assert 0 < report["needed_share"] < 1
 
 
+def test_indexer_eval_splits_by_prompt_length(dump_dir):
+    length = {p["prompt_tokens"] for p in read_manifest(dump_dir)["prompts"]}.pop()  # all prompts are this long
+    report = evaluate_methods([dump_dir], None, interval=16, recent=16, length_edges=[length - 10, length + 10])
+    shorter, around, longer = report["by_length"]
+    assert (shorter["prompts"], around["prompts"], longer["prompts"]) == (0, report["prompts"], 0)
+    assert (around["min_tokens"], around["max_tokens"], longer["max_tokens"]) == (length - 10, length + 10, None)
+    assert around["steps"] == report["steps"] and around["needed_share"] == report["needed_share"]
+    for method, m in report["methods"].items():
+        assert around["recall"][method] == m["recall"], method
+    alone = evaluate_methods([dump_dir], None, interval=16, recent=16)
+    assert "by_length" not in alone and alone["methods"]["oracle"] == report["methods"]["oracle"]
+    table = markdown_table(report)
+    assert f"{length - 10}-{length + 9} tokens" in table and f"{length + 10}+ tokens" not in table  # empty: left out
+    with pytest.raises(ValueError, match="increasing"):
+        evaluate_methods([dump_dir], None, interval=16, recent=16, length_edges=[length, length])
+
+
 def test_time_limit_stops_after_an_epoch_and_still_saves_the_best(dump_dir, tmp_path):
     cfg = TrainConfig(epochs=5, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2, patience=5)
     history = train_indexer([dump_dir], tmp_path / "ck", replace(cfg, max_minutes=1e-6), progress=False)
@@ -153,6 +172,10 @@ def test_distance_prior_can_be_off_or_left_out_of_the_checkpoint(dump_dir, tmp_p
         runs[mode] = train_indexer([dump_dir], tmp_path / mode, replace(cfg, distance_prior=mode), progress=False)
     learned, off, train_only = (load_indexer(tmp_path / m).state_dict() for m in ("learn", "off", "train-only"))
     assert learned["distance_bias"].abs().max() > 0  # the prior does learn, so the checks below can fail
+    # the learnt prior reaches as far as the training prompts did, and no farther
+    farthest = max(int(ex.positions.max()) for ex in load_examples([dump_dir], split="train", interval=16, recent=16))
+    reach = load_indexer(tmp_path / "learn").spec.prior_buckets
+    assert reach == covered_buckets(farthest - (LABELS.chunk_size - 1), LABELS.chunk_size) and 0 < reach < 48
     assert torch.count_nonzero(off["distance_bias"]) == 0
     assert torch.count_nonzero(train_only["distance_bias"]) == 0
     # "train-only" learned with the prior, so its query tower differs from the one trained without it

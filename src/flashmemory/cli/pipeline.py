@@ -219,9 +219,19 @@ def indexer_eval(
     steps: str = typer.Option("all", help="Score 'all' decode steps or only the 'boundary' steps."),
     target: str = typer.Option(TRAIN.target, help=TARGET_HELP),
     peak_threshold: float = typer.Option(TRAIN.peak_threshold, help="Single-head mass that makes a chunk needed."),
+    by_length: str = typer.Option(
+        "", help="Comma-separated prompt lengths in tokens, e.g. 4096,8192: also report each length range apart."
+    ),
 ) -> None:
     """Recall of golden chunks vs fraction kept: trained, zero-shot, Quest-style, recent, random."""
     from ..train.indexer_eval import evaluate_methods, markdown_table, write_report
+
+    try:
+        edges = parse_int_list(by_length)
+    except ValueError:
+        raise ValueError(
+            f"--by-length must be comma-separated token counts, e.g. 4096,8192; got {by_length!r}"
+        ) from None
 
     report = evaluate_methods(
         dumps,
@@ -233,6 +243,7 @@ def indexer_eval(
         steps=steps,
         target=target,
         peak_threshold=peak_threshold,
+        length_edges=edges,
     )
     write_report(report, out)
     OUT.print(markdown_table(report))

@@ -24,6 +24,17 @@ def distance_buckets(distance: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return torch.where(chunks < EXACT_BUCKETS, chunks, far).clamp(max=NUM_DISTANCE_BUCKETS - 1)
 
 
+def covered_buckets(max_distance: int, chunk_size: int) -> int:
+    """How many distance buckets, from the nearest, hold no distance beyond ``max_distance`` tokens: the buckets a
+    prior trained on distances up to ``max_distance`` learnt over their whole range."""
+    if max_distance < 0:
+        return 0
+    here, beyond = distance_buckets(torch.tensor([max_distance, max_distance + chunk_size]), chunk_size).tolist()
+    if here == NUM_DISTANCE_BUCKETS - 1:  # the last bucket holds every farther distance anyway
+        return NUM_DISTANCE_BUCKETS
+    return here + 1 if beyond > here else here
+
+
 @dataclass(slots=True)
 class IndexerSpec:
     """Everything needed to rebuild an indexer without its backbone (stored in the checkpoint's JSON).
@@ -44,6 +55,8 @@ class IndexerSpec:
         trained: False for the zero-shot (q_proj-initialised) tower.
         feedback: settings of the attention-feedback head (:class:`~flashmemory.indexer.feedback.FeedbackSpec`),
             None for an indexer without one.
+        prior_buckets: distance buckets of the prior that training covered whole; farther distances use the last
+            of them (None: all buckets, as for checkpoints saved before this existed).
     """
 
     backbone: str
@@ -60,6 +73,7 @@ class IndexerSpec:
     rope_scaling: list[float] | None = None
     trained: bool = False
     feedback: dict | None = None
+    prior_buckets: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,7 +221,12 @@ class MemoryIndexer(nn.Module):
             last = last[None, :] - chunk_offset.to(positions.device)[:, None]  # [B, N]
             last = last[:, None, :]
         distance = positions[..., None] - last
-        return self.distance_bias[j][distance_buckets(distance, c)]
+        buckets = distance_buckets(distance, c)
+        if self.spec.prior_buckets is not None:
+            # past the distances training covered, a bucket's bias was learnt from a few prompts' first chunks
+            # (often attention sinks) or not at all: farther chunks get the last fully covered bucket's bias
+            buckets = buckets.clamp(max=self.spec.prior_buckets - 1)
+        return self.distance_bias[j][buckets]
 
     def score(
         self,

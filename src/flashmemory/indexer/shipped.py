@@ -42,8 +42,9 @@ def shipped_identity(model: nn.Module) -> str:
     """What ``resolve_indexer(model, "auto")`` picks, as a label for records.
 
     Returns:
-        ``"zero-shot"``, or ``"<folder>@<first 12 hex of the weights' sha256>"`` for the shipped checkpoint that
-        matches the model's fingerprint, so a result made with one checkpoint is never mixed with another's.
+        ``"zero-shot"``, or ``"<folder>@<first 12 hex of a sha256>"`` for the shipped checkpoint that matches the
+        model's fingerprint, so a result made with one checkpoint is never mixed with another's. The hash covers the
+        weights and the spec (settings such as the prior's reach or the head's page share change the scores too).
     """
     shipped = shipped_checkpoints()
     if not shipped:
@@ -54,6 +55,8 @@ def shipped_identity(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for path in sorted((SHIPPED_DIR / name).glob("*.safetensors")):
         digest.update(path.read_bytes())
+    spec = json.loads((SHIPPED_DIR / name / CONFIG).read_text())["spec"]
+    digest.update(json.dumps(spec, sort_keys=True).encode())
     return f"{name}@{digest.hexdigest()[:12]}"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,12 +39,18 @@ def evaluate_methods(
     steps: str = "all",
     target: str = "golden",
     peak_threshold: float = 0.3,
+    length_edges: Sequence[int] = (),
 ) -> dict[str, dict]:
     """Recall curves of every method over the held-out prompts of ``dump_dirs``: over ``"all"`` their steps, or
     over the ``"boundary"`` steps only (every ``interval``-th, where the runtime asks the indexer). ``target``
-    and ``peak_threshold`` choose which label counts as needed (see :func:`~.dataset.step_targets`)."""
+    and ``peak_threshold`` choose which label counts as needed (see :func:`~.dataset.step_targets`).
+    ``length_edges`` (prompt tokens, increasing) also splits the prompts into length ranges, each with its own
+    curves under ``"by_length"``: how much of the label a kept fraction can hold depends on the length."""
     if steps not in ("all", "boundary"):
         raise ValueError(f"steps must be 'all' or 'boundary', got {steps!r}")
+    edges = [int(e) for e in length_edges]
+    if any(e <= 0 for e in edges) or edges != sorted(set(edges)):
+        raise ValueError(f"length edges must be increasing positive token counts, got {list(length_edges)}")
     stride = interval if steps == "boundary" else 1
     dump_dirs = [Path(d) for d in dump_dirs]
     manifest = check_compatible(dump_dirs)
@@ -60,9 +67,15 @@ def evaluate_methods(
     feedback = trained is not None and trained.feedback is not None
     if feedback:
         curves |= {m: RecallCurve() for m in FEEDBACK_METHODS}
+    bins = [_LengthBin(lo, hi, {m: RecallCurve() for m in curves}) for lo, hi in _ranges(edges)] if edges else []
     with torch.no_grad():
         for ex in prompts:
             chosen = torch.arange(0, ex.num_steps, stride)
+            length = int(ex.positions[0])
+            part = next((b for b in bins if b.lo <= length < b.hi), None)
+            if part is not None:
+                part.prompts += 1
+                part.steps += len(chosen)
             scores = {
                 "zero-shot": torch.sigmoid(indexer_logits(zero, ex, chosen, window=window)).cpu(),
                 "quest": page_bound_scores(zero, ex, chosen),
@@ -87,7 +100,9 @@ def evaluate_methods(
                 for r, step in enumerate(chosen.tolist()):
                     c = ex.candidates[step]
                     curves[method].add(s[r, c], ex.targets[step, c], thr)
-    return {
+                    if part is not None:
+                        part.curves[method].add(s[r, c], ex.targets[step, c], thr)
+    report = {
         "split": split,
         "prompts": len(prompts),
         "steps": sum(len(range(0, p.num_steps, stride)) for p in prompts),
@@ -98,6 +113,40 @@ def evaluate_methods(
         "needed_share": curves["oracle"].positives / max(curves["oracle"].candidates, 1.0),
         "methods": {m: {"recall": c.recall(), **c.summary()} for m, c in curves.items()},
     }
+    if bins:
+        report["by_length"] = [b.report() for b in bins]
+    return report
+
+
+@dataclass(slots=True)
+class _LengthBin:
+    """Curves of the prompts whose length (tokens before the first decode step) is in ``[lo, hi)``."""
+
+    lo: int
+    hi: int
+    curves: dict[str, RecallCurve]
+    prompts: int = 0
+    steps: int = 0
+
+    def report(self) -> dict:
+        oracle = self.curves["oracle"]
+        return {
+            "min_tokens": self.lo,
+            "max_tokens": self.hi if self.hi < _NO_LIMIT else None,
+            "prompts": self.prompts,
+            "steps": self.steps,
+            "needed_share": oracle.positives / max(oracle.candidates, 1.0),
+            "recall": {m: c.recall() for m, c in self.curves.items()},
+        }
+
+
+_NO_LIMIT = 1 << 40
+
+
+def _ranges(edges: list[int]) -> list[tuple[int, int]]:
+    """``[0, e0), [e0, e1), ..., [e_last, no limit)``."""
+    bounds = [0, *edges, _NO_LIMIT]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _feedback_scores(indexer, ex, chosen: torch.Tensor, window: int, interval: int) -> dict[str, torch.Tensor]:
@@ -164,6 +213,29 @@ def markdown_table(report: dict) -> str:
             else "– | – | –"
         )
         rows.append(f"| {method} | {cells} | {thr} |")
+    if report.get("by_length"):
+        rows += ["", _length_table(report)]
+    return "\n".join(rows)
+
+
+def _length_table(report: dict, fraction: float = 0.15) -> str:
+    """Recall at one kept fraction per prompt-length range (empty ranges left out)."""
+    i = report["fractions"].index(fraction)
+    bins = [b for b in report["by_length"] if b["prompts"]]
+
+    def name(b: dict) -> str:
+        hi = b["max_tokens"]
+        return f"{b['min_tokens']}+ tokens" if hi is None else f"{b['min_tokens']}-{hi - 1} tokens"
+
+    rows = [
+        f"Recall at {fraction:.0%} kept by prompt length:\n",
+        "| method | " + " | ".join(name(b) for b in bins) + " |",
+        "|" + "---|" * (len(bins) + 1),
+        "| prompts, steps | " + " | ".join(f"{b['prompts']}, {b['steps']}" for b in bins) + " |",
+        "| needed share | " + " | ".join(f"{b['needed_share']:.1%}" for b in bins) + " |",
+    ]
+    for method in report["methods"]:
+        rows.append(f"| {method} | " + " | ".join(f"{b['recall'][method][i]:.3f}" for b in bins) + " |")
     return "\n".join(rows)
 
 

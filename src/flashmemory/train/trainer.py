@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from ..indexer.checkpoint import blend_states, load_indexer, save_indexer
-from ..indexer.memory_indexer import MemoryIndexer
+from ..indexer.memory_indexer import MemoryIndexer, covered_buckets
 from .dataset import TARGETS, PromptExamples, check_compatible, load_examples
 from .metrics import RecallCurve
 from .scorers import indexer_logits
@@ -272,6 +272,10 @@ def train_indexer(
         with torch.no_grad():
             indexer.distance_bias.zero_()
         indexer.distance_bias.requires_grad_(False)
+    elif train:
+        # the farthest chunk a training query sees is the first, from the last decode step of the longest prompt
+        farthest = max(int(ex.positions.max()) for ex in train) - (indexer.spec.chunk_size - 1)
+        indexer.spec.prior_buckets = covered_buckets(farthest, indexer.spec.chunk_size)
     params = [(n, p) for n, p in indexer.named_parameters() if p.requires_grad]
     heads = [p for n, p in params if any(f in n for f in fast)]
     rest = [p for n, p in params if not any(f in n for f in fast)]
