@@ -124,7 +124,7 @@ def train(
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Train the Memory Indexer's query tower from dumps only (no backbone is loaded)."""
-    from ..train.trainer import train_indexer
+    from ..train.trainer import leave_distributed, train_indexer
 
     cfg = TrainConfig(
         epochs=epochs,
@@ -148,12 +148,10 @@ def train(
     )
     try:
         history = train_indexer(dumps, out, cfg, device=device)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            # under torchrun: a group left to interpreter shutdown can abort the process from Gloo's threads
-            dist.destroy_process_group()
+    except BaseException:
+        leave_distributed(meet=False)
+        raise
+    leave_distributed()
     best, zero = history.get("interpolated", history["best"]), history["zero_shot"]
     OUT.print(
         f"[green]saved[/] {out} (epoch {history['best_epoch']}): validation recall@15% "

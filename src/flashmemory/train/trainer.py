@@ -209,6 +209,20 @@ def _distributed() -> tuple[int, int]:
     return rank, world
 
 
+def leave_distributed(*, meet: bool = True) -> None:
+    """Leave the process group training joined under ``torchrun`` (nothing when there is none).
+
+    With ``meet`` the ranks first wait for each other: a rank that exits while its peers are still tearing the group
+    down can be aborted by Gloo's threads at interpreter exit ("terminate called without an active exception"),
+    after its work is done. After a failure a peer may never arrive, so it is left out then.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if meet:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def _average_gradients(module: torch.nn.Module, world: int) -> None:
     """Mean of the gradients over ranks (a rank without a loss term this step contributes zeros)."""
     for p in module.parameters():
