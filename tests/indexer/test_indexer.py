@@ -172,6 +172,7 @@ def test_blend_walks_from_start_to_end_in_weight_space_and_refuses_other_shapes(
         for p in end.parameters():
             p.add_(torch.randn_like(p))
     end.spec.trained = True
+    end.spec.prior_buckets = 30  # set by training; the zero-shot start has none
     save_indexer(start, tmp_path / "a")
     save_indexer(end, tmp_path / "b", extra={"training": {"epochs": 3}})
     for w in (0.0, 0.25, 1.0):
@@ -179,7 +180,7 @@ def test_blend_walks_from_start_to_end_in_weight_space_and_refuses_other_shapes(
         for name, v in got.state_dict().items():
             a, b = start.state_dict()[name], end.state_dict()[name]
             torch.testing.assert_close(v, a + w * (b - a), msg=name)
-        assert got.spec.trained
+        assert got.spec.trained and got.spec.prior_buckets == 30
     meta = json.loads((tmp_path / "w0.25" / "config.json").read_text())
     assert meta["blend"]["weight"] == 0.25 and meta["training"] == {"epochs": 3}
     other = MemoryIndexer.from_model(model, (1,), chunk_size=8, backbone="tiny", fingerprint="abc")

@@ -111,14 +111,18 @@ def blend_indexers(start: str | Path, end: str | Path, weight: float, out: str |
         raise ValueError(f"weight must be in [0, 1], got {weight}")
     start, end, out = Path(start), Path(end), Path(out)
     a, b = load_indexer(start), load_indexer(end)
-    spec_a = {k: v for k, v in a.spec.to_dict().items() if k != "trained"}
-    spec_b = {k: v for k, v in b.spec.to_dict().items() if k != "trained"}
+    own = ("trained", "prior_buckets")  # what training changes, not the shape
+    spec_a = {k: v for k, v in a.spec.to_dict().items() if k not in own}
+    spec_b = {k: v for k, v in b.spec.to_dict().items() if k not in own}
     if type(a) is not type(b) or spec_a != spec_b:
         diff = sorted(k for k in spec_a.keys() | spec_b.keys() if spec_a.get(k) != spec_b.get(k))
         raise CheckpointError(f"{start} and {end} are not the same indexer shape (they differ in {diff or 'kind'})")
     with torch.no_grad():
         b.load_state_dict(blend_states(a.state_dict(), b.state_dict(), weight))
     b.spec.trained = a.spec.trained or b.spec.trained
+    # a blended prior is only as trustworthy as far as both priors reach (an untrained one is zero everywhere)
+    reaches = [r for r in (a.spec.prior_buckets, b.spec.prior_buckets) if r is not None]
+    b.spec.prior_buckets = min(reaches) if reaches else None
     meta = json.loads((end / CONFIG).read_text())
     extra = {k: v for k, v in meta.items() if k not in ("format", "spec")}
     extra["blend"] = {"start": str(start), "end": str(end), "weight": weight}
