@@ -16,7 +16,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from ..memory.accounting import storage_bytes
-from ..models.adapter import attention_module, backbone_spec
+from ..models.adapter import attention_module, backbone_spec, rotated_queries
 
 
 @dataclass(slots=True)
@@ -71,29 +71,6 @@ class BlockScorer:
             Higher is more relevant. # [B, Hkv, N]
         """
         raise NotImplementedError
-
-
-def rotate_query(attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The layer's post-RoPE queries, computed the way its attention does (``q_proj``, optional ``q_norm``).
-
-    Args:
-        attn: the attention module.
-        hidden: hidden states entering attention. # [B, q, hidden]
-        cos: rotary cosines of those tokens. # [B, q, D]
-        sin: rotary sines. # [B, q, D]
-
-    Returns:
-        Queries. # [B, Hq, q, D]
-    """
-    batch, q_len, _ = hidden.shape
-    head_dim = cos.shape[-1]
-    q = attn.q_proj(hidden).view(batch, q_len, -1, head_dim)
-    if getattr(attn, "q_norm", None) is not None:
-        q = attn.q_norm(q)
-    q = q.transpose(1, 2)
-    half = head_dim // 2
-    rotated = torch.cat([-q[..., half:], q[..., :half]], dim=-1)
-    return q * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
 class BlockSelectCache(DynamicCache):
@@ -162,7 +139,7 @@ class BlockSelectCache(DynamicCache):
             decoding = hidden.shape[1] == 1 and self.layers[layer].is_initialized
             if not decoding and not self.scorer.needs_queries:
                 return None
-            query = rotate_query(module, hidden, cos, sin)  # [B, Hq, q, D]
+            query = rotated_queries(module, cos.shape[-1], hidden, cos[:, :, None], sin[:, :, None]).transpose(1, 2)
             if self.scorer.needs_queries:
                 old = self.pending_queries.get(layer)
                 self.pending_queries[layer] = query if old is None else torch.cat([old, query], dim=2)
@@ -239,4 +216,4 @@ class BlockSelectCache(DynamicCache):
         return storage_bytes(t for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values))
 
 
-__all__ = ["BlockScorer", "BlockSelectCache", "BlockSelectConfig", "rotate_query"]
+__all__ = ["BlockScorer", "BlockSelectCache", "BlockSelectConfig"]

@@ -50,7 +50,7 @@ class AttentionFeedback:
         """Post-rotary queries of the newest ``rows`` tokens entering ``layer``'s attention. # [B, H, rows, D]"""
         ms = self.model_spec
         cos, sin = (r[:, -rows:, None, :] for r in position_embeddings)  # [B, rows, 1, D]
-        q = rotated_queries(self.modules[layer], ms.num_heads, ms.head_dim, hidden[:, -rows:], cos, sin)
+        q = rotated_queries(self.modules[layer], ms.head_dim, hidden[:, -rows:], cos, sin)
         self.queries[layer] = q.transpose(1, 2).float()
 
     def _scores(self, layer: int, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -9,12 +9,14 @@ from rich.console import Console
 
 from ..config import parse_int_list
 from ..dump.capture import LabelConfig
+from ..train.feedback_trainer import FeedbackTrainConfig
 from ..train.trainer import TrainConfig
 from .errors import friendly_errors
 
 OUT = Console()
 LABELS = LabelConfig()
 TRAIN = TrainConfig()
+FEEDBACK = FeedbackTrainConfig()
 
 
 TARGET_HELP = (
@@ -164,23 +166,23 @@ def train_feedback(
     dumps: list[Path] = typer.Option(..., "--dumps", "-d", help="Dump folders (repeat the option for several)."),
     indexer: Path = typer.Option(..., "--indexer", "-i", help="Trained indexer checkpoint whose tower is kept."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (tower + feedback head)."),
-    kept: float = typer.Option(0.15, help="Share of candidate chunks resident while feedback is replayed."),
-    rounds: int = typer.Option(2, help="Replays; later ones follow the previous round's head."),
-    iterations: int = typer.Option(400, help="Full-batch optimiser steps per round."),
-    lr: float = typer.Option(0.01, help="Learning rate of the head."),
-    hidden: int = typer.Option(32, help="Width of the head."),
+    kept: float = typer.Option(FEEDBACK.kept, help="Share of candidate chunks resident while feedback is replayed."),
+    rounds: int = typer.Option(FEEDBACK.rounds, help="Replays; later ones follow the previous round's head."),
+    iterations: int = typer.Option(FEEDBACK.iterations, help="Full-batch optimiser steps per round."),
+    lr: float = typer.Option(FEEDBACK.lr, help="Learning rate of the head."),
+    hidden: int = typer.Option(FEEDBACK.hidden, help="Width of the head."),
     tower_slots: float = typer.Option(
-        0.5, help="Share of page slots the runtime gives to the tower's best chunks (stored with the head)."
+        FEEDBACK.tower_slots,
+        help="Share of page slots the runtime gives to the tower's best chunks (stored with the head).",
     ),
-    steps_per_prompt: int = typer.Option(48, help="Training steps sampled per prompt."),
-    interval: int = typer.Option(TRAIN.interval, help="Decode steps per cycle."),
-    recent: int = typer.Option(TRAIN.recent, help="Always-resident tail tokens."),
-    window: int = typer.Option(TRAIN.window, help="Newest steps forming the tower's lookahead query."),
-    seed: int = typer.Option(0, help="Sampling seed."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    steps_per_prompt: int = typer.Option(FEEDBACK.steps_per_prompt, help="Training steps sampled per prompt."),
+    interval: int = typer.Option(FEEDBACK.interval, help="Decode steps per cycle."),
+    recent: int = typer.Option(FEEDBACK.recent, help="Always-resident tail tokens."),
+    window: int = typer.Option(FEEDBACK.query_window, help="Newest steps forming the tower's lookahead query."),
+    seed: int = typer.Option(FEEDBACK.seed, help="Sampling seed."),
+    device: str = typer.Option(FEEDBACK.device, help="cpu or cuda."),
 ) -> None:
     """Add an attention-feedback head to a trained indexer, from dumps only (no backbone is loaded)."""
-    from ..train.feedback_trainer import FeedbackTrainConfig
     from ..train.feedback_trainer import train_feedback as run
 
     cfg = FeedbackTrainConfig(

@@ -155,7 +155,7 @@ class AttentionRecorder:
         spec = backbone_spec(self.model)
         h = self.hidden[layer][0, -rows:]
         cos, sin = (r[0, -rows:, None] for r in self.rope[layer])  # [rows, 1, D]
-        q = rotated_queries(attn, spec.num_heads, spec.head_dim, h, cos, sin)  # [rows, H, D]
+        q = rotated_queries(attn, spec.head_dim, h, cos, sin)  # [rows, H, D]
         k = keys[0].repeat_interleave(spec.num_heads // spec.num_kv_heads, 0)  # [H, T, D]
         scores = torch.einsum("rhd,htd->rht", q.float(), k.float()) * float(attn.scaling)
         t = k.shape[1]

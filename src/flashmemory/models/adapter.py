@@ -173,13 +173,12 @@ def rope_parameters(model: nn.Module, layer_idx: int) -> tuple[torch.Tensor, flo
 
 
 def rotated_queries(
-    attn: nn.Module, num_heads: int, head_dim: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    attn: nn.Module, head_dim: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> torch.Tensor:
     """The post-rotary queries a Llama-family attention module computes from ``hidden``.
 
     Args:
         attn: the attention module (its ``q_proj`` and optional ``q_norm``).
-        num_heads: query heads.
         head_dim: channels per head.
         hidden: its input. # [..., rows, hidden]
         cos: rotary cosines of those rows, broadcastable to the queries. # [..., rows, 1, D]
@@ -188,11 +187,16 @@ def rotated_queries(
     Returns:
         Queries. # [..., rows, H, D]
     """
-    q = attn.q_proj(hidden).unflatten(-1, (num_heads, head_dim))
+    q = attn.q_proj(hidden).unflatten(-1, (-1, head_dim))
     if getattr(attn, "q_norm", None) is not None:
         q = attn.q_norm(q)
-    half = head_dim // 2
-    return q * cos + torch.cat([-q[..., half:], q[..., :half]], -1) * sin
+    return _rotate(q, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama-family rotary embedding in the half-split layout, given the cosines and sines."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -207,6 +211,4 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
     freqs = positions.to(torch.float32)[..., None] * inv_freq.to(x.device, torch.float32)  # [..., D/2]
     emb = torch.cat([freqs, freqs], dim=-1)[..., None, :]  # [..., 1, D]
     cos, sin = (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return _rotate(x, cos, sin)
