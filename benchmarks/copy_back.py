@@ -33,6 +33,7 @@ from flashmemory.bench.page_methods import LSAMethod, bench_cache, pad_slots
 from flashmemory.bench.record import provenance
 from flashmemory.bench.ruler.data import essay_words
 from flashmemory.config import with_overrides
+from flashmemory.models.adapter import backbone_spec
 from flashmemory.runtime.ask import load_on
 from flashmemory.runtime.generate import dynamic_cache_bytes
 
@@ -137,6 +138,7 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load_on(args.model, args.device, progress=False)
     lsa = with_overrides(LSAConfig(budget=args.budget), args.lsa)
+    lsa = lsa.with_page_chunks(backbone_spec(model).default_page_chunks())  # the size the cache will use
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     rows = []
     for s in range(args.samples):

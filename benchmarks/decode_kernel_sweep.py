@@ -29,6 +29,7 @@ from decode_speed import SHAPES, kv_geometry, lsa_plan, measure_ceilings, reside
 from flashmemory.attention.sparse_decode_triton import _num_splits, _num_tiles, sparse_decode_fwd
 from flashmemory.bench.record import provenance
 from flashmemory.config import LSAConfig
+from flashmemory.models.adapter import DEFAULT_PAGE_CHUNKS
 
 # the launch settings sparse_decode_fwd uses when not told otherwise: the "default" row of each case
 LAUNCH_KNOBS = ("num_warps", "num_stages", "branchless")
@@ -166,7 +167,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=32)
     args = p.parse_args()
     device = torch.device("cuda")
-    lsa = LSAConfig(budget=args.budget)
+    lsa = LSAConfig(budget=args.budget, page_chunks=DEFAULT_PAGE_CHUNKS)  # the page size of the recorded sweeps
     rate, _ = measure_ceilings(device)
     print(f"device copy rate {rate:.2f} TB/s (read+write)")
     cases = []

@@ -74,7 +74,7 @@ from flashmemory.memory.async_store import plan_moves
 from flashmemory.memory.host_rows import copy_to_host_slice
 from flashmemory.memory.layout import SequenceBytes, plan_layout
 from flashmemory.memory.resident import page_aligned_tail_start
-from flashmemory.models.adapter import backbone_spec
+from flashmemory.models.adapter import DEFAULT_PAGE_CHUNKS, backbone_spec
 from flashmemory.models.fused_projections import fuse_projections
 
 GiB = 2**30
@@ -298,7 +298,8 @@ def dynamo_frames() -> int:
 class Bench:
     def __init__(self, args, device):
         self.args, self.device = args, device
-        self.lsa = LSAConfig(budget=args.budget)
+        # one page size for every shape: the kernels are compared at the size their recorded results used
+        self.lsa = LSAConfig(budget=args.budget, page_chunks=DEFAULT_PAGE_CHUNKS)
         self.report = Report(
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             torch=torch.__version__,

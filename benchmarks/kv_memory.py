@@ -13,6 +13,7 @@ from pathlib import Path
 from flashmemory import LSAConfig, generate
 from flashmemory.bench.planted_fact import planted_fact
 from flashmemory.bench.record import provenance
+from flashmemory.models.adapter import backbone_spec
 from flashmemory.runtime.ask import load_on
 
 
@@ -29,7 +30,7 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load_on(args.model, "auto", progress=False)
     dtype = model.dtype
-    lsa = LSAConfig(budget=args.budget)
+    lsa = LSAConfig(budget=args.budget).with_page_chunks(backbone_spec(model).default_page_chunks())
     rows = []
     for length in (int(x) for x in args.lengths.split(",")):
         for s in range(args.samples):

@@ -143,6 +143,7 @@ def run(args) -> dict:
     all_layers = tuple(spec.full_layers)
     # token keys: the first boundary's scorer reads every layer's prompt keys back from the store's host mirror
     lsa = LSAConfig(budget=args.budget, target_layers=all_layers, query_window=64, first_boundary_keys="token")
+    lsa = lsa.with_page_chunks(spec.default_page_chunks())
     default = spec.default_target_layers()
     names = variants(all_layers, default, spec.default_layer_reduce())
     # trained indexers, each scored with its own query tower on its own target layers (mean over them, as saved)

@@ -33,6 +33,17 @@ def test_lsa_config_derived_sizes():
     assert LSAConfig(target_layers=[3, 5]).target_layers == (3, 5)
 
 
+def test_an_unset_page_size_is_the_backbones():
+    unset = LSAConfig()
+    assert unset.page_chunks is None
+    with pytest.raises(ValueError, match="page_chunks is unset"):
+        _ = unset.page_size
+    assert unset.with_page_chunks(2).page_size == 32
+    assert LSAConfig(page_chunks=4).with_page_chunks(2).page_size == 64  # a size that is set stays
+    with pytest.raises(ValueError, match="page_chunks"):
+        LSAConfig(page_chunks=0)
+
+
 def test_first_boundary_scores_tokens_from_a_prompt_length_in_auto_mode():
     auto = LSAConfig(token_keys_from=1000)
     assert auto.first_boundary_keys == "auto"

@@ -11,7 +11,9 @@ class LSAConfig:
 
     Args:
         chunk_size: tokens per scoring unit (one frozen key per chunk and KV head). Default: 16.
-        page_chunks: chunks per recall unit; a page is ``chunk_size * page_chunks`` tokens. Default: 4.
+        page_chunks: chunks per recall unit; a page is ``chunk_size * page_chunks`` tokens. ``None`` takes the
+            backbone's measured size (``BackboneSpec.default_page_chunks``: 4 unless measured otherwise; SmolLM2's
+            shape: 2, which finds more planted facts where a budget holds only a few pages). Default: None.
         interval: decode steps per cycle; the resident set only changes at cycle boundaries. Default: 64.
         threshold: sigmoid score above which a chunk counts as kept for page density. Default: 0.5.
         budget: hard cap on the device bytes of the sequence's KV (reserve, recent tail, sink, chunk keys),
@@ -89,7 +91,7 @@ class LSAConfig:
     """
 
     chunk_size: int = 16
-    page_chunks: int = 4
+    page_chunks: int | None = None
     interval: int = 64
     threshold: float = 0.5
     budget: float | None = 0.25
@@ -113,6 +115,8 @@ class LSAConfig:
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "page_chunks", "interval", "query_window"):
+            if name == "page_chunks" and self.page_chunks is None:
+                continue
             if getattr(self, name) < 1:
                 raise ValueError(f"LSAConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("recent", "sink", "follow_chunks", "token_keys_from"):
@@ -176,8 +180,18 @@ class LSAConfig:
 
     @property
     def page_size(self) -> int:
-        """Tokens per page."""
+        """Tokens per page.
+
+        Raises:
+            ValueError: while ``page_chunks`` is unset (see :meth:`with_page_chunks`).
+        """
+        if self.page_chunks is None:
+            raise ValueError("LSAConfig.page_chunks is unset: take the backbone's size with with_page_chunks()")
         return self.chunk_size * self.page_chunks
+
+    def with_page_chunks(self, backbone_default: int) -> LSAConfig:
+        """These settings with ``page_chunks`` set: ``backbone_default`` when it is unset, else unchanged."""
+        return self if self.page_chunks is not None else replace(self, page_chunks=backbone_default)
 
     @property
     def tail_capacity(self) -> int:

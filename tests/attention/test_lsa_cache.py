@@ -5,6 +5,8 @@ from transformers.cache_utils import DynamicCache
 from flashmemory.attention.cache import LSACache
 from flashmemory.config import LSAConfig
 from flashmemory.memory.layout import BudgetError
+from flashmemory.models import adapter
+from flashmemory.models.adapter import backbone_spec
 from flashmemory.models.tiny import TINY_FAMILIES, tiny_model
 from flashmemory.runtime.generate import generate_ids
 
@@ -127,6 +129,22 @@ def test_device_kv_stays_within_budget_at_2k(family):
         assert stats.kv_bytes_device <= budget * full_at_context + 1
         assert stats.kv_ratio <= budget
         assert stats.page_slots > 0
+
+
+def test_pages_take_the_measured_size_of_the_backbone_unless_set(monkeypatch):
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 1024))
+    monkeypatch.setitem(adapter.MEASURED_PAGE_CHUNKS, backbone_spec(model).shape_key, 2)
+    layouts = {}
+    for page_chunks in (None, 4):
+        with LSACache(model, LSAConfig(budget=0.25, page_chunks=page_chunks), max_new_tokens=8) as cache:
+            greedy_logits(model, ids, cache, 8)
+            layouts[page_chunks] = (cache.lsa.page_chunks, cache.store.layout)
+    (measured, small), (explicit, large) = layouts[None], layouts[4]
+    assert (measured, explicit) == (2, 4)
+    assert (small.page_size, large.page_size) == (32, 64)
+    # the same budget holds about twice the pages of half the size
+    assert small.num_page_slots >= 2 * large.num_page_slots - 1
 
 
 def test_budget_too_small_is_a_clear_error():

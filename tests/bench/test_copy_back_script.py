@@ -41,7 +41,7 @@ def test_the_prompt_holds_the_passage_far_back_and_ends_with_its_start(copy_back
 
 
 def test_the_passage_bound_keeps_the_pages_the_copy_reads_next(copy_back):
-    lsa = LSAConfig(budget=0.15)
+    lsa = LSAConfig(budget=0.15, page_chunks=4)  # pages of 64 tokens
     choose = copy_back.passage_chooser(lsa, passage_at=1000, copy_start=3000)
     store = SimpleNamespace(layout=SimpleNamespace(num_page_slots=4), batch=1)
     cache = SimpleNamespace(store=store, selectable_pages=lambda: 50, lookahead_pos=torch.tensor([[3100]]))

@@ -1,5 +1,6 @@
 """The benchmark runner on a tiny random llama with a character tokenizer and stand-in RULER samples."""
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -215,6 +216,7 @@ def test_rows_made_with_other_default_layers_are_not_mixed(bench, monkeypatch, t
         "target_layers": [1],
         "layer_reduce": "max",
         "token_keys_from": DEFAULT_TOKEN_KEYS_FROM,
+        "page_chunks": 2,
     }
 
 
@@ -238,6 +240,35 @@ def test_rows_made_with_another_token_keys_threshold_are_not_mixed(bench, monkey
         ]
         is None
     )
+
+
+def test_rows_made_with_another_page_size_are_not_mixed(bench, monkeypatch, tmp_path):
+    unset = dataclasses.replace(SMALL, page_chunks=None)  # the backbone's size
+    summary = bench(methods=["full"], samples=1, lsa=unset)
+    assert summary["config"]["lsa"]["page_chunks"] is None
+    assert summary["config"]["lsa_default_scorer"]["page_chunks"] == 4  # the tiny model's shape is not measured
+    monkeypatch.setattr(BackboneSpec, "default_page_chunks", lambda self: 2)
+    with pytest.raises(ValueError, match=re.escape("lsa_default_scorer: ")):
+        bench(methods=["full"], samples=1, lsa=unset)
+    # a size that is set does not depend on the backbone's
+    assert bench(out=tmp_path / "set", methods=["full"], samples=1)["config"]["lsa_default_scorer"]["page_chunks"] == 2
+
+
+def test_folders_written_while_pages_had_4_chunks_resume_with_that_size(bench, monkeypatch, tmp_path):
+    out = tmp_path / "old"
+    unset = dataclasses.replace(SMALL, page_chunks=None)
+    bench(out=out, methods=["full"], samples=1, lsa=unset)
+    config = json.loads((out / "config.json").read_text())
+    config["lsa"]["page_chunks"] = 4  # as written back then, when 4 was the default
+    del config["lsa_default_scorer"]["page_chunks"]
+    (out / "config.json").write_text(json.dumps(config))
+    bench(out=out, methods=["full"], samples=1, lsa=dataclasses.replace(SMALL, page_chunks=4))
+    (out / "config.json").write_text(json.dumps(config))
+    bench(out=out, methods=["full"], samples=1, lsa=unset)  # the tiny model's size is 4
+    (out / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(BackboneSpec, "default_page_chunks", lambda self: 2)
+    with pytest.raises(ValueError, match="holds results of another run"):
+        bench(out=out, methods=["full"], samples=1, lsa=unset)
 
 
 def test_baseline_page_choosers():

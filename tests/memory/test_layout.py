@@ -5,7 +5,7 @@ from flashmemory.memory.layout import BudgetError, SequenceBytes, plan_layout, r
 
 
 def test_plan_layout_respects_budget():
-    cfg = LSAConfig(budget=0.25)
+    cfg = LSAConfig(budget=0.25, page_chunks=4)
     seq = SequenceBytes(per_token=1024, per_chunk_key=96)
     layout = plan_layout(cfg, seq, context_len=8192, max_len=8192 + 64, other_layers_full=0)
     used = reserve_bytes(layout, seq, -(-(8192 + 64) // cfg.chunk_size))
@@ -14,20 +14,20 @@ def test_plan_layout_respects_budget():
 
 
 def test_plan_layout_bytes_budget_and_everything_fits():
-    cfg = LSAConfig(budget=10**12)
+    cfg = LSAConfig(budget=10**12, page_chunks=4)
     seq = SequenceBytes(per_token=1024, per_chunk_key=96)
     layout = plan_layout(cfg, seq, context_len=1000, max_len=1100, other_layers_full=0)
     assert layout.num_page_slots == -(-1100 // cfg.page_size)
 
 
 def test_plan_layout_too_small_budget_says_so():
-    cfg = LSAConfig(budget=0.01)
+    cfg = LSAConfig(budget=0.01, page_chunks=4)
     seq = SequenceBytes(per_token=1024, per_chunk_key=96)
     with pytest.raises(BudgetError, match="Raise the budget to at least"):
         plan_layout(cfg, seq, context_len=2048, max_len=2100, other_layers_full=0)
 
 
 def test_plan_layout_max_pages():
-    cfg = LSAConfig(budget=None, max_pages=7)
+    cfg = LSAConfig(budget=None, max_pages=7, page_chunks=4)
     seq = SequenceBytes(per_token=1024, per_chunk_key=96)
     assert plan_layout(cfg, seq, context_len=4096, max_len=4200, other_layers_full=0).num_page_slots == 7

@@ -5,7 +5,12 @@ from transformers import AutoConfig
 from flashmemory.attention.cache import LSACache
 from flashmemory.config import LSAConfig
 from flashmemory.models import adapter
-from flashmemory.models.adapter import DEFAULT_TOKEN_KEYS_FROM, MEASURED_ZERO_SHOT_LAYERS, backbone_spec
+from flashmemory.models.adapter import (
+    DEFAULT_PAGE_CHUNKS,
+    DEFAULT_TOKEN_KEYS_FROM,
+    MEASURED_ZERO_SHOT_LAYERS,
+    backbone_spec,
+)
 from flashmemory.models.tiny import tiny_model
 
 from ..conftest import SMALL_LSA
@@ -41,7 +46,7 @@ def test_measured_shape_gets_its_measured_layer():
 def test_token_keys_threshold_is_the_measured_one_of_the_shape(monkeypatch):
     assert DEFAULT_TOKEN_KEYS_FROM == 0  # token keys at every length
     smollm2 = _config("llama", 30, 576, 9, 3)
-    assert backbone_spec(smollm2).default_token_keys_from() == 8193  # measured: chunk keys within its 8K context
+    assert backbone_spec(smollm2).default_token_keys_from() == 4096  # measured: chunk keys at 2K, token keys from 4K
     assert backbone_spec(_config("qwen2", 24, 896, 14, 2)).default_token_keys_from() == DEFAULT_TOKEN_KEYS_FROM
     monkeypatch.setitem(adapter.MEASURED_TOKEN_KEYS_FROM, ("llama", 32, 4096, 32, 8), 4096)
     assert backbone_spec(_config("llama", 32, 4096, 32, 8)).default_token_keys_from() == 4096
@@ -64,3 +69,12 @@ def test_cache_reduces_the_default_layers_by_mean_and_explicit_layers_by_max():
     assert explicit.layer_reduce == "max" and chosen.layer_reduce == "max"
     for cache in (default, explicit, chosen):
         cache.close()
+
+
+def test_page_size_is_the_measured_one_of_the_shape(monkeypatch):
+    assert DEFAULT_PAGE_CHUNKS == 4
+    assert backbone_spec(_config("llama", 30, 576, 9, 3)).default_page_chunks() == 2  # SmolLM2: measured
+    assert backbone_spec(_config("qwen2", 24, 896, 14, 2)).default_page_chunks() == DEFAULT_PAGE_CHUNKS
+    monkeypatch.setitem(adapter.MEASURED_PAGE_CHUNKS, ("llama", 32, 4096, 32, 8), 8)
+    assert backbone_spec(_config("llama", 32, 4096, 32, 8)).default_page_chunks() == 8
+    assert backbone_spec(_config("llama", 32, 4096, 32, 4)).default_page_chunks() == DEFAULT_PAGE_CHUNKS

@@ -124,8 +124,8 @@ class LSACache(LSACycle, Cache):
         max_new_tokens: int = 256,
         forced_pages=None,
     ) -> None:
-        self.lsa = lsa or LSAConfig()
         self.spec = backbone_spec(model)
+        self.lsa = (lsa or LSAConfig()).with_page_chunks(self.spec.default_page_chunks())
         impl = getattr(model.config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"LSACache needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")

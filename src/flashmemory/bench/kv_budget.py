@@ -65,6 +65,7 @@ def lsa_page_tokens(model: nn.Module, lsa: LSAConfig, context_len: int, max_new_
         BudgetError: when the budget cannot hold LSA's always-resident part (the same refusal as LSA's).
     """
     spec = backbone_spec(model)
+    lsa = lsa.with_page_chunks(spec.default_page_chunks())
     per_head_token, num_sliding = _token_bytes(model, elem)
     other_full = 2 * num_sliding * min(context_len, spec.sliding_window or 0) * per_head_token
     layout = plan_layout(

@@ -152,10 +152,25 @@ def _check_resume(out: Path, config: dict) -> None:
     if isinstance(recorded.get("lsa_default_scorer"), dict):
         # written before the threshold was recorded: by runs that scored chunk or token keys, never "auto"
         recorded["lsa_default_scorer"] = {"token_keys_from": None, **recorded["lsa_default_scorer"]}
+    _page_chunks_unset_before(recorded, config)
     changed = [k for k in _PINNED if k in config and recorded.get(k) != config[k]]  # some are known once loaded
     if changed and (out / RESULTS).exists():
         details = ", ".join(f"{k}: {recorded.get(k)!r} -> {config[k]!r}" for k in changed)
         raise ValueError(f"{out} holds results of another run ({details}); use a new --out folder")
+
+
+def _page_chunks_unset_before(recorded: dict, config: dict) -> None:
+    """A folder written while ``page_chunks`` defaulted to 4 recorded that number in its settings, and no size with
+    its default scorer. Now an unset ``page_chunks`` takes the backbone's own size, pinned with the default scorer
+    once the model is loaded: the old folder ran with the size it recorded."""
+    old_lsa, new_lsa = recorded.get("lsa"), config.get("lsa")
+    if not (isinstance(old_lsa, dict) and isinstance(old_lsa.get("page_chunks"), int)):
+        return
+    scorer = recorded.get("lsa_default_scorer")
+    if isinstance(scorer, dict):
+        recorded["lsa_default_scorer"] = {"page_chunks": old_lsa["page_chunks"], **scorer}
+    if isinstance(new_lsa, dict) and new_lsa.get("page_chunks") is None:
+        recorded["lsa"] = {**old_lsa, "page_chunks": None}
 
 
 @contextmanager
@@ -288,6 +303,7 @@ def run_bench(
         "target_layers": list(layers),
         "layer_reduce": reduce,
         "token_keys_from": cfg.token_keys_threshold(spec.default_token_keys_from()),
+        "page_chunks": cfg.with_page_chunks(spec.default_page_chunks()).page_chunks,
     }
     _check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,9 @@ OUT = Console()
 DEFAULTS = LSAConfig()
 
 
-def lsa_config(budget: float, interval: int, chunk_size: int, page_chunks: int, recent: int, sink: int) -> LSAConfig:
+def lsa_config(
+    budget: float, interval: int, chunk_size: int, page_chunks: int | None, recent: int, sink: int
+) -> LSAConfig:
     if not budget > 0:
         raise ValueError(f"--budget must be a fraction in (0, 1] or a byte count > 1, got {budget}")
     return LSAConfig(
@@ -43,7 +45,9 @@ def ask(
     max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
     interval: int = typer.Option(DEFAULTS.interval, help="Decode steps per recall cycle."),
     chunk_size: int = typer.Option(DEFAULTS.chunk_size, help="Tokens per scored chunk."),
-    page_chunks: int = typer.Option(DEFAULTS.page_chunks, help="Chunks per recalled page."),
+    page_chunks: int | None = typer.Option(
+        DEFAULTS.page_chunks, help="Chunks per recalled page [default: the model's measured size, else 4]."
+    ),
     recent: int = typer.Option(DEFAULTS.recent, help="Recent tokens always resident."),
     sink: int = typer.Option(DEFAULTS.sink, help="First tokens always resident."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),

@@ -17,13 +17,20 @@ MEASURED_ZERO_SHOT_LAYERS: dict[tuple, tuple[int, ...]] = {
 # architecture shape. Token keys at every length unless measured otherwise: with the zero-shot indexer they gained on
 # both backbones measured. Qwen2.5 0.5B (layer 13): +6.5 / +6.1 / +5.5 / +5.8 RULER points at 4K / 8K / 16K / 32K on
 # the grid's held-out samples (benchmarks/results/ruler_qwen_h200_v2_token_keys*), chosen on the dev split
-# (benchmarks/results/ruler_dev_token_keys_h200). SmolLM2-135M's 45-70% band: +3.5 on the dev split at 4K, with
-# every held-out planted fact found. SmolLM2's shape keeps chunk keys at every length it takes (its context is 8192)
-# for the checkpoint shipped for it, which the default uses: token keys gain 10.7 RULER points with it but lose
-# planted facts that chunk keys answer as full attention does (benchmarks/results/ruler_dev_token_keys_smollm2_cpu).
+# (benchmarks/results/ruler_dev_token_keys_h200). SmolLM2-135M's shape scores token keys from 4096 tokens, for the
+# checkpoint shipped for it, which the default uses: on 100 dev planted facts per length they found 3-10 more than
+# chunk keys at 4K, 6K and 7K, and 18 fewer at 2K (benchmarks/results/planted_fact_smollm2_pages_h200).
 DEFAULT_TOKEN_KEYS_FROM = 0
 MEASURED_TOKEN_KEYS_FROM: dict[tuple, int] = {
-    ("llama", 30, 576, 9, 3): 8193,
+    ("llama", 30, 576, 9, 3): 4096,
+}
+# Chunks per recalled page (LSAConfig.page_chunks), per architecture shape: 4 (64 tokens) unless measured
+# otherwise. A page is the unit the budget is spent in, so at short prompts a budget holds only a few: SmolLM2 at 2K
+# and a fifth of the KV has 2-3 pages of 64 tokens. Pages of 32 tokens found 8 more dev planted facts of 100 at 2K
+# and 5 more at 4K with its shipped checkpoint (benchmarks/results/planted_fact_smollm2_pages_h200).
+DEFAULT_PAGE_CHUNKS = 4
+MEASURED_PAGE_CHUNKS: dict[tuple, int] = {
+    ("llama", 30, 576, 9, 3): 2,
 }
 
 
@@ -77,6 +84,10 @@ class BackboneSpec:
     def default_token_keys_from(self) -> int:
         """Prompt length from which ``first_boundary_keys="auto"`` scores token keys on this backbone."""
         return MEASURED_TOKEN_KEYS_FROM.get(self.shape_key, DEFAULT_TOKEN_KEYS_FROM)
+
+    def default_page_chunks(self) -> int:
+        """Chunks per recalled page on this backbone when ``LSAConfig.page_chunks`` is unset."""
+        return MEASURED_PAGE_CHUNKS.get(self.shape_key, DEFAULT_PAGE_CHUNKS)
 
     def default_layer_reduce(self) -> str:
         """How the zero-shot scorer combines its default layers (see :meth:`default_target_layers`)."""
