@@ -46,7 +46,7 @@ def ask(
     interval: int = typer.Option(DEFAULTS.interval, help="Decode steps per recall cycle."),
     chunk_size: int = typer.Option(DEFAULTS.chunk_size, help="Tokens per scored chunk."),
     page_chunks: int | None = typer.Option(
-        DEFAULTS.page_chunks, help="Chunks per recalled page [default: the model's measured size, else 4]."
+        DEFAULTS.page_chunks, help="Chunks per recalled page (unset: the size measured for the model's shape, else 4)."
     ),
     recent: int = typer.Option(DEFAULTS.recent, help="Recent tokens always resident."),
     sink: int = typer.Option(DEFAULTS.sink, help="First tokens always resident."),
