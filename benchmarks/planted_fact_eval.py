@@ -4,6 +4,8 @@
         --ckpt src/flashmemory/checkpoints/smollm2-135m --out benchmarks/results/planted_fact_smollm2
 
 ``--ckpt`` may be given several times: each checkpoint becomes a method ``lsa-<folder name>`` on the same facts.
+Every answer is appended to ``<out>/rows.jsonl`` as it is made, so a run that stops resumes where it stopped when
+started again with the same settings (``<out>/settings.json``); other settings are refused for that folder.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from pathlib import Path
 from flashmemory import LSAConfig, generate, load_indexer, model_fingerprint
 from flashmemory.bench.planted_fact import planted_fact
 from flashmemory.bench.record import provenance
+from flashmemory.indexer.checkpoint import checkpoint_identity
 from flashmemory.runtime.ask import load_on
+
+ROWS, SETTINGS = "rows.jsonl", "settings.json"
 
 
 def main() -> None:
@@ -37,43 +42,105 @@ def main() -> None:
     model, tok = load_on(args.model, "auto", progress=False)
     device = model.device
     methods = {"full": ("full", None)} | ({} if args.no_zeroshot else {"lsa-zeroshot": ("lsa", None)})
+    identities = {}
     for ckpt in args.ckpt:
         name = f"lsa-{ckpt.resolve().name}"
         if name in methods:
             raise SystemExit(f"two checkpoints named {ckpt.resolve().name}: give them folders of different names")
         methods[name] = ("lsa", load_indexer(ckpt, fingerprint=model_fingerprint(model), device=device))
+        identities[name] = checkpoint_identity(ckpt)
     lsa = LSAConfig(budget=args.budget, **parse_settings(args.lsa))
-    rows = []
-    for length in (int(x) for x in args.lengths.split(",")):
-        for s in range(args.samples):
-            task = planted_fact(tok, length, seed=args.seed + s)
-            for name, (method, indexer) in methods.items():
-                t0 = time.perf_counter()
-                res = generate(
-                    model, tok, task.prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=args.max_new_tokens
-                )
-                rows.append(
-                    {
-                        **res.stats.to_dict(),
-                        "length": length,
-                        "seed": args.seed + s,
-                        "method": name,
-                        "correct": task.is_correct(res.text),
-                        "answer": res.text.strip()[:80],
-                        "wall_seconds": time.perf_counter() - t0,
-                    }
-                )
-                print(json.dumps({k: rows[-1][k] for k in ("length", "seed", "method", "correct", "kv_ratio")}))
+    lengths = [int(x) for x in args.lengths.split(",")]
+    # what decides an answer: a folder's rows are only resumed with the same
+    settings = {
+        "model": args.model,
+        "fingerprint": model_fingerprint(model),
+        "budget": args.budget,
+        "lsa": sorted(args.lsa),
+        "max_new_tokens": args.max_new_tokens,
+        "checkpoints": identities,
+    }
+    rows = run(model, tok, methods, lsa, lengths, args.samples, args.seed, args.max_new_tokens, args.out, settings)
     meta = {
         **provenance("benchmarks/planted_fact_eval.py", vars(args)),
         "model": args.model,
         "budget": args.budget,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "planted_fact.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     table = markdown(meta, rows)
     (args.out / "planted_fact.md").write_text(table)
     print(table)
+
+
+def run(
+    model,
+    tok,
+    methods: dict[str, tuple[str, object]],
+    lsa: LSAConfig,
+    lengths: list[int],
+    samples: int,
+    seed: int,
+    max_new_tokens: int,
+    out: Path,
+    settings: dict,
+) -> list[dict]:
+    """Answer every (length, seed, method) not yet in ``out``'s rows, appending each answer as it is made.
+
+    Returns:
+        The rows of this grid, in grid order (rows of other lengths, seeds or methods in the folder are kept on
+        disk but left out).
+
+    Raises:
+        SystemExit: when ``out`` holds rows made with other settings.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    recorded = out / SETTINGS
+    if recorded.exists() and json.loads(recorded.read_text()) != settings:
+        raise SystemExit(f"{out} holds answers made with other settings ({recorded}); use a new --out folder")
+    recorded.write_text(json.dumps(settings, indent=1))
+    done = {(r["length"], r["seed"], r["method"]): r for r in read_rows(out / ROWS)}
+    with (out / ROWS).open("a") as log:
+        if log.tell() and not (out / ROWS).read_text().endswith("\n"):
+            log.write("\n")  # end a line cut short by a stop, so the next answer starts a line of its own
+        for length in lengths:
+            for s in range(samples):
+                todo = [name for name in methods if (length, seed + s, name) not in done]
+                if not todo:
+                    continue
+                task = planted_fact(tok, length, seed=seed + s)
+                for name in todo:
+                    method, indexer = methods[name]
+                    t0 = time.perf_counter()
+                    res = generate(
+                        model, tok, task.prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=max_new_tokens
+                    )
+                    row = {
+                        **res.stats.to_dict(),
+                        "length": length,
+                        "seed": seed + s,
+                        "method": name,
+                        "correct": task.is_correct(res.text),
+                        "answer": res.text.strip()[:80],
+                        "wall_seconds": time.perf_counter() - t0,
+                    }
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    done[(length, seed + s, name)] = row
+                    print(json.dumps({k: row[k] for k in ("length", "seed", "method", "correct", "kv_ratio")}))
+    return [done[(n, seed + s, name)] for n in lengths for s in range(samples) for name in methods]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of an earlier run; a last line cut short by a stop is dropped (its answer is made again)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def parse_settings(items: list[str]) -> dict:

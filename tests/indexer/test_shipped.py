@@ -1,7 +1,7 @@
 import pytest
 
 import flashmemory.indexer.shipped as shipped
-from flashmemory.indexer.checkpoint import save_indexer
+from flashmemory.indexer.checkpoint import CheckpointError, checkpoint_identity, save_indexer
 from flashmemory.indexer.memory_indexer import MemoryIndexer
 from flashmemory.models import model_fingerprint, tiny_model
 
@@ -65,3 +65,17 @@ def test_auto_does_not_warn_when_a_later_checkpoint_matches(tmp_path, monkeypatc
         found = shipped.resolve_indexer(model, "auto")
     assert found is not None and float(found.tower.score_bias[0].detach()) == -3.0
     assert shipped.shipped_identity(model).startswith("b@")
+
+
+def test_a_checkpoint_folder_is_labelled_by_its_weights_and_spec(tmp_path):
+    model = tiny_model("llama")
+    indexer = MemoryIndexer.from_model(model, (2, 3), chunk_size=16)
+    label = checkpoint_identity(save_indexer(indexer, tmp_path / "mine"))
+    assert label.startswith("mine@") and label == checkpoint_identity(tmp_path / "mine")
+    indexer.spec.prior_buckets = 5
+    assert checkpoint_identity(save_indexer(indexer, tmp_path / "mine")) != label
+    with pytest.raises(CheckpointError, match="no readable indexer checkpoint"):
+        checkpoint_identity(tmp_path / "missing")
+    (tmp_path / "mine" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no indexer weights"):
+        checkpoint_identity(tmp_path / "mine")

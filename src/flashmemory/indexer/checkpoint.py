@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -31,6 +32,29 @@ def save_indexer(indexer: MemoryIndexer, path: str | Path, *, extra: dict | None
     meta = {"format": getattr(indexer, "checkpoint_format", FORMAT), "spec": indexer.spec.to_dict(), **(extra or {})}
     (path / CONFIG).write_text(json.dumps(meta, indent=2))
     return path
+
+
+def checkpoint_identity(path: str | Path) -> str:
+    """``"<folder>@<first 12 hex of a sha256>"`` of a checkpoint, a label for records: the hash covers the weights and
+    the spec (settings such as the prior's reach or the head's page share change the scores too), so results made
+    with one checkpoint are never mixed with another's.
+
+    Raises:
+        CheckpointError: for a folder without a readable checkpoint.
+    """
+    path = Path(path)
+    try:
+        spec = json.loads((path / CONFIG).read_text())["spec"]
+        weights = sorted(path.glob("*.safetensors"))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{path} holds no readable indexer checkpoint ({CONFIG} with a spec)") from None
+    if not weights:
+        raise CheckpointError(f"{path} holds no indexer weights ({WEIGHTS})")
+    digest = hashlib.sha256()
+    for weight in weights:
+        digest.update(weight.read_bytes())
+    digest.update(json.dumps(spec, sort_keys=True).encode())
+    return f"{path.resolve().name}@{digest.hexdigest()[:12]}"
 
 
 def load_indexer(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -12,7 +11,7 @@ from torch import nn
 
 from ..models.adapter import backbone_spec
 from ..models.loader import model_fingerprint
-from .checkpoint import CONFIG, load_indexer
+from .checkpoint import CONFIG, checkpoint_identity, load_indexer
 from .memory_indexer import MemoryIndexer
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -52,12 +51,7 @@ def shipped_identity(model: nn.Module) -> str:
     name = matching_checkpoint(shipped, model_fingerprint(model))
     if name is None:
         return "zero-shot"
-    digest = hashlib.sha256()
-    for path in sorted((SHIPPED_DIR / name).glob("*.safetensors")):
-        digest.update(path.read_bytes())
-    spec = json.loads((SHIPPED_DIR / name / CONFIG).read_text())["spec"]
-    digest.update(json.dumps(spec, sort_keys=True).encode())
-    return f"{name}@{digest.hexdigest()[:12]}"
+    return checkpoint_identity(SHIPPED_DIR / name)
 
 
 def resolve_indexer(model: nn.Module, indexer: str | Path | MemoryIndexer | None) -> MemoryIndexer | None:
