@@ -1,7 +1,5 @@
 """``benchmarks/copy_back.py``: its samples, its page-choice bound and its scoring, on a tiny model."""
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,16 +10,12 @@ from flashmemory.config import LSAConfig
 from flashmemory.models.tiny import tiny_model
 
 from .fake_tokenizers import CharTokenizer
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "copy_back.py"
+from .scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def copy_back():
-    spec = importlib.util.spec_from_file_location("copy_back", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("copy_back")
 
 
 def test_the_prompt_holds_the_passage_far_back_and_ends_with_its_start(copy_back):

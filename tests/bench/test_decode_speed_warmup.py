@@ -1,6 +1,5 @@
 """``benchmarks/decode_speed.py``: warm-up runs until nothing compiles, and a failed capture stops the run."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,17 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from .scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "decode_speed.py"
 
 
 @pytest.fixture(scope="module")
 def decode_speed():
-    spec = importlib.util.spec_from_file_location("decode_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["decode_speed"] = module  # its dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    yield module
+    yield load_script("decode_speed", register=True)
     sys.modules.pop("decode_speed", None)
 
 

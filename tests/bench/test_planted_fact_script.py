@@ -1,9 +1,7 @@
 """``benchmarks/planted_fact_eval.py``: answers are kept as they are made, and a stopped run resumes."""
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,17 +9,14 @@ import pytest
 from flashmemory.config import LSAConfig
 
 from .fake_tokenizers import CharTokenizer
+from .scripts import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "planted_fact_eval.py"
 SETTINGS = {"model": "tiny", "budget": 0.2}
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("planted_fact_eval", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("planted_fact_eval")
 
 
 @pytest.fixture
