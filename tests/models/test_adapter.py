@@ -46,7 +46,7 @@ def test_measured_shape_gets_its_measured_layer():
 def test_token_keys_threshold_is_the_measured_one_of_the_shape(monkeypatch):
     assert DEFAULT_TOKEN_KEYS_FROM == 0  # token keys at every length
     smollm2 = _config("llama", 30, 576, 9, 3)
-    assert backbone_spec(smollm2).default_token_keys_from() == 4096  # measured: chunk keys at 2K, token keys from 4K
+    assert backbone_spec(smollm2).default_token_keys_from() == 3072  # measured: chunk keys at 2K, token keys at 4K
     assert backbone_spec(_config("qwen2", 24, 896, 14, 2)).default_token_keys_from() == DEFAULT_TOKEN_KEYS_FROM
     monkeypatch.setitem(adapter.MEASURED_TOKEN_KEYS_FROM, ("llama", 32, 4096, 32, 8), 4096)
     assert backbone_spec(_config("llama", 32, 4096, 32, 8)).default_token_keys_from() == 4096
