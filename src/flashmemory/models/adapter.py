@@ -29,7 +29,9 @@ MEASURED_TOKEN_KEYS_FROM: dict[tuple, int] = {
 # Chunks per recalled page (LSAConfig.page_chunks), per architecture shape: 4 (64 tokens) unless measured
 # otherwise. A page is the unit the budget is spent in, so at short prompts a budget holds only a few: SmolLM2 at 2K
 # and a fifth of the KV has 2-3 pages of 64 tokens. Pages of 32 tokens found 8 more dev planted facts of 100 at 2K
-# and 5 more at 4K with its shipped checkpoint (benchmarks/results/planted_fact_smollm2_pages_h200).
+# and 5 more at 4K with its shipped checkpoint (benchmarks/results/planted_fact_smollm2_pages_h200). On RULER's dev
+# split at 4K they score the same as 64-token pages with token keys (31.2), and 2.3 points below with chunk keys
+# (benchmarks/results/ruler_dev_pages_smollm2_cpu). Qwen's RULER lost with smaller pages (dev_pages_h200).
 DEFAULT_PAGE_CHUNKS = 4
 MEASURED_PAGE_CHUNKS: dict[tuple, int] = {
     ("llama", 30, 576, 9, 3): 2,
