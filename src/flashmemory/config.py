@@ -115,10 +115,9 @@ class LSAConfig:
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "page_chunks", "interval", "query_window"):
-            if name == "page_chunks" and self.page_chunks is None:
-                continue
-            if getattr(self, name) < 1:
-                raise ValueError(f"LSAConfig.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:  # page_chunks=None: the backbone's size
+                raise ValueError(f"LSAConfig.{name} must be >= 1, got {value}")
         for name in ("recent", "sink", "follow_chunks", "token_keys_from"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"LSAConfig.{name} must be >= 0, got {getattr(self, name)}")
