@@ -164,6 +164,44 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_indexer(tmp_path / "missing")
 
 
+def test_checkpoint_can_store_its_matrices_in_half_precision(tmp_path):
+    from safetensors.torch import load_file
+
+    indexer = MemoryIndexer.from_model(tiny_model("llama"), (1, 2), chunk_size=8)
+    with torch.no_grad():
+        indexer.distance_bias.normal_()
+    full = save_indexer(indexer, tmp_path / "full")
+    half = save_indexer(indexer, tmp_path / "half", half_matrices=True)
+    stored = load_file(half / "model.safetensors")
+    assert stored["tower.q_proj.0.weight"].dtype == torch.float16
+    assert stored["inv_freq"].dtype == stored["distance_bias"].dtype == torch.float32  # angles and prior exact
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (full / "model.safetensors").stat().st_size
+    loaded = load_indexer(half)
+    for name, value in indexer.state_dict().items():
+        got = loaded.state_dict()[name]
+        assert got.dtype == torch.float32, name
+        if stored[name].dtype == torch.float16:
+            torch.testing.assert_close(got, value.half().float(), msg=name)
+        else:
+            assert torch.equal(got, value), name
+
+
+def test_checkpoint_records_its_layer_reduction_and_older_ones_read_as_max(tmp_path):
+    model = tiny_model("llama")
+    indexer = MemoryIndexer.from_model(model, (1, 2), chunk_size=8)
+    indexer.spec.layer_reduce = "mean"
+    path = save_indexer(indexer, tmp_path / "ck")
+    assert load_indexer(path).spec.layer_reduce == "mean"
+    meta = json.loads((path / "config.json").read_text())
+    del meta["spec"]["layer_reduce"]  # as written before checkpoints recorded it: they were all trained by max
+    (path / "config.json").write_text(json.dumps(meta))
+    assert load_indexer(path).spec.layer_reduce == "max"
+    meta["spec"]["layer_reduce"] = "sum"
+    (path / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="corrupt.*layer_reduce"):
+        load_indexer(path)
+
+
 def test_blend_walks_from_start_to_end_in_weight_space_and_refuses_other_shapes(tmp_path):
     model = tiny_model("llama")
     start = MemoryIndexer.from_model(model, (2,), chunk_size=8, backbone="tiny", fingerprint="abc")
@@ -173,6 +211,7 @@ def test_blend_walks_from_start_to_end_in_weight_space_and_refuses_other_shapes(
             p.add_(torch.randn_like(p))
     end.spec.trained = True
     end.spec.prior_buckets = 30  # set by training; the zero-shot start has none
+    end.spec.layer_reduce = "mean"  # chosen for training: the blend scores as the trained end was trained to
     save_indexer(start, tmp_path / "a")
     save_indexer(end, tmp_path / "b", extra={"training": {"epochs": 3}})
     for w in (0.0, 0.25, 1.0):
@@ -180,7 +219,7 @@ def test_blend_walks_from_start_to_end_in_weight_space_and_refuses_other_shapes(
         for name, v in got.state_dict().items():
             a, b = start.state_dict()[name], end.state_dict()[name]
             torch.testing.assert_close(v, a + w * (b - a), msg=name)
-        assert got.spec.trained and got.spec.prior_buckets == 30
+        assert got.spec.trained and got.spec.prior_buckets == 30 and got.spec.layer_reduce == "mean"
     meta = json.loads((tmp_path / "w0.25" / "config.json").read_text())
     assert meta["blend"]["weight"] == 0.25 and meta["training"] == {"epochs": 3}
     other = MemoryIndexer.from_model(model, (1,), chunk_size=8, backbone="tiny", fingerprint="abc")

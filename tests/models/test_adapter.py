@@ -4,6 +4,7 @@ from transformers import AutoConfig
 
 from flashmemory.attention.cache import LSACache
 from flashmemory.config import LSAConfig
+from flashmemory.indexer.memory_indexer import MemoryIndexer
 from flashmemory.models import adapter
 from flashmemory.models.adapter import (
     DEFAULT_PAGE_CHUNKS,
@@ -68,6 +69,20 @@ def test_cache_reduces_the_default_layers_by_mean_and_explicit_layers_by_max():
     assert default.targets == backbone_spec(model).default_target_layers() and default.layer_reduce == "mean"
     assert explicit.layer_reduce == "max" and chosen.layer_reduce == "max"
     for cache in (default, explicit, chosen):
+        cache.close()
+
+
+def test_cache_takes_the_reduction_a_checkpoint_records_unless_the_config_names_one():
+    model = tiny_model("llama")
+    layers = backbone_spec(model).default_target_layers()
+    indexer = MemoryIndexer.from_model(model, layers, chunk_size=SMALL_LSA["chunk_size"])
+    indexer.spec.trained = True
+    caches = []
+    for recorded, asked, expected in (("mean", None, "mean"), ("max", None, "max"), ("mean", "max", "max")):
+        indexer.spec.layer_reduce = recorded
+        caches.append(LSACache(model, LSAConfig(budget=None, max_pages=4, layer_reduce=asked, **SMALL_LSA), indexer))
+        assert caches[-1].layer_reduce == expected, (recorded, asked)
+    for cache in caches:
         cache.close()
 
 

@@ -63,6 +63,8 @@ def test_dump_records_the_layers_asked_for_and_refuses_others(tmp_path):
     run_dump(model, CharTokenizer(), prompts(1, 1, 120), tmp_path / "d", target_layers=(0,), **kwargs)
     assert read_manifest(tmp_path / "d")["target_layers"] == [0]
     assert load_indexer(tmp_path / "d" / "init_indexer").target_layers == (0,)
+    # the zero-shot indexer records the reduction the runtime gives it: max on named layers, mean on the default
+    assert load_indexer(tmp_path / "d" / "init_indexer").spec.layer_reduce == "max"
     with pytest.raises(ValueError, match="not full-attention layers"):
         run_dump(model, CharTokenizer(), prompts(1, 1, 120), tmp_path / "e", target_layers=(99,), **kwargs)
     assert not (tmp_path / "e").exists()
@@ -186,6 +188,42 @@ def test_distance_prior_can_be_off_or_left_out_of_the_checkpoint(dump_dir, tmp_p
     assert saved == pytest.approx(runs["train-only"]["best"]["recall@0.15"], abs=1e-6)
     with pytest.raises(ValueError, match="distance_prior"):
         TrainConfig(distance_prior="maybe")
+
+
+def test_training_scores_with_the_reduction_it_records(dump_dir, tmp_path):
+    from flashmemory.train.scorers import indexer_logits, mean_probability_logit
+
+    zero = load_indexer(dump_dir / "init_indexer")
+    assert len(zero.target_layers) > 1 and zero.spec.layer_reduce == "mean"  # the tiny model's default layers
+    ex = load_examples([dump_dir], split="validation", interval=16, recent=16)[0]
+    steps = torch.arange(ex.num_steps)
+    logits = indexer_logits(zero, ex, steps, window=4)
+    torch.testing.assert_close(logits, indexer_logits(zero, ex, steps, reduce="mean", window=4))
+    by_max = indexer_logits(zero, ex, steps, reduce="max", window=4)
+    assert not torch.allclose(logits, by_max)
+    # the mean's logit ranks as the mean probability does, and keeps a gradient where sigmoid rounds to zero
+    stacked = torch.randn(3, 5, 7) * 6 - 30
+    stacked.requires_grad_(True)
+    out = mean_probability_logit(stacked)
+    torch.testing.assert_close(out, torch.logit(torch.sigmoid(stacked.double()).mean(0)).float(), atol=1e-4, rtol=1e-5)
+    out.sum().backward()
+    assert (stacked.grad > 0).all()
+
+    cfg = TrainConfig(epochs=1, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2)
+    history = train_indexer([dump_dir], tmp_path / "max", replace(cfg, layer_reduce="max"), progress=False)
+    assert load_indexer(tmp_path / "max").spec.layer_reduce == "max" and history["config"]["layer_reduce"] == "max"
+    train_indexer([dump_dir], tmp_path / "mean", cfg, progress=False)
+    assert load_indexer(tmp_path / "mean").spec.layer_reduce == "mean"
+    with pytest.raises(ValueError, match="layer_reduce"):
+        TrainConfig(layer_reduce="sum")
+
+
+def test_indexer_eval_scores_the_zero_shot_indexer_by_the_reduction_asked_for(dump_dir):
+    recorded = evaluate_methods([dump_dir], None, interval=16, recent=16)
+    by_max = evaluate_methods([dump_dir], None, interval=16, recent=16, zero_shot_reduce="max")
+    assert recorded["layer_reduce"] == {"zero-shot": "mean"} and by_max["layer_reduce"] == {"zero-shot": "max"}
+    assert recorded["methods"]["zero-shot"] != by_max["methods"]["zero-shot"]
+    assert recorded["methods"]["recent"] == by_max["methods"]["recent"]
 
 
 def test_training_never_imports_a_model_class(dump_dir, tmp_path):

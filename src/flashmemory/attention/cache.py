@@ -130,9 +130,9 @@ class LSACache(LSACycle, Cache):
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"LSACache needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")
         self.attn_impl = impl
-        targets, self.layer_reduce = self.spec.scorer(
-            self.lsa.target_layers, self.lsa.layer_reduce, zero_shot=indexer is None
-        )
+        # a checkpoint scores with the reduction it was trained with unless the config names one
+        reduce = self.lsa.layer_reduce or (indexer.spec.layer_reduce if indexer is not None else None)
+        targets, self.layer_reduce = self.spec.scorer(self.lsa.target_layers, reduce, zero_shot=indexer is None)
         if indexer is None:
             indexer = MemoryIndexer.from_model(model, targets, chunk_size=self.lsa.chunk_size)
         if self.lsa.target_layers is not None and tuple(indexer.target_layers) != tuple(targets):

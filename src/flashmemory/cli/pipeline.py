@@ -123,6 +123,9 @@ def train(
     max_minutes: float = typer.Option(
         0.0, help="Stop after the epoch in which this many minutes have passed, keeping the best so far (0: no limit)."
     ),
+    layer_reduce: str = typer.Option(
+        None, help="Combine the layers' scores by max or mean, in training and at run time (default: the dump's)."
+    ),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Train the Memory Indexer's query tower from dumps only (no backbone is loaded)."""
@@ -147,6 +150,7 @@ def train(
         interpolate=interpolate,
         distance_prior=distance_prior,
         max_minutes=max_minutes or None,
+        layer_reduce=layer_reduce,
     )
     try:
         history = train_indexer(dumps, out, cfg, device=device)
@@ -222,6 +226,9 @@ def indexer_eval(
     by_length: str = typer.Option(
         "", help="Comma-separated prompt lengths in tokens, e.g. 4096,8192: also report each length range apart."
     ),
+    zero_shot_reduce: str = typer.Option(
+        None, help="Combine the zero-shot indexer's layers by max or mean (default: as the dump recorded)."
+    ),
 ) -> None:
     """Recall of golden chunks vs fraction kept: trained, zero-shot, Quest-style, recent, random."""
     from ..train.indexer_eval import evaluate_methods, markdown_table, write_report
@@ -244,6 +251,7 @@ def indexer_eval(
         target=target,
         peak_threshold=peak_threshold,
         length_edges=edges,
+        zero_shot_reduce=zero_shot_reduce,
     )
     write_report(report, out)
     OUT.print(markdown_table(report))

@@ -248,9 +248,9 @@ class DeepseekV4LSACache(LSACycle, Cache):
 
     def _score_chunks(self) -> torch.Tensor:
         keys = self.chunk_keys.stacked()
-        return self.indexer.score(self.lookahead, self.lookahead_pos, keys, self.lsa.layer_reduce or "max").to(
-            self.store.device
-        )
+        return self.indexer.score(
+            self.lookahead, self.lookahead_pos, keys, self.lsa.layer_reduce or self.indexer.spec.layer_reduce
+        ).to(self.store.device)
 
     def capture_lookahead(self, layer: int, hidden: torch.Tensor, positions: torch.Tensor) -> None:
         """Keep the newest ``query_window`` tower inputs of a target layer (the next boundary's query).

@@ -121,6 +121,9 @@ def run_dump(
     init = backend.init_indexer(
         model, targets, chunk_size=labels.chunk_size, backbone=backbone, fingerprint=fingerprint
     )
+    if backend is GenericCapture:
+        # the reduction the runtime's zero-shot scorer uses on these layers: training starts from what runs
+        init.spec.layer_reduce = backbone_spec(model).scorer(target_layers, None)[1]
     # other backends' capture takes neither argument (and refuses them above)
     extra = {"token_keys": token_keys, "feedback_window": feedback_window} if backend is GenericCapture else {}
     manifest = _open_manifest(out, settings)

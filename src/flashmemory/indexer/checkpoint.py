@@ -23,11 +23,22 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or belongs to another backbone."""
 
 
-def save_indexer(indexer: MemoryIndexer, path: str | Path, *, extra: dict | None = None) -> Path:
-    """Write ``indexer`` to the folder ``path`` (created if needed)."""
+def save_indexer(
+    indexer: MemoryIndexer, path: str | Path, *, extra: dict | None = None, half_matrices: bool = False
+) -> Path:
+    """Write ``indexer`` to the folder ``path`` (created if needed).
+
+    ``half_matrices`` stores the weight matrices as float16: the query projections of a tower over many layers
+    are nearly all of a checkpoint's bytes, and the package ships checkpoints. Biases, the distance prior and the
+    rotary frequencies (whose rounding would shift every angle) stay float32; loading gives float32 weights.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in indexer.state_dict().items()}
+    halved = {n for n, p in indexer.named_parameters() if half_matrices and n.endswith(".weight") and p.dim() == 2}
+    tensors = {
+        k: v.detach().to(torch.float16 if k in halved else torch.float32).cpu().contiguous()
+        for k, v in indexer.state_dict().items()
+    }
     save_file(tensors, path / WEIGHTS)
     meta = {"format": getattr(indexer, "checkpoint_format", FORMAT), "spec": indexer.spec.to_dict(), **(extra or {})}
     (path / CONFIG).write_text(json.dumps(meta, indent=2))
@@ -80,7 +91,7 @@ def load_indexer(
         meta = json.loads((path / CONFIG).read_text())
         spec_class, indexer_class = _classes(meta.get("format"), path)
         spec = spec_class(**meta["spec"])
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
         raise CheckpointError(f"{path / CONFIG} is corrupt: {exc}") from None
     if fingerprint is not None and spec.fingerprint and spec.fingerprint != fingerprint:
         message = (
@@ -135,7 +146,7 @@ def blend_indexers(start: str | Path, end: str | Path, weight: float, out: str |
         raise ValueError(f"weight must be in [0, 1], got {weight}")
     start, end, out = Path(start), Path(end), Path(out)
     a, b = load_indexer(start), load_indexer(end)
-    own = ("trained", "prior_buckets")  # what training changes, not the shape
+    own = ("trained", "prior_buckets", "layer_reduce")  # what training sets, not the shape: the blend takes end's
     spec_a = {k: v for k, v in a.spec.to_dict().items() if k not in own}
     spec_b = {k: v for k, v in b.spec.to_dict().items() if k not in own}
     if type(a) is not type(b) or spec_a != spec_b:

@@ -13,6 +13,7 @@ from .query_tower import QueryTower
 from .scoring import chunk_logits, token_chunk_logits
 
 NUM_DISTANCE_BUCKETS = 48
+LAYER_REDUCTIONS = ("max", "mean")
 EXACT_BUCKETS = 16  # the nearest chunks each get their own bucket, so the prior can express plain recency
 
 
@@ -57,6 +58,9 @@ class IndexerSpec:
             None for an indexer without one.
         prior_buckets: distance buckets of the prior that training covered whole; farther distances use the last
             of them (None: all buckets, as for checkpoints saved before this existed).
+        layer_reduce: how the target layers' chunk probabilities combine, ``"max"`` or ``"mean"``: the reduction
+            the indexer was trained (or, for a dump's zero-shot indexer, is run) with, and the runtime's default for
+            it. Checkpoints saved before this existed were trained with ``"max"``.
     """
 
     backbone: str
@@ -74,6 +78,11 @@ class IndexerSpec:
     trained: bool = False
     feedback: dict | None = None
     prior_buckets: int | None = None
+    layer_reduce: str = "max"
+
+    def __post_init__(self) -> None:
+        if self.layer_reduce not in LAYER_REDUCTIONS:
+            raise ValueError(f"layer_reduce must be one of {LAYER_REDUCTIONS}, got {self.layer_reduce!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -103,7 +103,8 @@ class BackboneSpec:
         """Layers and reduction an indexer scores with, from ``LSAConfig.target_layers`` and ``layer_reduce``.
 
         Unset layers are the model's defaults. An unset reduction is the default one for the zero-shot indexer on
-        its default layers, else ``"max"`` (layers the user names, a trained checkpoint's), as they were measured.
+        its default layers, else ``"max"`` (layers the user names, a checkpoint that records no reduction), as they
+        were measured.
         """
         layers = tuple(target_layers) if target_layers else self.default_target_layers()
         on_default_layers = zero_shot and not target_layers

@@ -40,12 +40,16 @@ def evaluate_methods(
     target: str = "golden",
     peak_threshold: float = 0.3,
     length_edges: Sequence[int] = (),
+    zero_shot_reduce: str | None = None,
 ) -> dict[str, dict]:
     """Recall curves of every method over the held-out prompts of ``dump_dirs``: over ``"all"`` their steps, or
     over the ``"boundary"`` steps only (every ``interval``-th, where the runtime asks the indexer). ``target``
     and ``peak_threshold`` choose which label counts as needed (see :func:`~.dataset.step_targets`).
     ``length_edges`` (prompt tokens, increasing) also splits the prompts into length ranges, each with its own
-    curves under ``"by_length"``: how much of the label a kept fraction can hold depends on the length."""
+    curves under ``"by_length"``: how much of the label a kept fraction can hold depends on the length.
+    ``zero_shot_reduce`` combines the zero-shot indexer's layers (None: as its dump recorded; a dump made before
+    dumps recorded it takes ``"max"``, while the runtime averages the default layers: name ``"mean"`` to score
+    it as the runtime does)."""
     if steps not in ("all", "boundary"):
         raise ValueError(f"steps must be 'all' or 'boundary', got {steps!r}")
     edges = [int(e) for e in length_edges]
@@ -58,6 +62,8 @@ def evaluate_methods(
         dump_dirs, split=split, interval=interval, recent=recent, target=target, peak_threshold=peak_threshold
     )
     zero = load_indexer(dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"])
+    if zero_shot_reduce is not None:
+        zero.spec.layer_reduce = zero_shot_reduce
     trained = load_indexer(ckpt, fingerprint=manifest["fingerprint"]) if ckpt is not None else None
     gen = torch.Generator().manual_seed(seed)
     curves = {m: RecallCurve() for m in METHODS if m != "trained" or trained is not None}
@@ -109,6 +115,8 @@ def evaluate_methods(
         "step_kind": steps,
         "fractions": list(DEFAULT_FRACTIONS),
         "window": window,
+        "layer_reduce": {"zero-shot": zero.spec.layer_reduce}
+        | ({"trained": trained.spec.layer_reduce} if trained is not None else {}),
         "target": target if target == "golden" else f"{target}>={peak_threshold}",
         "needed_share": curves["oracle"].positives / max(curves["oracle"].candidates, 1.0),
         "methods": {m: {"recall": c.recall(), **c.summary()} for m, c in curves.items()},

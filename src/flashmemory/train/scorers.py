@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..indexer.memory_indexer import MemoryIndexer
 from ..models.adapter import apply_rope
@@ -15,7 +16,7 @@ def indexer_logits(
     indexer: MemoryIndexer,
     ex: PromptExamples,
     steps: torch.Tensor,
-    reduce: str = "max",
+    reduce: str | None = None,
     window: int = 1,
     token_keys: bool = False,
 ) -> torch.Tensor:
@@ -25,7 +26,7 @@ def indexer_logits(
         indexer: the scorer.
         ex: one prompt's examples.
         steps: which steps to score. # [S]
-        reduce: ``"max"`` or ``"mean"`` over target layers.
+        reduce: ``"max"`` or ``"mean"`` over target layers; None: the indexer's own (``spec.layer_reduce``).
         window: newest steps forming each query (the runtime's ``query_window``). Default: 1.
         token_keys: score each chunk as its best token (needs a dump made with ``--token-keys``), as the runtime
             does at boundaries set to token keys, instead of by its mean key.
@@ -47,7 +48,21 @@ def indexer_logits(
             tokens = ex.token_keys[j].to(device, torch.float32).unsqueeze(0).expand(len(steps), -1, -1, -1)
         per_layer.append(indexer.layer_logits(j, hidden[:, :, j], pos, keys, valid, token_keys=tokens))
     stacked = torch.stack(per_layer)
-    return stacked.amax(0) if reduce == "max" else torch.logit(torch.sigmoid(stacked).mean(0), eps=1e-6)
+    reduce = reduce or indexer.spec.layer_reduce
+    return stacked.amax(0) if reduce == "max" else mean_probability_logit(stacked)
+
+
+def mean_probability_logit(logits: torch.Tensor) -> torch.Tensor:
+    """``logit(mean(sigmoid(logits)))`` over the first dimension, computed in log space.
+
+    The runtime averages the layers' probabilities. Training through that average needs gradients for chunks whose
+    probability is far below any clamp (a needed chunk the zero-shot tower scores low is the one to learn), so the
+    log of the mean and of its complement come from ``logsumexp`` instead of clamping the mean.
+    """
+    log_count = math.log(logits.shape[0])
+    log_p = torch.logsumexp(F.logsigmoid(logits), 0) - log_count
+    log_q = torch.logsumexp(F.logsigmoid(-logits), 0) - log_count
+    return log_p - log_q
 
 
 def recent_scores(ex: PromptExamples, steps: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from ..indexer.checkpoint import blend_states, load_indexer, save_indexer
-from ..indexer.memory_indexer import MemoryIndexer, covered_buckets
+from ..indexer.memory_indexer import LAYER_REDUCTIONS, MemoryIndexer, covered_buckets
 from .dataset import TARGETS, PromptExamples, check_compatible, load_examples
 from .metrics import RecallCurve
 from .scorers import indexer_logits
@@ -73,6 +73,9 @@ class TrainConfig:
             chunks that a question or a copy reads. Default: "learn".
         max_minutes: stop after the epoch during which this much wall time has passed, keeping the best epoch so
             far (a time-limited machine then still gets a checkpoint). None: no limit. Default: None.
+        layer_reduce: how the target layers' chunk probabilities combine, ``"max"`` or ``"mean"``, in training,
+            validation and, recorded in the checkpoint, at run time. None: the initial indexer's (a dump made on
+            the backbone's default layers records the reduction its zero-shot scorer runs with). Default: None.
     """
 
     epochs: int = 12
@@ -101,8 +104,11 @@ class TrainConfig:
     interpolate: float = 1.0
     distance_prior: str = "learn"
     max_minutes: float | None = None
+    layer_reduce: str | None = None
 
     def __post_init__(self) -> None:
+        if self.layer_reduce not in (None, *LAYER_REDUCTIONS):
+            raise ValueError(f"layer_reduce must be one of {LAYER_REDUCTIONS} or None, got {self.layer_reduce!r}")
         if self.loss not in ("focal", "bce", "listwise"):
             raise ValueError(f"loss must be 'focal', 'bce' or 'listwise', got {self.loss!r}")
         if self.select_on not in ("all", "boundary"):
@@ -279,6 +285,8 @@ def train_indexer(
             flush=True,
         )
     indexer = load_indexer(init or dump_dirs[0] / "init_indexer", fingerprint=manifest["fingerprint"]).to(device)
+    if cfg.layer_reduce is not None:
+        indexer.spec.layer_reduce = cfg.layer_reduce
     # Biases and the distance prior start far from their optimum and are cheap to move; the matrices (query
     # projection, head-weight projection) multiply hidden states of large norm and need the small rate.
     fast = ("head_weight.bias", "score_bias", "distance_bias")
