@@ -26,7 +26,7 @@ class LSAConfig:
             the model's zero-shot layers: the best measured for its shape, else the full-attention layers at
             45-70% of the depth (``BackboneSpec.default_target_layers``). Default: None.
         layer_reduce: how per-layer chunk scores combine, ``"max"`` or ``"mean"``; ``None`` means the one a
-            trained checkpoint records (``IndexerSpec.layer_reduce``), ``"mean"`` for the zero-shot indexer on its
+            checkpoint records (``IndexerSpec.layer_reduce``), ``"mean"`` for the zero-shot indexer on its
             default layers, and ``"max"`` for explicit ``target_layers``, as they were measured. Default: None.
         best_chunk_slots: fraction of the page slots given to the pages holding the highest-scored chunks
             (the top-m fallback for precise retrieval); the rest go to the pages with most chunks above the
