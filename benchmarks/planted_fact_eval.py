@@ -18,6 +18,7 @@ from pathlib import Path
 from flashmemory import LSAConfig, generate, load_indexer, model_fingerprint
 from flashmemory.bench.planted_fact import planted_fact
 from flashmemory.bench.record import provenance
+from flashmemory.bench.runner import repair_rows
 from flashmemory.indexer.checkpoint import checkpoint_identity
 from flashmemory.runtime.ask import load_on
 
@@ -98,10 +99,8 @@ def run(
     if recorded.exists() and json.loads(recorded.read_text()) != settings:
         raise SystemExit(f"{out} holds answers made with other settings ({recorded}); use a new --out folder")
     recorded.write_text(json.dumps(settings, indent=1))
-    done = {(r["length"], r["seed"], r["method"]): r for r in read_rows(out / ROWS)}
+    done = {(r["length"], r["seed"], r["method"]): r for r in repair_rows(out / ROWS)}
     with (out / ROWS).open("a") as log:
-        if log.tell() and not (out / ROWS).read_text().endswith("\n"):
-            log.write("\n")  # end a line cut short by a stop, so the next answer starts a line of its own
         for length in lengths:
             for s in range(samples):
                 todo = [name for name in methods if (length, seed + s, name) not in done]
@@ -128,19 +127,6 @@ def run(
                     done[(length, seed + s, name)] = row
                     print(json.dumps({k: row[k] for k in ("length", "seed", "method", "correct", "kv_ratio")}))
     return [done[(n, seed + s, name)] for n in lengths for s in range(samples) for name in methods]
-
-
-def read_rows(path: Path) -> list[dict]:
-    """Rows of an earlier run; a last line cut short by a stop is dropped (its answer is made again)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def parse_settings(items: list[str]) -> dict:

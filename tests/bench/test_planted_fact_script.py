@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from flashmemory.bench.runner import read_rows
 from flashmemory.config import LSAConfig
 
 from .fake_tokenizers import CharTokenizer
@@ -51,7 +52,7 @@ def test_a_stopped_run_resumes_without_answering_again(script, answers, tmp_path
     assert [(r["seed"], r["method"], r["correct"]) for r in again] == [
         (r["seed"], r["method"], r["correct"]) for r in rows
     ]
-    assert len(script.read_rows(log)) == 6  # the cut line is dropped, every new answer has a line of its own
+    assert len(read_rows(log)) == 6  # the cut line is dropped, every new answer has a line of its own
     grid(script, tmp_path)
     assert len(answers) == 9  # nothing left to do
 

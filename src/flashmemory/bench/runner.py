@@ -127,8 +127,9 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _repair_rows(path: Path) -> list[dict]:
-    # Rows appended after a torn line would be glued onto it; keep only whole rows before appending more.
+def repair_rows(path: Path) -> list[dict]:
+    """Whole rows of a JSONL results file, rewritten without a torn last line when there is one: rows appended
+    after a torn line would be glued onto it, so keep only whole rows before appending more."""
     rows = read_rows(path)
     if path.exists() and len(rows) != len(path.read_text(encoding="utf-8").splitlines()):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -309,7 +310,7 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
-    done = {_row_key(r) for r in _repair_rows(out / RESULTS)}
+    done = {_row_key(r) for r in repair_rows(out / RESULTS)}
     total = len(tasks) * len(lengths) * samples * len(methods)
     source = SampleSource(family, samples=samples, seed=seed, data=data, protocol=protocol, ruler=generate_ruler)
     absent: set[tuple] = set()
