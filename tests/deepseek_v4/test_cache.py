@@ -160,3 +160,14 @@ def test_padding_and_bad_settings_are_refused():
         DeepseekV4LSACache(MODEL, small_lsa(target_layers=(2,)))
     with pytest.raises(ValueError, match="first_boundary_keys must be 'chunk'"):
         DeepseekV4LSACache(MODEL, small_lsa(first_boundary_keys="token"))
+
+
+def test_an_unset_page_size_takes_the_deepseek_page():
+    """``LSAConfig.page_chunks=None`` means the backbone's size: 64 entries here, as deepseek_v4_lsa_config sets."""
+    from flashmemory.config import LSAConfig
+
+    lsa = LSAConfig(chunk_size=4, interval=16, recent=16, sink=4, budget=None, max_pages=1000)
+    assert lsa.page_chunks is None
+    with DeepseekV4LSACache(MODEL, lsa, max_new_tokens=8) as cache:
+        decode(MODEL, prompt_ids(batch=1), cache, 8)
+        assert cache.lsa.page_chunks == 64 and cache.lsa.page_size == 256

@@ -27,9 +27,12 @@ from .spec import CSA, HCA, SLIDING, attention, deepseek_v4_spec
 STREAMS = {"compressor": 0, "indexer": 1}
 
 
+PAGE_ENTRIES = 64  # CSA entries per page (256 tokens), also what an unset LSAConfig.page_chunks means here
+
+
 def deepseek_v4_lsa_config(**overrides) -> LSAConfig:
     """LSA settings for DeepSeek-V4: a chunk is one CSA entry (4 tokens), a page 64 entries (256 tokens)."""
-    return LSAConfig(**{"chunk_size": 4, "page_chunks": 64, **overrides})
+    return LSAConfig(**{"chunk_size": 4, "page_chunks": PAGE_ENTRIES, **overrides})
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
@@ -118,7 +121,7 @@ class DeepseekV4LSACache(LSACycle, Cache):
         forced_pages=None,
     ) -> None:
         self.spec = deepseek_v4_spec(model)
-        self.lsa = lsa or deepseek_v4_lsa_config()
+        self.lsa = (lsa or deepseek_v4_lsa_config()).with_page_chunks(PAGE_ENTRIES)
         if self.lsa.first_boundary_keys == "token":
             # its indexer keys are the compressed entries themselves: there is no finer key to score against
             raise ValueError(
