@@ -47,7 +47,7 @@ class LSAConfig:
         token_keys_from: prompt length in tokens (of the longest prompt in a batch) from which
             ``first_boundary_keys="auto"`` uses token keys; ``None`` takes the length measured for the backbone's
             shape (``BackboneSpec.default_token_keys_from``: 0, every length, unless measured otherwise; SmolLM2's
-            shape: 3072, measured with its shipped checkpoint). Default: None.
+            shape: 3072, measured with the checkpoint it shipped then). Default: None.
         later_boundary_keys: what the boundaries after the first match the query against: ``"chunk"``, the frozen
             chunk keys; ``"token"``, the target layers' keys of every complete chunk's tokens, read back from the
             host mirror block by block (a chunk scores as its best token). Token keys follow a continuation that

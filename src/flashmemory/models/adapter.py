@@ -17,8 +17,8 @@ MEASURED_ZERO_SHOT_LAYERS: dict[tuple, tuple[int, ...]] = {
 # architecture shape. Token keys at every length unless measured otherwise: with the zero-shot indexer they gained on
 # both backbones measured. Qwen2.5 0.5B (layer 13): +6.5 / +6.1 / +5.5 / +5.8 RULER points at 4K / 8K / 16K / 32K on
 # the grid's held-out samples (benchmarks/results/ruler_qwen_h200_v2_token_keys*), chosen on the dev split
-# (benchmarks/results/ruler_dev_token_keys_h200). SmolLM2-135M's shape scores token keys from 3072 tokens, for the
-# checkpoint shipped for it, which the default uses: on 100 dev planted facts per length they found 3-10 more than
+# (benchmarks/results/ruler_dev_token_keys_h200). SmolLM2-135M's shape scores token keys from 3072 tokens, measured
+# with the checkpoint it shipped before f2f8b2f: on 100 dev planted facts per length they found 3-10 more than
 # chunk keys at 4K, 6K and 7K (as many at 4K with 32-token pages), and 18 fewer at 2K
 # (benchmarks/results/planted_fact_smollm2_pages_h200); on RULER's dev split at 4K (prompts of about 3980 tokens)
 # they score 31.2 against 18.1 (benchmarks/results/ruler_dev_pages_smollm2_cpu). 3072 lies between the two.
@@ -29,9 +29,9 @@ MEASURED_TOKEN_KEYS_FROM: dict[tuple, int] = {
 # Chunks per recalled page (LSAConfig.page_chunks), per architecture shape: 4 (64 tokens) unless measured
 # otherwise. A page is the unit the budget is spent in, so at short prompts a budget holds only a few: SmolLM2 at 2K
 # and a fifth of the KV has 2-3 pages of 64 tokens. Pages of 32 tokens found 8 more dev planted facts of 100 at 2K
-# and 5 more at 4K with its shipped checkpoint (benchmarks/results/planted_fact_smollm2_pages_h200). On RULER's dev
-# split at 4K they score the same as 64-token pages with token keys (31.2), and 2.3 points below with chunk keys
-# (benchmarks/results/ruler_dev_pages_smollm2_cpu). Qwen's RULER lost with smaller pages (dev_pages_h200).
+# and 5 more at 4K with the checkpoint it shipped then (benchmarks/results/planted_fact_smollm2_pages_h200). On
+# RULER's dev split at 4K they score the same as 64-token pages with token keys (31.2), and 2.3 points below with
+# chunk keys (benchmarks/results/ruler_dev_pages_smollm2_cpu). Qwen's RULER lost with smaller pages (dev_pages_h200).
 DEFAULT_PAGE_CHUNKS = 4
 MEASURED_PAGE_CHUNKS: dict[tuple, int] = {
     ("llama", 30, 576, 9, 3): 2,
