@@ -30,6 +30,10 @@ def test_lsa_config_derived_sizes():
     cfg = LSAConfig(chunk_size=16, page_chunks=4, interval=64, recent=64)
     assert cfg.page_size == 64
     assert cfg.tail_capacity == 64 + 63 + 64
+    # a request that writes fewer tokens than a cycle reserves growth for those tokens only
+    assert cfg.tail_capacity_for(16) == 64 + 63 + 16
+    assert cfg.tail_capacity_for(1000) == cfg.tail_capacity
+    assert cfg.tail_capacity_for(0) == 64 + 63 + 1
     assert LSAConfig(target_layers=[3, 5]).target_layers == (3, 5)
 
 

@@ -201,6 +201,14 @@ class LSAConfig:
         """
         return self.recent + self.page_size - 1 + self.interval
 
+    def tail_capacity_for(self, new_tokens: int) -> int:
+        """Slots of the recent tail when at most ``new_tokens`` tokens join the cache after the prefill.
+
+        A cycle can only add the tokens a request still writes, so a short answer (a 16-token reply) needs fewer
+        than ``interval`` growth slots; at a small context those slots are whole pages the budget gets back.
+        """
+        return self.recent + self.page_size - 1 + max(1, min(self.interval, new_tokens))
+
     @property
     def is_fractional_budget(self) -> bool:
         return self.budget is not None and self.budget <= 1.0

@@ -147,6 +147,18 @@ def test_pages_take_the_measured_size_of_the_backbone_unless_set(monkeypatch):
     assert small.num_page_slots >= 2 * large.num_page_slots - 1
 
 
+def test_a_cache_decodes_exactly_the_tokens_it_was_built_for():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 303))  # the tail starts page_size - 1 tokens before its recent 16: full length
+    lsa = LSAConfig(budget=0.4, **SMALL_LSA)  # interval 16
+    with LSACache(model, lsa, max_new_tokens=5) as cache:
+        assert cache.lsa.tail_capacity_for(5) == lsa.tail_capacity - (lsa.interval - 5)
+        greedy_logits(model, ids, cache, 5)
+        assert cache.store.layout.tail_capacity == lsa.tail_capacity_for(5)
+        with pytest.raises(RuntimeError, match="max_new_tokens it was built for"):
+            model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+
+
 def test_budget_too_small_is_a_clear_error():
     model = tiny_model("llama")
     ids = torch.randint(1, 200, (1, 512))

@@ -31,3 +31,15 @@ def test_plan_layout_max_pages():
     cfg = LSAConfig(budget=None, max_pages=7, page_chunks=4)
     seq = SequenceBytes(per_token=1024, per_chunk_key=96)
     assert plan_layout(cfg, seq, context_len=4096, max_len=4200, other_layers_full=0).num_page_slots == 7
+
+
+def test_a_short_answer_gives_its_unused_tail_growth_back_as_pages():
+    cfg = LSAConfig(budget=0.2, page_chunks=2)
+    seq = SequenceBytes(per_token=1024, per_chunk_key=96)
+    short = plan_layout(cfg, seq, context_len=2048, max_len=2048 + 16, other_layers_full=0)
+    long = plan_layout(cfg, seq, context_len=2048, max_len=2048 + 256, other_layers_full=0)
+    assert short.tail_capacity == cfg.tail_capacity_for(16) < long.tail_capacity == cfg.tail_capacity
+    # 48 growth slots fewer: at least one more 32-token page under the same cap
+    assert short.num_page_slots >= long.num_page_slots + 1
+    used = reserve_bytes(short, seq, -(-(2048 + 16) // cfg.chunk_size))
+    assert used <= 0.2 * 2048 * 1024

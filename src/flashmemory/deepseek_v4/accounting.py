@@ -131,12 +131,13 @@ def plan_reserve(
             other_layers_full=other_bytes(spec, context_tokens, elem),
         )
     except BudgetError:
-        base = ReserveLayout(cfg.sink, 0, cfg.page_size, cfg.tail_capacity)
+        tail = cfg.tail_capacity_for(max(1, max_tokens // spec.csa_rate) - context_tokens // spec.csa_rate)
+        base = ReserveLayout(cfg.sink, 0, cfg.page_size, tail)
         fixed = lsa_cache_bytes(spec, base, max_tokens, num_targets=num_targets, elem=elem).total
         full = full_cache_bytes(spec, context_tokens, elem=elem).total
         raise BudgetError(
             f"budget {describe_budget(lsa.budget)} of a {context_tokens}-token context cannot hold what DeepSeek-V4 "
-            f"always keeps on the device: sink {lsa.sink} + recent tail {cfg.tail_capacity * spec.csa_rate} tokens "
+            f"always keeps on the device: sink {lsa.sink} + recent tail {tail * spec.csa_rate} tokens "
             f"of CSA entries, Memory-Indexer keys, sliding windows, HCA entries = {fixed:,} bytes "
             f"({fixed / full:.3f} of the full cache). Raise the budget to at least {fixed / full:.3f}, use "
             "max_pages, or lower recent/interval/sink."

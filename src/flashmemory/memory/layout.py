@@ -77,7 +77,8 @@ def plan_layout(
     """Derive the number of page slots from the budget.
 
     The budget is checked against the full cache at ``context_len`` (the smaller, hence stricter, reference),
-    while chunk keys are counted for ``max_len`` tokens, so the cap holds for the whole generation.
+    while chunk keys are counted for ``max_len`` tokens, so the cap holds for the whole generation. The recent tail
+    reserves growth for the tokens still to come, at most a cycle's ``interval``.
 
     Args:
         cfg: LSA settings; ``cfg.budget`` is a fraction of the full cache (<= 1) or bytes (> 1).
@@ -94,21 +95,22 @@ def plan_layout(
     """
     page_size = cfg.page_size
     total_pages = math.ceil(max_len / page_size)
-    base = ReserveLayout(cfg.sink, 0, page_size, cfg.tail_capacity)
+    tail = cfg.tail_capacity_for(max_len - context_len)
+    base = ReserveLayout(cfg.sink, 0, page_size, tail)
     if cfg.budget is None:
-        return ReserveLayout(cfg.sink, min(cfg.max_pages or 0, total_pages), page_size, cfg.tail_capacity)
+        return ReserveLayout(cfg.sink, min(cfg.max_pages or 0, total_pages), page_size, tail)
     full = full_cache_bytes(seq, context_len, other_layers_full)
     budget = cfg.budget * full if cfg.budget <= 1.0 else cfg.budget
     fixed = reserve_bytes(base, seq, math.ceil(max_len / cfg.chunk_size))
     if fixed > budget:
         raise BudgetError(
             f"budget {describe_budget(cfg.budget)} of a {context_len}-token context ({int(budget):,} bytes) cannot "
-            f"hold the always-resident part: sink {cfg.sink} + recent tail {cfg.tail_capacity} tokens + chunk keys "
+            f"hold the always-resident part: sink {cfg.sink} + recent tail {tail} tokens + chunk keys "
             f"= {fixed:,} bytes ({fixed / full:.3f} of the full cache). Raise the budget to at least "
             f"{fixed / full:.3f}, or lower recent/interval/sink."
         )
     num_pages = int((budget - fixed) // (page_size * seq.per_token))
-    return ReserveLayout(cfg.sink, min(num_pages, total_pages), page_size, cfg.tail_capacity)
+    return ReserveLayout(cfg.sink, min(num_pages, total_pages), page_size, tail)
 
 
 def describe_budget(budget: float) -> str:

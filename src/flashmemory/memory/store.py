@@ -141,7 +141,10 @@ class KVStore:
     def begin_step(self) -> None:
         """Account for the token the coming decode step writes (same slot in every layer)."""
         if self.seq_len - self.tail_start >= self.layout.tail_capacity:
-            raise RuntimeError("recent tail overflow: end_cycle() must run every `interval` steps")
+            raise RuntimeError(
+                "recent tail overflow: end_cycle() must run every `interval` steps, and a cache decodes at most "
+                "the max_new_tokens it was built for (its tail holds no more)"
+            )
         self.seq_len += 1
         self.step += 1
         self.refresh_positions()
