@@ -34,7 +34,9 @@ class LSAConfig:
         query_window: newest tokens whose hidden states form the lookahead query; a chunk's score is the
             max over them. At the first boundary these are the prompt's last tokens (its question). Default: 16.
         follow_chunks: chunks after a scored chunk that inherit its score, so that the text following a match
-            (the value after a key) is recalled with it even when a page boundary falls between them. Default: 0.
+            (the value after a key) is recalled with it even when a page boundary falls between them. ``None`` takes
+            the backbone's measured count (``BackboneSpec.default_follow_chunks``: 0 unless measured otherwise;
+            SmolLM2's shape, whose 32-token pages cut a value twice as often as 64-token ones: 1). Default: None.
         first_boundary_keys: what the indexer's query is matched against at the first boundary (the end of the
             prefill): ``"chunk"``, the frozen chunk keys like every later boundary; ``"token"``, the target
             layers' keys of every prompt token, a chunk scoring as its best token; or ``"auto"``, token keys for
@@ -102,7 +104,7 @@ class LSAConfig:
     layer_reduce: str | None = None
     best_chunk_slots: float = 1.0
     query_window: int = 16
-    follow_chunks: int = 0
+    follow_chunks: int | None = None
     first_boundary_keys: str = "auto"
     token_keys_from: int | None = None
     later_boundary_keys: str = "chunk"
@@ -191,6 +193,10 @@ class LSAConfig:
     def with_page_chunks(self, backbone_default: int) -> LSAConfig:
         """These settings with ``page_chunks`` set: ``backbone_default`` when it is unset, else unchanged."""
         return self if self.page_chunks is not None else replace(self, page_chunks=backbone_default)
+
+    def with_follow_chunks(self, backbone_default: int) -> LSAConfig:
+        """These settings with ``follow_chunks`` set: ``backbone_default`` when it is unset, else unchanged."""
+        return self if self.follow_chunks is not None else replace(self, follow_chunks=backbone_default)
 
     @property
     def tail_capacity(self) -> int:

@@ -199,6 +199,22 @@ def test_follow_chunks_raises_the_scores_the_pages_are_chosen_from():
     assert not torch.equal(seen[2], seen[0])
 
 
+def test_an_unset_follower_count_is_the_backbones(monkeypatch):
+    from flashmemory.indexer.scoring import follow_scores
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 200, (1, 400))
+    monkeypatch.setitem(adapter.MEASURED_FOLLOW_CHUNKS, backbone_spec(model).shape_key, 2)
+    seen = {}
+    for follow in (None, 0):
+        with LSACache(model, LSAConfig(budget=0.4, **SMALL_LSA, follow_chunks=follow), max_new_tokens=8) as cache:
+            greedy_logits(model, ids, cache, 8)
+            seen[follow] = (cache.lsa.follow_chunks, cache.last_scores)
+    assert (seen[None][0], seen[0][0]) == (2, 0)  # a count that is set stays
+    assert torch.equal(seen[None][1], follow_scores(seen[0][1], 2))
+    assert backbone_spec(tiny_model("qwen2")).default_follow_chunks() == 0  # none measured for its shape
+
+
 def test_chunks_inside_the_sink_never_win_a_page_slot():
     model = tiny_model("llama")
     ids = torch.randint(1, 200, (2, 400))

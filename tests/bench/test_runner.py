@@ -217,6 +217,7 @@ def test_rows_made_with_other_default_layers_are_not_mixed(bench, monkeypatch, t
         "layer_reduce": "max",
         "token_keys_from": DEFAULT_TOKEN_KEYS_FROM,
         "page_chunks": 2,
+        "follow_chunks": 0,
     }
 
 

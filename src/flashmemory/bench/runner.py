@@ -305,6 +305,7 @@ def run_bench(
         "layer_reduce": reduce,
         "token_keys_from": cfg.token_keys_threshold(spec.default_token_keys_from()),
         "page_chunks": cfg.with_page_chunks(spec.default_page_chunks()).page_chunks,
+        "follow_chunks": cfg.with_follow_chunks(spec.default_follow_chunks()).follow_chunks,
     }
     _check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,8 @@ class DeepseekV4LSACache(LSACycle, Cache):
         forced_pages=None,
     ) -> None:
         self.spec = deepseek_v4_spec(model)
-        self.lsa = (lsa or deepseek_v4_lsa_config()).with_page_chunks(PAGE_ENTRIES)
+        # no follower measured on DeepSeek-V4: its pages of 64 compressed entries are 256 tokens
+        self.lsa = (lsa or deepseek_v4_lsa_config()).with_page_chunks(PAGE_ENTRIES).with_follow_chunks(0)
         if self.lsa.first_boundary_keys == "token":
             # its indexer keys are the compressed entries themselves: there is no finer key to score against
             raise ValueError(

@@ -36,6 +36,17 @@ DEFAULT_PAGE_CHUNKS = 4
 MEASURED_PAGE_CHUNKS: dict[tuple, int] = {
     ("llama", 30, 576, 9, 3): 2,
 }
+# Chunks after a scored chunk that inherit its score (LSAConfig.follow_chunks), per architecture shape: none unless
+# measured otherwise. Small pages cut a value from the key it follows more often. SmolLM2's shape (32-token pages,
+# the checkpoint shipped since f2f8b2f): on 100 dev planted facts per length one follower found 0 / 3 / 3 / 3 more
+# at 2K / 4K / 6K / 7K, and on the held-out facts 0 / 4 / 2 / 3 more
+# (benchmarks/results/planted_fact_smollm2_tail_h200); on RULER's dev split at 8K it recovered two niah_single_2
+# values cut at a page boundary (benchmarks/results/ruler_dev_band_smollm2_cpu). Qwen's RULER dev split moved by
+# under a point with one (benchmarks/results/ruler_dev_follow_chunks_h200).
+DEFAULT_FOLLOW_CHUNKS = 0
+MEASURED_FOLLOW_CHUNKS: dict[tuple, int] = {
+    ("llama", 30, 576, 9, 3): 1,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +103,10 @@ class BackboneSpec:
     def default_page_chunks(self) -> int:
         """Chunks per recalled page on this backbone when ``LSAConfig.page_chunks`` is unset."""
         return MEASURED_PAGE_CHUNKS.get(self.shape_key, DEFAULT_PAGE_CHUNKS)
+
+    def default_follow_chunks(self) -> int:
+        """Chunks that inherit a scored chunk's score on this backbone when ``LSAConfig.follow_chunks`` is unset."""
+        return MEASURED_FOLLOW_CHUNKS.get(self.shape_key, DEFAULT_FOLLOW_CHUNKS)
 
     def default_layer_reduce(self) -> str:
         """How the zero-shot scorer combines its default layers (see :meth:`default_target_layers`)."""
