@@ -108,7 +108,8 @@ class LSACache(LSACycle, Cache):
         model: the causal LM the cache will be used with.
         lsa: LSA settings.
         indexer: a Memory Indexer for this backbone; ``None`` builds the zero-shot one from ``q_proj``.
-        max_new_tokens: most tokens that will be generated (sizes the host mirror and the chunk-key budget).
+        max_new_tokens: most tokens that will be generated (sizes the host mirror, the chunk-key budget and the
+            recent tail's room for a cycle's tokens; decoding past it can fill the tail, which stops with an error).
         forced_pages: callable ``(cache) -> [B, K] page ids`` replacing the indexer (tests, oracle baselines).
     """
 
