@@ -18,8 +18,9 @@ from pathlib import Path
 from flashmemory import LSAConfig, generate, load_indexer, model_fingerprint
 from flashmemory.bench.planted_fact import planted_fact
 from flashmemory.bench.record import provenance
-from flashmemory.bench.runner import repair_rows
+from flashmemory.bench.runner import TAIL_ROOM, repair_rows
 from flashmemory.indexer.checkpoint import checkpoint_identity
+from flashmemory.models.adapter import backbone_spec
 from flashmemory.runtime.ask import load_on
 
 ROWS, SETTINGS = "rows.jsonl", "settings.json"
@@ -51,6 +52,7 @@ def main() -> None:
         methods[name] = ("lsa", load_indexer(ckpt, fingerprint=model_fingerprint(model), device=device))
         identities[name] = checkpoint_identity(ckpt)
     lsa = LSAConfig(budget=args.budget, **parse_settings(args.lsa))
+    spec = backbone_spec(model)
     lengths = [int(x) for x in args.lengths.split(",")]
     # what decides an answer: a folder's rows are only resumed with the same
     settings = {
@@ -60,6 +62,13 @@ def main() -> None:
         "lsa": sorted(args.lsa),
         "max_new_tokens": args.max_new_tokens,
         "checkpoints": identities,
+        # unset counts take the backbone's measured ones, which a later version may change; the tail's room
+        # decides how many pages the budget holds
+        "lsa_resolved": {
+            "page_chunks": lsa.with_page_chunks(spec.default_page_chunks()).page_chunks,
+            "follow_chunks": lsa.with_follow_chunks(spec.default_follow_chunks()).follow_chunks,
+            "tail_room": TAIL_ROOM,
+        },
     }
     rows = run(model, tok, methods, lsa, lengths, args.samples, args.seed, args.max_new_tokens, args.out, settings)
     meta = {

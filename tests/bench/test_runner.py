@@ -272,6 +272,31 @@ def test_folders_written_while_pages_had_4_chunks_resume_with_that_size(bench, m
         bench(out=out, methods=["full"], samples=1, lsa=unset)
 
 
+def test_folders_written_while_no_chunk_followed_resume_where_the_backbone_takes_none(bench, monkeypatch, tmp_path):
+    out = tmp_path / "old"
+    bench(out=out, methods=["full"], samples=1, lsa=SMALL)  # follow_chunks unset: the backbone's count
+    config = json.loads((out / "config.json").read_text())
+    config["lsa"]["follow_chunks"] = 0  # as written back then, when 0 was the default
+    del config["lsa_default_scorer"]["follow_chunks"]
+    (out / "config.json").write_text(json.dumps(config))
+    bench(out=out, methods=["full"], samples=1, lsa=SMALL)  # the tiny model's shape takes none
+    (out / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(BackboneSpec, "default_follow_chunks", lambda self: 1)
+    with pytest.raises(ValueError, match="holds results of another run"):
+        bench(out=out, methods=["full"], samples=1, lsa=SMALL)
+
+
+def test_folders_whose_tail_kept_room_for_a_whole_cycle_are_not_resumed(bench, tmp_path):
+    out = tmp_path / "old"
+    summary = bench(out=out, methods=["full"], samples=1)
+    assert summary["config"]["lsa_tail_room"] == runner.TAIL_ROOM
+    config = json.loads((out / "config.json").read_text())
+    del config["lsa_tail_room"]  # as written before the tail was sized by the request
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape("lsa_tail_room: 'interval' -> ")):
+        bench(out=out, methods=["full"], samples=1)
+
+
 def test_baseline_page_choosers():
     class Store:
         batch = 2

@@ -46,9 +46,23 @@ TASKSETS: dict[str, tuple[str, ...]] = {
 PUBLISHED_TASKS: dict[str, tuple[str, ...]] = {"longbench-v2": LONGBENCH_TASKS, "longmemeval": LONGMEMEVAL_TASKS}
 RESULTS, CONFIG = "results.jsonl", "config.json"
 # Settings that change what a row means: a rerun into the same folder must agree on them to reuse rows.
-_PINNED = ("taskset_family", "model", "budget", "seed", "lsa", "data", "lsa_indexer", "lsa_default_scorer", "protocol")
+_PINNED = (
+    "taskset_family",
+    "model",
+    "budget",
+    "seed",
+    "lsa",
+    "data",
+    "lsa_indexer",
+    "lsa_default_scorer",
+    "protocol",
+    "lsa_tail_room",
+)
+# The new tokens the recent tail keeps room for: it decides how many pages a budget holds, for LSA and for every
+# peer whose budget is matched to LSA's reserve.
+TAIL_ROOM = "min(interval, max_new_tokens)"
 # What a folder written before a pinned setting was recorded ran with (the default scorer changed: no entry).
-_BEFORE_RECORDED = {"protocol": "single-prefill"}
+_BEFORE_RECORDED = {"protocol": "single-prefill", "lsa_tail_room": "interval"}
 # LSA settings added after folders were written, with the value those folders ran with
 _LSA_BEFORE_RECORDED = {
     "first_boundary_keys": "chunk",
@@ -153,25 +167,26 @@ def _check_resume(out: Path, config: dict) -> None:
     if isinstance(recorded.get("lsa_default_scorer"), dict):
         # written before the threshold was recorded: by runs that scored chunk or token keys, never "auto"
         recorded["lsa_default_scorer"] = {"token_keys_from": None, **recorded["lsa_default_scorer"]}
-    _page_chunks_unset_before(recorded, config)
+    _backbone_counts_unset_before(recorded, config)
     changed = [k for k in _PINNED if k in config and recorded.get(k) != config[k]]  # some are known once loaded
     if changed and (out / RESULTS).exists():
         details = ", ".join(f"{k}: {recorded.get(k)!r} -> {config[k]!r}" for k in changed)
         raise ValueError(f"{out} holds results of another run ({details}); use a new --out folder")
 
 
-def _page_chunks_unset_before(recorded: dict, config: dict) -> None:
-    """A folder written while ``page_chunks`` defaulted to 4 recorded that number in its settings, and no size with
-    its default scorer. Now an unset ``page_chunks`` takes the backbone's own size, pinned with the default scorer
-    once the model is loaded: the old folder ran with the size it recorded."""
-    old_lsa, new_lsa = recorded.get("lsa"), config.get("lsa")
-    if not (isinstance(old_lsa, dict) and isinstance(old_lsa.get("page_chunks"), int)):
-        return
-    scorer = recorded.get("lsa_default_scorer")
-    if isinstance(scorer, dict):
-        recorded["lsa_default_scorer"] = {"page_chunks": old_lsa["page_chunks"], **scorer}
-    if isinstance(new_lsa, dict) and new_lsa.get("page_chunks") is None:
-        recorded["lsa"] = {**old_lsa, "page_chunks": None}
+def _backbone_counts_unset_before(recorded: dict, config: dict) -> None:
+    """A folder written while ``page_chunks`` defaulted to 4 (or ``follow_chunks`` to 0) recorded that number in its
+    settings, and none with its default scorer. Now an unset count takes the backbone's own, pinned with the default
+    scorer once the model is loaded: the old folder ran with the count it recorded."""
+    for key in ("page_chunks", "follow_chunks"):
+        old_lsa, new_lsa = recorded.get("lsa"), config.get("lsa")
+        if not (isinstance(old_lsa, dict) and isinstance(old_lsa.get(key), int)):
+            continue
+        scorer = recorded.get("lsa_default_scorer")
+        if isinstance(scorer, dict):
+            recorded["lsa_default_scorer"] = {key: old_lsa[key], **scorer}
+        if isinstance(new_lsa, dict) and new_lsa.get(key) is None:
+            recorded["lsa"] = {**old_lsa, key: None}
 
 
 @contextmanager
@@ -279,6 +294,7 @@ def run_bench(
         "workers": workers,
         "protocol": protocol,
         "lsa": dataclasses.asdict(cfg),
+        "lsa_tail_room": TAIL_ROOM,
         "data": None if data is None else str(Path(data).expanduser().resolve()),
         "commit": git_commit(),
         "machine": machine_description(),
