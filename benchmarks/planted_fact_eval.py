@@ -52,7 +52,7 @@ def main() -> None:
         methods[name] = ("lsa", load_indexer(ckpt, fingerprint=model_fingerprint(model), device=device))
         identities[name] = checkpoint_identity(ckpt)
     lsa = LSAConfig(budget=args.budget, **parse_settings(args.lsa))
-    spec = backbone_spec(model)
+    resolved = backbone_spec(model).resolve_counts(lsa)
     lengths = [int(x) for x in args.lengths.split(",")]
     # what decides an answer: a folder's rows are only resumed with the same
     settings = {
@@ -65,8 +65,8 @@ def main() -> None:
         # unset counts take the backbone's measured ones, which a later version may change; the tail's room
         # decides how many pages the budget holds
         "lsa_resolved": {
-            "page_chunks": lsa.with_page_chunks(spec.default_page_chunks()).page_chunks,
-            "follow_chunks": lsa.with_follow_chunks(spec.default_follow_chunks()).follow_chunks,
+            "page_chunks": resolved.page_chunks,
+            "follow_chunks": resolved.follow_chunks,
             "tail_room": TAIL_ROOM,
         },
     }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+LAYER_REDUCTIONS = ("max", "mean")  # how per-layer chunk scores combine
+
 
 @dataclass(slots=True)
 class LSAConfig:
@@ -146,7 +148,7 @@ class LSAConfig:
             raise ValueError(f"LSAConfig.tower_slots must be in [0, 1], got {self.tower_slots}")
         if not 0.0 <= self.best_chunk_slots <= 1.0:
             raise ValueError(f"LSAConfig.best_chunk_slots must be in [0, 1], got {self.best_chunk_slots}")
-        if self.layer_reduce not in (None, "max", "mean"):
+        if self.layer_reduce not in (None, *LAYER_REDUCTIONS):
             raise ValueError(f"LSAConfig.layer_reduce must be 'max' or 'mean', got {self.layer_reduce!r}")
         if self.first_boundary_keys not in ("auto", "chunk", "token"):
             raise ValueError(

@@ -126,11 +126,7 @@ class LSACache(LSACycle, Cache):
         forced_pages=None,
     ) -> None:
         self.spec = backbone_spec(model)
-        self.lsa = (
-            (lsa or LSAConfig())
-            .with_page_chunks(self.spec.default_page_chunks())
-            .with_follow_chunks(self.spec.default_follow_chunks())
-        )
+        self.lsa = self.spec.resolve_counts(lsa or LSAConfig())
         impl = getattr(model.config, "_attn_implementation", "sdpa")
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"LSACache needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")

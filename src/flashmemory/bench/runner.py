@@ -315,13 +315,14 @@ def run_bench(
     # layers decide the zero-shot scores and, through the chunk keys' bytes, every peer's matched budget.
     spec = backbone_spec(model)
     layers, reduce = spec.scorer(cfg.target_layers, cfg.layer_reduce)
+    resolved = spec.resolve_counts(cfg)
     # likewise the prompt length from which "auto" scores token keys, when the backbone's own one is used
     config["lsa_default_scorer"] = {
         "target_layers": list(layers),
         "layer_reduce": reduce,
         "token_keys_from": cfg.token_keys_threshold(spec.default_token_keys_from()),
-        "page_chunks": cfg.with_page_chunks(spec.default_page_chunks()).page_chunks,
-        "follow_chunks": cfg.with_follow_chunks(spec.default_follow_chunks()).follow_chunks,
+        "page_chunks": resolved.page_chunks,
+        "follow_chunks": resolved.follow_chunks,
     }
     _check_resume(out, config)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,13 +7,13 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..config import LAYER_REDUCTIONS
 from ..models.adapter import apply_rope, attention_module, backbone_spec, rope_parameters
 from .feedback import FeedbackHead, FeedbackSpec
 from .query_tower import QueryTower
 from .scoring import chunk_logits, token_chunk_logits
 
 NUM_DISTANCE_BUCKETS = 48
-LAYER_REDUCTIONS = ("max", "mean")
 EXACT_BUCKETS = 16  # the nearest chunks each get their own bucket, so the prior can express plain recency
 
 

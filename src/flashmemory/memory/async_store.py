@@ -125,11 +125,7 @@ class AsyncKVStore(KVStore):
 
     def begin_step(self) -> None:
         """Advance by one token: host counters for scheduling, device counters for the step's kernels."""
-        if self.seq_len - self.tail_start >= self.layout.tail_capacity:
-            raise RuntimeError(
-                "recent tail overflow: end_cycle() must run every `interval` steps, and a cache decodes at most "
-                "the max_new_tokens it was built for (its tail holds no more)"
-            )
+        self._check_tail_room()
         self.seq_len += 1
         self.step += 1
         self.seq_len_dev.add_(1)

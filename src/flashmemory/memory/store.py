@@ -138,13 +138,16 @@ class KVStore:
         self.reserve_k[layer][:, :, start : start + n] = keys[:, :, self.tail_start : self.seq_len]
         self.reserve_v[layer][:, :, start : start + n] = values[:, :, self.tail_start : self.seq_len]
 
-    def begin_step(self) -> None:
-        """Account for the token the coming decode step writes (same slot in every layer)."""
+    def _check_tail_room(self) -> None:
         if self.seq_len - self.tail_start >= self.layout.tail_capacity:
             raise RuntimeError(
                 "recent tail overflow: end_cycle() must run every `interval` steps, and a cache decodes at most "
                 "the max_new_tokens it was built for (its tail holds no more)"
             )
+
+    def begin_step(self) -> None:
+        """Account for the token the coming decode step writes (same slot in every layer)."""
+        self._check_tail_room()
         self.seq_len += 1
         self.step += 1
         self.refresh_positions()

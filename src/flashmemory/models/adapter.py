@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..config import LSAConfig
 
 # Zero-shot scorer layers measured by decoding, per architecture shape (BackboneSpec.shape_key). Qwen2.5 0.5B:
 # layer 13 alone beat the 45-70% band's mean by 10.5 / 3.0 / 2.4 points at 4K / 8K / 16K on RULER's dev split
@@ -107,6 +111,10 @@ class BackboneSpec:
     def default_follow_chunks(self) -> int:
         """Chunks that inherit a scored chunk's score on this backbone when ``LSAConfig.follow_chunks`` is unset."""
         return MEASURED_FOLLOW_CHUNKS.get(self.shape_key, DEFAULT_FOLLOW_CHUNKS)
+
+    def resolve_counts(self, lsa: LSAConfig) -> LSAConfig:
+        """``lsa`` with the counts it leaves unset (``page_chunks``, ``follow_chunks``) taken from this backbone."""
+        return lsa.with_page_chunks(self.default_page_chunks()).with_follow_chunks(self.default_follow_chunks())
 
     def default_layer_reduce(self) -> str:
         """How the zero-shot scorer combines its default layers (see :meth:`default_target_layers`)."""

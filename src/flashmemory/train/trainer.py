@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
+from ..config import LAYER_REDUCTIONS
 from ..indexer.checkpoint import blend_states, load_indexer, save_indexer
-from ..indexer.memory_indexer import LAYER_REDUCTIONS, MemoryIndexer, covered_buckets
+from ..indexer.memory_indexer import MemoryIndexer, covered_buckets
 from .dataset import TARGETS, PromptExamples, check_compatible, load_examples
 from .metrics import RecallCurve
 from .scorers import indexer_logits
