@@ -183,6 +183,9 @@ def train_feedback(
     interval: int = typer.Option(FEEDBACK.interval, help="Decode steps per cycle."),
     recent: int = typer.Option(FEEDBACK.recent, help="Always-resident tail tokens."),
     window: int = typer.Option(FEEDBACK.query_window, help="Newest steps forming the tower's lookahead query."),
+    version: int = typer.Option(
+        FEEDBACK.version, help="The head's inputs: 1 the attention's counts, 2 also where the reading is heading."
+    ),
     seed: int = typer.Option(FEEDBACK.seed, help="Sampling seed."),
     device: str = typer.Option(FEEDBACK.device, help="cpu or cuda."),
 ) -> None:
@@ -200,6 +203,7 @@ def train_feedback(
         iterations=iterations,
         lr=lr,
         steps_per_prompt=steps_per_prompt,
+        version=version,
         seed=seed,
         device=device,
     )
