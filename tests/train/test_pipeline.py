@@ -18,8 +18,6 @@ from flashmemory.train.dataset import load_examples
 from flashmemory.train.indexer_eval import evaluate_methods, markdown_table
 from flashmemory.train.trainer import TrainConfig, train_indexer
 
-from ..attention.decode_helpers import greedy_logits
-from ..conftest import SMALL_LSA
 from .blocked_imports import train_without_model_classes
 from .fake_tokenizer import CharTokenizer, Prompt
 
@@ -123,6 +121,32 @@ def test_training_reduces_loss_and_writes_checkpoint(dump_dir, tmp_path):
     for method, m in report["methods"].items():
         assert all(r <= c + 1e-9 for r, c in zip(m["recall"], ceiling, strict=True)), method
     assert 0 < report["needed_share"] < 1
+
+
+def test_indexer_eval_splits_by_prompt_kind(tmp_path):
+    kinds = ["copy_back", "keyed_fact", "copy_back"]
+    texts = [p.text for p in prompts(n_train=0, n_val=3)]
+    run_dump(
+        tiny_model("llama"),
+        CharTokenizer(),
+        [Prompt(t, "validation", kind) for t, kind in zip(texts, kinds, strict=True)],
+        tmp_path / "d",
+        backbone="tiny",
+        fingerprint="fp-tiny",
+        labels=LABELS,
+        max_new_tokens=24,
+        shard_size=4,
+        progress=False,
+    )
+    report = evaluate_methods([tmp_path / "d"], None, interval=16, recent=16, by_kind=True)
+    groups = report["by_kind"]
+    assert list(groups) == ["copy_back", "keyed_fact"]
+    assert (groups["copy_back"]["prompts"], groups["keyed_fact"]["prompts"]) == (2, 1)
+    assert groups["copy_back"]["steps"] + groups["keyed_fact"]["steps"] == report["steps"]
+    alone = evaluate_methods([tmp_path / "d"], None, interval=16, recent=16, length_edges=[1])
+    for method, m in report["methods"].items():  # pooled curves do not change with the split
+        assert m["recall"] == alone["methods"][method]["recall"], method
+    assert "by prompt kind" in markdown_table(report) and "| copy_back | keyed_fact |" in markdown_table(report)
 
 
 def test_indexer_eval_splits_by_prompt_length(dump_dir):
@@ -611,77 +635,3 @@ def test_alternating_order_follows_the_share():
         assert torch.argsort(s, descending=True).tolist() == torch.argsort(own, descending=True).tolist()
     quarter = torch.argsort(alternate(first, second, every, 0.25), descending=True).tolist()
     assert quarter[0] == int(first.argmax()) and quarter[1] == int(second.argmax())
-
-
-def _replay_step_by_step(ex, spec, z, interval, choose):
-    """The replay written the plain way, one step at a time: the reference for the batched one."""
-    from flashmemory.indexer.feedback import FeedbackCounts, chunk_distance, feedback_features, top_p_sets
-    from flashmemory.train.feedback_sim import _resident_set
-
-    n = ex.keys.shape[2]
-    resident = torch.ones(n, dtype=torch.bool)
-    seen = []  # (agreed, resident, vote share) per decode step
-    out = []
-    for t in range(ex.num_steps):
-        if t >= 1:
-            sets = top_p_sets(ex.layer_mass[t].float() * resident, spec.top_p) & resident
-            votes = sets.sum(0)
-            seen.append((votes >= spec.min_layers, resident, votes.float() / ex.layer_mass.shape[1]))
-        window, recent = seen[-spec.window :], seen[-spec.recent_steps :]
-
-        def total(rows, i, dtype=torch.long):
-            return torch.stack([r[i].to(dtype) for r in rows]).sum(0) if rows else torch.zeros(n, dtype=dtype)
-
-        counts = FeedbackCounts(
-            prompt_hits=ex.prompt_hits,
-            prompt_rows=ex.prompt_rows,
-            decode_hits=total(window, 0),
-            resident_steps=total(window, 1),
-            decode_steps=len(window),
-            votes=total(window, 2, torch.float32),
-            recent_hits=total(recent, 0),
-            recent_steps=len(recent),
-        )
-        f = feedback_features(z[t], counts, chunk_distance(n, int(ex.positions[t]), ex.chunk_size), spec)
-        out.append(f)
-        if t % interval == 0:
-            resident = _resident_set(choose(f), ex.candidates[t], spec.kept)
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("version", [1, 2])
-def test_batched_replay_equals_the_step_by_step_one(dump_dir, version):
-    from flashmemory.indexer.feedback import FeedbackSpec
-    from flashmemory.train.dataset import load_examples
-    from flashmemory.train.feedback_sim import counts_chooser, replay_features
-
-    spec = FeedbackSpec(window=24, top_p=LABELS.top_p, min_layers=LABELS.min_layers, kept=0.2, version=version)
-    for ex in load_examples([dump_dir], split=None, interval=16, recent=16, sink=0)[:3]:
-        z = torch.randn(ex.num_steps, ex.keys.shape[2], generator=torch.Generator().manual_seed(3))
-        for choose in (counts_chooser, lambda f: f[..., 0] - f[..., 3]):
-            got = replay_features(ex, spec, z, interval=16, choose=choose)
-            torch.testing.assert_close(got, _replay_step_by_step(ex, spec, z, 16, choose))
-
-
-def test_version_2_head_trains_and_the_runtime_reads_it(dump_dir, tmp_path):
-    from flashmemory.attention.cache import LSACache
-    from flashmemory.config import LSAConfig
-    from flashmemory.indexer.feedback import FEATURE_VERSIONS
-    from flashmemory.train.feedback_trainer import FeedbackTrainConfig, train_feedback
-
-    cfg = FeedbackTrainConfig(interval=16, recent=16, iterations=20, rounds=1, steps_per_prompt=8, version=2)
-    train_feedback([dump_dir], dump_dir / "init_indexer", tmp_path / "fb2", cfg, progress=False)
-    indexer = load_indexer(tmp_path / "fb2")
-    assert indexer.feedback_spec.version == 2
-    assert indexer.feedback.net[0].in_features == len(FEATURE_VERSIONS[2])
-    report = evaluate_methods([dump_dir], tmp_path / "fb2", interval=16, recent=16)
-    assert "trained" in report["methods"]
-    model = tiny_model("llama")
-    ids = torch.randint(0, model.config.vocab_size, (1, 240), generator=torch.Generator().manual_seed(2))
-    lsa = LSAConfig(budget=None, max_pages=3, target_layers=indexer.target_layers, **SMALL_LSA)
-    with LSACache(model, lsa, indexer, max_new_tokens=40) as cache:
-        greedy_logits(model, ids, cache, 36)
-        assert cache.stats.boundaries >= 2  # the head chose the later boundaries' pages
-        seq = cache.store.seq_len
-        features = cache.feedback.features(torch.zeros(1, seq // lsa.chunk_size), seq - 1)
-        assert features.shape[-1] == len(FEATURE_VERSIONS[2])

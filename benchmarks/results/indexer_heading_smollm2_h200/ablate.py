@@ -6,6 +6,7 @@ python ablate.py TRAIN_DIRS HELD_OUT_DIRS SUBSET[,SUBSET...] OUT.json   (dirs co
 
 import collections
 import json
+import os
 import sys
 import time
 
@@ -18,7 +19,8 @@ from flashmemory.train.feedback_sim import counts_chooser, replay_features
 from flashmemory.train.metrics import RecallCurve
 from flashmemory.train.scorers import indexer_logits
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("THREADS", "2")))
+LOSS = os.environ.get("LOSS", "bce")  # bce (as train-feedback) or listwise (softmax over each step's candidates)
 BASE = list(range(8))
 SUBSETS = {
     "v1": BASE,
@@ -80,6 +82,11 @@ def recall(score, rows_, by_length=False):
     return out if by_length else out["all"]
 
 
+def listwise(logit, row, slot, target):
+    grid = torch.full(target.shape, float("-inf")).index_put((row, slot), logit)
+    return -(target * torch.log_softmax(grid, 1).nan_to_num(neginf=0.0)).sum(1).mean()
+
+
 results = {}
 for name in names:
     cols = SUBSETS[name]
@@ -94,10 +101,21 @@ for name in names:
         x = torch.cat([r[0] for r in train_rows])
         y = torch.cat([r[1] for r in train_rows]).float()
         pos_weight = (y.numel() - y.sum()) / y.sum()
+        # listwise: each step's candidates padded into one row; the target spreads evenly over its needed chunks
+        width = max(len(r[1]) for r in train_rows)
+        slot = torch.cat([torch.arange(len(r[1])) for r in train_rows])
+        row = torch.cat([torch.full((len(r[1]),), i) for i, r in enumerate(train_rows)])
+        target = torch.zeros(len(train_rows), width).index_put_((row, slot), y)
+        target = target / target.sum(1, keepdim=True).clamp(min=1)
+
         opt = torch.optim.AdamW(head.parameters(), lr=0.01, weight_decay=1e-4)
         best, state = -1.0, None
         for it in range(400):
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x).squeeze(-1), y, pos_weight=pos_weight)
+            logit = head(x).squeeze(-1)
+            if LOSS == "listwise":
+                loss = listwise(logit, row, slot, target)
+            else:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y, pos_weight=pos_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()

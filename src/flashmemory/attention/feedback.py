@@ -17,15 +17,7 @@ from collections import deque
 import torch
 from torch import nn
 
-from ..indexer.feedback import (
-    FeedbackCounts,
-    FeedbackSpec,
-    chunk_distance,
-    chunk_mass,
-    feedback_features,
-    fit_chunks,
-    top_p_sets,
-)
+from ..indexer.feedback import FeedbackSpec, chunk_distance, chunk_mass, feedback_features, fit_chunks, top_p_sets
 from ..models.adapter import attention_module, backbone_spec, rotated_queries
 
 ROW_BLOCK = 16  # prompt-window rows per block at prefill: [B, H, rows, T] float32 scores exist together
@@ -52,8 +44,7 @@ class AttentionFeedback:
         self.layer_hits: torch.Tensor | None = None  # this forward's top-p votes per chunk (and row)
         self.prompt_hits: torch.Tensor | None = None  # [B, N]
         self.prompt_rows = 0
-        # per decode step of the window: (agreed [B, N], resident [B, N], share of layers voting [B, N])
-        self.steps: deque[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = deque(maxlen=spec.window)
+        self.steps: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=spec.window)
 
     def capture_query(self, layer: int, hidden: torch.Tensor, position_embeddings, rows: int) -> None:
         """Post-rotary queries of the newest ``rows`` tokens entering ``layer``'s attention. # [B, H, rows, D]"""
@@ -121,7 +112,7 @@ class AttentionFeedback:
             seen = torch.zeros(probs.shape[0], n + 1, dtype=torch.bool, device=probs.device)
             seen.scatter_(1, chunk, valid)
             agreed = (self.layer_hits >= self.spec.min_layers) & seen[:, :n]
-            self.steps.append((agreed, seen[:, :n], self.layer_hits.float() / len(self.layers)))
+            self.steps.append((agreed, seen[:, :n]))
             self.layer_hits = None
 
     def features(self, indexer_logit: torch.Tensor, newest: int) -> torch.Tensor:
@@ -135,23 +126,11 @@ class AttentionFeedback:
         device = indexer_logit.device
         counts = torch.zeros(b, n, dtype=torch.long, device=device)
         prompt = counts if self.prompt_hits is None else fit_chunks(self.prompt_hits.long(), n)
-        hits, resident, votes, recent = counts, counts, counts.float(), counts
-        recent_from = len(self.steps) - self.spec.recent_steps
-        for i, (agreed, seen, share) in enumerate(self.steps):  # the chunk count grows while decoding
+        hits, resident = counts, counts
+        for agreed, seen in self.steps:  # the chunk count grows while decoding
             hits = hits + fit_chunks(agreed.long(), n)
             resident = resident + fit_chunks(seen.long(), n)
-            votes = votes + fit_chunks(share, n)
-            if i >= recent_from:
-                recent = recent + fit_chunks(agreed.long(), n)
         distance = chunk_distance(n, torch.tensor(newest, device=device), self.chunk_size).expand(b, -1)
-        window = FeedbackCounts(
-            prompt_hits=prompt,
-            prompt_rows=self.prompt_rows,
-            decode_hits=hits,
-            resident_steps=resident,
-            decode_steps=len(self.steps),
-            votes=votes,
-            recent_hits=recent,
-            recent_steps=min(len(self.steps), self.spec.recent_steps),
+        return feedback_features(
+            indexer_logit, prompt, self.prompt_rows, hits, resident, len(self.steps), distance, self.spec.window
         )
-        return feedback_features(indexer_logit, window, distance, self.spec)

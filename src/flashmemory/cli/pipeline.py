@@ -183,9 +183,6 @@ def train_feedback(
     interval: int = typer.Option(FEEDBACK.interval, help="Decode steps per cycle."),
     recent: int = typer.Option(FEEDBACK.recent, help="Always-resident tail tokens."),
     window: int = typer.Option(FEEDBACK.query_window, help="Newest steps forming the tower's lookahead query."),
-    version: int = typer.Option(
-        FEEDBACK.version, help="The head's inputs: 1 the attention's counts, 2 also where the reading is heading."
-    ),
     seed: int = typer.Option(FEEDBACK.seed, help="Sampling seed."),
     device: str = typer.Option(FEEDBACK.device, help="cpu or cuda."),
 ) -> None:
@@ -203,7 +200,6 @@ def train_feedback(
         iterations=iterations,
         lr=lr,
         steps_per_prompt=steps_per_prompt,
-        version=version,
         seed=seed,
         device=device,
     )
@@ -230,6 +226,7 @@ def indexer_eval(
     by_length: str = typer.Option(
         "", help="Comma-separated prompt lengths in tokens, e.g. 4096,8192: also report each length range apart."
     ),
+    by_kind: bool = typer.Option(False, "--by-kind", help="Also report each prompt kind apart."),
     zero_shot_reduce: str = typer.Option(
         None, help="Combine the zero-shot indexer's layers by max or mean (default: as the dump recorded)."
     ),
@@ -255,6 +252,7 @@ def indexer_eval(
         target=target,
         peak_threshold=peak_threshold,
         length_edges=edges,
+        by_kind=by_kind,
         zero_shot_reduce=zero_shot_reduce,
     )
     write_report(report, out)

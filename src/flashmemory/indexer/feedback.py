@@ -10,11 +10,6 @@ that consensus; the runtime can. It counts, per chunk, how often the layers agre
 
 A small head turns those counts, the query tower's logit and the chunk's distance into the boundary's logit. The
 same code builds the counts in the runtime and, from dumps, in training and evaluation.
-
-Heads of version 2 also read where the attention is heading. Reading moves forward through a passage (a copy, a
-continuation, an answer that quotes), so the chunks just after the ones read lately are the next cycle's, before
-any attention has reached them; and a chunk a few layers look at is close to being agreed on. Version 1 heads (the
-first ones shipped) read the first eight inputs only.
 """
 
 from __future__ import annotations
@@ -34,20 +29,6 @@ FEATURES = (
     "decode window fill",
     "log1p(chunk distance) / 8",
 )
-
-# version 2 adds these (see FeedbackCounts for the counts behind them)
-HEADING_FEATURES = (
-    "mean share of layers voting for the chunk over the decode window",
-    "decode consensus rate over the window's last quarter",
-    "best decode consensus rate of the 4 chunks before",
-    "best last-quarter decode consensus rate of the 4 chunks before",
-    "best prompt-window consensus rate of the 4 chunks before",
-    "best decode consensus rate of the 2 chunks after",
-    "best prompt-window consensus rate of the 2 chunks after",
-)
-BEFORE, AFTER = 4, 2  # neighbours read by the heading features
-
-FEATURE_VERSIONS = {1: FEATURES, 2: FEATURES + HEADING_FEATURES}
 
 
 def chunk_mass(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -105,8 +86,6 @@ class FeedbackSpec:
         kept: fraction of the candidate chunks resident during the decode steps the head was trained on.
         tower_slots: share of the page slots the runtime gives to the tower's best chunks (see
             :attr:`flashmemory.config.LSAConfig.tower_slots`, which overrides it when set).
-        version: which inputs the head reads (:data:`FEATURE_VERSIONS`); checkpoints saved before versions were
-            recorded are version 1.
     """
 
     window: int = 64
@@ -115,23 +94,6 @@ class FeedbackSpec:
     hidden: int = 32
     kept: float = 0.15
     tower_slots: float = 0.5
-    version: int = 1
-
-    def __post_init__(self) -> None:
-        if self.version not in FEATURE_VERSIONS:
-            raise ValueError(
-                f"feedback head version {self.version} is unknown (known: {sorted(FEATURE_VERSIONS)}): "
-                "the checkpoint needs a newer flashmemory"
-            )
-
-    @property
-    def features(self) -> tuple[str, ...]:
-        return FEATURE_VERSIONS[self.version]
-
-    @property
-    def recent_steps(self) -> int:
-        """Decode steps of the window's last quarter (the heading features' recent rate)."""
-        return max(1, self.window // 4)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,92 +104,51 @@ class FeedbackHead(nn.Module):
 
     def __init__(self, spec: FeedbackSpec) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(len(spec.features), spec.hidden), nn.SiLU(), nn.Linear(spec.hidden, 1))
+        self.net = nn.Sequential(nn.Linear(len(FEATURES), spec.hidden), nn.SiLU(), nn.Linear(spec.hidden, 1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits. # [..., N] from [..., N, F]"""
         return self.net(features).squeeze(-1)
 
 
-@dataclass(slots=True)
-class FeedbackCounts:
-    """What the attention said about each chunk before a boundary: the head's input besides the tower and distance.
+def feedback_features(
+    indexer_logit: torch.Tensor,
+    prompt_hits: torch.Tensor,
+    prompt_rows: int,
+    decode_hits: torch.Tensor,
+    resident_steps: torch.Tensor,
+    decode_steps: int,
+    distance: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """The head's input per chunk (see :data:`FEATURES`).
 
     Args:
+        indexer_logit: the query tower's logit (combined over target layers). # [..., N]
         prompt_hits: prompt-window tokens whose layers agreed on the chunk. # [..., N]
         prompt_rows: prompt-window tokens counted.
         decode_hits: decode steps of the window whose layers agreed on the chunk while it was resident. # [..., N]
         resident_steps: decode steps of the window the chunk was resident in. # [..., N]
-        decode_steps: decode steps in the window (0 at the first boundary); a tensor that broadcasts against the
-            counts when they hold several steps of a replay.
-        votes: per decode step of the window, the share of layers with the chunk in their top-p set, summed over
-            the steps (version 2; None for version 1). # [..., N]
-        recent_hits: like ``decode_hits`` over the window's last ``recent_steps`` steps (version 2). # [..., N]
-        recent_steps: decode steps counted in ``recent_hits`` (an int or a tensor, as ``decode_steps``).
-    """
-
-    prompt_hits: torch.Tensor
-    prompt_rows: int
-    decode_hits: torch.Tensor
-    resident_steps: torch.Tensor
-    decode_steps: int | torch.Tensor
-    votes: torch.Tensor | None = None
-    recent_hits: torch.Tensor | None = None
-    recent_steps: int | torch.Tensor = 0
-
-
-def _best_neighbour(rate: torch.Tensor, offsets: range) -> torch.Tensor:
-    """Per chunk, the largest ``rate`` among the chunks ``i - o`` for ``o`` in ``offsets`` (0 past the ends)."""
-    padded = torch.nn.functional.pad(rate, (max(offsets.stop, 0), max(-offsets.start, 0)))
-    n = rate.shape[-1]
-    lo = max(offsets.stop, 0)
-    return torch.stack([padded[..., lo - o : lo - o + n] for o in offsets]).amax(0)
-
-
-def feedback_features(
-    indexer_logit: torch.Tensor, counts: FeedbackCounts, distance: torch.Tensor, spec: FeedbackSpec
-) -> torch.Tensor:
-    """The head's input per chunk (see :data:`FEATURE_VERSIONS`).
-
-    Args:
-        indexer_logit: the query tower's logit (combined over target layers). # [..., N]
-        counts: the attention's counts before the boundary.
+        decode_steps: decode steps in the window (0 at the first boundary).
         distance: chunks between this one and the newest token's chunk. # [..., N]
-        spec: the head's settings (window, version).
+        window: the spec's window.
 
     Returns:
         Features. # [..., N, F]
     """
-    prompt_rate = counts.prompt_hits.float() / max(counts.prompt_rows, 1)
-    decode_steps = torch.as_tensor(counts.decode_steps, dtype=torch.float32, device=prompt_rate.device)
-    steps = decode_steps.clamp(min=1)
-    decode_hits = counts.decode_hits.float()
-    decode_rate = decode_hits / steps
+    rows = max(prompt_rows, 1)
+    steps = max(decode_steps, 1)
+    prompt_hits, decode_hits = prompt_hits.float(), decode_hits.float()
     cols = [
         indexer_logit.float().clamp(-12.0, 12.0) / 4.0,
-        prompt_rate,
-        (counts.prompt_hits > 0).float(),
-        decode_rate,
+        prompt_hits / rows,
+        (prompt_hits > 0).float(),
+        decode_hits / steps,
         (decode_hits > 0).float(),
-        counts.resident_steps.float() / steps,
-        (decode_steps.clamp(max=spec.window) / spec.window).expand_as(prompt_rate),
+        resident_steps.float() / steps,
+        torch.full_like(prompt_hits, min(decode_steps, window) / window),
         torch.log1p(distance.float().clamp(min=0)) / 8.0,
     ]
-    if spec.version >= 2:
-        if counts.votes is None or counts.recent_hits is None:
-            raise ValueError("a version 2 feedback head needs the layers' votes and the recent consensus counts")
-        recent_steps = torch.as_tensor(counts.recent_steps, dtype=torch.float32, device=prompt_rate.device)
-        recent_rate = counts.recent_hits.float() / recent_steps.clamp(min=1)
-        before, after = range(1, BEFORE + 1), range(-AFTER, 0)
-        cols += [
-            counts.votes.float() / steps,
-            recent_rate,
-            _best_neighbour(decode_rate, before),
-            _best_neighbour(recent_rate, before),
-            _best_neighbour(prompt_rate, before),
-            _best_neighbour(decode_rate, after),
-            _best_neighbour(prompt_rate, after),
-        ]
     return torch.stack(cols, -1)
 
 
@@ -264,9 +185,6 @@ def logit_of(probs: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "FEATURES",
-    "FEATURE_VERSIONS",
-    "HEADING_FEATURES",
-    "FeedbackCounts",
     "FeedbackHead",
     "FeedbackSpec",
     "chunk_distance",

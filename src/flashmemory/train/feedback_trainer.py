@@ -39,7 +39,6 @@ class FeedbackTrainConfig:
         hidden: width of the head. Default: 32.
         tower_slots: share of page slots the runtime gives to the tower's best chunks, stored with the head.
             Default: 0.5.
-        version: which inputs the head reads (:data:`~flashmemory.indexer.feedback.FEATURE_VERSIONS`). Default: 1.
         rounds: replays; round ``r > 0`` lets round ``r - 1``'s head choose the resident sets. Default: 2.
         iterations: full-batch optimiser steps per round. Default: 400.
         lr: AdamW learning rate. Default: 0.01.
@@ -54,7 +53,6 @@ class FeedbackTrainConfig:
     kept: float = 0.15
     hidden: int = 32
     tower_slots: float = 0.5
-    version: int = 1
     rounds: int = 2
     iterations: int = 400
     lr: float = 0.01
@@ -139,7 +137,6 @@ def train_feedback(
         hidden=cfg.hidden,
         kept=cfg.kept,
         tower_slots=cfg.tower_slots,
-        version=cfg.version,
     )
     kw = {"interval": cfg.interval, "recent": cfg.recent}
     train = load_examples(dirs, split="train", **kw)

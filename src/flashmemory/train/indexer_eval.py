@@ -40,6 +40,7 @@ def evaluate_methods(
     target: str = "golden",
     peak_threshold: float = 0.3,
     length_edges: Sequence[int] = (),
+    by_kind: bool = False,
     zero_shot_reduce: str | None = None,
 ) -> dict[str, dict]:
     """Recall curves of every method over the held-out prompts of ``dump_dirs``: over ``"all"`` their steps, or
@@ -47,6 +48,7 @@ def evaluate_methods(
     and ``peak_threshold`` choose which label counts as needed (see :func:`~.dataset.step_targets`).
     ``length_edges`` (prompt tokens, increasing) also splits the prompts into length ranges, each with its own
     curves under ``"by_length"``: how much of the label a kept fraction can hold depends on the length.
+    ``by_kind`` does the same per prompt kind (keyed facts, copy-back...), under ``"by_kind"``.
     ``zero_shot_reduce`` combines the zero-shot indexer's layers (None: as its dump recorded; a dump made before
     dumps recorded it takes ``"max"``, while the runtime averages the default layers: name ``"mean"`` to score
     it as the runtime does)."""
@@ -73,13 +75,16 @@ def evaluate_methods(
     feedback = trained is not None and trained.feedback is not None
     if feedback:
         curves |= {m: RecallCurve() for m in FEEDBACK_METHODS}
-    bins = [_LengthBin(lo, hi, {m: RecallCurve() for m in curves}) for lo, hi in _ranges(edges)] if edges else []
+    bins = [_Group({m: RecallCurve() for m in curves}, lo, hi) for lo, hi in _ranges(edges)] if edges else []
+    kinds: dict[str, _Group] = {}
     with torch.no_grad():
         for ex in prompts:
             chosen = torch.arange(0, ex.num_steps, stride)
             length = int(ex.positions[0])
-            part = next((b for b in bins if b.lo <= length < b.hi), None)
-            if part is not None:
+            parts = [b for b in bins if b.lo <= length < b.hi]
+            if by_kind:
+                parts.append(kinds.setdefault(ex.kind, _Group({m: RecallCurve() for m in curves})))
+            for part in parts:
                 part.prompts += 1
                 part.steps += len(chosen)
             scores = {
@@ -106,7 +111,7 @@ def evaluate_methods(
                 for r, step in enumerate(chosen.tolist()):
                     c = ex.candidates[step]
                     curves[method].add(s[r, c], ex.targets[step, c], thr)
-                    if part is not None:
+                    for part in parts:
                         part.curves[method].add(s[r, c], ex.targets[step, c], thr)
     report = {
         "split": split,
@@ -122,25 +127,29 @@ def evaluate_methods(
         "methods": {m: {"recall": c.recall(), **c.summary()} for m, c in curves.items()},
     }
     if bins:
-        report["by_length"] = [b.report() for b in bins]
+        report["by_length"] = [b.report() | b.length_range() for b in bins]
+    if by_kind:
+        report["by_kind"] = {kind: kinds[kind].report() for kind in sorted(kinds)}
     return report
 
 
 @dataclass(slots=True)
-class _LengthBin:
-    """Curves of the prompts whose length (tokens before the first decode step) is in ``[lo, hi)``."""
+class _Group:
+    """Curves of some of the prompts: those whose length (tokens before the first decode step) is in
+    ``[lo, hi)``, or those of one kind."""
 
-    lo: int
-    hi: int
     curves: dict[str, RecallCurve]
+    lo: int = 0
+    hi: int = 0
     prompts: int = 0
     steps: int = 0
+
+    def length_range(self) -> dict:
+        return {"min_tokens": self.lo, "max_tokens": self.hi if self.hi < _NO_LIMIT else None}
 
     def report(self) -> dict:
         oracle = self.curves["oracle"]
         return {
-            "min_tokens": self.lo,
-            "max_tokens": self.hi if self.hi < _NO_LIMIT else None,
             "prompts": self.prompts,
             "steps": self.steps,
             "needed_share": oracle.positives / max(oracle.candidates, 1.0),
@@ -222,22 +231,25 @@ def markdown_table(report: dict) -> str:
         )
         rows.append(f"| {method} | {cells} | {thr} |")
     if report.get("by_length"):
-        rows += ["", _length_table(report)]
+        bins = [b for b in report["by_length"] if b["prompts"]]
+        rows += ["", _group_table(report, "prompt length", {_length_name(b): b for b in bins})]
+    if report.get("by_kind"):
+        rows += ["", _group_table(report, "prompt kind", report["by_kind"])]
     return "\n".join(rows)
 
 
-def _length_table(report: dict, fraction: float = 0.15) -> str:
-    """Recall at one kept fraction per prompt-length range (empty ranges left out)."""
+def _length_name(b: dict) -> str:
+    hi = b["max_tokens"]
+    return f"{b['min_tokens']}+ tokens" if hi is None else f"{b['min_tokens']}-{hi - 1} tokens"
+
+
+def _group_table(report: dict, by: str, groups: dict[str, dict], fraction: float = 0.15) -> str:
+    """Recall at one kept fraction per group of prompts (a column each)."""
     i = report["fractions"].index(fraction)
-    bins = [b for b in report["by_length"] if b["prompts"]]
-
-    def name(b: dict) -> str:
-        hi = b["max_tokens"]
-        return f"{b['min_tokens']}+ tokens" if hi is None else f"{b['min_tokens']}-{hi - 1} tokens"
-
+    bins = list(groups.values())
     rows = [
-        f"Recall at {fraction:.0%} kept by prompt length:\n",
-        "| method | " + " | ".join(name(b) for b in bins) + " |",
+        f"Recall at {fraction:.0%} kept by {by}:\n",
+        "| method | " + " | ".join(groups) + " |",
         "|" + "---|" * (len(bins) + 1),
         "| prompts, steps | " + " | ".join(f"{b['prompts']}, {b['steps']}" for b in bins) + " |",
         "| needed share | " + " | ".join(f"{b['needed_share']:.1%}" for b in bins) + " |",
