@@ -30,23 +30,16 @@ def prompts(n_train=4, n_val=2, length=260):
     return [Prompt(make(), "train") for _ in range(n_train)] + [Prompt(make(), "validation") for _ in range(n_val)]
 
 
+def tiny_dump(out, items, max_new_tokens=40):
+    """Dump ``items`` with a tiny random Llama into ``out``."""
+    kw = dict(backbone="tiny", fingerprint="fp-tiny", labels=LABELS, shard_size=4, progress=False)
+    run_dump(tiny_model("llama"), CharTokenizer(), items, out, max_new_tokens=max_new_tokens, **kw)
+    return out
+
+
 @pytest.fixture(scope="module")
 def dump_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dump")
-    model = tiny_model("llama")
-    run_dump(
-        model,
-        CharTokenizer(),
-        prompts(),
-        out,
-        backbone="tiny",
-        fingerprint="fp-tiny",
-        labels=LABELS,
-        max_new_tokens=40,
-        shard_size=4,
-        progress=False,
-    )
-    return out
+    return tiny_dump(tmp_path_factory.mktemp("dump"), prompts())
 
 
 def test_dump_manifest_and_records(dump_dir):
@@ -126,18 +119,7 @@ def test_training_reduces_loss_and_writes_checkpoint(dump_dir, tmp_path):
 def test_indexer_eval_splits_by_prompt_kind(tmp_path):
     kinds = ["copy_back", "keyed_fact", "copy_back"]
     texts = [p.text for p in prompts(n_train=0, n_val=3)]
-    run_dump(
-        tiny_model("llama"),
-        CharTokenizer(),
-        [Prompt(t, "validation", kind) for t, kind in zip(texts, kinds, strict=True)],
-        tmp_path / "d",
-        backbone="tiny",
-        fingerprint="fp-tiny",
-        labels=LABELS,
-        max_new_tokens=24,
-        shard_size=4,
-        progress=False,
-    )
+    tiny_dump(tmp_path / "d", [Prompt(t, "validation", kind) for t, kind in zip(texts, kinds, strict=True)], 24)
     report = evaluate_methods([tmp_path / "d"], None, interval=16, recent=16, by_kind=True)
     groups = report["by_kind"]
     assert list(groups) == ["copy_back", "keyed_fact"]

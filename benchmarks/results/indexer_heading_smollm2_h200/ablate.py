@@ -1,5 +1,6 @@
-"""Which of the version 2 feedback inputs carry the recall: heads on subsets of them, trained and scored the way
-`flashmemory train-feedback` and `indexer-eval` do (two replay rounds, the head choosing its own resident sets).
+"""Which of the version 2 feedback inputs (code of commit bae7626) carry the recall: heads on subsets of them,
+trained and scored the way `flashmemory train-feedback` and `indexer-eval` do (two replay rounds, the head choosing
+its own resident sets).
 
 python ablate.py TRAIN_DIRS HELD_OUT_DIRS SUBSET[,SUBSET...] OUT.json   (dirs comma-separated; subsets: SUBSETS)
 """

@@ -81,12 +81,12 @@ def evaluate_methods(
         for ex in prompts:
             chosen = torch.arange(0, ex.num_steps, stride)
             length = int(ex.positions[0])
-            parts = [b for b in bins if b.lo <= length < b.hi]
+            groups = [b for b in bins if b.lo <= length < b.hi]
             if by_kind:
-                parts.append(kinds.setdefault(ex.kind, _Group({m: RecallCurve() for m in curves})))
-            for part in parts:
-                part.prompts += 1
-                part.steps += len(chosen)
+                groups.append(kinds.setdefault(ex.kind, _Group({m: RecallCurve() for m in curves})))
+            for group in groups:
+                group.prompts += 1
+                group.steps += len(chosen)
             scores = {
                 "zero-shot": torch.sigmoid(indexer_logits(zero, ex, chosen, window=window)).cpu(),
                 "quest": page_bound_scores(zero, ex, chosen),
@@ -111,8 +111,8 @@ def evaluate_methods(
                 for r, step in enumerate(chosen.tolist()):
                     c = ex.candidates[step]
                     curves[method].add(s[r, c], ex.targets[step, c], thr)
-                    for part in parts:
-                        part.curves[method].add(s[r, c], ex.targets[step, c], thr)
+                    for group in groups:
+                        group.curves[method].add(s[r, c], ex.targets[step, c], thr)
     report = {
         "split": split,
         "prompts": len(prompts),
