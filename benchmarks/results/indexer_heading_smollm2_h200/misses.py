@@ -2,7 +2,8 @@
 
 - seen: the prompt window or the decode window had the chunk golden (the head had its count and ranked it out);
 - next to seen: not seen, but a neighbouring chunk was;
-- unseen: neither; only the tower could have found it.
+- unseen: neither; only the tower could have found it;
+- of those, golden at some earlier step with full attention (what a longer feedback memory could have kept).
 
 python misses.py HELD_OUT_DIR[,DIR...] [CKPT]
 """
@@ -47,6 +48,7 @@ for ex in examples:
         near[1:] |= seen[:-1]
         near[:-1] |= seen[1:]
         miss = y & ~top
+        ever = ex.golden[: t + 1].any(0)
         for g in (group, "all"):
             needed[g] += int(y.sum())
             kept[g] += int((y & top).sum())
@@ -54,9 +56,11 @@ for ex in examples:
             missed[(g, "seen")] += int((miss & seen).sum())
             missed[(g, "next to seen")] += int((miss & ~seen & near).sum())
             missed[(g, "unseen")] += int((miss & ~seen & ~near).sum())
-print("| prompts | needed chunks | recall | oracle | missed, seen | missed, next to seen | missed, unseen |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+            missed[(g, "unseen, golden before")] += int((miss & ~seen & ~near & ever).sum())
+COLUMNS = ("missed, seen", "missed, next to seen", "missed, unseen", "of those, golden before")
+print("| prompts | needed chunks | recall | oracle | " + " | ".join(COLUMNS) + " |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for g in sorted(needed, key=lambda g: (g == "all", g)):
     n = needed[g]
-    cells = [f"{missed[(g, m)] / n:.3f}" for m in ("seen", "next to seen", "unseen")]
+    cells = [f"{missed[(g, m)] / n:.3f}" for m in ("seen", "next to seen", "unseen", "unseen, golden before")]
     print(f"| {g} | {n} | {kept[g] / n:.3f} | {oracle[g] / n:.3f} | " + " | ".join(cells) + " |")
