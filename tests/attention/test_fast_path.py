@@ -42,7 +42,7 @@ def test_fast_path_in_generate_with_left_padding_and_a_budget():
     out, stats = generate_ids(model, ids, mask, lsa=fast_lsa, max_new_tokens=40)
     assert torch.equal(out, ref)
     assert stats.pages_recalled == ref_stats.pages_recalled
-    assert stats.kept_fraction == pytest.approx(ref_stats.kept_fraction)
+    assert stats.above_threshold == pytest.approx(ref_stats.above_threshold)
     assert stats.kv_bytes_device == ref_stats.kv_bytes_device
 
 

@@ -102,7 +102,7 @@ def test_dump_train_load_round_trip(dump_dir, tmp_path):
     ids = torch.randint(3, 256, (1, 203))
     with DeepseekV4LSACache(MODEL, small_lsa(max_pages=3, target_layers=TARGETS), trained, max_new_tokens=20) as c:
         decode(MODEL, ids, c, 20)
-        assert c.stats.boundaries == 2 and len(c.stats.kept_fraction) == 2
+        assert c.stats.boundaries == 2 and len(c.stats.above_threshold) == 2
 
 
 def test_v4_checkpoint_round_trip_is_exact(tmp_path):

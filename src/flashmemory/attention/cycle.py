@@ -31,7 +31,7 @@ class CycleStats:
     select_seconds: float = 0.0
     recall_seconds: float = 0.0
     peak_device_bytes: int = 0
-    kept_fraction: list[float] = field(default_factory=list)
+    above_threshold: list[float] = field(default_factory=list)
 
 
 class LSACycle:
@@ -285,7 +285,7 @@ class LSACycle:
         return None
 
     def _record_kept(self, scores: torch.Tensor) -> None:
-        self.stats.kept_fraction.append(float((scores > self.lsa.threshold).float().mean()))
+        self.stats.above_threshold.append(float((scores > self.lsa.threshold).float().mean()))
 
     def _keep_lookahead_hidden(self, layer: int, hidden: torch.Tensor) -> None:
         """Keep the newest ``query_window`` rows of ``hidden [B, q, ...]`` for ``layer``'s next lookahead query."""

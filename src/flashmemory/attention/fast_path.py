@@ -142,7 +142,7 @@ class FastLSACache(LSACache):
         self.backend = backend
         self._model = model
         self._base_impl = self.attn_impl
-        self._kept_pending: list[torch.Tensor] = []
+        self._above_pending: list[torch.Tensor] = []
         self._mask: SparseDecodeMask | None = None
         model.set_attn_implementation(attention_key(self._base_impl))
 
@@ -185,7 +185,7 @@ class FastLSACache(LSACache):
 
     def _record_kept(self, scores: torch.Tensor) -> None:
         # a device scalar now, a float in sync_stats: reading it here would stall the host on the device
-        self._kept_pending.append((scores > self.lsa.threshold).float().mean())
+        self._above_pending.append((scores > self.lsa.threshold).float().mean())
 
     def capture_lookahead(self, layer: int, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> None:
         """As in :class:`LSACache`, but a full window rolls in place during decode (graph-capturable)."""
@@ -234,8 +234,8 @@ class FastLSACache(LSACache):
         """Read the device-side copy counts into :attr:`stats` (waits for them)."""
         counts = self.store.sync_log() if self.store is not None else []
         self.stats.pages_recalled = list(counts)
-        self.stats.kept_fraction.extend(float(k) for k in self._kept_pending)
-        self._kept_pending.clear()
+        self.stats.above_threshold.extend(float(k) for k in self._above_pending)
+        self._above_pending.clear()
 
 
 def build_lsa_cache(

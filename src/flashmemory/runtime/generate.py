@@ -225,7 +225,7 @@ def copy_cycle_stats(stats: GenerationStats, cache: LSACycle) -> None:
     stats.select_seconds = cs.select_seconds
     stats.recall_seconds = cs.recall_seconds
     stats.page_slots = cache.store.layout.num_page_slots
-    stats.kept_fraction = list(cs.kept_fraction)
+    stats.above_threshold = list(cs.above_threshold)
 
 
 def dynamic_cache_bytes(cache) -> int:

@@ -24,7 +24,9 @@ class GenerationStats:
         select_seconds: time spent scoring chunks and choosing pages.
         recall_seconds: time spent copying pages.
         page_slots: page slots of the reserve (``K``).
-        kept_fraction: per boundary scored by the indexer, the fraction of chunks above the threshold.
+        above_threshold: per boundary scored by the indexer, the share of chunks it scored above its threshold.
+            This is the indexer's own confidence, not what stays resident: the budget caps the pages
+            (``page_slots``).
         allocator_kv_bytes: on CUDA, allocator bytes held after prefill minus before (cross-check).
         allocator_decode_peak_bytes: on CUDA, peak allocator bytes during decode minus before prefill
             (KV plus decode-time temporaries).
@@ -44,7 +46,7 @@ class GenerationStats:
     select_seconds: float = 0.0
     recall_seconds: float = 0.0
     page_slots: int | None = None
-    kept_fraction: list[float] = field(default_factory=list)
+    above_threshold: list[float] = field(default_factory=list)
     allocator_kv_bytes: int | None = None
     allocator_decode_peak_bytes: int | None = None
 
