@@ -11,6 +11,7 @@ from flashmemory.config import LSAConfig
         pytest.param({"threshold": 1.0}, "threshold", id="threshold"),
         pytest.param({"budget": 0.0}, "budget", id="budget0"),
         pytest.param({"budget": -1.0}, "budget", id="budget-negative"),
+        pytest.param({"budget": 1.5}, "whole number of bytes", id="budget-fraction-above-one"),
         pytest.param({"budget": None}, "max_pages", id="no-budget"),
         pytest.param({"recent": -1}, "recent", id="recent"),
         pytest.param({"layer_reduce": "sum"}, "layer_reduce", id="reduce"),

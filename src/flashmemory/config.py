@@ -142,6 +142,12 @@ class LSAConfig:
             raise ValueError("LSAConfig needs a budget (fraction or bytes) or max_pages")
         if self.budget is not None and not self.budget > 0:
             raise ValueError(f"LSAConfig.budget must be > 0 (a fraction in (0, 1] or bytes), got {self.budget}")
+        if self.budget is not None and self.budget > 1 and self.budget != int(self.budget):
+            # 1.5 or 12.5 is a fraction or a percentage typed wrong; read as bytes it would be one byte
+            raise ValueError(
+                f"LSAConfig.budget {self.budget:g} is neither a fraction of the full cache in (0, 1] nor a whole "
+                "number of bytes"
+            )
         if self.max_pages is not None and self.max_pages < 0:
             raise ValueError(f"LSAConfig.max_pages must be >= 0, got {self.max_pages}")
         if self.tower_slots is not None and not 0.0 <= self.tower_slots <= 1.0:

@@ -27,6 +27,14 @@ def test_plan_layout_too_small_budget_says_so():
         plan_layout(cfg, seq, context_len=2048, max_len=2100, other_layers_full=0)
 
 
+def test_too_small_a_byte_budget_names_bytes_and_too_short_a_context_names_full_attention():
+    seq = SequenceBytes(per_token=1024, per_chunk_key=96)
+    with pytest.raises(BudgetError, match=r"at least [\d,]+ bytes, or lower"):
+        plan_layout(LSAConfig(budget=20_000, page_chunks=4), seq, context_len=2048, max_len=2100, other_layers_full=0)
+    with pytest.raises(BudgetError, match="too short for LSA with these settings: use full attention"):
+        plan_layout(LSAConfig(budget=1.0, page_chunks=4), seq, context_len=40, max_len=56, other_layers_full=0)
+
+
 def test_plan_layout_max_pages():
     cfg = LSAConfig(budget=None, max_pages=7, page_chunks=4)
     seq = SequenceBytes(per_token=1024, per_chunk_key=96)

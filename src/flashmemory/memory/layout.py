@@ -103,11 +103,16 @@ def plan_layout(
     budget = cfg.budget * full if cfg.budget <= 1.0 else cfg.budget
     fixed = reserve_bytes(base, seq, math.ceil(max_len / cfg.chunk_size))
     if fixed > budget:
+        if fixed > full:  # no budget a fraction can name would do: the context is shorter than the fixed part
+            remedy = "This context is too short for LSA with these settings: use full attention"
+        elif cfg.budget <= 1.0:
+            remedy = f"Raise the budget to at least {fixed / full:.3f}"
+        else:
+            remedy = f"Raise the budget to at least {fixed:,} bytes"
         raise BudgetError(
             f"budget {describe_budget(cfg.budget)} of a {context_len}-token context ({int(budget):,} bytes) cannot "
             f"hold the always-resident part: sink {cfg.sink} + recent tail {tail} tokens + chunk keys "
-            f"= {fixed:,} bytes ({fixed / full:.3f} of the full cache). Raise the budget to at least "
-            f"{fixed / full:.3f}, or lower recent/interval/sink."
+            f"= {fixed:,} bytes ({fixed / full:.3f} of the full cache). {remedy}, or lower recent/interval/sink."
         )
     num_pages = int((budget - fixed) // (page_size * seq.per_token))
     return ReserveLayout(cfg.sink, min(num_pages, total_pages), page_size, tail)
