@@ -63,6 +63,21 @@ def test_dump_records_the_layers_asked_for_and_refuses_others(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_dump_refuses_a_prompt_past_the_models_window_before_any_work(tmp_path, monkeypatch):
+    import flashmemory.dump.runner as runner
+
+    def boom(*a, **k):
+        raise AssertionError("a prompt was captured before the lengths were checked")
+
+    monkeypatch.setattr(runner, "capture_prompt", boom)
+    model = tiny_model("llama")  # a window of 8192 positions
+    items = prompts(1, 0, 120) + prompts(1, 0, 8180)
+    kwargs = dict(backbone="tiny", fingerprint="fp-tiny", labels=LABELS, progress=False)
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) with 16 decoded tokens .* window of 8192 tokens: prompt 1 "):
+        run_dump(model, CharTokenizer(), items, tmp_path / "d", max_new_tokens=16, **kwargs)
+    assert not (tmp_path / "d").exists()
+
+
 def test_dump_resumes_without_redoing_work(dump_dir, monkeypatch):
     import flashmemory.dump.runner as runner
 

@@ -126,14 +126,22 @@ def run_dump(
         init.spec.layer_reduce = backbone_spec(model).scorer(target_layers, None)[1]
     # other backends' capture takes neither argument (and refuses them above)
     extra = {"token_keys": token_keys, "feedback_window": feedback_window} if backend is GenericCapture else {}
-    manifest = _open_manifest(out, settings)
-    done = {m["index"] for m in manifest["prompts"]}
+    manifest = _resumable_manifest(out, settings)
+    done = {m["index"] for m in manifest["prompts"]} if manifest else set()
+    pending = [i for i in range(len(prompts)) if i not in done]
+    # encoded and measured before the first prompt runs, so a prompt the model cannot hold stops the dump before
+    # any work instead of after hours of it (or, with positions past the model's window, dumps nonsense)
+    encoded = {i: encode_chat(tokenizer, prompts[i].text, getattr(prompts[i], "answer_prefix", "")) for i in pending}
+    _check_window(model, encoded, max_new_tokens)
+    if manifest is None:
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = {"format": FORMAT, **settings, "prompts": [], "complete": False}
+        write_json_atomic(out / MANIFEST, manifest)
     if not (out / INIT_INDEXER).is_dir():
         save_indexer(init, out / INIT_INDEXER)
     eos = tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     device = next(model.parameters()).device
-    pending = [i for i in range(len(prompts)) if i not in done]
     columns = (TextColumn("dump"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress) as bar:
         task = bar.add_task("dump", total=len(prompts), completed=len(done))
@@ -143,8 +151,7 @@ def run_dump(
             records, metas = {}, []
             for i in group:
                 p = prompts[i]
-                # prompts given as any object with a ``text`` (tests, other pipelines) have no prefix
-                ids = encode_chat(tokenizer, p.text, getattr(p, "answer_prefix", "")).to(device)
+                ids = encoded.pop(i).to(device)
                 rec = backend.capture_prompt(
                     model,
                     ids,
@@ -178,7 +185,22 @@ def run_dump(
     return manifest
 
 
-def _open_manifest(out: Path, settings: dict) -> dict:
+def _check_window(model: nn.Module, encoded: dict[int, torch.Tensor], max_new_tokens: int) -> None:
+    """Refuse prompts that with ``max_new_tokens`` more would run past the model's context window."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    over = [(i, int(ids.shape[1])) for i, ids in encoded.items() if ids.shape[1] + max_new_tokens > limit]
+    if over:
+        shown = ", ".join(f"prompt {i} ({n} tokens)" for i, n in over[:5]) + (" ..." if len(over) > 5 else "")
+        raise ValueError(
+            f"{len(over)} prompt(s) with {max_new_tokens} decoded tokens run past the model's window of {limit} "
+            f"tokens: {shown} (prompts numbered from 0 in --data order); shorten them or lower --max-new-tokens"
+        )
+
+
+def _resumable_manifest(out: Path, settings: dict) -> dict | None:
+    """The manifest of a dump in ``out`` to resume, None for a new one; refuses a folder it must not write into."""
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
         mismatch = [k for k, v in settings.items() if manifest.get(k) != v]
@@ -190,7 +212,4 @@ def _open_manifest(out: Path, settings: dict) -> dict:
         return manifest
     if out.exists() and any(out.iterdir()):
         raise DumpError(f"{out} exists and is not a dump folder; refusing to write into it")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {"format": FORMAT, **settings, "prompts": [], "complete": False}
-    write_json_atomic(out / MANIFEST, manifest)
-    return manifest
+    return None
