@@ -15,6 +15,7 @@ from flashmemory.indexer.checkpoint import load_indexer
 from flashmemory.indexer.memory_indexer import covered_buckets
 from flashmemory.models.tiny import tiny_model
 from flashmemory.train.dataset import load_examples
+from flashmemory.train.feedback_trainer import FeedbackTrainConfig
 from flashmemory.train.indexer_eval import evaluate_methods, markdown_table
 from flashmemory.train.trainer import TrainConfig, train_indexer
 
@@ -632,3 +633,43 @@ def test_alternating_order_follows_the_share():
         assert torch.argsort(s, descending=True).tolist() == torch.argsort(own, descending=True).tolist()
     quarter = torch.argsort(alternate(first, second, every, 0.25), descending=True).tolist()
     assert quarter[0] == int(first.argmax()) and quarter[1] == int(second.argmax())
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: TrainConfig(lr=-1e-4), "lr must be > 0"),
+        (lambda: TrainConfig(weight_decay=-0.1), "weight_decay must be >= 0"),
+        (lambda: TrainConfig(select_fraction=1.5), "select_fraction"),
+        (lambda: FeedbackTrainConfig(lr=0.0), "lr must be > 0"),
+        (lambda: FeedbackTrainConfig(tower_slots=2.0), "tower_slots"),
+    ],
+)
+def test_training_settings_out_of_range_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_a_finished_checkpoint_is_not_trained_over_unless_asked(dump_dir, tmp_path, monkeypatch):
+    import flashmemory.train.trainer as trainer
+    from flashmemory.indexer.checkpoint import CheckpointError, blend_indexers
+
+    cfg = TrainConfig(epochs=1, interval=16, recent=16, steps_per_prompt=4, prompts_per_batch=2)
+    train_indexer([dump_dir], tmp_path / "ck", cfg, progress=False)
+    before = (tmp_path / "ck" / "model.safetensors").read_bytes()
+
+    def boom(*a, **k):
+        raise AssertionError("training started before --out was checked")
+
+    monkeypatch.setattr(trainer, "load_examples", boom)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        train_indexer([dump_dir], tmp_path / "ck", cfg, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        train_indexer([dump_dir], tmp_path / "file", cfg, progress=False)
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        blend_indexers(dump_dir / "init_indexer", tmp_path / "ck", 0.5, tmp_path / "ck")
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
+    monkeypatch.undo()
+    train_indexer([dump_dir], tmp_path / "ck", replace(cfg, seed=1), progress=False, overwrite=True)
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() != before

@@ -94,6 +94,7 @@ def dump(
 def train(
     dumps: list[Path] = typer.Option(..., "--dumps", "-d", help="Dump folders (repeat the option for several)."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint already in --out."),
     epochs: int = typer.Option(TRAIN.epochs, help="Most passes over the training prompts."),
     lr: float = typer.Option(TRAIN.lr, help="Learning rate of the query projections."),
     head_lr: float = typer.Option(TRAIN.head_lr, help="Learning rate of head weights, score bias, distance prior."),
@@ -153,7 +154,7 @@ def train(
         layer_reduce=layer_reduce,
     )
     try:
-        history = train_indexer(dumps, out, cfg, device=device)
+        history = train_indexer(dumps, out, cfg, device=device, overwrite=overwrite)
     except BaseException:
         leave_distributed(meet=False)
         raise
@@ -170,6 +171,7 @@ def train_feedback(
     dumps: list[Path] = typer.Option(..., "--dumps", "-d", help="Dump folders (repeat the option for several)."),
     indexer: Path = typer.Option(..., "--indexer", "-i", help="Trained indexer checkpoint whose tower is kept."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write (tower + feedback head)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint already in --out."),
     kept: float = typer.Option(FEEDBACK.kept, help="Share of candidate chunks resident while feedback is replayed."),
     rounds: int = typer.Option(FEEDBACK.rounds, help="Replays; later ones follow the previous round's head."),
     iterations: int = typer.Option(FEEDBACK.iterations, help="Full-batch optimiser steps per round."),
@@ -203,7 +205,7 @@ def train_feedback(
         seed=seed,
         device=device,
     )
-    record = run(dumps, indexer, out, cfg)
+    record = run(dumps, indexer, out, cfg, overwrite=overwrite)
     best = record["best"]
     OUT.print(
         f"[green]saved[/] {out}: validation recall@{kept:g} {best['recall']:.3f} "
@@ -241,6 +243,8 @@ def indexer_eval(
             f"--by-length must be comma-separated token counts, e.g. 4096,8192; got {by_length!r}"
         ) from None
 
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
     report = evaluate_methods(
         dumps,
         ckpt,
@@ -266,9 +270,10 @@ def blend(
     end: Path = typer.Option(..., "--end", help="Checkpoint at weight 1, e.g. a trained indexer."),
     weight: float = typer.Option(..., "--weight", "-w", help="Share of the way from --start to --end, in [0, 1]."),
     out: Path = typer.Option(..., "--out", "-o", help="Checkpoint folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a checkpoint already in --out."),
 ) -> None:
     """Blend two indexer checkpoints in weight space: start + weight * (end - start)."""
     from ..indexer.checkpoint import blend_indexers
 
-    blend_indexers(start, end, weight, out)
+    blend_indexers(start, end, weight, out, overwrite=overwrite)
     OUT.print(f"[green]saved[/] {out}: {1 - weight:g} × {start} + {weight:g} × {end}")

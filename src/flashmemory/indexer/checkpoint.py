@@ -45,6 +45,30 @@ def save_indexer(
     return path
 
 
+def check_checkpoint_out(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse a folder that cannot take a new checkpoint, before the work that would make it.
+
+    The partial checkpoint an interrupted training run left is not protected: running again is how it is finished.
+
+    Raises:
+        CheckpointError: ``path`` is a file, or already holds a checkpoint and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a folder; a checkpoint is written as a folder")
+    if overwrite or not ((path / CONFIG).exists() or (path / WEIGHTS).exists()):
+        return path
+    try:
+        partial = json.loads((path / CONFIG).read_text()).get("training", {}).get("partial", False)
+    except (OSError, ValueError, AttributeError):
+        partial = False
+    if not partial:
+        raise CheckpointError(
+            f"{path} already holds a checkpoint; choose another folder or allow overwriting it (--overwrite)"
+        )
+    return path
+
+
 def checkpoint_identity(path: str | Path) -> str:
     """``"<folder>@<first 12 hex of a sha256>"`` of a checkpoint, a label for records: the hash covers the weights and
     the spec (settings such as the prior's reach or the head's page share change the scores too), so results made
@@ -131,7 +155,9 @@ def blend_states(start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], w
     return {k: start[k] + weight * (end[k] - start[k]) for k in end}
 
 
-def blend_indexers(start: str | Path, end: str | Path, weight: float, out: str | Path) -> Path:
+def blend_indexers(
+    start: str | Path, end: str | Path, weight: float, out: str | Path, *, overwrite: bool = False
+) -> Path:
     """Write ``start + weight * (end - start)`` of two checkpoints of one indexer shape to ``out``.
 
     Weight-space interpolation between, typically, the zero-shot indexer of a dump (``DUMP/init_indexer``) and a
@@ -139,11 +165,13 @@ def blend_indexers(start: str | Path, end: str | Path, weight: float, out: str |
     blend can be chosen on a dev split without training again. ``weight`` 0 gives ``start``, 1 gives ``end``.
 
     Raises:
-        CheckpointError: a checkpoint is missing or corrupt, or the two differ in backbone, layers or shape.
+        CheckpointError: a checkpoint is missing or corrupt, or the two differ in backbone, layers or shape;
+            ``out`` already holds a checkpoint and ``overwrite`` is False.
         ValueError: ``weight`` outside [0, 1].
     """
     if not 0.0 <= weight <= 1.0:
         raise ValueError(f"weight must be in [0, 1], got {weight}")
+    check_checkpoint_out(out, overwrite=overwrite)
     start, end, out = Path(start), Path(end), Path(out)
     a, b = load_indexer(start), load_indexer(end)
     own = ("trained", "prior_buckets", "layer_reduce")  # what training sets, not the shape: the blend takes end's

@@ -18,7 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..dump.shards import read_manifest
-from ..indexer.checkpoint import load_indexer, save_indexer
+from ..indexer.checkpoint import check_checkpoint_out, load_indexer, save_indexer
 from ..indexer.feedback import FeedbackHead, FeedbackSpec
 from ..indexer.memory_indexer import MemoryIndexer
 from .dataset import PromptExamples, check_compatible, load_examples
@@ -65,6 +65,13 @@ class FeedbackTrainConfig:
             raise ValueError(f"kept must be in (0, 1), got {self.kept}")
         if self.rounds < 1 or self.iterations < 1 or self.steps_per_prompt < 1:
             raise ValueError("rounds, iterations and steps_per_prompt must be >= 1")
+        for name in ("lr", "interval", "query_window", "hidden"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.recent < 0:
+            raise ValueError(f"recent must be >= 0, got {self.recent}")
+        if not 0.0 <= self.tower_slots <= 1.0:
+            raise ValueError(f"tower_slots must be in [0, 1], got {self.tower_slots}")
 
 
 def tower_logits(indexer: MemoryIndexer, ex: PromptExamples, window: int) -> torch.Tensor:
@@ -110,8 +117,12 @@ def train_feedback(
     cfg: FeedbackTrainConfig | None = None,
     *,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Train a feedback head for the indexer at ``indexer_ckpt`` on the dumps and write the result to ``out``.
+
+    ``out`` holding a checkpoint already (``indexer_ckpt`` itself, say) is refused before training unless
+    ``overwrite``.
 
     The dumps' label settings (top-p, agreement) and prompt window become the head's, so the runtime counts the
     consensus the way the labels were made. The head of the round and iteration with the best validation recall
@@ -121,6 +132,7 @@ def train_feedback(
         The training record (also stored in the checkpoint's config).
     """
     cfg = cfg or FeedbackTrainConfig()
+    check_checkpoint_out(out, overwrite=overwrite)
     dirs = [Path(d) for d in dump_dirs]
     manifest = check_compatible(dirs)
     indexer = load_indexer(indexer_ckpt, fingerprint=manifest["fingerprint"], device=cfg.device)

@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from ..config import LAYER_REDUCTIONS
-from ..indexer.checkpoint import blend_states, load_indexer, save_indexer
+from ..indexer.checkpoint import blend_states, check_checkpoint_out, load_indexer, save_indexer
 from ..indexer.memory_indexer import MemoryIndexer, covered_buckets
 from .dataset import TARGETS, PromptExamples, check_compatible, load_examples
 from .metrics import RecallCurve
@@ -126,6 +126,23 @@ class TrainConfig:
             raise ValueError(f"boundary_weight must be > 0, got {self.boundary_weight}")
         if self.epochs < 1 or self.steps_per_prompt < 1 or self.prompts_per_batch < 1:
             raise ValueError("epochs, steps_per_prompt and prompts_per_batch must be >= 1")
+        for name in ("lr", "head_lr", "clip", "interval", "window"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in (
+            "weight_decay",
+            "gamma",
+            "negatives_per_positive",
+            "hard_negatives_per_positive",
+            "recent",
+            "sink",
+            "patience",
+            "frequent_weight",
+        ):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.select_fraction < 1.0:
+            raise ValueError(f"select_fraction must be in (0, 1), got {self.select_fraction}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0 or None, got {self.max_minutes}")
 
@@ -257,8 +274,11 @@ def train_indexer(
     init: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Train a Memory Indexer from dump folders and write the best checkpoint (by validation) to ``out``.
+
+    ``out`` holding a checkpoint already is refused before training unless ``overwrite``.
 
     Works under ``torchrun`` (``WORLD_SIZE`` > 1): each rank takes every ``world``-th prompt, gradients are
     averaged over ranks after every step, so all ranks hold the same weights; rank 0 writes the checkpoint.
@@ -267,7 +287,7 @@ def train_indexer(
         History: per-epoch training loss and validation metrics, best epoch and its metrics.
     """
     cfg = cfg or TrainConfig()
-    out = Path(out)
+    out = check_checkpoint_out(out, overwrite=overwrite)
     dump_dirs = [Path(d) for d in dump_dirs]
     manifest = check_compatible(dump_dirs)
     rank, world = _distributed()
