@@ -1,4 +1,4 @@
-"""Typer application: ``flashmemory ask | demo``; defaults come from :class:`LSAConfig`."""
+"""Typer application: ``flashmemory ask | demo`` here, the other commands registered from their modules."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from ..config import LSAConfig
 from .bench import bench, bench_compare, bench_report
 from .errors import friendly_errors
 from .pipeline import blend, dump, indexer_eval, train, train_feedback
+from .serve import serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lookahead Sparse Attention for long contexts.")
 OUT = Console()
@@ -128,6 +129,7 @@ app.command()(blend)
 app.command()(bench)
 app.command("bench-report")(bench_report)
 app.command("bench-compare")(bench_compare)
+app.command()(serve)
 
 
 def main() -> None:

@@ -1,0 +1,48 @@
+"""``flashmemory serve``: the HTTP server over one model (register with ``app.command()``)."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from ..config import LSAConfig, with_overrides
+from .errors import friendly_errors
+
+OUT = Console(stderr=True)
+SERVE_EXTRA = "pip install 'flashmemory[serve]'"
+
+
+@friendly_errors
+def serve(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Short name, HF folder or GGUF file."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto."),
+    budget: float = typer.Option(
+        LSAConfig().budget, help="Default device KV cap: fraction of the full cache, or bytes."
+    ),
+    indexer: str = typer.Option("auto", help="auto (shipped checkpoint if it matches), zero-shot, or a folder."),
+    max_new_tokens: int = typer.Option(1024, help="The most new tokens one request may ask for."),
+    lsa: list[str] = typer.Option([], "--lsa", help="LSA setting KEY=VALUE (repeatable), e.g. follow_chunks=1."),
+) -> None:
+    """Serve OpenAI-style /v1/completions and /v1/chat/completions, and /v1/ask, with LSA (or full attention)."""
+    try:
+        import uvicorn
+
+        from ..serve import Engine, create_app
+    except ImportError as exc:
+        raise ValueError(f"the server needs its extra ({exc.name} is missing): {SERVE_EXTRA}") from None
+    from ..indexer.shipped import resolve_indexer
+    from ..runtime.ask import load_on
+
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    cfg = with_overrides(LSAConfig(budget=budget), lsa)
+    backbone, tokenizer = load_on(model, device)
+    engine = Engine(
+        backbone, tokenizer, model, lsa=cfg, indexer=resolve_indexer(backbone, indexer), max_new_tokens=max_new_tokens
+    )
+    OUT.print(f"serving {model} on {backbone.device} at http://{host}:{port} (budget {budget:g}, indexer {indexer})")
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="info")

@@ -1,0 +1,84 @@
+"""Request bodies of the HTTP server: the OpenAI-style completion endpoints and flashmemory's own ``/v1/ask``.
+
+Only greedy decoding runs here, so sampling fields are accepted only at values that mean greedy; anything else is
+refused rather than quietly ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class LSAChoice(BaseModel):
+    """Per-request choice of attention, shared by every endpoint (OpenAI clients send it as extra body fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["lsa", "full"] = "lsa"
+    budget: float | None = Field(
+        None, gt=0, description="Device KV cap: fraction of the full cache in (0, 1] or bytes; unset: the server's."
+    )
+
+
+class _Sampling(LSAChoice):
+    model: str | None = None
+    max_tokens: int = Field(16, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins when set.")
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = Field(None, description="Accepted; greedy decoding does not sample.")
+    user: str | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens
+
+    @model_validator(mode="after")
+    def _greedy_only(self):
+        if self.presence_penalty not in (None, 0) or self.frequency_penalty not in (None, 0):
+            raise ValueError("penalties are not supported: presence_penalty and frequency_penalty must be 0")
+        if self.temperature not in (None, 0):
+            raise ValueError("only greedy decoding runs here: temperature must be 0 or left out")
+        if self.top_p not in (None, 1):
+            raise ValueError("only greedy decoding runs here: top_p must be 1 or left out")
+        if self.n not in (None, 1):
+            raise ValueError("one completion per request: n must be 1 or left out")
+        if self.stream:
+            raise ValueError("streaming is not supported: leave stream out or false")
+        if self.stop:
+            raise ValueError("stop sequences are not supported: the answer ends at the model's end-of-text token")
+        return self
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: a raw prompt, continued as is (no chat template)."""
+
+    prompt: str = Field(min_length=1)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Sampling):
+    """``POST /v1/chat/completions``: messages rendered with the model's chat template."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class AskRequest(LSAChoice):
+    """``POST /v1/ask``: what ``flashmemory ask`` does, with the context in the body instead of a file."""
+
+    context: str = Field(min_length=1)
+    question: str = Field(min_length=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="Unset: 64, or the server's limit if lower.")

@@ -1,0 +1,149 @@
+"""The HTTP server on a tiny random model: OpenAI-shaped answers, LSA accounting, one clear error per bad request."""
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="pip install 'flashmemory[serve]'")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from flashmemory.config import LSAConfig  # noqa: E402
+from flashmemory.models.tiny import tiny_model  # noqa: E402
+from flashmemory.runtime.ask import build_prompt  # noqa: E402
+from flashmemory.runtime.generate import generate  # noqa: E402
+from flashmemory.serve import Engine, create_app  # noqa: E402
+
+from ..conftest import SMALL_LSA  # noqa: E402
+
+
+class BatchCharTokenizer:
+    """One id per character (3-250); takes a string or a list of them, as a Hugging Face tokenizer does."""
+
+    eos_token_id = 1
+    eos_token = "\x01"
+    pad_token = None
+    padding_side = "left"
+
+    def __init__(self, chat_template=None):
+        self.chat_template = chat_template
+
+    def _encode(self, text):
+        return [min(max(ord(c), 3), 250) for c in text]
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True, padding=False):
+        rows = [self._encode(t) for t in ([text] if isinstance(text, str) else text)]
+        width = max(len(r) for r in rows)
+        ids = [[0] * (width - len(r)) + r for r in rows]
+        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + (
+            "<assistant>" if add_generation_prompt else ""
+        )
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if 3 <= i <= 250)
+
+
+LSA = LSAConfig(budget=0.5, **SMALL_LSA)
+CONTEXT = "".join(chr(97 + (i * 7) % 26) for i in range(700))
+
+
+@pytest.fixture(scope="module")
+def served():
+    model = tiny_model("llama")
+    tok = BatchCharTokenizer(chat_template="tiny")
+    engine = Engine(model, tok, "tiny", lsa=LSA, indexer=None, max_new_tokens=40)
+    with TestClient(create_app(engine)) as client:
+        yield client, model, tok
+
+
+def test_health_and_models(served):
+    client, _, _ = served
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny" and health["budget"] == 0.5
+    assert health["context_window"] == 8192
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def test_ask_answers_as_the_library_does_within_the_budget(served):
+    client, model, tok = served
+    body = {"context": CONTEXT, "question": "which letter?", "max_new_tokens": 20}
+    got = client.post("/v1/ask", json=body)
+    assert got.status_code == 200, got.text
+    record = got.json()
+    prompt = build_prompt(CONTEXT, "which letter?")
+    want = generate(model, tok, prompt, method="lsa", lsa=LSA, indexer="zero-shot", max_new_tokens=20)
+    assert record["answer"] == want.text.strip()
+    assert record["method"] == "lsa" and record["boundaries"] >= 1
+    assert record["kv_bytes_device"] <= 0.5 * record["kv_bytes_full"]
+    full = client.post("/v1/ask", json={**body, "method": "full"}).json()
+    assert full["kv_ratio"] == 1.0 and full["boundaries"] == 0
+
+
+def test_completions_and_chat_have_openai_shape_and_lsa_accounting(served):
+    client, _, _ = served
+    done = client.post("/v1/completions", json={"model": "tiny", "prompt": CONTEXT, "max_tokens": 12}).json()
+    assert done["object"] == "text_completion" and done["choices"][0]["finish_reason"] in ("stop", "length")
+    assert done["usage"]["prompt_tokens"] == len(CONTEXT)
+    assert done["usage"]["completion_tokens"] == len(done["choices"][0]["text"]) <= 12
+    assert done["flashmemory"]["method"] == "lsa" and done["flashmemory"]["kv_ratio"] <= 0.5
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": CONTEXT}]
+    chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "budget": 0.4}).json()
+    assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
+    assert chat["usage"]["prompt_tokens"] == len("<system>be brief<user>" + CONTEXT + "<assistant>")
+    assert chat["flashmemory"]["kv_ratio"] <= 0.4
+
+
+def test_greedy_answers_do_not_depend_on_the_endpoint_run_before(served):
+    client, _, _ = served
+    body = {"prompt": CONTEXT[:400], "max_tokens": 10, "temperature": 0}
+    first = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    client.post("/v1/ask", json={"context": CONTEXT, "question": "q?", "max_new_tokens": 5, "method": "full"})
+    assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == first
+
+
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("/v1/ask", {"context": CONTEXT, "question": "   "}, 400, "question is empty"),
+        ("/v1/ask", {"context": "", "question": "q?"}, 400, "context"),
+        ("/v1/ask", {"context": CONTEXT, "question": "q?", "budget": 1.5}, 400, "whole number of bytes"),
+        ("/v1/ask", {"context": CONTEXT, "question": "q?", "budget": 0.001}, 400, "cannot hold the always-resident"),
+        ("/v1/ask", {"context": CONTEXT, "question": "q?", "method": "sparse"}, 400, "method"),
+        ("/v1/ask", {"context": CONTEXT, "question": "q?", "max_new_tokens": 41}, 400, "at most 40 new tokens"),
+        ("/v1/ask", {"context": "x" * 8190, "question": "q?", "max_new_tokens": 8}, 400, "handles at most 8192"),
+        ("/v1/completions", {"prompt": "abc", "temperature": 0.7}, 400, "only greedy decoding"),
+        ("/v1/completions", {"prompt": "abc", "stream": True}, 400, "streaming is not supported"),
+        ("/v1/completions", {"prompt": "abc", "model": "gpt-4"}, 404, "this server serves 'tiny'"),
+        ("/v1/completions", {"prompt": "abc", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "abc", "logit_bias": {}}, 400, "logit_bias"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": " "}]}, 400, "every message is empty"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+    ],
+)
+def test_bad_requests_get_one_clear_message(served, path, body, status, message):
+    client, _, _ = served
+    got = client.post(path, json=body)
+    assert got.status_code == status, got.text
+    error = got.json()["error"]
+    assert message in error["message"] and error["type"] in ("invalid_request_error", "model_not_found")
+
+
+def test_a_model_without_a_chat_template_reads_a_plain_transcript():
+    engine = Engine(tiny_model("llama"), BatchCharTokenizer(), "tiny", lsa=LSA)
+    ids = engine.chat_ids([{"role": "user", "content": "hi"}])
+    assert ids.shape[1] == len("user: hi\nassistant:")
+
+
+def test_serve_command_refuses_bad_options_before_loading_a_model():
+    from typer.testing import CliRunner
+
+    from flashmemory.cli import app
+
+    runner = CliRunner()
+    got = runner.invoke(app, ["serve", "--port", "70000", "--model", "no-such-model"])
+    assert got.exit_code == 2 and "--port must be in 1..65535" in got.output
+    got = runner.invoke(app, ["serve", "--lsa", "bogus=1", "--model", "no-such-model"])
+    assert got.exit_code == 2 and "unknown LSA setting 'bogus'" in got.output
