@@ -56,7 +56,7 @@ class Engine:
     lsa: LSAConfig = field(default_factory=LSAConfig)
     indexer: MemoryIndexer | None = None
     max_new_tokens: int = 1024
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, init=False)
 
     @property
     def window(self) -> int | None:
