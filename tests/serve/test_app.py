@@ -147,3 +147,14 @@ def test_serve_command_refuses_bad_options_before_loading_a_model():
     assert got.exit_code == 2 and "--port must be in 1..65535" in got.output
     got = runner.invoke(app, ["serve", "--lsa", "bogus=1", "--model", "no-such-model"])
     assert got.exit_code == 2 and "unknown LSA setting 'bogus'" in got.output
+
+
+def test_concurrent_requests_each_get_their_own_answer(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, _, _ = served
+    bodies = [{"prompt": CONTEXT[i * 50 : i * 50 + 300], "max_tokens": 6} for i in range(4)]
+    alone = [client.post("/v1/completions", json=b).json()["choices"][0]["text"] for b in bodies]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda b: client.post("/v1/completions", json=b).json()["choices"][0]["text"], bodies))
+    assert together == alone
