@@ -114,7 +114,8 @@ def test_greedy_answers_do_not_depend_on_the_endpoint_run_before(served):
         ("/v1/ask", {"context": CONTEXT, "question": "q?", "max_new_tokens": 41}, 400, "at most 40 new tokens"),
         ("/v1/ask", {"context": "x" * 8190, "question": "q?", "max_new_tokens": 8}, 400, "handles at most 8192"),
         ("/v1/completions", {"prompt": "abc", "temperature": 0.7}, 400, "only greedy decoding"),
-        ("/v1/completions", {"prompt": "abc", "stream": True}, 400, "streaming is not supported"),
+        ("/v1/completions", {"prompt": "abc", "stream": True, "max_tokens": 41}, 400, "at most 40 new tokens"),
+        ("/v1/completions", {"prompt": "abc", "stop": ["\n"]}, 400, "stop sequences are not supported"),
         ("/v1/completions", {"prompt": "abc", "model": "gpt-4"}, 404, "this server serves 'tiny'"),
         ("/v1/completions", {"prompt": "abc", "max_tokens": 0}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": "abc", "logit_bias": {}}, 400, "logit_bias"),
@@ -158,3 +159,55 @@ def test_concurrent_requests_each_get_their_own_answer(served):
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda b: client.post("/v1/completions", json=b).json()["choices"][0]["text"], bodies))
     assert together == alone
+
+
+def _events(response) -> list:
+    import json
+
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    lines = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line.strip()]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_streams_carry_the_same_answer_piece_by_piece(served):
+    client, _, _ = served
+    body = {"prompt": CONTEXT[:500], "max_tokens": 12}
+    whole = client.post("/v1/completions", json=body).json()
+    events = _events(client.post("/v1/completions", json={**body, "stream": True}))
+    assert len(events) >= 2 and all(e["object"] == "text_completion" for e in events)
+    assert "".join(e["choices"][0]["text"] for e in events) == whole["choices"][0]["text"]
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-1])
+    last = events[-1]
+    assert last["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert last["usage"] == whole["usage"] and last["flashmemory"]["kv_ratio"] == whole["flashmemory"]["kv_ratio"]
+
+    messages = [{"role": "user", "content": CONTEXT[:500]}]
+    chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 10}).json()
+    events = _events(client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 10, "stream": True}))
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    streamed = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert streamed == chat["choices"][0]["message"]["content"]
+    assert events[-1]["usage"] == chat["usage"]
+
+
+def test_a_token_callback_that_raises_stops_decoding_there():
+    from flashmemory.runtime.generate import generate_ids
+
+    class Gone(Exception):
+        pass
+
+    seen = []
+
+    def on_token(tok):
+        seen.append(int(tok[0]))
+        if len(seen) == 3:
+            raise Gone
+
+    ids = torch.randint(3, 200, (1, 300))
+    with pytest.raises(Gone):
+        generate_ids(tiny_model("llama"), ids, method="lsa", lsa=LSA, max_new_tokens=30, on_token=on_token)
+    assert len(seen) == 3
+    out, _ = generate_ids(tiny_model("llama"), ids, method="lsa", lsa=LSA, max_new_tokens=5, on_token=seen.append)
+    assert [int(t[0]) for t in seen[3:]] == out[0].tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,7 @@ def generate_ids(
     cache_factory=None,
     followup_ids: torch.Tensor | None = None,
     cuda_graph: bool = False,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Greedy decoding from token ids with LSA or a full cache.
 
@@ -98,6 +100,8 @@ def generate_ids(
         cuda_graph: replay the decode steps between boundaries from one captured CUDA graph
             (:class:`GraphDecodeStep`); needs ``method="lsa"`` on the fast path on a CUDA device, with every decoder
             layer full attention. Boundary steps run eagerly. Default: False.
+        on_token: called with each step's tokens as they are chosen (for streaming); an exception it raises stops
+            decoding and is raised from here, with the cache closed. # [B]
 
     Returns:
         Generated ids ``[B, N]`` and the accounting.
@@ -163,6 +167,8 @@ def generate_ids(
             if tokens:
                 tok = torch.where(done, tokens[-1], tok)
             tokens.append(tok)
+            if on_token is not None:
+                on_token(tok)
             done |= torch.isin(tok, stops)
             if bool(done.all()):
                 break

@@ -3,15 +3,18 @@ attention per request, and each answer's KV accounting in the response."""
 
 from __future__ import annotations
 
+import json
+import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from torch import nn
 
 from ..config import LSAConfig
@@ -77,8 +80,8 @@ class Engine:
         if requested not in (None, self.name):
             raise ModelNotServed(f"model {requested!r} is not served here; this server serves {self.name!r}")
 
-    def answer(self, ids: torch.Tensor, choice: LSAChoice, max_new_tokens: int) -> Answer:
-        """Greedy answer to one tokenised prompt, refusing what the model or the settings cannot take."""
+    def settings(self, ids: torch.Tensor, choice: LSAChoice, max_new_tokens: int) -> LSAConfig:
+        """The LSA settings of one request, refusing what the model or the settings cannot take."""
         if max_new_tokens > self.max_new_tokens:
             raise ValueError(f"at most {self.max_new_tokens} new tokens per request, asked for {max_new_tokens}")
         n = int(ids.shape[1])
@@ -87,8 +90,20 @@ class Engine:
                 f"the prompt is {n} tokens and {max_new_tokens} more were asked for, but the model handles at most "
                 f"{self.window} tokens; shorten the prompt or ask for fewer tokens"
             )
-        lsa = self.lsa if choice.budget is None else replace(self.lsa, budget=choice.budget)  # validated by replace
+        return self.lsa if choice.budget is None else replace(self.lsa, budget=choice.budget)  # validated by replace
+
+    def answer(
+        self,
+        ids: torch.Tensor,
+        choice: LSAChoice,
+        max_new_tokens: int,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Answer:
+        """Greedy answer to one tokenised prompt; ``on_token`` sees each new token id as it is chosen."""
+        lsa = self.settings(ids, choice, max_new_tokens)
+        n = int(ids.shape[1])
         indexer = self.indexer if choice.method == "lsa" else None
+        step = None if on_token is None else (lambda tok: on_token(int(tok[0])))
         with self._lock:
             out, stats = generate_ids(
                 self.model,
@@ -99,12 +114,77 @@ class Engine:
                 indexer=indexer,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.tokenizer.eos_token_id,
+                on_token=step,
             )
         result = decode_result(self.tokenizer, out, stats)
         generated = len(result.token_ids[0])
         # decode_result cuts at the first end-of-text token: fewer ids than decoded means the model stopped itself
         reason = "stop" if generated < out.shape[1] else "length"
         return Answer(result.text, n, generated, reason, stats)
+
+
+class _Disconnected(Exception):
+    """The client of a stream went away: decoding stops at the next token."""
+
+
+def stream_answer(
+    engine: Engine, ids: torch.Tensor, choice: LSAChoice, max_new_tokens: int, chunk: Callable[..., dict]
+) -> StreamingResponse:
+    """The answer as server-sent events: ``chunk(text)`` for each new piece, ``chunk("", answer)`` last, then
+    ``[DONE]``. Bad settings are refused before the stream starts, so they still get status 400."""
+    engine.settings(ids, choice, max_new_tokens)
+    events: queue.Queue = queue.Queue()
+    gone = threading.Event()
+    stops = set(
+        engine.tokenizer.eos_token_id
+        if isinstance(engine.tokenizer.eos_token_id, list)
+        else [engine.tokenizer.eos_token_id]
+    )
+
+    def on_token(tok: int) -> None:
+        if gone.is_set():
+            raise _Disconnected
+        events.put(tok)
+
+    def work() -> None:
+        try:
+            events.put(engine.answer(ids, choice, max_new_tokens, on_token=on_token))
+        except BaseException as exc:  # handed to the stream, which reports it; nothing else would see it
+            events.put(exc)
+
+    def sse(payload: dict | str) -> str:
+        return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+    def body() -> Iterator[str]:
+        produced: list[int] = []
+        sent = ""
+        ended = False
+        try:
+            while True:
+                item = events.get()
+                if isinstance(item, Answer):
+                    yield sse(chunk("", item))
+                    yield sse("[DONE]")
+                    return
+                if isinstance(item, BaseException):
+                    kind = "invalid_request_error" if isinstance(item, ValueError) else "server_error"
+                    yield sse({"error": {"message": str(item), "type": kind}})
+                    return
+                ended = ended or item in stops
+                if ended:
+                    continue
+                produced.append(item)
+                text = engine.tokenizer.decode(produced, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
+                    continue
+                if len(text) > len(sent):
+                    yield sse(chunk(text[len(sent) :]))
+                    sent = text
+        finally:
+            gone.set()
+
+    threading.Thread(target=work, daemon=True).start()
+    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -117,9 +197,10 @@ def _describe(err: dict) -> str:
     return f"{where}: {message}" if where else message
 
 
-def _usage(a: Answer) -> dict:
+def _accounting(a: Answer) -> dict:
     total = a.prompt_tokens + a.completion_tokens
-    return {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "total_tokens": total}
+    usage = {"prompt_tokens": a.prompt_tokens, "completion_tokens": a.completion_tokens, "total_tokens": total}
+    return {"usage": usage, "flashmemory": a.stats.to_dict()}
 
 
 def create_app(engine: Engine) -> FastAPI:
@@ -162,16 +243,18 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/v1/completions")
     def completions(req: CompletionRequest) -> dict:
         engine.check_model(req.model)
-        a = engine.answer(engine.text_ids(req.prompt), req, req.new_tokens)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": engine.name,
-            "choices": [{"index": 0, "text": a.text, "finish_reason": a.finish_reason, "logprobs": None}],
-            "usage": _usage(a),
-            "flashmemory": a.stats.to_dict(),
-        }
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+        head["model"] = engine.name
+
+        def reply(text: str, a: Answer | None = None) -> dict:
+            choice = {"index": 0, "text": text, "finish_reason": a and a.finish_reason, "logprobs": None}
+            return {**head, "choices": [choice]} | ({} if a is None else _accounting(a))
+
+        ids = engine.text_ids(req.prompt)
+        if req.stream:
+            return stream_answer(engine, ids, req, req.new_tokens, reply)
+        a = engine.answer(ids, req, req.new_tokens)
+        return reply(a.text, a)
 
     @app.post("/v1/chat/completions")
     def chat(req: ChatRequest) -> dict:
@@ -179,18 +262,22 @@ def create_app(engine: Engine) -> FastAPI:
         if not any(m.content.strip() for m in req.messages):
             raise ValueError("messages: every message is empty")
         ids = engine.chat_ids([m.model_dump() for m in req.messages])
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name}
+        if req.stream:
+            first = [True]
+
+            def piece(text: str, a: Answer | None = None) -> dict:
+                delta = {"role": "assistant", "content": text} if first[0] else ({"content": text} if text else {})
+                first[0] = False
+                choice = {"index": 0, "delta": delta, "finish_reason": a and a.finish_reason}
+                out = {**head, "object": "chat.completion.chunk", "choices": [choice]}
+                return out | ({} if a is None else _accounting(a))
+
+            return stream_answer(engine, ids, req, req.new_tokens, piece)
         a = engine.answer(ids, req, req.new_tokens)
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": engine.name,
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": a.text}, "finish_reason": a.finish_reason}
-            ],
-            "usage": _usage(a),
-            "flashmemory": a.stats.to_dict(),
-        }
+        message = {"role": "assistant", "content": a.text}
+        choice = {"index": 0, "message": message, "finish_reason": a.finish_reason}
+        return {**head, "object": "chat.completion", "choices": [choice]} | _accounting(a)
 
     @app.post("/v1/ask")
     def ask(req: AskRequest) -> dict:

@@ -1,7 +1,7 @@
 """Request bodies of the HTTP server: the OpenAI-style completion endpoints and flashmemory's own ``/v1/ask``.
 
 Only greedy decoding runs here, so sampling fields are accepted only at values that mean greedy; anything else is
-refused rather than quietly ignored.
+refused rather than quietly ignored. ``stream`` sends the answer as server-sent events, as OpenAI's API does.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class _Sampling(LSAChoice):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = Field(None, description="Accepted; greedy decoding does not sample.")
+    stream_options: dict | None = Field(None, description="Accepted; a stream's last chunk always has the usage.")
     user: str | None = None
 
     @property
@@ -50,8 +51,6 @@ class _Sampling(LSAChoice):
             raise ValueError("only greedy decoding runs here: top_p must be 1 or left out")
         if self.n not in (None, 1):
             raise ValueError("one completion per request: n must be 1 or left out")
-        if self.stream:
-            raise ValueError("streaming is not supported: leave stream out or false")
         if self.stop:
             raise ValueError("stop sequences are not supported: the answer ends at the model's end-of-text token")
         return self
