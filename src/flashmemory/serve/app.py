@@ -3,12 +3,12 @@ attention per request, and each answer's KV accounting in the response."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -128,40 +128,50 @@ class _Disconnected(Exception):
 
 
 def stream_answer(
-    engine: Engine, ids: torch.Tensor, choice: LSAChoice, max_new_tokens: int, chunk: Callable[..., dict]
+    engine: Engine,
+    ids: torch.Tensor,
+    choice: LSAChoice,
+    max_new_tokens: int,
+    chunk: Callable[..., dict],
+    request: Request | None = None,
 ) -> StreamingResponse:
     """The answer as server-sent events: ``chunk(text)`` for each new piece, ``chunk("", answer)`` last, then
-    ``[DONE]``. Bad settings are refused before the stream starts, so they still get status 400."""
+    ``[DONE]``. Bad settings are refused before the stream starts, so they still get status 400. When the client
+    goes away (``request`` reports it, or the stream is closed) decoding stops at its next token."""
     engine.settings(ids, choice, max_new_tokens)
-    events: queue.Queue = queue.Queue()
+    eos = engine.tokenizer.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
     gone = threading.Event()
-    stops = set(
-        engine.tokenizer.eos_token_id
-        if isinstance(engine.tokenizer.eos_token_id, list)
-        else [engine.tokenizer.eos_token_id]
-    )
-
-    def on_token(tok: int) -> None:
-        if gone.is_set():
-            raise _Disconnected
-        events.put(tok)
-
-    def work() -> None:
-        try:
-            events.put(engine.answer(ids, choice, max_new_tokens, on_token=on_token))
-        except BaseException as exc:  # handed to the stream, which reports it; nothing else would see it
-            events.put(exc)
 
     def sse(payload: dict | str) -> str:
         return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
-    def body() -> Iterator[str]:
+    async def body() -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_token(tok: int) -> None:
+            if gone.is_set():
+                raise _Disconnected
+            loop.call_soon_threadsafe(events.put_nowait, tok)
+
+        def work() -> None:
+            try:
+                result: object = engine.answer(ids, choice, max_new_tokens, on_token=on_token)
+            except BaseException as exc:  # handed to the stream, which reports it; nothing else would see it
+                result = exc
+            if not gone.is_set():
+                loop.call_soon_threadsafe(events.put_nowait, result)
+
+        threading.Thread(target=work, daemon=True).start()
         produced: list[int] = []
         sent = ""
         ended = False
         try:
             while True:
-                item = events.get()
+                item = await events.get()
+                if request is not None and await request.is_disconnected():
+                    return
                 if isinstance(item, Answer):
                     yield sse(chunk("", item))
                     yield sse("[DONE]")
@@ -183,7 +193,6 @@ def stream_answer(
         finally:
             gone.set()
 
-    threading.Thread(target=work, daemon=True).start()
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
@@ -241,7 +250,7 @@ def create_app(engine: Engine) -> FastAPI:
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "flashmemory"}]}
 
     @app.post("/v1/completions")
-    def completions(req: CompletionRequest) -> dict:
+    def completions(req: CompletionRequest, request: Request) -> dict:
         engine.check_model(req.model)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         head["model"] = engine.name
@@ -252,12 +261,12 @@ def create_app(engine: Engine) -> FastAPI:
 
         ids = engine.text_ids(req.prompt)
         if req.stream:
-            return stream_answer(engine, ids, req, req.new_tokens, reply)
+            return stream_answer(engine, ids, req, req.new_tokens, reply, request)
         a = engine.answer(ids, req, req.new_tokens)
         return reply(a.text, a)
 
     @app.post("/v1/chat/completions")
-    def chat(req: ChatRequest) -> dict:
+    def chat(req: ChatRequest, request: Request) -> dict:
         engine.check_model(req.model)
         if not any(m.content.strip() for m in req.messages):
             raise ValueError("messages: every message is empty")
@@ -273,7 +282,7 @@ def create_app(engine: Engine) -> FastAPI:
                 out = {**head, "object": "chat.completion.chunk", "choices": [choice]}
                 return out | ({} if a is None else _accounting(a))
 
-            return stream_answer(engine, ids, req, req.new_tokens, piece)
+            return stream_answer(engine, ids, req, req.new_tokens, piece, request)
         a = engine.answer(ids, req, req.new_tokens)
         message = {"role": "assistant", "content": a.text}
         choice = {"index": 0, "message": message, "finish_reason": a.finish_reason}
