@@ -211,3 +211,21 @@ def test_a_token_callback_that_raises_stops_decoding_there():
     assert len(seen) == 3
     out, _ = generate_ids(tiny_model("llama"), ids, method="lsa", lsa=LSA, max_new_tokens=5, on_token=seen.append)
     assert [int(t[0]) for t in seen[3:]] == out[0].tolist()
+
+
+@pytest.mark.cuda
+def test_the_server_on_cuda_answers_as_the_library_does():
+    from flashmemory.runtime.generate import generate_ids
+
+    model = tiny_model("llama").cuda()
+    tok = BatchCharTokenizer()
+    engine = Engine(model, tok, "tiny", lsa=LSA, max_new_tokens=40)
+    ids = tok(CONTEXT)["input_ids"]
+    want, stats = generate_ids(model, ids, method="lsa", lsa=LSA, max_new_tokens=20, eos_token_id=tok.eos_token_id)
+    with TestClient(create_app(engine)) as client:
+        assert client.get("/health").json()["device"].startswith("cuda")
+        got = client.post("/v1/completions", json={"prompt": CONTEXT, "max_tokens": 20}).json()
+        streamed = client.post("/v1/completions", json={"prompt": CONTEXT, "max_tokens": 20, "stream": True})
+    assert got["choices"][0]["text"] == tok.decode(want[0].tolist())
+    assert got["flashmemory"]["kv_bytes_device"] == stats.kv_bytes_device and got["flashmemory"]["kv_ratio"] <= 0.5
+    assert "".join(e["choices"][0]["text"] for e in _events(streamed)) == got["choices"][0]["text"]
