@@ -229,3 +229,22 @@ def test_the_server_on_cuda_answers_as_the_library_does():
     assert got["choices"][0]["text"] == tok.decode(want[0].tolist())
     assert got["flashmemory"]["kv_bytes_device"] == stats.kv_bytes_device and got["flashmemory"]["kv_ratio"] <= 0.5
     assert "".join(e["choices"][0]["text"] for e in _events(streamed)) == got["choices"][0]["text"]
+
+
+def test_a_deepseek_v4_model_is_served_through_its_own_backend():
+    from flashmemory.deepseek_v4.cache import deepseek_v4_lsa_config
+    from flashmemory.deepseek_v4.configs import tiny_deepseek_v4
+    from flashmemory.deepseek_v4.generate import generate_ids as v4_generate_ids
+
+    model = tiny_deepseek_v4()
+    tok = BatchCharTokenizer()
+    lsa = deepseek_v4_lsa_config(page_chunks=4, interval=16, recent=16, sink=4, budget=0.6)
+    ids = tok(CONTEXT)["input_ids"]
+    want, stats = v4_generate_ids(model, ids, lsa=lsa, max_new_tokens=12, eos_token_id=tok.eos_token_id)
+    with TestClient(create_app(Engine(model, tok, "v4-tiny", lsa=lsa, max_new_tokens=40))) as client:
+        got = client.post("/v1/completions", json={"prompt": CONTEXT, "max_tokens": 12}).json()
+        full = client.post("/v1/completions", json={"prompt": CONTEXT, "max_tokens": 12, "method": "full"}).json()
+    assert got["choices"][0]["text"] == tok.decode(want[0].tolist())
+    assert got["flashmemory"]["kv_bytes_device"] == stats.kv_bytes_device
+    assert got["flashmemory"]["boundaries"] >= 1 and got["flashmemory"]["kv_ratio"] < 1.0
+    assert full["flashmemory"]["kv_ratio"] == 1.0

@@ -39,10 +39,16 @@ def serve(
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not 0 < port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {port}")
-    cfg = with_overrides(LSAConfig(budget=budget), lsa)
+    with_overrides(LSAConfig(budget=budget), lsa)  # checked before the model loads
     backbone, tokenizer = load_on(model, device)
-    engine = Engine(
-        backbone, tokenizer, model, lsa=cfg, indexer=resolve_indexer(backbone, indexer), max_new_tokens=max_new_tokens
-    )
+    if getattr(backbone.config, "model_type", None) == "deepseek_v4":
+        from ..deepseek_v4.cache import deepseek_v4_lsa_config
+
+        if indexer not in ("auto", "zero-shot"):
+            raise ValueError("for DeepSeek-V4 the server scores with the native indexer's query path: --indexer auto")
+        cfg, chosen = with_overrides(deepseek_v4_lsa_config(budget=budget), lsa), None
+    else:
+        cfg, chosen = with_overrides(LSAConfig(budget=budget), lsa), resolve_indexer(backbone, indexer)
+    engine = Engine(backbone, tokenizer, model, lsa=cfg, indexer=chosen, max_new_tokens=max_new_tokens)
     OUT.print(f"serving {model} on {backbone.device} at http://{host}:{port} (budget {budget:g}, indexer {indexer})")
     uvicorn.run(create_app(engine), host=host, port=port, log_level="info")

@@ -34,6 +34,7 @@ def generate_ids(
     max_new_tokens: int = 64,
     eos_token_id: int | list[int] | None = None,
     forced_pages=None,
+    on_token=None,
 ) -> tuple[torch.Tensor, GenerationStats]:
     """Greedy decoding of a DeepSeek-V4 model with LSA on its CSA layers, or with transformers' own cache.
 
@@ -46,6 +47,7 @@ def generate_ids(
         max_new_tokens: decode steps at most. Default: 64.
         eos_token_id: stop ids.
         forced_pages: ``(cache) -> [B, K]`` page ids instead of the indexer (tests, oracles).
+        on_token: called with each step's tokens as they are chosen (see the generic ``generate_ids``).
 
     Returns:
         Generated ids ``[B, N]`` and the accounting (``kv_bytes_device``: peak storage of the device KV state,
@@ -72,6 +74,7 @@ def generate_ids(
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_id,
             cache_factory=factory,
+            on_token=on_token,
         )
     finally:
         if isinstance(holder.get("cache"), DeepseekV4LSACache):

@@ -48,8 +48,10 @@ class Engine:
         model: causal LM, on its device.
         tokenizer: its tokenizer.
         name: the name requests may give in ``model``.
-        lsa: LSA settings; a request may change only the budget.
-        indexer: the indexer LSA requests use, resolved once (None: zero-shot).
+        lsa: LSA settings; a request may change only the budget. For DeepSeek-V4, settings in CSA entries
+            (``flashmemory.deepseek_v4.cache.deepseek_v4_lsa_config``).
+        indexer: the indexer LSA requests use, resolved once (None: zero-shot; for DeepSeek-V4 the native
+            lightning indexers' query path).
         max_new_tokens: the most tokens one request may ask for. Default: 1024.
     """
 
@@ -60,6 +62,10 @@ class Engine:
     indexer: MemoryIndexer | None = None
     max_new_tokens: int = 1024
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, init=False)
+
+    @property
+    def is_deepseek_v4(self) -> bool:
+        return getattr(self.model.config, "model_type", None) == "deepseek_v4"
 
     @property
     def window(self) -> int | None:
@@ -104,11 +110,14 @@ class Engine:
         n = int(ids.shape[1])
         indexer = self.indexer if choice.method == "lsa" else None
         step = None if on_token is None else (lambda tok: on_token(int(tok[0])))
+        if self.is_deepseek_v4:  # its own backend: LSA over the CSA entries, the native indexer's query path
+            from ..deepseek_v4.generate import generate_ids as decode
+        else:
+            decode = generate_ids
         with self._lock:
-            out, stats = generate_ids(
+            out, stats = decode(
                 self.model,
                 ids,
-                torch.ones_like(ids),
                 method=choice.method,
                 lsa=lsa,
                 indexer=indexer,
