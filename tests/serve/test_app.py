@@ -11,6 +11,7 @@ from flashmemory.models.tiny import tiny_model  # noqa: E402
 from flashmemory.runtime.ask import build_prompt  # noqa: E402
 from flashmemory.runtime.generate import generate  # noqa: E402
 from flashmemory.serve import Engine, create_app  # noqa: E402
+from flashmemory.serve.schemas import LSAChoice  # noqa: E402
 
 from ..conftest import SMALL_LSA  # noqa: E402
 
@@ -248,3 +249,55 @@ def test_a_deepseek_v4_model_is_served_through_its_own_backend():
     assert got["flashmemory"]["kv_bytes_device"] == stats.kv_bytes_device
     assert got["flashmemory"]["boundaries"] >= 1 and got["flashmemory"]["kv_ratio"] < 1.0
     assert full["flashmemory"]["kv_ratio"] == 1.0
+
+
+def test_requests_that_arrive_together_are_decoded_together_and_answered_as_alone():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flashmemory.serve import ClientGone
+
+    model, tok = tiny_model("llama"), BatchCharTokenizer()
+    # every page resident: a batch then answers each prompt exactly as it is answered alone
+    every = LSAConfig(budget=None, max_pages=1000, **SMALL_LSA)
+    alone = Engine(model, tok, "tiny", lsa=every, max_new_tokens=40)
+    together = Engine(model, tok, "tiny", lsa=every, max_new_tokens=40, max_batch=4, batch_wait=0.5)
+    prompts = [CONTEXT[: 300 + 90 * i] for i in range(4)]
+    lsa, full = LSAChoice(), LSAChoice(method="full")
+    want = [alone.answer(tok(p)["input_ids"], lsa, 6 + i) for i, p in enumerate(prompts)]
+    assert all(a.stats.batch_size == 1 for a in want)
+    with ThreadPoolExecutor(5) as pool:
+        jobs = [pool.submit(together.answer, tok(p)["input_ids"], lsa, 6 + i) for i, p in enumerate(prompts)]
+        other = pool.submit(together.answer, tok(prompts[0])["input_ids"], full, 6)  # another method: its own batch
+        got = [j.result() for j in jobs]
+    assert [g.text for g in got] == [w.text for w in want]
+    assert [g.completion_tokens for g in got] == [w.completion_tokens for w in want]
+    assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
+    assert max(g.stats.batch_size for g in got) > 1  # the point of the wait
+    assert other.result().stats.method == "full" and other.result().stats.batch_size == 1
+
+    # a client that leaves drops its own sequence only
+    def leave(tok_id):
+        raise ClientGone
+
+    with ThreadPoolExecutor(2) as pool:
+        gone = pool.submit(together.answer, tok(prompts[1])["input_ids"], lsa, 30, leave)
+        kept = pool.submit(together.answer, tok(prompts[2])["input_ids"], lsa, 8)
+        assert kept.result().text == alone.answer(tok(prompts[2])["input_ids"], lsa, 8).text
+        assert gone.result().stats.batch_size == 2  # it was decoded with the other, which went on without it
+
+
+def test_engine_settings_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(tiny_model("llama"), BatchCharTokenizer(), "tiny", max_batch=0)
+
+
+def test_a_batch_under_a_budget_stays_within_it():
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, tok = tiny_model("llama"), BatchCharTokenizer()
+    engine = Engine(model, tok, "tiny", lsa=LSA, max_new_tokens=40, max_batch=3, batch_wait=0.5)
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda n: engine.answer(tok(CONTEXT[:n])["input_ids"], LSAChoice(), 8), (300, 500, 700)))
+    stats = got[0].stats
+    assert stats.batch_size == 3 and all(g.stats is stats for g in got)
+    assert stats.kv_bytes_device <= LSA.budget * stats.kv_bytes_full and stats.boundaries >= 1

@@ -23,6 +23,10 @@ def serve(
     ),
     indexer: str = typer.Option("auto", help="auto (shipped checkpoint if it matches), zero-shot, or a folder."),
     max_new_tokens: int = typer.Option(1024, help="The most new tokens one request may ask for."),
+    max_batch: int = typer.Option(
+        1, help="The most requests decoded together; the reserve is then planned for the batch's longest prompt."
+    ),
+    batch_wait_ms: float = typer.Option(5.0, help="How long a batch waits for more requests after its first."),
     lsa: list[str] = typer.Option([], "--lsa", help="LSA setting KEY=VALUE (repeatable), e.g. follow_chunks=1."),
 ) -> None:
     """Serve OpenAI-style /v1/completions and /v1/chat/completions, and /v1/ask, with LSA (or full attention)."""
@@ -39,6 +43,8 @@ def serve(
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not 0 < port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {port}")
+    if max_batch < 1 or batch_wait_ms < 0:
+        raise ValueError(f"--max-batch must be >= 1 and --batch-wait-ms >= 0, got {max_batch} and {batch_wait_ms}")
     with_overrides(LSAConfig(budget=budget), lsa)  # checked before the model loads
     backbone, tokenizer = load_on(model, device)
     if getattr(backbone.config, "model_type", None) == "deepseek_v4":
@@ -49,6 +55,15 @@ def serve(
         cfg, chosen = with_overrides(deepseek_v4_lsa_config(budget=budget), lsa), None
     else:
         cfg, chosen = with_overrides(LSAConfig(budget=budget), lsa), resolve_indexer(backbone, indexer)
-    engine = Engine(backbone, tokenizer, model, lsa=cfg, indexer=chosen, max_new_tokens=max_new_tokens)
+    engine = Engine(
+        backbone,
+        tokenizer,
+        model,
+        lsa=cfg,
+        indexer=chosen,
+        max_new_tokens=max_new_tokens,
+        max_batch=max_batch,
+        batch_wait=batch_wait_ms / 1000,
+    )
     OUT.print(f"serving {model} on {backbone.device} at http://{host}:{port} (budget {budget:g}, indexer {indexer})")
     uvicorn.run(create_app(engine), host=host, port=port, log_level="info")

@@ -9,131 +9,16 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from torch import nn
 
-from ..config import LSAConfig
-from ..indexer.memory_indexer import MemoryIndexer
 from ..runtime.ask import build_prompt, stats_record
-from ..runtime.generate import decode_result, encode_prompts, generate_ids
-from ..runtime.stats import GenerationStats
+from ..runtime.generate import encode_prompts
+from .engine import Answer, ClientGone, Engine, ModelNotServed
 from .schemas import AskRequest, ChatRequest, CompletionRequest, LSAChoice
-
-
-class ModelNotServed(ValueError):
-    """A request named a model this server does not hold."""
-
-
-@dataclass(slots=True)
-class Answer:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end-of-text) or "length" (max tokens reached)
-    stats: GenerationStats
-
-
-@dataclass
-class Engine:
-    """One model with its tokenizer, the server's LSA settings and indexer.
-
-    Requests run one at a time: they share one device, and an LSA cache already holds what a request may use of it.
-
-    Args:
-        model: causal LM, on its device.
-        tokenizer: its tokenizer.
-        name: the name requests may give in ``model``.
-        lsa: LSA settings; a request may change only the budget. For DeepSeek-V4, settings in CSA entries
-            (``flashmemory.deepseek_v4.cache.deepseek_v4_lsa_config``).
-        indexer: the indexer LSA requests use, resolved once (None: zero-shot; for DeepSeek-V4 the native
-            lightning indexers' query path).
-        max_new_tokens: the most tokens one request may ask for. Default: 1024.
-    """
-
-    model: nn.Module
-    tokenizer: object
-    name: str
-    lsa: LSAConfig = field(default_factory=LSAConfig)
-    indexer: MemoryIndexer | None = None
-    max_new_tokens: int = 1024
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, init=False)
-
-    @property
-    def is_deepseek_v4(self) -> bool:
-        return getattr(self.model.config, "model_type", None) == "deepseek_v4"
-
-    @property
-    def window(self) -> int | None:
-        return getattr(self.model.config, "max_position_embeddings", None)
-
-    def text_ids(self, text: str) -> torch.Tensor:
-        """A raw prompt, tokenised as the model's own text (its special tokens included). # [1, T]"""
-        return self.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
-
-    def chat_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
-        """Messages rendered with the chat template, or as a plain transcript for a model without one. # [1, T]"""
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        return self.text_ids("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
-
-    def check_model(self, requested: str | None) -> None:
-        if requested not in (None, self.name):
-            raise ModelNotServed(f"model {requested!r} is not served here; this server serves {self.name!r}")
-
-    def settings(self, ids: torch.Tensor, choice: LSAChoice, max_new_tokens: int) -> LSAConfig:
-        """The LSA settings of one request, refusing what the model or the settings cannot take."""
-        if max_new_tokens > self.max_new_tokens:
-            raise ValueError(f"at most {self.max_new_tokens} new tokens per request, asked for {max_new_tokens}")
-        n = int(ids.shape[1])
-        if self.window is not None and n + max_new_tokens > self.window:
-            raise ValueError(
-                f"the prompt is {n} tokens and {max_new_tokens} more were asked for, but the model handles at most "
-                f"{self.window} tokens; shorten the prompt or ask for fewer tokens"
-            )
-        return self.lsa if choice.budget is None else replace(self.lsa, budget=choice.budget)  # validated by replace
-
-    def answer(
-        self,
-        ids: torch.Tensor,
-        choice: LSAChoice,
-        max_new_tokens: int,
-        on_token: Callable[[int], None] | None = None,
-    ) -> Answer:
-        """Greedy answer to one tokenised prompt; ``on_token`` sees each new token id as it is chosen."""
-        lsa = self.settings(ids, choice, max_new_tokens)
-        n = int(ids.shape[1])
-        indexer = self.indexer if choice.method == "lsa" else None
-        step = None if on_token is None else (lambda tok: on_token(int(tok[0])))
-        if self.is_deepseek_v4:  # its own backend: LSA over the CSA entries, the native indexer's query path
-            from ..deepseek_v4.generate import generate_ids as decode
-        else:
-            decode = generate_ids
-        with self._lock:
-            out, stats = decode(
-                self.model,
-                ids,
-                method=choice.method,
-                lsa=lsa,
-                indexer=indexer,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=self.tokenizer.eos_token_id,
-                on_token=step,
-            )
-        result = decode_result(self.tokenizer, out, stats)
-        generated = len(result.token_ids[0])
-        # decode_result cuts at the first end-of-text token: fewer ids than decoded means the model stopped itself
-        reason = "stop" if generated < out.shape[1] else "length"
-        return Answer(result.text, n, generated, reason, stats)
-
-
-class _Disconnected(Exception):
-    """The client of a stream went away: decoding stops at the next token."""
 
 
 def stream_answer(
@@ -161,7 +46,7 @@ def stream_answer(
 
         def on_token(tok: int) -> None:
             if gone.is_set():
-                raise _Disconnected
+                raise ClientGone
             loop.call_soon_threadsafe(events.put_nowait, tok)
 
         def work() -> None:
@@ -252,6 +137,7 @@ def create_app(engine: Engine) -> FastAPI:
             "budget": engine.lsa.budget,
             "indexer": "zero-shot" if engine.indexer is None else "checkpoint",
             "max_new_tokens": engine.max_new_tokens,
+            "max_batch": engine.max_batch,
         }
 
     @app.get("/v1/models")

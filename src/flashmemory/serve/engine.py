@@ -1,0 +1,235 @@
+"""The model behind the server: requests are checked, then decoded together when they arrive together.
+
+LSA's device reserve is a fixed share of each sequence's cache, so a device holds several times more long
+sequences with LSA than with full attention. With ``max_batch`` above 1, requests that arrive within ``batch_wait``
+seconds of each other, with the same method and settings, are decoded as one left-padded batch, each sequence with
+its own resident pages. The reserve is planned for the batch's longest prompt, so a shorter prompt gets at least the
+page slots it would get alone, and its answer can differ from the one it gets alone; the accounting is the batch's.
+With every page resident the answers are the same. One at a time (``max_batch`` 1) is the default.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..config import LSAConfig
+from ..indexer.memory_indexer import MemoryIndexer
+from ..runtime.generate import generate_ids
+from ..runtime.stats import GenerationStats
+from .schemas import LSAChoice
+
+
+class ModelNotServed(ValueError):
+    """A request named a model this server does not hold."""
+
+
+class ClientGone(Exception):
+    """Raised by a token callback whose client went away: that sequence's decoding is no longer wanted."""
+
+
+@dataclass(slots=True)
+class Answer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end-of-text) or "length" (max tokens reached)
+    stats: GenerationStats  # of the batch the request was decoded in (``stats.batch_size`` sequences)
+
+
+@dataclass(slots=True)
+class _Job:
+    ids: torch.Tensor  # [1, T]
+    method: str
+    lsa: LSAConfig
+    max_new_tokens: int
+    on_token: Callable[[int], None] | None
+    result: Future = field(default_factory=Future)
+    gone: bool = False
+
+
+@dataclass
+class Engine:
+    """One model with its tokenizer, the server's LSA settings and indexer, and the queue of its requests.
+
+    Args:
+        model: causal LM, on its device.
+        tokenizer: its tokenizer.
+        name: the name requests may give in ``model``.
+        lsa: LSA settings; a request may change only the budget. For DeepSeek-V4, settings in CSA entries
+            (``flashmemory.deepseek_v4.cache.deepseek_v4_lsa_config``).
+        indexer: the indexer LSA requests use, resolved once (None: zero-shot; for DeepSeek-V4 the native
+            lightning indexers' query path).
+        max_new_tokens: the most tokens one request may ask for. Default: 1024.
+        max_batch: the most requests decoded together; 1 decodes one at a time. Default: 1.
+        batch_wait: seconds a batch waits for more requests after its first arrives. Default: 0.005.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    lsa: LSAConfig = field(default_factory=LSAConfig)
+    indexer: MemoryIndexer | None = None
+    max_new_tokens: int = 1024
+    max_batch: int = 1
+    batch_wait: float = 0.005
+    _jobs: queue.Queue = field(default_factory=queue.Queue, repr=False, init=False)
+    _worker: threading.Thread | None = field(default=None, repr=False, init=False)
+    _start: threading.Lock = field(default_factory=threading.Lock, repr=False, init=False)
+    _busy: threading.Event = field(default_factory=threading.Event, repr=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.batch_wait < 0:
+            raise ValueError(f"batch_wait must be >= 0, got {self.batch_wait}")
+
+    @property
+    def is_deepseek_v4(self) -> bool:
+        return getattr(self.model.config, "model_type", None) == "deepseek_v4"
+
+    @property
+    def window(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is being decoded now."""
+        return self._busy.is_set()
+
+    def text_ids(self, text: str) -> torch.Tensor:
+        """A raw prompt, tokenised as the model's own text (its special tokens included). # [1, T]"""
+        return self.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+
+    def chat_ids(self, messages: list[dict[str, str]]) -> torch.Tensor:
+        """Messages rendered with the chat template, or as a plain transcript for a model without one. # [1, T]"""
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        return self.text_ids("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
+
+    def check_model(self, requested: str | None) -> None:
+        if requested not in (None, self.name):
+            raise ModelNotServed(f"model {requested!r} is not served here; this server serves {self.name!r}")
+
+    def settings(self, ids: torch.Tensor, choice: LSAChoice, max_new_tokens: int) -> LSAConfig:
+        """The LSA settings of one request, refusing what the model or the settings cannot take."""
+        if max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"at most {self.max_new_tokens} new tokens per request, asked for {max_new_tokens}")
+        n = int(ids.shape[1])
+        if self.window is not None and n + max_new_tokens > self.window:
+            raise ValueError(
+                f"the prompt is {n} tokens and {max_new_tokens} more were asked for, but the model handles at most "
+                f"{self.window} tokens; shorten the prompt or ask for fewer tokens"
+            )
+        return self.lsa if choice.budget is None else replace(self.lsa, budget=choice.budget)  # validated by replace
+
+    def answer(
+        self,
+        ids: torch.Tensor,
+        choice: LSAChoice,
+        max_new_tokens: int,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Answer:
+        """Greedy answer to one tokenised prompt, decoded with the requests that arrive with it.
+
+        ``on_token`` sees each new token id as it is chosen; raising :class:`ClientGone` drops the request (its
+        batch goes on for the others, and stops when none is left).
+        """
+        job = _Job(ids, choice.method, self.settings(ids, choice, max_new_tokens), max_new_tokens, on_token)
+        with self._start:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve, name="flashmemory-decode", daemon=True)
+                self._worker.start()
+        self._jobs.put(job)
+        return job.result.result()
+
+    # --- the decode thread ---------------------------------------------------------------------------------------
+
+    def _fits(self, first: _Job, job: _Job) -> bool:
+        # one cache config per batch; DeepSeek-V4's compressors cannot skip padding, so its batches share a length
+        same = job.method == first.method and job.lsa == first.lsa
+        return same and (not self.is_deepseek_v4 or job.ids.shape[1] == first.ids.shape[1])
+
+    def _serve(self) -> None:
+        waiting: deque[_Job] = deque()
+        while True:
+            first = waiting.popleft() if waiting else self._jobs.get()
+            batch = [first]
+            for job in list(waiting):  # earlier arrivals first
+                if len(batch) < self.max_batch and self._fits(first, job):
+                    batch.append(job)
+                    waiting.remove(job)
+            deadline = time.monotonic() + self.batch_wait
+            while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                try:
+                    job = self._jobs.get(timeout=left)
+                except queue.Empty:
+                    break
+                (batch if self._fits(first, job) else waiting).append(job)
+            self._busy.set()
+            try:
+                self._decode(batch)
+            finally:
+                self._busy.clear()
+
+    def _decode(self, batch: list[_Job]) -> None:
+        eos = self.tokenizer.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos])
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        pad = pad if pad is not None else (min(stops) if None not in stops else 0)
+        width = max(job.ids.shape[1] for job in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, job in enumerate(batch):
+            ids[b, width - job.ids.shape[1] :] = job.ids[0]
+            mask[b, width - job.ids.shape[1] :] = 1
+        steps = [0]
+
+        def on_token(tok: torch.Tensor) -> None:
+            steps[0] += 1
+            for b, job in enumerate(batch):
+                if job.gone or job.on_token is None or steps[0] > job.max_new_tokens:
+                    continue
+                try:
+                    job.on_token(int(tok[b]))
+                except ClientGone:
+                    job.gone = True
+            if all(job.gone for job in batch):
+                raise ClientGone
+
+        first = batch[0]
+        common = dict(
+            method=first.method,
+            lsa=first.lsa,
+            indexer=self.indexer if first.method == "lsa" else None,
+            max_new_tokens=max(job.max_new_tokens for job in batch),
+            eos_token_id=eos,
+            on_token=on_token,
+        )
+        try:
+            if self.is_deepseek_v4:  # its own backend: LSA over the CSA entries, the native indexer's query path
+                from ..deepseek_v4.generate import generate_ids as v4_generate_ids
+
+                out, stats = v4_generate_ids(self.model, ids, **common)
+            else:
+                out, stats = generate_ids(self.model, ids, mask, **common)
+        except BaseException as exc:  # every request of the batch hears of it; the thread serves the next one
+            for job in batch:
+                job.result.set_exception(exc)
+            return
+        for b, job in enumerate(batch):
+            row = out[b, : job.max_new_tokens].tolist()
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            tokens = row if end is None else row[:end]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            reason = "length" if end is None else "stop"
+            job.result.set_result(Answer(text, int(job.ids.shape[1]), len(tokens), reason, stats))
