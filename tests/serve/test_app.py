@@ -301,3 +301,28 @@ def test_a_batch_under_a_budget_stays_within_it():
     stats = got[0].stats
     assert stats.batch_size == 3 and all(g.stats is stats for g in got)
     assert stats.kv_bytes_device <= LSA.budget * stats.kv_bytes_full and stats.boundaries >= 1
+
+
+def test_an_api_key_guards_the_v1_endpoints_but_not_health():
+    engine = Engine(tiny_model("llama"), BatchCharTokenizer(), "tiny", lsa=LSA, max_new_tokens=8)
+    with TestClient(create_app(engine, api_key="s3cret")) as client:
+        assert client.get("/health").status_code == 200
+        body = {"prompt": CONTEXT[:200], "max_tokens": 4}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            got = client.post("/v1/completions", json=body, headers=headers)
+            assert got.status_code == 401 and got.json()["error"]["type"] == "invalid_api_key"
+        assert client.get("/v1/models").status_code == 401
+        ok = client.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+    with pytest.raises(ValueError, match="API key is empty"):
+        create_app(engine, api_key=" ")
+
+
+def test_serve_command_refuses_an_unset_api_key_variable(monkeypatch):
+    from typer.testing import CliRunner
+
+    from flashmemory.cli import app
+
+    monkeypatch.delenv("FM_TEST_KEY", raising=False)
+    got = CliRunner().invoke(app, ["serve", "--api-key-env", "FM_TEST_KEY", "--model", "no-such-model"])
+    assert got.exit_code == 2 and "FM_TEST_KEY: that environment variable is not set" in got.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.console import Console
 
@@ -28,6 +30,9 @@ def serve(
     ),
     batch_wait_ms: float = typer.Option(5.0, help="How long a batch waits for more requests after its first."),
     lsa: list[str] = typer.Option([], "--lsa", help="LSA setting KEY=VALUE (repeatable), e.g. follow_chunks=1."),
+    api_key_env: str = typer.Option(
+        None, help="Name of an environment variable holding an API key that /v1/ requests must send as a Bearer token."
+    ),
 ) -> None:
     """Serve OpenAI-style /v1/completions and /v1/chat/completions, and /v1/ask, with LSA (or full attention)."""
     try:
@@ -46,6 +51,12 @@ def serve(
     if max_batch < 1 or batch_wait_ms < 0:
         raise ValueError(f"--max-batch must be >= 1 and --batch-wait-ms >= 0, got {max_batch} and {batch_wait_ms}")
     with_overrides(LSAConfig(budget=budget), lsa)  # checked before the model loads
+    api_key = None
+    if api_key_env is not None:
+        # read from the environment, not the command line, so that it does not show in process lists
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
     backbone, tokenizer = load_on(model, device)
     if getattr(backbone.config, "model_type", None) == "deepseek_v4":
         from ..deepseek_v4.cache import deepseek_v4_lsa_config
@@ -66,4 +77,4 @@ def serve(
         batch_wait=batch_wait_ms / 1000,
     )
     OUT.print(f"serving {model} on {backbone.device} at http://{host}:{port} (budget {budget:g}, indexer {indexer})")
-    uvicorn.run(create_app(engine), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level="info")

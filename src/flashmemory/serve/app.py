@@ -106,13 +106,29 @@ def _accounting(a: Answer) -> dict:
     return {"usage": usage, "flashmemory": a.stats.to_dict()}
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     """The FastAPI application serving ``engine``: ``/health``, ``/v1/models``, ``/v1/completions``,
     ``/v1/chat/completions`` and ``/v1/ask``. Bad requests get status 400 (404 for another model's name) and one
-    message in OpenAI's error shape."""
+    message in OpenAI's error shape. With ``api_key``, every ``/v1/`` request must send ``Authorization: Bearer
+    <api_key>`` (401 otherwise); ``/health`` stays open for load balancers."""
+    import secrets
+
     from .. import __version__
 
     app = FastAPI(title="flashmemory", version=__version__)
+
+    if api_key is not None:
+        if not api_key.strip():
+            raise ValueError("the API key is empty")
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _authorised(request: Request, call_next):
+            if request.url.path.startswith("/v1/"):
+                sent = request.headers.get("authorization", "").encode()
+                if not secrets.compare_digest(sent, expected):
+                    return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "invalid_api_key")
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
