@@ -326,3 +326,15 @@ def test_serve_command_refuses_an_unset_api_key_variable(monkeypatch):
     monkeypatch.delenv("FM_TEST_KEY", raising=False)
     got = CliRunner().invoke(app, ["serve", "--api-key-env", "FM_TEST_KEY", "--model", "no-such-model"])
     assert got.exit_code == 2 and "FM_TEST_KEY: that environment variable is not set" in got.output
+
+
+def test_a_missing_server_extra_is_named_with_its_install_line(monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from flashmemory.cli import app
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if it were not installed
+    got = CliRunner().invoke(app, ["serve", "--model", "no-such-model"])
+    assert got.exit_code == 2 and "pip install 'flashmemory[serve]'" in got.output  # brackets survive the printing

@@ -6,6 +6,7 @@ import functools
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 ERR = Console(stderr=True)
 
@@ -21,7 +22,8 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as exc:
-            ERR.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: a message may hold brackets ("[serve]", "[0, 1]") that rich would read as markup
+            ERR.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
     return wrapper
