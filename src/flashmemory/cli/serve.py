@@ -50,7 +50,7 @@ def serve(
         raise ValueError(f"--port must be in 1..65535, got {port}")
     if max_batch < 1 or batch_wait_ms < 0:
         raise ValueError(f"--max-batch must be >= 1 and --batch-wait-ms >= 0, got {max_batch} and {batch_wait_ms}")
-    with_overrides(LSAConfig(budget=budget), lsa)  # checked before the model loads
+    generic = with_overrides(LSAConfig(budget=budget), lsa)  # checked before the model loads
     api_key = None
     if api_key_env is not None:
         # read from the environment, not the command line, so that it does not show in process lists
@@ -65,7 +65,7 @@ def serve(
             raise ValueError("for DeepSeek-V4 the server scores with the native indexer's query path: --indexer auto")
         cfg, chosen = with_overrides(deepseek_v4_lsa_config(budget=budget), lsa), None
     else:
-        cfg, chosen = with_overrides(LSAConfig(budget=budget), lsa), resolve_indexer(backbone, indexer)
+        cfg, chosen = generic, resolve_indexer(backbone, indexer)
     engine = Engine(
         backbone,
         tokenizer,

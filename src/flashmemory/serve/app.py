@@ -33,8 +33,6 @@ def stream_answer(
     ``[DONE]``. Bad settings are refused before the stream starts, so they still get status 400. When the client
     goes away (``request`` reports it, or the stream is closed) decoding stops at its next token."""
     engine.settings(ids, choice, max_new_tokens)
-    eos = engine.tokenizer.eos_token_id
-    stops = set(eos if isinstance(eos, list) else [eos])
     gone = threading.Event()
 
     def sse(payload: dict | str) -> str:
@@ -60,7 +58,6 @@ def stream_answer(
         threading.Thread(target=work, daemon=True).start()
         produced: list[int] = []
         sent = ""
-        ended = False
         try:
             while True:
                 item = await events.get()
@@ -74,9 +71,6 @@ def stream_answer(
                     kind = "invalid_request_error" if isinstance(item, ValueError) else "server_error"
                     yield sse({"error": {"message": str(item), "type": kind}})
                     return
-                ended = ended or item in stops
-                if ended:
-                    continue
                 produced.append(item)
                 text = engine.tokenizer.decode(produced, skip_special_tokens=True)
                 if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
@@ -163,8 +157,12 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     def completions(req: CompletionRequest, request: Request) -> dict:
         engine.check_model(req.model)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
-        head["model"] = engine.name
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": engine.name,
+        }
 
         def reply(text: str, a: Answer | None = None) -> dict:
             choice = {"index": 0, "text": text, "finish_reason": a and a.finish_reason, "logprobs": None}

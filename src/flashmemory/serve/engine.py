@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
-from ..runtime.generate import generate_ids
+from ..runtime.generate import decode_result, generate_ids
 from ..runtime.stats import GenerationStats
 from .schemas import LSAChoice
 
@@ -53,7 +53,8 @@ class _Job:
     max_new_tokens: int
     on_token: Callable[[int], None] | None
     result: Future = field(default_factory=Future)
-    gone: bool = False
+    gone: bool = False  # its client left
+    ended: bool = False  # its answer reached end-of-text
 
 
 @dataclass
@@ -141,8 +142,9 @@ class Engine:
     ) -> Answer:
         """Greedy answer to one tokenised prompt, decoded with the requests that arrive with it.
 
-        ``on_token`` sees each new token id as it is chosen; raising :class:`ClientGone` drops the request (its
-        batch goes on for the others, and stops when none is left).
+        ``on_token`` sees each token id of the answer as it is chosen (not the end-of-text token, nor anything
+        after it); raising :class:`ClientGone` drops the request (its batch goes on for the others, and stops when
+        none is left).
         """
         job = _Job(ids, choice.method, self.settings(ids, choice, max_new_tokens), max_new_tokens, on_token)
         with self._start:
@@ -197,10 +199,13 @@ class Engine:
         def on_token(tok: torch.Tensor) -> None:
             steps[0] += 1
             for b, job in enumerate(batch):
-                if job.gone or job.on_token is None or steps[0] > job.max_new_tokens:
+                if job.gone or job.ended or job.on_token is None or steps[0] > job.max_new_tokens:
                     continue
+                token = int(tok[b])
+                job.ended = token in stops
                 try:
-                    job.on_token(int(tok[b]))
+                    if not job.ended:
+                        job.on_token(token)
                 except ClientGone:
                     job.gone = True
             if all(job.gone for job in batch):
@@ -227,9 +232,8 @@ class Engine:
                 job.result.set_exception(exc)
             return
         for b, job in enumerate(batch):
-            row = out[b, : job.max_new_tokens].tolist()
-            end = next((i for i, t in enumerate(row) if t in stops), None)
-            tokens = row if end is None else row[:end]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            reason = "length" if end is None else "stop"
-            job.result.set_result(Answer(text, int(job.ids.shape[1]), len(tokens), reason, stats))
+            row = out[b : b + 1, : job.max_new_tokens]
+            result = decode_result(self.tokenizer, row, stats)  # cut at the first end-of-text token
+            tokens = result.token_ids[0]
+            reason = "stop" if len(tokens) < row.shape[1] else "length"
+            job.result.set_result(Answer(result.text, int(job.ids.shape[1]), len(tokens), reason, stats))
