@@ -23,6 +23,9 @@ def context(tmp_path):
         pytest.param(["--question", "q?", "--interval", "20"], "multiple of chunk_size", id="bad-interval"),
         pytest.param(["--question", "q?", "--max-new-tokens", "0"], "max-new-tokens", id="no-tokens"),
         pytest.param(["--question", "q?", "--model", "no-such-model"], "no-such-model", id="unknown-model"),
+        pytest.param(["-q", "first?", "-q", " "], "a question is empty", id="one-of-several-empty"),
+        pytest.param(["-q", "a?", "-q", "b?", "--method", "magic"], "unknown method", id="several-bad-method"),
+        pytest.param(["-q", "a?", "-q", "b?", "--cuda-graph", "--method", "full"], "needs --method lsa", id="graph"),
     ],
 )
 def test_ask_rejects_bad_input(context, args, message):

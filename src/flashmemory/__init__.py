@@ -20,6 +20,7 @@ _EXPORTS = {
     "generate": ".runtime.generate",
     "generate_ids": ".runtime.generate",
     "GenerationStats": ".runtime.stats",
+    "Session": ".runtime.session",
 }
 
 __all__ = sorted(_EXPORTS)

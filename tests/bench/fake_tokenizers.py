@@ -30,6 +30,36 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids if 3 <= i <= 250)
 
 
+class BatchCharTokenizer:
+    """One id per character (3-250); takes a string or a list of them, as a Hugging Face tokenizer does."""
+
+    eos_token_id = 1
+    eos_token = "\x01"
+    pad_token = None
+    padding_side = "left"
+
+    def __init__(self, chat_template=None):
+        self.chat_template = chat_template
+
+    def _encode(self, text):
+        return [min(max(ord(c), 3), 250) for c in text]
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True, padding=False):
+        rows = [self._encode(t) for t in ([text] if isinstance(text, str) else text)]
+        width = max(len(r) for r in rows)
+        ids = [[0] * (width - len(r)) + r for r in rows]
+        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + (
+            "<assistant>" if add_generation_prompt else ""
+        )
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if 3 <= i <= 250)
+
+
 class WordTokenizer:
     """Words and punctuation marks (with the whitespace before them) are tokens, about as many as BPE gives."""
 

@@ -9,7 +9,7 @@ from transformers.cache_utils import DynamicCache
 from typer.testing import CliRunner
 
 from flashmemory import LSACache, LSAConfig, generate, load_model
-from flashmemory.bench.planted_fact import planted_fact
+from flashmemory.bench.planted_fact import planted_fact, planted_facts
 from flashmemory.cli import app
 
 from ..attention.decode_helpers import greedy_logits
@@ -73,3 +73,21 @@ def test_cli_ask_refuses_a_context_longer_than_the_model(smollm2, tmp_path):
     res = CliRunner().invoke(app, ["ask", "--context-file", str(context), "--question", "Which animal jumps?"])
     assert res.exit_code == 2
     assert "handles at most 8192 tokens" in res.output
+
+
+def test_cli_ask_several_questions_over_one_prefill_answers_as_one_request_each(smollm2, tmp_path):
+    model, tok = smollm2
+    tasks = planted_facts(tok, 1500, 2, seed=6)
+    context = tmp_path / "doc.txt"
+    context.write_text(tasks[0].document)
+    args = ["ask", "-c", str(context), "-q", tasks[0].question, "-q", tasks[1].question, "--json"]
+    res = CliRunner().invoke(app, [*args, "--max-new-tokens", "12"])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["question"] for r in records] == [t.question for t in tasks]
+    for task, record in zip(tasks, records, strict=True):
+        alone = generate(model, tok, task.prompt, method="lsa", max_new_tokens=12)
+        assert record["answer"] == alone.text.strip()
+        assert record["kv_ratio"] <= 0.25
+    # the context's prefill is paid once: the second answer's prefill is its question's only
+    assert records[1]["prefill_seconds"] < records[0]["prefill_seconds"] / 2

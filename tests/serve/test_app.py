@@ -8,43 +8,13 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from flashmemory.config import LSAConfig  # noqa: E402
 from flashmemory.models.tiny import tiny_model  # noqa: E402
-from flashmemory.runtime.ask import build_prompt  # noqa: E402
 from flashmemory.runtime.generate import generate  # noqa: E402
+from flashmemory.runtime.session import build_prompt  # noqa: E402
 from flashmemory.serve import Engine, create_app  # noqa: E402
 from flashmemory.serve.schemas import LSAChoice  # noqa: E402
 
+from ..bench.fake_tokenizers import BatchCharTokenizer  # noqa: E402
 from ..conftest import SMALL_LSA  # noqa: E402
-
-
-class BatchCharTokenizer:
-    """One id per character (3-250); takes a string or a list of them, as a Hugging Face tokenizer does."""
-
-    eos_token_id = 1
-    eos_token = "\x01"
-    pad_token = None
-    padding_side = "left"
-
-    def __init__(self, chat_template=None):
-        self.chat_template = chat_template
-
-    def _encode(self, text):
-        return [min(max(ord(c), 3), 250) for c in text]
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=True, padding=False):
-        rows = [self._encode(t) for t in ([text] if isinstance(text, str) else text)]
-        width = max(len(r) for r in rows)
-        ids = [[0] * (width - len(r)) + r for r in rows]
-        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + (
-            "<assistant>" if add_generation_prompt else ""
-        )
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids if 3 <= i <= 250)
-
 
 LSA = LSAConfig(budget=0.5, **SMALL_LSA)
 CONTEXT = "".join(chr(97 + (i * 7) % 26) for i in range(700))

@@ -13,7 +13,8 @@ import uvicorn  # noqa: E402
 from flashmemory.models.tiny import tiny_model  # noqa: E402
 from flashmemory.serve import Engine, create_app  # noqa: E402
 
-from .test_app import CONTEXT, LSA, BatchCharTokenizer  # noqa: E402
+from ..bench.fake_tokenizers import BatchCharTokenizer  # noqa: E402
+from .test_app import CONTEXT, LSA  # noqa: E402
 
 
 class SlowEngine(Engine):

@@ -19,6 +19,7 @@ from ..models.adapter import backbone_spec
 from .cycle import CycleStats, LSACycle
 from .feedback import AttentionFeedback
 from .hooks import CacheHooks
+from .prefix import PrefixKV
 
 __all__ = ["CompactSlidingLayer", "CycleStats", "LSACache", "LSALayer"]
 
@@ -111,6 +112,9 @@ class LSACache(LSACycle, Cache):
         max_new_tokens: most tokens that will be generated (sizes the host mirror, the chunk-key budget and the
             recent tail's room for a cycle's tokens; decoding past it can fill the tail, which stops with an error).
         forced_pages: callable ``(cache) -> [B, K] page ids`` replacing the indexer (tests, oracle baselines).
+        prefix: keys and values of the prompt's first tokens, computed before (:class:`PrefixKV`): the prefill
+            forward then carries only the rest of the prompt, and the cache takes the whole prompt as if one
+            forward had made it.
     """
 
     store_class = KVStore
@@ -124,6 +128,7 @@ class LSACache(LSACycle, Cache):
         *,
         max_new_tokens: int = 256,
         forced_pages=None,
+        prefix: PrefixKV | None = None,
     ) -> None:
         self.spec = backbone_spec(model)
         self.lsa = self.spec.resolve_counts(lsa or LSAConfig())
@@ -155,6 +160,9 @@ class LSACache(LSACycle, Cache):
             else:
                 raise ValueError(f"layer {i} is {kind!r}: LSACache supports full and sliding attention layers")
         super().__init__(layers=layers)
+        self.prefix = prefix
+        if prefix is not None:
+            self._start_from(prefix, next(model.parameters()))
         self.init_cycle(max_new_tokens, forced_pages)
         self.store: KVStore | None = None
         self.chunk_keys = ChunkKeys(self.targets, self.lsa.chunk_size)
@@ -181,6 +189,9 @@ class LSACache(LSACycle, Cache):
         if self.closed:
             raise RuntimeError("this LSACache was closed (its hooks are gone); build a new one for a new request")
         if not self.in_decode:
+            if self.prefix is not None:
+                before_k, before_v = self.prefix.layer(layer, keys.device, keys.dtype)
+                keys, values = torch.cat([before_k, keys], -2), torch.cat([before_v, values], -2)
             if self.store is None:
                 self._allocate(keys)
             elif layer == self.first_lsa_layer:
@@ -201,6 +212,19 @@ class LSACache(LSACycle, Cache):
         if self.feedback is not None:
             self.feedback.observe_decode(layer, keys, self.store.slot_pos, self.store.seq_len)
         return keys, values
+
+    def _start_from(self, prefix: PrefixKV, param: torch.Tensor) -> None:
+        """Count the prefix as seen, so that masks and positions of the prefill forward continue after it."""
+        if prefix.window != [
+            self.spec.sliding_window if isinstance(layer, CompactSlidingLayer) else None for layer in self.layers
+        ]:
+            raise ValueError("this prefix was captured from a model with other layer types")
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, LSALayer):
+                layer.num_seen = prefix.length
+            else:  # a sliding layer starts with the prefix's window, as a prefill of the whole prompt leaves it
+                layer.update(*prefix.layer(i, param.device, prefix.keys[i].dtype))
+                layer.cumulative_length = prefix.length
 
     def _allocate(self, keys: torch.Tensor) -> None:
         batch, heads, seq_len, head_dim = keys.shape

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..config import LSAConfig
@@ -38,7 +39,9 @@ def lsa_config(
 @app.command()
 @friendly_errors
 def ask(
-    question: str = typer.Option(..., "--question", "-q", help="Question about the context."),
+    question: list[str] = typer.Option(
+        ..., "--question", "-q", help="Question about the context; repeat it to ask several over one prefill."
+    ),
     context_file: Path = typer.Option(..., "--context-file", "-c", help="Text file with the long context."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Short name, HF folder or GGUF file."),
     method: str = typer.Option("lsa", help="lsa or full."),
@@ -56,13 +59,16 @@ def ask(
     cuda_graph: bool = typer.Option(
         False, "--cuda-graph", help="Replay LSA decode steps between boundaries from a captured CUDA graph."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: one object per question, one per line."),
 ) -> None:
-    """Answer a question about a long text file with LSA (or full attention)."""
-    from ..runtime.ask import ask_file
+    """Answer questions about a long text file with LSA (or full attention).
+
+    Several questions share one prefill of the context; each is answered as if it were asked alone.
+    """
+    from ..runtime.ask import ask_questions
 
     cfg = lsa_config(budget, interval, chunk_size, page_chunks, recent, sink)
-    result = ask_file(
+    results = ask_questions(
         model,
         context_file,
         question,
@@ -74,15 +80,19 @@ def ask(
         indexer=indexer,
         cuda_graph=cuda_graph,
     )
-    if as_json:
-        print(json.dumps(result))
-        return
-    OUT.print(f"[bold]answer:[/] {result['answer']}")
-    OUT.print(
-        f"[dim]{result['method']} · {result['context_tokens']} context tokens · device KV "
-        f"{result['kv_bytes_device'] / 2**20:.2f} MiB of {result['kv_bytes_full'] / 2**20:.2f} MiB "
-        f"({result['kv_ratio']:.1%}) · decode {result['decode_seconds']:.2f} s[/]"
-    )
+    for result in results:
+        if as_json:
+            print(json.dumps(result))
+            continue
+        if len(results) > 1:
+            OUT.print(f"[bold]question:[/] {escape(result['question'])}")
+        OUT.print(f"[bold]answer:[/] {escape(result['answer'])}")
+        OUT.print(
+            f"[dim]{result['method']} · {result['context_tokens']} context tokens · device KV "
+            f"{result['kv_bytes_device'] / 2**20:.2f} MiB of {result['kv_bytes_full'] / 2**20:.2f} MiB "
+            f"({result['kv_ratio']:.1%}) · prefill {result['prefill_seconds']:.2f} s · "
+            f"decode {result['decode_seconds']:.2f} s[/]"
+        )
 
 
 @app.command()

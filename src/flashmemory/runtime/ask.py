@@ -1,4 +1,4 @@
-"""One question about one long text file: the engine behind ``flashmemory ask``."""
+"""Questions about one long text file: the engine behind ``flashmemory ask``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from ..config import LSAConfig
 from ..models import load_model
 from .generate import METHODS, encode_prompts, generate
+from .session import Session, build_prompt
 from .stats import GenerationStats
 
 
@@ -43,10 +44,6 @@ def read_context(path: str | Path) -> str:
     return text
 
 
-def build_prompt(context: str, question: str) -> str:
-    return f"{context}\n\nAnswer from the text above. {question}"
-
-
 def check_fits(model, tokenizer, prompt: str, max_new_tokens: int) -> int:
     """Prompt tokens; raises when prompt + new tokens exceed the model's context window."""
     n = int(encode_prompts(tokenizer, [prompt], chat=True)["input_ids"].shape[1])
@@ -65,22 +62,8 @@ def stats_record(answer: str, stats: GenerationStats) -> dict:
     return record
 
 
-def ask_file(
-    model_name: str,
-    context_file: str | Path,
-    question: str,
-    *,
-    method: str = "lsa",
-    lsa: LSAConfig | None = None,
-    max_new_tokens: int = 64,
-    device: str = "auto",
-    progress: bool = True,
-    indexer: str = "auto",
-    cuda_graph: bool = False,
-) -> dict:
-    """Answer ``question`` about the text in ``context_file``; returns the answer with its accounting."""
-    if not question.strip():
-        raise ValueError("the question is empty")
+def check_options(method: str, max_new_tokens: int, cuda_graph: bool, device: str) -> None:
+    """Refuse bad options before the model is loaded."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if max_new_tokens < 1:
@@ -89,18 +72,46 @@ def ask_file(
         raise ValueError("--cuda-graph replays LSA decode steps; it needs --method lsa")
     if cuda_graph and pick_device(device).type != "cuda":
         raise ValueError("--cuda-graph needs a CUDA device (--device cuda or auto on a machine with one)")
+
+
+def ask_file(model_name: str, context_file: str | Path, question: str, **options) -> dict:
+    """Answer ``question`` about the text in ``context_file``; returns the answer with its accounting.
+
+    ``options`` are :func:`ask_questions`'s.
+    """
+    return ask_questions(model_name, context_file, [question], **options)[0]
+
+
+def ask_questions(
+    model_name: str,
+    context_file: str | Path,
+    questions: list[str],
+    *,
+    method: str = "lsa",
+    lsa: LSAConfig | None = None,
+    max_new_tokens: int = 64,
+    device: str = "auto",
+    progress: bool = True,
+    indexer: str = "auto",
+    cuda_graph: bool = False,
+) -> list[dict]:
+    """Answer questions about the text in ``context_file``: one request for one question, one :class:`Session`
+    (one prefill of the context) for several.
+
+    Returns one record per question: its ``question``, the ``answer`` and the accounting.
+    """
+    if not questions or any(not q.strip() for q in questions):
+        raise ValueError("the question is empty" if len(questions) == 1 else "a question is empty")
+    check_options(method, max_new_tokens, cuda_graph, device)
     context = read_context(context_file)
     model, tokenizer = load_on(model_name, device, progress=progress)
-    prompt = build_prompt(context, question)
-    check_fits(model, tokenizer, prompt, max_new_tokens)
-    result = generate(
-        model,
-        tokenizer,
-        prompt,
-        method=method,
-        lsa=lsa,
-        indexer=indexer,
-        max_new_tokens=max_new_tokens,
-        cuda_graph=cuda_graph,
-    )
-    return stats_record(result.text.strip(), result.stats)
+    for q in questions:  # every question is checked before the context's prefill is spent
+        check_fits(model, tokenizer, build_prompt(context, q), max_new_tokens)
+    options = dict(method=method, lsa=lsa, indexer=indexer, cuda_graph=cuda_graph)
+    if len(questions) == 1:
+        prompt = build_prompt(context, questions[0])
+        results = [generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **options)]
+    else:
+        session = Session(model, tokenizer, context, **options)
+        results = [session.ask(q, max_new_tokens=max_new_tokens) for q in questions]
+    return [{"question": q, **stats_record(r.text.strip(), r.stats)} for q, r in zip(questions, results, strict=True)]

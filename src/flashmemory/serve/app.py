@@ -15,8 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..runtime.ask import build_prompt, stats_record
+from ..runtime.ask import stats_record
 from ..runtime.generate import encode_prompts
+from ..runtime.session import build_prompt
 from .engine import Answer, ClientGone, Engine, ModelNotServed
 from .schemas import AskRequest, ChatRequest, CompletionRequest, LSAChoice
 

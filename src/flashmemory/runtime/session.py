@@ -1,0 +1,162 @@
+"""Several questions about one long context, with the context prefilled once.
+
+Answering each question from scratch repeats the prefill of the whole context, which is most of the work at long
+contexts. A :class:`Session` runs the context once and keeps
+its keys and values in host memory (:class:`~flashmemory.attention.prefix.PrefixKV`); each question then prefills
+only its own tokens against them and decodes its answer with a cache of its own. The question's tokens attend to
+the whole context as in one prefill of the whole prompt, so every answer is the one ``flashmemory ask`` gives for
+that question alone (up to floating-point rounding), whatever was asked before.
+
+Why not a conversation that keeps earlier answers in the cache: under LSA the tokens of a later question would be
+read through the resident set the previous answer chose, before the question could choose its own pages, and a
+question whose tokens never saw the fact it asks about is read badly even once the fact's pages are recalled.
+Here the question's tokens see the whole context.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..attention.prefix import PrefixKV
+from ..config import LSAConfig
+from ..indexer.memory_indexer import MemoryIndexer
+from ..indexer.shipped import resolve_indexer
+from .feed import sync
+from .generate import METHODS, GenerationResult, decode_result, encode_prompts, generate_ids
+
+INSTRUCTION = "Answer from the text above."
+
+
+def build_prompt(context: str, question: str) -> str:
+    """The user turn that asks ``question`` about ``context`` (what ``flashmemory ask`` sends)."""
+    return f"{context}\n\n{INSTRUCTION} {question}"
+
+
+class Session:
+    """One long context, prefilled once, and any number of questions about it.
+
+    Args:
+        model: causal LM from :func:`flashmemory.load_model` or ``transformers``.
+        tokenizer: its tokenizer.
+        context: the long text; prefilled when the session is made.
+        method: ``"lsa"`` or ``"full"``. Default: "lsa".
+        lsa: LSA settings. Default: ``LSAConfig()``.
+        indexer: as in :func:`flashmemory.generate`. Default: "auto".
+        chat: use the tokenizer's chat template when it has one. Default: True.
+        cuda_graph: replay each answer's decode steps from a captured CUDA graph (see :func:`generate_ids`).
+            Default: False.
+
+    The context's keys and values stay in host memory for the session's life (``prefix.host_bytes``); the device
+    holds them only while a question is prefilled, one layer at a time, and then each answer's own cache.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        context: str,
+        *,
+        method: str = "lsa",
+        lsa: LSAConfig | None = None,
+        indexer: MemoryIndexer | str | None = "auto",
+        chat: bool = True,
+        cuda_graph: bool = False,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if not context.strip():
+            raise ValueError("the context is empty")
+        if getattr(model.config, "model_type", None) == "deepseek_v4":
+            raise ValueError("sessions run on transformers caches; DeepSeek-V4 answers one prompt at a time")
+        self.model, self.tokenizer, self.method, self.lsa, self.chat = model, tokenizer, method, lsa, chat
+        self.cuda_graph = cuda_graph
+        self.context = context
+        self.indexer = resolve_indexer(model, indexer) if method == "lsa" else None
+        self.limit = getattr(model.config, "max_position_embeddings", None)
+        self.device = next(model.parameters()).device
+        keep = self._prefix_len() - (self._redo_tokens(lsa or LSAConfig()) if method == "lsa" else 0)
+        ids = self._encode("?")[:, : max(1, keep)]
+        self.prefix_ids = ids[0].tolist()
+        if self.limit is not None and len(self.prefix_ids) >= self.limit:
+            raise ValueError(
+                f"the context is {len(self.prefix_ids)} tokens, the model handles at most {self.limit}; shorten it"
+            )
+        t0 = time.perf_counter()
+        self.prefix = PrefixKV.capture(model, ids.to(self.device))
+        sync(self.device)
+        self.prefill_seconds = time.perf_counter() - t0
+        self.answered = 0
+
+    def ask(self, question: str, *, max_new_tokens: int = 64, on_token=None) -> GenerationResult:
+        """Answer one question about the context, as a request of its own would.
+
+        Args:
+            question: the question.
+            max_new_tokens: most tokens of the answer. Default: 64.
+            on_token: called with each answer token as it is chosen (for streaming).
+
+        Returns:
+            The answer and its accounting. ``prefill_seconds`` is the question's own prefill, plus the context's
+            on the session's first answer; ``context_tokens`` counts the context and the question.
+        """
+        if not question.strip():
+            raise ValueError("the question is empty")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = self._encode(question)
+        if self.limit is not None and ids.shape[1] + max_new_tokens > self.limit:
+            raise ValueError(
+                f"the context and question are {ids.shape[1]} tokens and the answer may add {max_new_tokens}, but "
+                f"the model handles at most {self.limit}; ask for fewer new tokens or shorten the context"
+            )
+        n = self.prefix.length
+        # the question's text could join the context's last token into another one; then the whole prompt is
+        # prefilled, as one request would be, rather than answering from a prefix the prompt does not start with
+        shared = ids[0, :n].tolist() == self.prefix_ids
+        tokens, stats = generate_ids(
+            self.model,
+            ids[:, n:] if shared else ids,
+            method=self.method,
+            lsa=self.lsa,
+            indexer=self.indexer,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            on_token=on_token,
+            cuda_graph=self.cuda_graph,
+            prefix=self.prefix if shared else None,
+        )
+        if self.answered == 0:
+            stats.prefill_seconds += self.prefill_seconds
+        self.answered += 1
+        return decode_result(self.tokenizer, tokens, stats)
+
+    def _redo_tokens(self, lsa: LSAConfig) -> int:
+        """Context tokens every question prefills again under LSA.
+
+        The first boundary reads the prompt's newest hidden states (the lookahead query and the feedback head's
+        window): they must be the ones a prefill of the whole prompt makes, whatever the question's length.
+        """
+        spec = self.indexer.feedback_spec if self.indexer is not None else None
+        return max(lsa.query_window, spec.window if spec is not None else 0)
+
+    def _encode(self, question: str) -> torch.Tensor:
+        """The ids ``flashmemory ask`` would prefill for ``question``. # [1, T]"""
+        enc = encode_prompts(self.tokenizer, [build_prompt(self.context, question)], chat=self.chat)
+        return enc["input_ids"]
+
+    def _prefix_len(self) -> int:
+        """Tokens before the question's turn: the chat template's opening and the context."""
+        text = build_prompt(self.context, "?")
+        if self.chat and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        cut = text.rfind(f"\n\n{INSTRUCTION} ?")
+        ids = self.tokenizer(text[:cut], return_tensors="pt", add_special_tokens=not self.chat)["input_ids"]
+        return int(ids.shape[1])
+
+
+__all__ = ["INSTRUCTION", "Session", "build_prompt"]
