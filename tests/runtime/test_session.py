@@ -133,3 +133,15 @@ def test_a_turn_shorter_than_the_lookahead_query_still_reads_the_whole_prompts_w
     got = session.ask("ab?", max_new_tokens=12)
     want = generate(model, tok, build_prompt(CONTEXT, "ab?"), indexer=None, lsa=lsa, max_new_tokens=12)
     assert got.token_ids == want.token_ids and got.stats.pages_recalled == want.stats.pages_recalled
+
+
+@pytest.mark.parametrize("method", ["lsa", "full"])
+def test_graph_replay_off_cuda_is_refused_before_the_context_prefill(model, method):
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="graph replay"):
+            Session(model, BatchCharTokenizer(chat_template="tiny"), CONTEXT, method=method, cuda_graph=True)
+    finally:
+        hook.remove()
+    assert not calls

@@ -14,6 +14,25 @@ from torch import nn
 
 from ..attention.cache import LSALayer
 from ..attention.fast_path import FastLSACache
+from ..config import LSAConfig
+from ..models.adapter import backbone_spec
+
+
+def check_graph_replay(model: nn.Module, method: str, lsa: LSAConfig | None) -> None:
+    """Refuse graph replay from what the model and settings say, before any prefill is spent on them.
+
+    :class:`GraphDecodeStep` checks the built cache itself; this is for callers that prefill before they build it
+    (a :class:`~flashmemory.runtime.session.Session` prefills the context once, then a cache per question).
+    """
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"graph replay needs the model on a CUDA device; it is on {device}")
+    if method != "lsa" or (lsa is not None and lsa.attention_backend == "mask"):
+        raise ValueError(
+            "graph replay needs method 'lsa' on the fast path (attention_backend 'auto', 'triton' or 'torch')"
+        )
+    if any(kind != "full_attention" for kind in backbone_spec(model).layer_types):
+        raise ValueError("graph replay needs every decoder layer to be a full-attention LSA layer")
 
 
 class GraphDecodeStep:

@@ -26,6 +26,7 @@ from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
 from .feed import sync
 from .generate import METHODS, GenerationResult, decode_result, encode_prompts, generate_ids
+from .graph_step import check_graph_replay
 
 INSTRUCTION = "Answer from the text above."
 
@@ -71,6 +72,8 @@ class Session:
             raise ValueError("the context is empty")
         if getattr(model.config, "model_type", None) == "deepseek_v4":
             raise ValueError("sessions run on transformers caches; DeepSeek-V4 answers one prompt at a time")
+        if cuda_graph:
+            check_graph_replay(model, method, lsa)
         self.model, self.tokenizer, self.method, self.lsa, self.chat = model, tokenizer, method, lsa, chat
         self.cuda_graph = cuda_graph
         self.context = context
