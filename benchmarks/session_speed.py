@@ -9,7 +9,7 @@ mean per-question time, the host bytes the session keeps for the context, the pe
 and the share of answers that came out token for token the same (bf16 on a GPU: the context's keys computed in a
 forward of their own may round differently from the same keys inside a whole-prompt forward).
 
-Text goes through a byte tokenizer: one id per byte, so the context is exactly ``--contexts`` tokens.
+Both methods answer one short warm-up prompt both ways before anything is timed. Text goes through a byte tokenizer: one id per byte, so the context is exactly ``--contexts`` tokens.
 
     python benchmarks/session_speed.py --shape llama3-8b --contexts 32768,131072 --questions 4 \
         --out benchmarks/results/session_speed_h200
@@ -152,6 +152,9 @@ def main() -> None:
     tok, rng = ByteTokenizer(), random.Random(args.seed)
     lsa = LSAConfig(budget=args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
+    # kernels compile and libraries initialise on first use: let that happen before anything is timed
+    for method in args.methods.split(","):
+        run(model, tok, text_of(4096, rng), ["warm up?"], method, lsa if method == "lsa" else None, 4, True)
     for i, context in enumerate(int(c) for c in args.contexts.split(",")):
         # the template and the question add tokens; the context itself is sized to leave room for them
         text = text_of(context, rng)
