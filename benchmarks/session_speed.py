@@ -9,7 +9,8 @@ mean per-question time, the host bytes the session keeps for the context, the pe
 and the share of answers that came out token for token the same (bf16 on a GPU: the context's keys computed in a
 forward of their own may round differently from the same keys inside a whole-prompt forward).
 
-Both methods answer one short warm-up prompt both ways before anything is timed. Text goes through a byte tokenizer: one id per byte, so the context is exactly ``--contexts`` tokens.
+Both methods answer one short warm-up prompt both ways before anything is timed. Text goes through a byte
+tokenizer: one id per byte, so the context is exactly ``--contexts`` tokens.
 
     python benchmarks/session_speed.py --shape llama3-8b --contexts 32768,131072 --questions 4 \
         --out benchmarks/results/session_speed_h200
