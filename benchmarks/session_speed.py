@@ -114,13 +114,14 @@ def markdown(report: dict) -> str:
         f"- commit: `{report['commit']}`",
         f"- machine: {report['machine']}",
         "",
-        "| context | method | questions | separate s | session s | separate / session | context prefill s "
+        "| context | method | round | first | questions | separate s | session s | separate / session | context prefill s "
         "| per question s (session / separate) | same tokens | device KV |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
-            f"| {r['context']} | {r['method']} | {r['questions']} | {r['separate_seconds']:.2f} | "
+            f"| {r['context']} | {r['method']} | {r.get('round', 0)} | "
+            f"{'session' if r['session_first'] else 'separate'} | {r['questions']} | {r['separate_seconds']:.2f} | "
             f"{r['session_seconds']:.2f} | {r['speedup']:.2f}x | {r['context_prefill_seconds']:.2f} | "
             f"{r['session_seconds_per_question']:.2f} / {r['separate_seconds_per_question']:.2f} | "
             f"{r['same_tokens']:.0%} | {r['kv_ratio']:.1%} |"
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.15)
     ap.add_argument("--methods", default="lsa,full")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="rounds per context and method, alternating the order")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -160,7 +162,8 @@ def main() -> None:
         # the template and the question add tokens; the context itself is sized to leave room for them
         text = text_of(context, rng)
         questions = [f"Which word follows the {n + 1}-th '{rng.choice(WORDS)}'?" for n in range(args.questions)]
-        for j, method in enumerate(args.methods.split(",")):
+        rounds = [(r, m) for r in range(args.repeats) for m in args.methods.split(",")]
+        for j, (r, method) in enumerate(rounds):
             row = run(
                 model,
                 tok,
@@ -169,9 +172,9 @@ def main() -> None:
                 method,
                 lsa if method == "lsa" else None,
                 args.max_new_tokens,
-                session_first=(i + j) % 2 == 0,
+                session_first=(i + j + r) % 2 == 0,
             )
-            row["context"] = context
+            row["context"], row["round"] = context, r
             report["rows"].append(row)
             print(json.dumps(row), flush=True)
             (args.out / "session_speed.json").write_text(json.dumps(report, indent=1))
