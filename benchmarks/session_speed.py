@@ -114,8 +114,8 @@ def markdown(report: dict) -> str:
         f"- commit: `{report['commit']}`",
         f"- machine: {report['machine']}",
         "",
-        "| context | method | round | first | questions | separate s | session s | separate / session | context prefill s "
-        "| per question s (session / separate) | same tokens | device KV |",
+        "| context | method | round | first | questions | separate s | session s | separate / session "
+        "| context prefill s | per question s (session / separate) | same tokens | device KV |",
         "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
