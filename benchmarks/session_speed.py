@@ -56,9 +56,10 @@ class ByteTokenizer:
 
 
 def text_of(tokens: int, rng: random.Random) -> str:
-    words = []
-    while sum(len(w) + 1 for w in words) < tokens:
+    words, size = [], 0
+    while size < tokens:
         words.append(rng.choice(WORDS))
+        size += len(words[-1]) + 1
     return " ".join(words)[:tokens]
 
 

@@ -55,6 +55,25 @@ def test_zero_shot_query_equals_the_layers_rotated_query(family):
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_building_the_zero_shot_indexer_draws_no_random_projection(monkeypatch):
+    # the projections are always overwritten; drawing them first cost seconds per request at 8B shapes
+    model = tiny_model("qwen2")
+    layer = backbone_spec(model).full_layers[-1]
+
+    real = torch.nn.init.kaiming_uniform_
+
+    def refuse(tensor, *args, **kwargs):
+        if tensor.device.type != "meta":  # a module built on meta draws nothing
+            raise AssertionError("a query projection was randomly initialised")
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", refuse)
+    indexer = MemoryIndexer.from_model(model, (layer,), chunk_size=8)
+    attn = attention_module(model, layer)
+    torch.testing.assert_close(indexer.tower.q_proj[0].weight, attn.q_proj.weight.float())
+    torch.testing.assert_close(indexer.tower.q_proj[0].bias, attn.q_proj.bias.float())
+
+
 def test_zero_shot_logit_is_mean_attention_logit_per_chunk():
     model = tiny_model("llama")
     spec = backbone_spec(model)
