@@ -18,7 +18,7 @@ from ..attention.prefix import PrefixKV
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
-from .feed import CacheFeed, dynamic_cache_bytes, stop_ids, sync
+from ..memory.accounting import storage_bytes
 from .graph_step import GraphDecodeStep
 from .stats import GenerationStats
 
@@ -144,26 +144,71 @@ def generate_ids(
     else:
         cache = DynamicCache(config=model.config)
     graph = GraphDecodeStep(model, cache) if cuda_graph else None  # refused before the prefill is spent
-    feed = CacheFeed(model, cache, graph)
-    stops = torch.tensor(stop_ids(eos_token_id), device=device, dtype=torch.long)
+    stops = torch.tensor(_as_list(eos_token_id), device=device, dtype=torch.long)
+    # with a prefix the mask's first columns are tokens the cache already holds
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
     try:
         t0 = time.perf_counter()
-        logits = feed.prefill(input_ids, attention_mask)
-        sync(device)
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        _sync(device)
         stats.prefill_seconds = time.perf_counter() - t0
         if allocated_before is not None:
             stats.allocator_kv_bytes = torch.cuda.memory_allocated(device) - allocated_before
             torch.cuda.reset_peak_memory_stats(device)
+        next_pos = positions[:, -1:] + 1
         t0 = time.perf_counter()
-        logits = feed.feed(followup, logits)
-        tokens = feed.greedy(logits, max_new_tokens, stops, on_token)
-        sync(device)
+        for i in range(followup.shape[1]):
+            if i == followup.shape[1] - 1 and hasattr(cache, "request_boundary"):
+                cache.request_boundary()
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+            out = model(
+                input_ids=followup[:, i : i + 1],
+                attention_mask=attention_mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            next_pos = next_pos + 1
+        logits = out.logits[:, -1]
+        tokens, done = [], torch.zeros(batch, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            tok = logits.argmax(-1)
+            if tokens:
+                tok = torch.where(done, tokens[-1], tok)
+            tokens.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            done |= torch.isin(tok, stops)
+            if bool(done.all()):
+                break
+            if graph is not None:  # the LSA cache hands attention its own mask: padding lives in the resident set
+                logits = graph(tok[:, None], next_pos)
+            else:
+                attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+                out = model(
+                    input_ids=tok[:, None],
+                    attention_mask=attention_mask,
+                    position_ids=next_pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                logits = out.logits[:, -1]
+            next_pos = next_pos + 1
+            if isinstance(cache, DynamicCache):
+                stats.kv_bytes_device = max(stats.kv_bytes_device, dynamic_cache_bytes(cache))
+        _sync(device)
         stats.decode_seconds = time.perf_counter() - t0
         if allocated_before is not None:
             stats.allocator_decode_peak_bytes = torch.cuda.max_memory_allocated(device) - allocated_before
         stats.new_tokens = len(tokens)
-        stats.kv_bytes_device = feed.dynamic_peak
-        fill_cache_stats(stats, cache, context + followup.shape[1] + len(tokens))
+        _fill_cache_stats(stats, cache, context + followup.shape[1] + len(tokens))
     finally:
         if isinstance(cache, LSACache):
             cache.close()
@@ -182,7 +227,7 @@ def _followup(followup_ids: torch.Tensor | None, input_ids: torch.Tensor, mask: 
     return followup_ids
 
 
-def fill_cache_stats(stats: GenerationStats, cache, final_len: int) -> None:
+def _fill_cache_stats(stats: GenerationStats, cache, final_len: int) -> None:
     if isinstance(cache, LSACache):
         cache.sync_stats()
         stats.kv_bytes_device = cache.stats.peak_device_bytes or cache.device_kv_bytes()
@@ -203,6 +248,22 @@ def copy_cycle_stats(stats: GenerationStats, cache: LSACycle) -> None:
     stats.recall_seconds = cs.recall_seconds
     stats.page_slots = cache.store.layout.num_page_slots
     stats.above_threshold = list(cs.above_threshold)
+
+
+def dynamic_cache_bytes(cache) -> int:
+    """Device bytes of a ``transformers`` dynamic cache: the storage behind every layer's keys and values."""
+    return storage_bytes(t for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def _as_list(ids: int | list[int] | None) -> list[int]:
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def generate(
@@ -254,7 +315,7 @@ def generate(
 
 def decode_result(tokenizer, ids: torch.Tensor, stats: GenerationStats) -> GenerationResult:
     """Texts and token ids of generated ``ids [B, N]``, each row cut before its first EOS."""
-    stops = stop_ids(tokenizer.eos_token_id)
+    stops = _as_list(tokenizer.eos_token_id)
     token_ids = [_until_eos(row.tolist(), stops) for row in ids.cpu()]
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
     return GenerationResult(texts=texts, token_ids=token_ids, stats=stats)

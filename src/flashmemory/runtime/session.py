@@ -24,7 +24,6 @@ from ..attention.prefix import PrefixKV
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
-from .feed import sync
 from .generate import METHODS, GenerationResult, decode_result, encode_prompts, generate_ids
 from .graph_step import check_graph_replay
 
@@ -88,8 +87,7 @@ class Session:
                 f"the context is {len(self.prefix_ids)} tokens, the model handles at most {self.limit}; shorten it"
             )
         t0 = time.perf_counter()
-        self.prefix = PrefixKV.capture(model, ids.to(self.device))
-        sync(self.device)
+        self.prefix = PrefixKV.capture(model, ids.to(self.device))  # waits for the device's copies
         self.prefill_seconds = time.perf_counter() - t0
         self.answered = 0
 
