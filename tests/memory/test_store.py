@@ -113,3 +113,16 @@ def test_tail_overflow_is_detected():
     with pytest.raises(RuntimeError, match="overflow"):
         for _ in range(100):
             store.begin_step()
+
+
+def test_a_prefill_longer_than_the_mirror_grows_it_and_keeps_every_token():
+    layout = ReserveLayout(4, 3, 8, 8 + 8 - 1 + 8)
+    store = KVStore(LAYERS, layout, 8)
+    store.allocate(1, 2, 4, dtype=torch.float32, device=torch.device("cpu"), capacity=40, pad_len=torch.tensor([0]))
+    keys = torch.randn(1, 2, 100, 4)
+    for layer in LAYERS:
+        store.write_prefill(layer, keys + layer, -keys - layer)
+    assert store.capacity >= 100
+    for layer in LAYERS:
+        torch.testing.assert_close(store.mirror_k[layer][:, :, :100], keys + layer, rtol=0, atol=0)
+        torch.testing.assert_close(store.mirror_v[layer][:, :, :100], -keys - layer, rtol=0, atol=0)

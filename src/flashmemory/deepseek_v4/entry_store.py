@@ -58,11 +58,10 @@ class EntryStore(KVStore):
     ) -> None:
         """Create mirrors and reserves; ``widths`` = (attention entry width, indexer key width)."""
         self.allocate(batch, 1, 1, dtype=dtype, device=device, capacity=capacity, pad_len=torch.zeros(batch))
-        pin = self.device.type == "cuda"
+        self.set_mirrors((batch, 1, capacity, widths[0]), (batch, 1, capacity, widths[1]), dtype)
         for stream, width in ((0, widths[0]), (1, widths[1])):
-            mirrors, reserves = (self.mirror_k, self.reserve_k) if stream == 0 else (self.mirror_v, self.reserve_v)
+            reserves = self.reserve_k if stream == 0 else self.reserve_v
             for layer in self.layers:
-                mirrors[layer] = torch.empty((batch, 1, capacity, width), dtype=dtype, pin_memory=pin)
                 reserves[layer] = torch.zeros(
                     (batch, 1, self.layout.num_slots, width), dtype=dtype, device=self.layer_devices[layer]
                 )

@@ -19,6 +19,7 @@ import torch
 
 from .host_rows import StagedWriter, copy_to_host_slice
 from .layout import ReserveLayout
+from .pinned import HOST_POOL, HostBlock, block_bytes
 from .resident import page_aligned_tail_start, resident_positions
 
 
@@ -59,6 +60,7 @@ class KVStore:
         self.log = TransferLog()
         self._copy_stream = None
         self._flush_writer = StagedWriter()
+        self._mirror_block: HostBlock | None = None
 
     def allocate(
         self,
@@ -76,15 +78,38 @@ class KVStore:
         pin = self.device.type == "cuda"
         mirror_shape = (batch, num_heads, capacity, head_dim)
         reserve_shape = (batch, num_heads, self.layout.num_slots, head_dim)
+        self.set_mirrors(mirror_shape, mirror_shape, dtype)
         for layer in self.layers:
-            for mirror in (self.mirror_k, self.mirror_v):
-                mirror[layer] = torch.empty(mirror_shape, dtype=dtype, pin_memory=pin)
             for reserve in (self.reserve_k, self.reserve_v):
                 reserve[layer] = torch.zeros(reserve_shape, dtype=dtype, device=self.device)
         self.page_table = torch.full((batch, self.layout.num_page_slots), -1, dtype=torch.long, device=self.device)
         self.pad_len = pad_len.to(self.device, torch.long)
         if pin:
             self._copy_stream = torch.cuda.Stream(self.device)
+
+    def set_mirrors(self, k_shape: tuple[int, ...], v_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Give every layer new, uninitialised host mirrors of these shapes, replacing any it had.
+
+        On CUDA they are views of one page-locked block leased from :data:`~flashmemory.memory.pinned.HOST_POOL`,
+        which the store holds while it lives; elsewhere ordinary host tensors.
+        """
+        shapes = [k_shape] * len(self.layers) + [v_shape] * len(self.layers)
+        tensors = self._host_tensors(shapes, dtype)
+        for i, layer in enumerate(self.layers):
+            self.mirror_k[layer] = tensors[i]
+            self.mirror_v[layer] = tensors[len(self.layers) + i]
+
+    def _host_tensors(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Host tensors for the mirror, leasing their block and giving back the one the store held before."""
+        old, self._mirror_block = self._mirror_block, None
+        if self.device.type == "cuda":
+            self._mirror_block = HOST_POOL.lease(block_bytes(shapes, dtype), self.device)
+            tensors = self._mirror_block.tensors(shapes, dtype)
+        else:
+            tensors = [torch.empty(s, dtype=dtype) for s in shapes]
+        if old is not None:
+            old.release()
+        return tensors
 
     def wait_mirror(self) -> None:
         """Block the host until every copy into the host mirror has landed, before the host reads the mirror.
@@ -285,13 +310,17 @@ class KVStore:
         if needed <= self.capacity:
             return
         new_cap = max(needed, 2 * self.capacity)
-        for mirror in (self.mirror_k, self.mirror_v):
-            for layer, old in mirror.items():
-                grown = torch.empty(
-                    (*old.shape[:2], new_cap, old.shape[3]), dtype=old.dtype, pin_memory=old.is_pinned()
-                )
-                grown[:, :, : old.shape[2]].copy_(old)
-                mirror[layer] = grown
+        self.wait_mirror()  # the old mirror's last writes may still be in flight
+        mirrors = [(m, layer) for m in (self.mirror_k, self.mirror_v) for layer in self.layers]
+        old = [m[layer] for m, layer in mirrors]
+        keep = self._mirror_block  # the old views stay valid until they are copied
+        self._mirror_block = None
+        shapes = [(*t.shape[:2], new_cap, t.shape[3]) for t in old]
+        for (m, layer), src, dst in zip(mirrors, old, self._host_tensors(shapes, old[0].dtype), strict=True):
+            dst[:, :, : src.shape[2]].copy_(src)
+            m[layer] = dst
+        if keep is not None:
+            keep.release()
 
     def device_tensors(self) -> list[torch.Tensor]:
         """Every tensor the store keeps on the device (for physical byte counts)."""
