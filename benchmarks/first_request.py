@@ -83,17 +83,18 @@ def main() -> None:
     for method in dict.fromkeys(order):
         one(model, tok, build_prompt(text_of(4096, random.Random(1)), "which?"), method, lsa, 4)
     base = meminfo_available()
-    rows = []
+    head = provenance("benchmarks/first_request.py", vars(args) | {"out": str(args.out)})
+    report = {"label": args.label, "shape": args.shape, "budget": args.budget, **head, "rows": []}
+    path = args.out / f"first_request{'_' + args.label if args.label else ''}.json"
     for context in (int(c) for c in args.contexts.split(",")):
         prompt = build_prompt(text_of(context, random.Random(context)), "which?")
         for i, method in enumerate(order):
             row = one(model, tok, prompt, method, lsa, args.max_new_tokens)
             row |= {"context": context, "request": i, "available_drop_gib": (base - meminfo_available()) / GiB}
             row |= allocator_bytes()
-            rows.append(row)
+            report["rows"].append(row)
+            path.write_text(json.dumps(report, indent=1))  # after every request: a later failure keeps these
             print(json.dumps({k: v for k, v in row.items() if k != "tokens"}), flush=True)
-    report = {"label": args.label, "shape": args.shape, "budget": args.budget, "rows": rows, **provenance()}
-    (args.out / f"first_request{'_' + args.label if args.label else ''}.json").write_text(json.dumps(report, indent=1))
 
 
 def allocator_bytes() -> dict:
