@@ -37,6 +37,19 @@ def test_health_and_models(served):
     assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
 
 
+def test_health_reports_the_page_locked_host_memory_of_the_mirror_pool(served, monkeypatch):
+    from flashmemory.memory.pinned import PinnedPool
+
+    client, _, _ = served
+    pool = PinnedPool(register=lambda data: 0, unregister=lambda data: None)
+    monkeypatch.setattr("flashmemory.serve.app.HOST_POOL", pool)
+    held = pool.lease(3000, torch.device("cpu"))
+    pool.lease(1000, torch.device("cpu")).release()
+    health = client.get("/health").json()
+    assert health["host_locked_bytes"] == 4000 and health["host_free_bytes"] == 1000
+    held.release()
+
+
 def test_ask_answers_as_the_library_does_within_the_budget(served):
     client, model, tok = served
     body = {"context": CONTEXT, "question": "which letter?", "max_new_tokens": 20}

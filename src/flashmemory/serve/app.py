@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..memory.pinned import HOST_POOL
 from ..runtime.ask import stats_record
 from ..runtime.generate import encode_prompts
 from ..runtime.session import build_prompt
@@ -149,6 +150,9 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             "indexer": "zero-shot" if engine.indexer is None else "checkpoint",
             "max_new_tokens": engine.max_new_tokens,
             "max_batch": engine.max_batch,
+            # page-locked host memory the KV mirrors hold, in use or kept for the next request (CUDA only)
+            "host_locked_bytes": HOST_POOL.locked_bytes,
+            "host_free_bytes": HOST_POOL.free_bytes,
         }
 
     @app.get("/v1/models")
