@@ -104,3 +104,17 @@ def test_train_feedback_rejects_missing_dump_and_bad_settings(tmp_path):
     res = CliRunner().invoke(app, [*base, str(tmp_path / "out"), "--kept", "1.5"])
     assert res.exit_code == 2 and "kept must be in (0, 1)" in res.output
     assert "Traceback" not in res.output
+
+
+def test_a_host_that_cannot_hold_the_kv_history_gets_one_line_not_a_traceback(capsys):
+    from flashmemory.cli.errors import friendly_errors
+
+    @friendly_errors
+    def run():
+        raise MemoryError("the KV history needs 64.00 GiB of page-locked host memory and this machine could not")
+
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "64.00 GiB of page-locked host memory" in err and "Traceback" not in err

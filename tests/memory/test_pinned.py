@@ -126,3 +126,35 @@ def test_an_empty_lease_is_refused():
     pool, _ = pool_and_driver()
     with pytest.raises(ValueError, match="at least one byte"):
         pool.lease(0, torch.device("cpu"))
+
+
+def test_when_the_host_runs_out_the_free_blocks_are_unlocked_and_the_lease_retried(monkeypatch):
+    pool, driver = pool_and_driver()
+    pool.lease(5000, torch.device("cpu")).release()  # kept free: too large to reuse for 1000 bytes
+    held = pool.lease(2000, torch.device("cpu"))
+    real_zeros = torch.zeros
+    calls = []
+
+    def scarce_zeros(n, dtype):
+        calls.append(n)
+        if pool.free_bytes:  # the host has room only once the free block is unlocked
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real_zeros(n, dtype=dtype)
+
+    monkeypatch.setattr("flashmemory.memory.pinned.torch.zeros", scarce_zeros)
+    block = pool.lease(1000, torch.device("cpu"))
+    assert calls == [1000, 1000] and block.nbytes == 1000
+    assert sorted(driver.locked.values()) == [1000, 2000] and pool.locked_bytes == 3000
+    held.release()
+
+
+def test_a_lease_the_host_cannot_provide_is_refused_with_the_bytes_it_needed(monkeypatch):
+    pool, _ = pool_and_driver()
+
+    def no_memory(n, dtype):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr("flashmemory.memory.pinned.torch.zeros", no_memory)
+    with pytest.raises(MemoryError, match="needs 4.00 GiB of page-locked host memory"):
+        pool.lease(4 << 30, torch.device("cpu"))
+    assert pool.locked_bytes == 0

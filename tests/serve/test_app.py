@@ -50,6 +50,23 @@ def test_health_reports_the_page_locked_host_memory_of_the_mirror_pool(served, m
     held.release()
 
 
+def test_a_request_whose_kv_history_the_host_cannot_hold_gets_503_and_the_server_goes_on(served, monkeypatch):
+    from flashmemory.memory.pinned import PinnedPool
+
+    client, _, _ = served
+    body = {"context": CONTEXT, "question": "which letter?", "max_new_tokens": 5}
+
+    def no_room(self, *args, **kwargs):
+        raise PinnedPool()._no_memory(96 << 30)
+
+    with monkeypatch.context() as patch:
+        patch.setattr("flashmemory.memory.store.KVStore.allocate", no_room)
+        got = client.post("/v1/ask", json=body)
+    assert got.status_code == 503
+    assert "96.00 GiB of page-locked host memory" in got.json()["error"]["message"]
+    assert client.post("/v1/ask", json=body).status_code == 200
+
+
 def test_ask_answers_as_the_library_does_within_the_budget(served):
     client, model, tok = served
     body = {"context": CONTEXT, "question": "which letter?", "max_new_tokens": 20}

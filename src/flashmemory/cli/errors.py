@@ -11,7 +11,14 @@ from rich.markup import escape
 ERR = Console(stderr=True)
 
 # Errors of the user's input or environment; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotImplementedError, OSError)
+# MemoryError: the host could not hold the KV history (the mirror pool says how much it needed).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NotImplementedError,
+    OSError,
+    MemoryError,
+)
 
 
 def friendly_errors(fn):

@@ -98,7 +98,7 @@ class PinnedPool:
         if block is None:
             for b in small:
                 self._unlock(b)
-            block = self._lock_new(nbytes)
+            block = self._lock_new_or_free(nbytes)
         elif block.device is not None and block.device.type == "cuda":
             # the last owner's copies may still be in flight on its device's streams
             torch.cuda.synchronize(block.device)
@@ -121,6 +121,25 @@ class PinnedPool:
     def _give(self, block: _Block) -> None:
         with self._lock:
             self._free.append(block)
+
+    def _lock_new_or_free(self, nbytes: int) -> _Block:
+        """A new block; when the host cannot provide it, unlock the free blocks (kept for larger requests) and retry."""
+        try:
+            return self._lock_new(nbytes)
+        except (RuntimeError, MemoryError):
+            if not self.empty():
+                raise self._no_memory(nbytes) from None
+        try:
+            return self._lock_new(nbytes)
+        except (RuntimeError, MemoryError):
+            raise self._no_memory(nbytes) from None
+
+    def _no_memory(self, nbytes: int) -> MemoryError:
+        return MemoryError(
+            f"the KV history needs {nbytes / 2**30:.2f} GiB of page-locked host memory and this machine could not "
+            f"provide it ({self.locked_bytes / 2**30:.2f} GiB already held by requests in flight); use a shorter "
+            "context, fewer sequences at once, or a machine with more memory"
+        )
 
     def _lock_new(self, nbytes: int) -> _Block:
         data = torch.zeros(nbytes, dtype=torch.uint8)  # zero-filling faults the pages in, in parallel

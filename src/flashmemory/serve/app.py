@@ -105,8 +105,9 @@ def _accounting(a: Answer) -> dict:
 def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     """The FastAPI application serving ``engine``: ``/health``, ``/v1/models``, ``/v1/completions``,
     ``/v1/chat/completions`` and ``/v1/ask``. Bad requests get status 400 (404 for another model's name) and one
-    message in OpenAI's error shape. With ``api_key``, every ``/v1/`` request must send ``Authorization: Bearer
-    <api_key>`` (401 otherwise); ``/health`` stays open for load balancers."""
+    message in OpenAI's error shape; a request whose KV history the host cannot hold gets 503. With ``api_key``,
+    every ``/v1/`` request must send ``Authorization: Bearer <api_key>`` (401 otherwise); ``/health`` stays open
+    for load balancers."""
     import secrets
 
     from .. import __version__
@@ -137,6 +138,11 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(ValueError)
     async def _bad_value(request: Request, exc: ValueError) -> JSONResponse:
         return _error(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(MemoryError)
+    async def _no_host_memory(request: Request, exc: MemoryError) -> JSONResponse:
+        # the host could not hold this request's KV history now; a shorter one, or the same later, may fit
+        return _error(503, str(exc), "server_overloaded")
 
     @app.get("/health")
     def health() -> dict:
