@@ -60,7 +60,7 @@ from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from flashmemory.attention.fast_path import SparseDecodeMask, attention_key
@@ -76,34 +76,13 @@ from flashmemory.memory.layout import SequenceBytes, plan_layout
 from flashmemory.memory.resident import page_aligned_tail_start
 from flashmemory.models.adapter import DEFAULT_PAGE_CHUNKS, backbone_spec
 from flashmemory.models.fused_projections import fuse_projections
+from flashmemory.models.shapes import SHAPES as MODEL_SHAPES
 
 GiB = 2**30
+# the package's architectures (flashmemory.models.shapes), and a tiny one for trying the script on a CPU
 SHAPES = {
-    "llama3-8b": lambda layers: LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=layers or 32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=128256,
-        max_position_embeddings=1 << 20,
-        rope_theta=5e5,
-        tie_word_embeddings=False,
-    ),
-    "qwen2.5-7b": lambda layers: Qwen2Config(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=layers or 28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        max_position_embeddings=1 << 20,
-        rope_theta=1e6,
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-    ),
-    "tiny": lambda layers: LlamaConfig(
+    **MODEL_SHAPES,
+    "tiny": lambda layers=None: LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=layers or 2,

@@ -1,5 +1,7 @@
 """Bad input to the CLI gets one clear line and exit status 2, before any model is loaded."""
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -118,3 +120,46 @@ def test_a_host_that_cannot_hold_the_kv_history_gets_one_line_not_a_traceback(ca
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and "64.00 GiB of page-locked host memory" in err and "Traceback" not in err
+
+
+def test_plan_prints_device_and_host_memory_for_an_architecture():
+    out = CliRunner().invoke(
+        app,
+        [
+            "plan",
+            "-m",
+            "llama3-8b",
+            "-c",
+            "128K",
+            "-c",
+            "512K",
+            "--budget",
+            "0.15",
+            "--device-gib",
+            "139",
+            "--host-gib",
+            "120",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert "128K" in out.output and "16.0 GiB" in out.output and "64.0 GiB" in out.output
+    assert "fit" in out.output and "7 / 7" in out.output  # 120 GiB of host memory hold seven 16 GiB mirrors
+    js = CliRunner().invoke(app, ["plan", "-m", "qwen2.5-7b", "-c", "1M", "--json", "--device-gib", "80"])
+    assert js.exit_code == 0, js.output
+    row = json.loads(js.output.strip().splitlines()[-1])
+    assert row["context"] == 1 << 20 and row["full_max_batch"] == 1 and 0.2 < row["kv_ratio"] <= 0.25
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-c", "lots"], "token count"),
+        (["-c", "1.5"], "whole number"),
+        (["--dtype", "int3"], "--dtype must be one of"),
+        (["--budget", "0"], "--budget"),
+        (["-m", "no-such-model"], "Architectures known without files"),
+    ],
+)
+def test_plan_rejects_bad_input(args, message):
+    out = CliRunner().invoke(app, ["plan", "-m", "llama3-8b", *args])
+    assert out.exit_code == 2 and message in out.output, out.output

@@ -14,6 +14,7 @@ from ..config import LSAConfig
 from .bench import bench, bench_compare, bench_report
 from .errors import friendly_errors
 from .pipeline import blend, dump, indexer_eval, train, train_feedback
+from .plan import plan
 from .serve import serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Lookahead Sparse Attention for long contexts.")
@@ -140,6 +141,7 @@ app.command()(bench)
 app.command("bench-report")(bench_report)
 app.command("bench-compare")(bench_compare)
 app.command()(serve)
+app.command()(plan)
 
 
 def main() -> None:
