@@ -67,6 +67,40 @@ def test_a_request_whose_kv_history_the_host_cannot_hold_gets_503_and_the_server
     assert client.post("/v1/ask", json=body).status_code == 200
 
 
+@pytest.mark.parametrize("method", ["lsa", "full"])
+def test_several_questions_share_one_prefill_and_get_the_answers_they_get_alone(served, method):
+    client, _, _ = served
+    questions = ["which letter?", "what comes last?", "which letter?"]
+    body = {"context": CONTEXT, "questions": questions, "max_new_tokens": 12, "method": method}
+    got = client.post("/v1/ask", json=body)
+    assert got.status_code == 200, got.text
+    answers = got.json()["answers"]
+    assert [a["question"] for a in answers] == questions
+    for q, a in zip(questions, answers, strict=True):
+        alone = client.post("/v1/ask", json={"context": CONTEXT, "question": q, "max_new_tokens": 12, "method": method})
+        alone = alone.json()
+        assert a["answer"] == alone["answer"] and a["new_tokens"] == alone["new_tokens"]
+        assert a["pages_recalled"] == alone["pages_recalled"]
+        assert a["kv_bytes_device"] == alone["kv_bytes_device"] and a["context_tokens"] == alone["context_tokens"]
+    assert answers[0]["prefill_seconds"] > answers[1]["prefill_seconds"]  # the first pays the context's prefill
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"question": "a?", "questions": ["b?"]}, "either question or questions"),
+        ({}, "either question or questions"),
+        ({"questions": []}, "questions"),
+        ({"questions": ["a?", "  "]}, "one is empty"),
+        ({"questions": ["a?"], "max_new_tokens": 100_000}, "new tokens per request"),
+    ],
+)
+def test_bad_questions_are_refused_before_any_prefill(served, extra, message):
+    client, _, _ = served
+    got = client.post("/v1/ask", json={"context": CONTEXT, **extra})
+    assert got.status_code == 400 and message in got.json()["error"]["message"], got.text
+
+
 def test_ask_answers_as_the_library_does_within_the_budget(served):
     client, model, tok = served
     body = {"context": CONTEXT, "question": "which letter?", "max_new_tokens": 20}

@@ -212,11 +212,24 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     def ask(req: AskRequest) -> dict:
         if not req.context.strip():
             raise ValueError("context: the context is empty")
-        if not req.question.strip():
-            raise ValueError("question: the question is empty")
-        # tokenised exactly as ``flashmemory ask`` does, so both give the same answer
-        ids = encode_prompts(engine.tokenizer, [build_prompt(req.context, req.question)], chat=True)["input_ids"]
-        a = engine.answer(ids, req, req.max_new_tokens or min(64, engine.max_new_tokens))
-        return stats_record(a.text.strip(), a.stats)
+        questions = [req.question] if req.questions is None else req.questions
+        if any(not q.strip() for q in questions):
+            raise ValueError("question: the question is empty" if req.questions is None else "questions: one is empty")
+        max_new = req.max_new_tokens or min(64, engine.max_new_tokens)
+        # tokenised exactly as ``flashmemory ask`` does, so both give the same answer; every question is checked
+        # before a session spends the context's prefill
+        prompts = [encode_prompts(engine.tokenizer, [build_prompt(req.context, q)], chat=True) for q in questions]
+        for enc in prompts:
+            engine.settings(enc["input_ids"], req, max_new)
+        if req.questions is None:
+            a = engine.answer(prompts[0]["input_ids"], req, max_new)
+            return stats_record(a.text.strip(), a.stats)
+        answers = engine.answer_questions(req.context, questions, req, max_new)
+        return {
+            "answers": [
+                {"question": q, **stats_record(a.text.strip(), a.stats)}
+                for q, a in zip(questions, answers, strict=True)
+            ]
+        }
 
     return app

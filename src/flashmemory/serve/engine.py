@@ -24,6 +24,7 @@ from torch import nn
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..runtime.generate import decode_result, generate_ids
+from ..runtime.session import Session
 from ..runtime.stats import GenerationStats
 from .schemas import LSAChoice
 
@@ -55,6 +56,18 @@ class _Job:
     result: Future = field(default_factory=Future)
     gone: bool = False  # its client left
     ended: bool = False  # its answer reached end-of-text
+
+
+@dataclass(slots=True)
+class _SessionJob:
+    """Several questions about one context: one :class:`Session`, decoded alone."""
+
+    context: str
+    questions: list[str]
+    method: str
+    lsa: LSAConfig
+    max_new_tokens: int
+    result: Future = field(default_factory=Future)
 
 
 @dataclass
@@ -147,16 +160,35 @@ class Engine:
         none is left).
         """
         job = _Job(ids, choice.method, self.settings(ids, choice, max_new_tokens), max_new_tokens, on_token)
+        self._submit(job)
+        return job.result.result()
+
+    def answer_questions(
+        self, context: str, questions: list[str], choice: LSAChoice, max_new_tokens: int
+    ) -> list[Answer]:
+        """Greedy answers to several questions about ``context``, from one prefill of it (a :class:`Session`).
+
+        Each answer is the one :meth:`answer` gives for that question's prompt alone (decoded by itself). The
+        caller checks every question's prompt with :meth:`settings` first; the session is decoded with no other
+        request, in the decode thread.
+        """
+        lsa = self.lsa if choice.budget is None else replace(self.lsa, budget=choice.budget)
+        job = _SessionJob(context, list(questions), choice.method, lsa, max_new_tokens)
+        self._submit(job)
+        return job.result.result()
+
+    def _submit(self, job: _Job | _SessionJob) -> None:
         with self._start:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve, name="flashmemory-decode", daemon=True)
                 self._worker.start()
         self._jobs.put(job)
-        return job.result.result()
 
     # --- the decode thread ---------------------------------------------------------------------------------------
 
-    def _fits(self, first: _Job, job: _Job) -> bool:
+    def _fits(self, first: _Job | _SessionJob, job: _Job | _SessionJob) -> bool:
+        if isinstance(first, _SessionJob) or isinstance(job, _SessionJob):
+            return False  # a session owns its prefix and its caches: it decodes alone
         # one cache config per batch; DeepSeek-V4's compressors cannot skip padding, so its batches share a length
         same = job.method == first.method and job.lsa == first.lsa
         return same and (not self.is_deepseek_v4 or job.ids.shape[1] == first.ids.shape[1])
@@ -179,9 +211,28 @@ class Engine:
                 (batch if self._fits(first, job) else waiting).append(job)
             self._busy.set()
             try:
-                self._decode(batch)
+                if isinstance(first, _SessionJob):
+                    self._run_session(first)
+                else:
+                    self._decode(batch)
             finally:
                 self._busy.clear()
+
+    def _run_session(self, job: _SessionJob) -> None:
+        try:
+            session = Session(
+                self.model, self.tokenizer, job.context, method=job.method, lsa=job.lsa, indexer=self.indexer
+            )
+            answers = []
+            for q in job.questions:
+                r = session.ask(q, max_new_tokens=job.max_new_tokens)
+                tokens = r.token_ids[0]
+                reason = "stop" if len(tokens) < job.max_new_tokens else "length"
+                answers.append(Answer(r.text, r.stats.context_tokens, len(tokens), reason, r.stats))
+        except BaseException as exc:  # the request hears of it; the thread serves the next one
+            job.result.set_exception(exc)
+            return
+        job.result.set_result(answers)
 
     def _decode(self, batch: list[_Job]) -> None:
         eos = self.tokenizer.eos_token_id

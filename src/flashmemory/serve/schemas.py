@@ -79,5 +79,16 @@ class AskRequest(LSAChoice):
     """``POST /v1/ask``: what ``flashmemory ask`` does, with the context in the body instead of a file."""
 
     context: str = Field(min_length=1)
-    question: str = Field(min_length=1)
+    question: str | None = Field(None, min_length=1)
+    questions: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Several questions about the context, answered over one prefill of it (instead of question).",
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="Unset: 64, or the server's limit if lower.")
+
+    @model_validator(mode="after")
+    def _one_kind_of_question(self) -> AskRequest:
+        if (self.question is None) == (self.questions is None):
+            raise ValueError("give either question or questions")
+        return self
