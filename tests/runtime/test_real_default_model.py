@@ -91,3 +91,28 @@ def test_cli_ask_several_questions_over_one_prefill_answers_as_one_request_each(
         assert record["kv_ratio"] <= 0.25
     # the context's prefill is paid once: the second answer's prefill is its question's only
     assert records[1]["prefill_seconds"] < records[0]["prefill_seconds"] / 2
+
+
+def test_cli_ask_with_a_kv_cache_reads_the_saved_context_the_second_time(smollm2, tmp_path):
+    tasks = planted_facts(smollm2[1], 1500, 1, seed=7)
+    context = tmp_path / "doc.txt"
+    context.write_text(tasks[0].document)
+    args = [
+        "ask",
+        "-c",
+        str(context),
+        "-q",
+        tasks[0].question,
+        "--max-new-tokens",
+        "12",
+        "--kv-cache",
+        str(tmp_path / "kv"),
+    ]
+    runs = [CliRunner().invoke(app, [*args, "--json"]) for _ in range(2)]
+    assert all(r.exit_code == 0 for r in runs), runs[0].output + runs[1].output
+    first, second = (json.loads(r.stdout.splitlines()[0]) for r in runs)
+    assert not first["context_kv"]["loaded"] and second["context_kv"]["loaded"]
+    assert first["context_kv"]["folder"] == second["context_kv"]["folder"]
+    assert first["answer"] == second["answer"] and first["pages_recalled"] == second["pages_recalled"]
+    text = CliRunner().invoke(app, args)
+    assert text.exit_code == 0 and "were read from" in text.output, text.output

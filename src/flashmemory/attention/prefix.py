@@ -11,11 +11,13 @@ the one a fresh request would give, without the prefix's forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from ..memory.kv_files import load_layers, save_layers
 from ..memory.pinned import HOST_POOL, HostBlock, block_bytes
 from ..models.adapter import backbone_spec
 
@@ -46,8 +48,7 @@ class PrefixKV:
         The device holds one layer's keys and values at a time beyond what the forward pass itself needs. Returns
         the prefix and nothing else of the forward: the tokens that follow make their own logits.
         """
-        spec = backbone_spec(model)
-        windows = [spec.sliding_window if t == "sliding_attention" else None for t in spec.layer_types]
+        windows = layer_windows(model)
         capture = _CaptureCache(windows)
         mask = torch.ones_like(input_ids)
         model(input_ids=input_ids, attention_mask=mask, past_key_values=capture, use_cache=True, logits_to_keep=1)
@@ -58,6 +59,34 @@ class PrefixKV:
         values = [layer.host_values for layer in layers]
         blocks = [layer.block for layer in layers if layer.block is not None]
         return cls(keys, values, int(input_ids.shape[1]), windows, blocks)
+
+    def save(self, folder: str | Path, manifest: dict) -> Path:
+        """Write the prefix into ``folder`` (see :mod:`flashmemory.memory.kv_files`), with ``manifest`` describing
+        what it belongs to; an existing folder is left as it is."""
+        layers = [
+            {"keys": k.contiguous(), "values": v.contiguous()} for k, v in zip(self.keys, self.values, strict=True)
+        ]
+        return save_layers(folder, layers, {**manifest, "length": self.length, "window": self.window})
+
+    @classmethod
+    def load(cls, folder: str | Path, expect: dict, device: torch.device) -> PrefixKV:
+        """Read a prefix written by :meth:`save` whose manifest agrees with ``expect``; page-locked when it will be
+        copied to a CUDA ``device``.
+
+        Raises:
+            KVFileError: a damaged folder, or one saved for another model, dtype, prompt or layer layout.
+        """
+        layers, manifest = load_layers(folder, expect)
+        keys, values, blocks = [], [], []
+        device = torch.device(device)
+        for layer in layers:
+            k, v = layer["keys"], layer["values"]
+            if device.type == "cuda":
+                block, (k, v) = _host_copies(k, v, pin_for=device)
+                blocks.append(block)
+            keys.append(k)
+            values.append(v)
+        return cls(keys, values, int(manifest["length"]), list(manifest["window"]), blocks)
 
     @property
     def host_bytes(self) -> int:
@@ -107,7 +136,8 @@ class _CaptureLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keep = slice(None) if self.window is None else slice(-(self.window - 1), None)
-        self.block, (self.host_keys, self.host_values) = _to_host(key_states[:, :, keep], value_states[:, :, keep])
+        k, v = key_states[:, :, keep], value_states[:, :, keep]
+        self.block, (self.host_keys, self.host_values) = _host_copies(k, v, pin_for=k.device)
         self.seen = key_states.shape[-2]
         return key_states, value_states
 
@@ -121,17 +151,24 @@ class _CaptureLayer(CacheLayerMixin):
         return -1
 
 
-def _to_host(*xs: torch.Tensor) -> tuple[HostBlock | None, list[torch.Tensor]]:
-    """Host copies of ``xs``, page-locked in one leased block when they are on CUDA (the block is returned).
+def layer_windows(model: nn.Module) -> list[int | None]:
+    """Per decoder layer, its sliding window, or None for a full-attention layer."""
+    spec = backbone_spec(model)
+    return [spec.sliding_window if t == "sliding_attention" else None for t in spec.layer_types]
+
+
+def _host_copies(*xs: torch.Tensor, pin_for: torch.device | None) -> tuple[HostBlock | None, list[torch.Tensor]]:
+    """Host copies of ``xs``; page-locked in one leased block (returned with them) when they will be copied to the
+    CUDA device ``pin_for``.
 
     Every question copies the whole prefix back to the device, and copies from pageable memory run at a fraction
     of the bus's speed: at 32K tokens of a Llama-3-8B shape they made a question slower than prefilling it whole.
-    The copies are asynchronous; :meth:`PrefixKV.capture` waits for them.
+    Copies from the device are asynchronous; :meth:`PrefixKV.capture` waits for them.
     """
-    if xs[0].device.type != "cuda":
-        return None, [x.to("cpu", copy=True) for x in xs]
+    if pin_for is None or pin_for.type != "cuda":
+        return None, [torch.empty(x.shape, dtype=x.dtype).copy_(x) for x in xs]  # contiguous, as saving needs
     shapes = [tuple(x.shape) for x in xs]
-    block = HOST_POOL.lease(block_bytes(shapes, xs[0].dtype), xs[0].device)
+    block = HOST_POOL.lease(block_bytes(shapes, xs[0].dtype), pin_for)
     hosts = block.tensors(shapes, xs[0].dtype)
     for host, x in zip(hosts, xs, strict=True):
         host.copy_(x, non_blocking=True)
@@ -143,4 +180,4 @@ class _CaptureCache(Cache):
         super().__init__(layers=[_CaptureLayer(w) for w in windows])
 
 
-__all__ = ["PrefixKV"]
+__all__ = ["PrefixKV", "layer_windows"]

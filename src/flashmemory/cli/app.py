@@ -60,6 +60,11 @@ def ask(
     cuda_graph: bool = typer.Option(
         False, "--cuda-graph", help="Replay LSA decode steps between boundaries from a captured CUDA graph."
     ),
+    kv_cache: Path = typer.Option(
+        None,
+        "--kv-cache",
+        help="Folder of saved contexts: read this context's keys and values from it if saved, else save them there.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON: one object per question, one per line."),
 ) -> None:
     """Answer questions about a long text file with LSA (or full attention).
@@ -80,6 +85,7 @@ def ask(
         progress=not as_json,
         indexer=indexer,
         cuda_graph=cuda_graph,
+        kv_cache=kv_cache,
     )
     for result in results:
         if as_json:
@@ -94,6 +100,10 @@ def ask(
             f"({result['kv_ratio']:.1%}) · prefill {result['prefill_seconds']:.2f} s · "
             f"decode {result['decode_seconds']:.2f} s[/]"
         )
+    if results and "context_kv" in results[0] and not as_json:
+        kv = results[0]["context_kv"]
+        how = "read from" if kv["loaded"] else "computed and saved in"
+        OUT.print(f"[dim]the context's keys and values were {how} {escape(kv['folder'])}[/]")
 
 
 @app.command()

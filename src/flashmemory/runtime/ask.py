@@ -94,11 +94,14 @@ def ask_questions(
     progress: bool = True,
     indexer: str = "auto",
     cuda_graph: bool = False,
+    kv_cache: str | Path | None = None,
 ) -> list[dict]:
     """Answer questions about the text in ``context_file``: one request for one question, one :class:`Session`
-    (one prefill of the context) for several.
+    (one prefill of the context) for several, or for any number with ``kv_cache`` (a folder the session reads the
+    context's keys and values from, or saves them into).
 
-    Returns one record per question: its ``question``, the ``answer`` and the accounting.
+    Returns one record per question: its ``question``, the ``answer`` and the accounting (with ``kv_cache``,
+    also ``context_kv``: the folder and whether the context was read from it).
     """
     if not questions or any(not q.strip() for q in questions):
         raise ValueError("the question is empty" if len(questions) == 1 else "a question is empty")
@@ -108,10 +111,16 @@ def ask_questions(
     for q in questions:  # every question is checked before the context's prefill is spent
         check_fits(model, tokenizer, build_prompt(context, q), max_new_tokens)
     options = dict(method=method, lsa=lsa, indexer=indexer, cuda_graph=cuda_graph)
-    if len(questions) == 1:
+    extra = {}
+    if len(questions) == 1 and kv_cache is None:
         prompt = build_prompt(context, questions[0])
         results = [generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **options)]
     else:
-        session = Session(model, tokenizer, context, **options)
+        session = Session(model, tokenizer, context, kv_cache=kv_cache, **options)
         results = [session.ask(q, max_new_tokens=max_new_tokens) for q in questions]
-    return [{"question": q, **stats_record(r.text.strip(), r.stats)} for q, r in zip(questions, results, strict=True)]
+        if kv_cache is not None:
+            extra = {"context_kv": {"folder": str(session.kv_folder), "loaded": session.loaded}}
+    return [
+        {"question": q, **stats_record(r.text.strip(), r.stats), **extra}
+        for q, r in zip(questions, results, strict=True)
+    ]

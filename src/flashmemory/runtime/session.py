@@ -15,15 +15,18 @@ Here the question's tokens see the whole context.
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..attention.prefix import PrefixKV
+from ..attention.prefix import PrefixKV, layer_windows
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
+from ..models.loader import model_fingerprint
 from .generate import METHODS, GenerationResult, decode_result, encode_prompts, generate_ids
 from .graph_step import check_graph_replay
 
@@ -48,6 +51,9 @@ class Session:
         chat: use the tokenizer's chat template when it has one. Default: True.
         cuda_graph: replay each answer's decode steps from a captured CUDA graph (see :func:`generate_ids`).
             Default: False.
+        kv_cache: a folder of saved contexts. The context's keys and values are read from it when it holds them
+            for this model, dtype and context, and written into it after the prefill otherwise, so that a later
+            session (another process, another day) skips the prefill. Default: None (nothing saved).
 
     The context's keys and values stay in host memory for the session's life (``prefix.host_bytes``); the device
     holds them only while a question is prefilled, one layer at a time, and then each answer's own cache.
@@ -64,6 +70,7 @@ class Session:
         indexer: MemoryIndexer | str | None = "auto",
         chat: bool = True,
         cuda_graph: bool = False,
+        kv_cache: str | Path | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -86,10 +93,35 @@ class Session:
             raise ValueError(
                 f"the context is {len(self.prefix_ids)} tokens, the model handles at most {self.limit}; shorten it"
             )
+        self.kv_folder: Path | None = None  # where the context's keys and values are saved, with kv_cache
+        self.loaded = False  # whether they were read from there rather than computed
+        self.save_seconds = 0.0
         t0 = time.perf_counter()
-        self.prefix = PrefixKV.capture(model, ids.to(self.device))  # waits for the device's copies
-        self.prefill_seconds = time.perf_counter() - t0
+        self.prefix = self._context_kv(ids, kv_cache)
+        self.prefill_seconds = time.perf_counter() - t0 - self.save_seconds
         self.answered = 0
+
+    def _context_kv(self, ids: torch.Tensor, kv_cache: str | Path | None) -> PrefixKV:
+        """The context's keys and values: read from ``kv_cache`` when saved there, else computed (and saved)."""
+        if kv_cache is None:
+            return PrefixKV.capture(self.model, ids.to(self.device))  # waits for the device's copies
+        dtype = next(self.model.parameters()).dtype
+        expect = {
+            "fingerprint": model_fingerprint(self.model),
+            "dtype": str(dtype).removeprefix("torch."),
+            "prompt_sha256": hashlib.sha256(ids[0].to(torch.int64).numpy().tobytes()).hexdigest(),
+            "window": layer_windows(self.model),
+        }
+        key = hashlib.sha256(f"{expect['fingerprint']}:{expect['dtype']}:{expect['prompt_sha256']}".encode())
+        self.kv_folder = Path(kv_cache).expanduser() / key.hexdigest()[:24]
+        if self.kv_folder.exists():
+            self.loaded = True
+            return PrefixKV.load(self.kv_folder, expect, self.device)
+        prefix = PrefixKV.capture(self.model, ids.to(self.device))
+        t0 = time.perf_counter()
+        prefix.save(self.kv_folder, {**expect, "tokens": int(ids.shape[1])})
+        self.save_seconds = time.perf_counter() - t0
+        return prefix
 
     def ask(self, question: str, *, max_new_tokens: int = 64, on_token=None) -> GenerationResult:
         """Answer one question about the context, as a request of its own would.

@@ -1,0 +1,113 @@
+"""A document's keys and values saved to disk and read back, against prefilling the document again.
+
+Per document and method (full attention, LSA with the shipped indexer), three sessions answer the same planted-fact
+questions one after another: one without a cache (the prefill), one with an empty cache folder (the prefill, then
+the save), and one reading that folder (no prefill). Recorded per session: seconds to have the context's keys and
+values ready (prefill or read), seconds to save them, the folder's size, and whether every answer is token for
+token the one of the session that prefilled. Times on a CPU are reported as the ratio of prefill to read.
+
+    python benchmarks/session_kv_cache.py --model smollm2-135m --length 7680 --docs 3 --facts 3 \
+        --out benchmarks/results/session_kv_cache_smollm2_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from flashmemory import LSAConfig, Session
+from flashmemory.bench.planted_fact import planted_facts
+from flashmemory.bench.record import provenance
+from flashmemory.runtime.ask import load_on
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def run_doc(model, tok, items, method: str, lsa: LSAConfig | None, max_new_tokens: int, cache: Path) -> dict:
+    document = items[0].document
+    kw = dict(method=method, lsa=lsa)
+    plain = Session(model, tok, document, **kw)
+    want = [plain.ask(it.question, max_new_tokens=max_new_tokens) for it in items]
+    saving = Session(model, tok, document, kv_cache=cache, **kw)
+    saved = [saving.ask(it.question, max_new_tokens=max_new_tokens) for it in items]
+    reading = Session(model, tok, document, kv_cache=cache, **kw)
+    read = [reading.ask(it.question, max_new_tokens=max_new_tokens) for it in items]
+    assert not saving.loaded and reading.loaded
+    return {
+        "method": method,
+        "context_tokens": want[0].stats.context_tokens,
+        "prefix_tokens": plain.prefix.length,
+        "prefill_seconds": plain.prefill_seconds,
+        "prefill_seconds_when_saving": saving.prefill_seconds,
+        "save_seconds": saving.save_seconds,
+        "read_seconds": reading.prefill_seconds,
+        "prefill_over_read": plain.prefill_seconds / reading.prefill_seconds,
+        "folder_bytes": folder_bytes(saving.kv_folder),
+        "prefix_host_bytes": plain.prefix.host_bytes,
+        "same_tokens_saving": all(a.token_ids == b.token_ids for a, b in zip(want, saved, strict=True)),
+        "same_tokens_read": all(a.token_ids == b.token_ids for a, b in zip(want, read, strict=True)),
+        "correct": sum(it.answer.lower() in a.text.lower() for it, a in zip(items, read, strict=True)),
+        "questions": len(items),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--length", type=int, default=7680)
+    ap.add_argument("--docs", type=int, default=3)
+    ap.add_argument("--facts", type=int, default=3)
+    ap.add_argument(
+        "--seed", type=int, default=500, help="the first document's seed; each next document takes the next one"
+    )
+    ap.add_argument("--budget", type=float, default=0.2)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_on(args.model, args.device, progress=True)
+    report = {**provenance("benchmarks/session_kv_cache.py", vars(args) | {"out": str(args.out)}), "rows": []}
+    cache = Path(tempfile.mkdtemp(prefix="fm-kv-"))
+    try:
+        for d in range(args.docs):
+            items = planted_facts(tok, args.length, args.facts, seed=args.seed + d)
+            for method, lsa in (("full", None), ("lsa", LSAConfig(budget=args.budget))):
+                row = run_doc(model, tok, items, method, lsa, args.max_new_tokens, cache) | {"doc": d}
+                report["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                (args.out / "session_kv_cache.json").write_text(json.dumps(report, indent=1))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    (args.out / "README.md").write_text(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "# A document's keys and values read from disk against prefilling it again",
+        "",
+        f"- command: `{report['command']}`",
+        f"- commit: `{report['commit']}`",
+        f"- machine: {report['machine']}",
+        "",
+        "| doc | method | context tokens | prefill s | read s | prefill / read | save s | folder MiB "
+        "| same answers (saving / read) | correct |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['doc']} | {r['method']} | {r['context_tokens']} | {r['prefill_seconds']:.2f} | "
+            f"{r['read_seconds']:.3f} | {r['prefill_over_read']:.1f}x | {r['save_seconds']:.2f} | "
+            f"{r['folder_bytes'] / 2**20:.1f} | {r['same_tokens_saving']} / {r['same_tokens_read']} | "
+            f"{r['correct']}/{r['questions']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
