@@ -53,3 +53,17 @@ def test_full_attention_session_on_cuda_keeps_the_prefix_on_the_host_cuda():
         want = generate(model, tok, build_prompt(CONTEXT, q), method="full", max_new_tokens=24)
         assert session.ask(q, max_new_tokens=24).token_ids == want.token_ids
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_context_saved_on_cuda_is_read_back_page_locked_and_answers_alike_cuda(family, tmp_path):
+    model = tiny_model(family).cuda()
+    tok = BatchCharTokenizer(chat_template="tiny")
+    kw = dict(method="lsa", indexer=None, lsa=LSAConfig(budget=0.3, **SMALL_LSA), kv_cache=tmp_path)
+    saved = Session(model, tok, CONTEXT, **kw)
+    read = Session(model, tok, CONTEXT, **kw)
+    assert not saved.loaded and read.loaded
+    assert all(t.is_pinned() for t in (*read.prefix.keys, *read.prefix.values))
+    for q in QUESTIONS:
+        want, got = saved.ask(q, max_new_tokens=16), read.ask(q, max_new_tokens=16)
+        assert got.token_ids == want.token_ids and got.stats.pages_recalled == want.stats.pages_recalled

@@ -1,5 +1,7 @@
 """The HTTP server on a tiny random model: OpenAI-shaped answers, LSA accounting, one clear error per bad request."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,6 +85,19 @@ def test_several_questions_share_one_prefill_and_get_the_answers_they_get_alone(
         assert a["pages_recalled"] == alone["pages_recalled"]
         assert a["kv_bytes_device"] == alone["kv_bytes_device"] and a["context_tokens"] == alone["context_tokens"]
     assert answers[0]["prefill_seconds"] > answers[1]["prefill_seconds"]  # the first pays the context's prefill
+
+
+def test_a_server_with_a_kv_cache_reads_a_context_it_saved_for_an_earlier_request(tmp_path):
+    model = tiny_model("llama")
+    tok = BatchCharTokenizer(chat_template="tiny")
+    engine = Engine(model, tok, "tiny", lsa=LSA, indexer=None, max_new_tokens=40, kv_cache=tmp_path)
+    body = {"context": CONTEXT, "questions": ["which letter?", "what comes last?"], "max_new_tokens": 8}
+    with TestClient(create_app(engine)) as client:
+        first = client.post("/v1/ask", json=body).json()
+        again = client.post("/v1/ask", json=body).json()
+    assert [p.name for p in tmp_path.iterdir()] == [Path(first["context_kv"]["folder"]).name]
+    assert not first["context_kv"]["loaded"] and again["context_kv"]["loaded"]
+    assert [a["answer"] for a in again["answers"]] == [a["answer"] for a in first["answers"]]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -30,6 +31,9 @@ def serve(
     ),
     batch_wait_ms: float = typer.Option(5.0, help="How long a batch waits for more requests after its first."),
     lsa: list[str] = typer.Option([], "--lsa", help="LSA setting KEY=VALUE (repeatable), e.g. follow_chunks=1."),
+    kv_cache: Path = typer.Option(
+        None, help="Folder of saved contexts for /v1/ask with several questions: read if saved there, else saved."
+    ),
     api_key_env: str = typer.Option(
         None, help="Name of an environment variable holding an API key that /v1/ requests must send as a Bearer token."
     ),
@@ -75,6 +79,7 @@ def serve(
         max_new_tokens=max_new_tokens,
         max_batch=max_batch,
         batch_wait=batch_wait_ms / 1000,
+        kv_cache=kv_cache,
     )
     OUT.print(f"serving {model} on {backbone.device} at http://{host}:{port} (budget {budget:g}, indexer {indexer})")
     uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level="info")

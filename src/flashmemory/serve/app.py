@@ -224,12 +224,10 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
         if req.questions is None:
             a = engine.answer(prompts[0]["input_ids"], req, max_new)
             return stats_record(a.text.strip(), a.stats)
-        answers = engine.answer_questions(req.context, questions, req, max_new)
-        return {
-            "answers": [
-                {"question": q, **stats_record(a.text.strip(), a.stats)}
-                for q, a in zip(questions, answers, strict=True)
-            ]
-        }
+        answers, kv = engine.answer_questions(req.context, questions, req, max_new)
+        records = [
+            {"question": q, **stats_record(a.text.strip(), a.stats)} for q, a in zip(questions, answers, strict=True)
+        ]
+        return {"answers": records} | ({} if kv is None else {"context_kv": kv})
 
     return app

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -85,6 +86,8 @@ class Engine:
         max_new_tokens: the most tokens one request may ask for. Default: 1024.
         max_batch: the most requests decoded together; 1 decodes one at a time. Default: 1.
         batch_wait: seconds a batch waits for more requests after its first arrives. Default: 0.005.
+        kv_cache: a folder of saved contexts for requests with several questions (see :class:`Session`); None
+            saves nothing. Default: None.
     """
 
     model: nn.Module
@@ -95,6 +98,7 @@ class Engine:
     max_new_tokens: int = 1024
     max_batch: int = 1
     batch_wait: float = 0.005
+    kv_cache: Path | None = None
     _jobs: queue.Queue = field(default_factory=queue.Queue, repr=False, init=False)
     _worker: threading.Thread | None = field(default=None, repr=False, init=False)
     _start: threading.Lock = field(default_factory=threading.Lock, repr=False, init=False)
@@ -165,12 +169,13 @@ class Engine:
 
     def answer_questions(
         self, context: str, questions: list[str], choice: LSAChoice, max_new_tokens: int
-    ) -> list[Answer]:
+    ) -> tuple[list[Answer], dict | None]:
         """Greedy answers to several questions about ``context``, from one prefill of it (a :class:`Session`).
 
         Each answer is the one :meth:`answer` gives for that question's prompt alone (decoded by itself). The
         caller checks every question's prompt with :meth:`settings` first; the session is decoded with no other
-        request, in the decode thread.
+        request, in the decode thread. Also returns, with :attr:`kv_cache`, the context's folder and whether it was
+        read from there (else None).
         """
         lsa = self.lsa if choice.budget is None else replace(self.lsa, budget=choice.budget)
         job = _SessionJob(context, list(questions), choice.method, lsa, max_new_tokens)
@@ -221,7 +226,13 @@ class Engine:
     def _run_session(self, job: _SessionJob) -> None:
         try:
             session = Session(
-                self.model, self.tokenizer, job.context, method=job.method, lsa=job.lsa, indexer=self.indexer
+                self.model,
+                self.tokenizer,
+                job.context,
+                method=job.method,
+                lsa=job.lsa,
+                indexer=self.indexer,
+                kv_cache=self.kv_cache,
             )
             answers = []
             for q in job.questions:
@@ -232,7 +243,8 @@ class Engine:
         except BaseException as exc:  # the request hears of it; the thread serves the next one
             job.result.set_exception(exc)
             return
-        job.result.set_result(answers)
+        kv = None if session.kv_folder is None else {"folder": str(session.kv_folder), "loaded": session.loaded}
+        job.result.set_result((answers, kv))
 
     def _decode(self, batch: list[_Job]) -> None:
         eos = self.tokenizer.eos_token_id
