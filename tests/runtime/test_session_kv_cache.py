@@ -77,3 +77,34 @@ def test_a_damaged_or_mislabelled_folder_is_refused_with_what_to_do(tmp_path):
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(KVFileError, match="manifest.json is damaged"):
         Session(model, tok, CONTEXT, kv_cache=tmp_path, method="full")
+
+
+def test_the_kv_cache_command_lists_saved_contexts_and_prunes_the_longest_unused(tmp_path):
+    import os
+
+    from typer.testing import CliRunner
+
+    from flashmemory.cli import app
+
+    model = tiny_model("llama")
+    tok = BatchCharTokenizer(chat_template="tiny")
+    old = Session(model, tok, CONTEXT, kv_cache=tmp_path, method="full").kv_folder
+    new = Session(model, tok, CONTEXT + "xyz", kv_cache=tmp_path, method="full").kv_folder
+    os.utime(old, (1, 1))  # unused for a long time
+    (tmp_path / f".{new.name}.tmp-1").mkdir()  # an unfinished save is neither listed nor removed
+    (tmp_path / "notes").mkdir()  # nor is anything else the folder holds
+    listed = CliRunner().invoke(app, ["kv-cache", str(tmp_path), "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [r["folder"] for r in rows] == [str(new), str(old)]
+    assert rows[0]["length"] == len("<user>" + CONTEXT + "xyz") and rows[0]["bytes"] > 0
+    Session(model, tok, CONTEXT, kv_cache=tmp_path, method="full")  # reading it counts as a use
+    relisted = CliRunner().invoke(app, ["kv-cache", str(tmp_path), "--json"]).stdout.splitlines()
+    assert json.loads(relisted[0])["folder"] == str(old)
+    size = rows[0]["bytes"]
+    pruned = CliRunner().invoke(app, ["kv-cache", str(tmp_path), "--max-gib", str(1.5 * size / 2**30)])
+    assert pruned.exit_code == 0 and f"removed {new.name}" in pruned.output, pruned.output
+    assert old.exists() and not new.exists()
+    assert (tmp_path / "notes").exists() and (tmp_path / f".{new.name}.tmp-1").exists()
+    gone = CliRunner().invoke(app, ["kv-cache", str(tmp_path / "nope")])
+    assert gone.exit_code == 2 and "no folder of saved contexts" in gone.output

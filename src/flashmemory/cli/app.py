@@ -13,6 +13,7 @@ from rich.table import Table
 from ..config import LSAConfig
 from .bench import bench, bench_compare, bench_report
 from .errors import friendly_errors
+from .kv_cache import kv_cache
 from .pipeline import blend, dump, indexer_eval, train, train_feedback
 from .plan import plan
 from .serve import serve
@@ -152,6 +153,7 @@ app.command("bench-report")(bench_report)
 app.command("bench-compare")(bench_compare)
 app.command()(serve)
 app.command()(plan)
+app.command("kv-cache")(kv_cache)
 
 
 def main() -> None:

@@ -7,9 +7,12 @@ that exists is whole; the manifest lets the reader refuse keys and values of ano
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +21,18 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+
+
+NAME_LENGTH = 24  # hex characters of a saved folder's name
+
+
+def saved_name(*parts: str) -> str:
+    """The folder name of a saved context: a digest of what identifies it (model, dtype, prompt)."""
+    return hashlib.sha256(":".join(parts).encode()).hexdigest()[:NAME_LENGTH]
+
+
+def _is_saved_name(name: str) -> bool:
+    return len(name) == NAME_LENGTH and all(c in "0123456789abcdef" for c in name)
 
 
 class KVFileError(ValueError):
@@ -45,7 +60,8 @@ def save_layers(folder: str | Path, layers: list[dict[str, torch.Tensor]], manif
     try:
         for i, tensors in enumerate(layers):  # one file per layer: saving copies one layer's bytes at a time
             save_file(tensors, tmp / f"layer.{i}.safetensors")
-        (tmp / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT, "layers": len(layers)}, indent=1))
+        full = {**manifest, "format": FORMAT, "layers": len(layers), "created": time.time()}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=1))
         try:
             tmp.rename(folder)
         except OSError:
@@ -90,6 +106,7 @@ def load_layers(folder: str | Path, expect: dict) -> tuple[list[dict[str, torch.
             raise KVFileError(
                 f"the keys and values in {folder} were saved for {key} {manifest.get(key)!r}, not {want!r}"
             )
+    os.utime(folder)  # the folder's time is its last use: pruning removes the longest unused first
     layers = []
     for i in range(int(manifest["layers"])):
         path = folder / f"layer.{i}.safetensors"
@@ -100,4 +117,56 @@ def load_layers(folder: str | Path, expect: dict) -> tuple[list[dict[str, torch.
     return layers, manifest
 
 
-__all__ = ["KVFileError", "load_layers", "read_manifest", "save_layers"]
+@dataclass(frozen=True, slots=True)
+class SavedEntry:
+    """One saved folder in a folder of saved contexts."""
+
+    path: Path
+    bytes: int
+    last_used: float  # seconds since the epoch
+    manifest: dict | None  # None: unreadable (it can only be removed)
+
+
+def list_saved(root: str | Path) -> list[SavedEntry]:
+    """The saved folders under ``root``, most recently used first.
+
+    Only folders named as :func:`saved_name` names them count: unfinished saves and anything else in ``root`` are
+    neither listed nor ever removed.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no folder of saved contexts at {root}")
+    entries = []
+    for path in root.iterdir():
+        if not path.is_dir() or not _is_saved_name(path.name):
+            continue
+        try:
+            manifest = read_manifest(path)
+        except KVFileError:
+            manifest = None
+        size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+        entries.append(SavedEntry(path, size, path.stat().st_mtime, manifest))
+    return sorted(entries, key=lambda e: -e.last_used)
+
+
+def prune_saved(root: str | Path, max_bytes: int) -> list[SavedEntry]:
+    """Remove the longest unused folders under ``root`` until the rest take at most ``max_bytes``; returns them."""
+    removed, total = [], 0
+    for entry in list_saved(root):
+        total += entry.bytes
+        if total > max_bytes:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+__all__ = [
+    "KVFileError",
+    "SavedEntry",
+    "saved_name",
+    "list_saved",
+    "load_layers",
+    "prune_saved",
+    "read_manifest",
+    "save_layers",
+]

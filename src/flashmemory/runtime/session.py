@@ -26,6 +26,7 @@ from ..attention.prefix import PrefixKV, layer_windows
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
+from ..memory.kv_files import saved_name
 from ..models.loader import model_fingerprint
 from .generate import METHODS, GenerationResult, decode_result, encode_prompts, generate_ids
 from .graph_step import check_graph_replay
@@ -112,8 +113,8 @@ class Session:
             "prompt_sha256": hashlib.sha256(ids[0].to(torch.int64).numpy().tobytes()).hexdigest(),
             "window": layer_windows(self.model),
         }
-        key = hashlib.sha256(f"{expect['fingerprint']}:{expect['dtype']}:{expect['prompt_sha256']}".encode())
-        self.kv_folder = Path(kv_cache).expanduser() / key.hexdigest()[:24]
+        name = saved_name(expect["fingerprint"], expect["dtype"], expect["prompt_sha256"])
+        self.kv_folder = Path(kv_cache).expanduser() / name
         if self.kv_folder.exists():
             self.loaded = True
             return PrefixKV.load(self.kv_folder, expect, self.device)
