@@ -18,7 +18,8 @@ class GenerationStats:
         decode_seconds: wall time of all decode steps.
         kv_bytes_device: peak bytes of KV state on the device during decode, from tensor storage.
         kv_bytes_full: bytes a full cache holds at the final length.
-        kv_bytes_host: bytes of the host mirror.
+        kv_bytes_host: host bytes holding the mirror, from tensor storage (on CUDA its page-locked block, which
+            may be up to twice the mirror when a larger block was free for reuse).
         boundaries: cycle boundaries crossed (the first one is right after prefill).
         pages_recalled: pages copied into the reserve at each boundary.
         select_seconds: time spent scoring chunks and choosing pages.
