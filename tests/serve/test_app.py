@@ -98,6 +98,11 @@ def test_a_server_with_a_kv_cache_reads_a_context_it_saved_for_an_earlier_reques
     assert [p.name for p in tmp_path.iterdir()] == [Path(first["context_kv"]["folder"]).name]
     assert not first["context_kv"]["loaded"] and again["context_kv"]["loaded"]
     assert [a["answer"] for a in again["answers"]] == [a["answer"] for a in first["answers"]]
+    # one question about a saved context is read from the folder too, and answered as it is among several
+    with TestClient(create_app(engine)) as client:
+        one = client.post("/v1/ask", json={"context": CONTEXT, "question": "what comes last?", "max_new_tokens": 8})
+    assert one.status_code == 200, one.text
+    assert one.json()["context_kv"]["loaded"] and one.json()["answer"] == first["answers"][1]["answer"]
 
 
 @pytest.mark.parametrize(

@@ -221,13 +221,17 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
         prompts = [encode_prompts(engine.tokenizer, [build_prompt(req.context, q)], chat=True) for q in questions]
         for enc in prompts:
             engine.settings(enc["input_ids"], req, max_new)
-        if req.questions is None:
+        if req.questions is None and engine.kv_cache is None:
             a = engine.answer(prompts[0]["input_ids"], req, max_new)
             return stats_record(a.text.strip(), a.stats)
+        # several questions, or a server that saves contexts: one session over the context
         answers, kv = engine.answer_questions(req.context, questions, req, max_new)
+        extra = {} if kv is None else {"context_kv": kv}
+        if req.questions is None:
+            return stats_record(answers[0].text.strip(), answers[0].stats) | extra
         records = [
             {"question": q, **stats_record(a.text.strip(), a.stats)} for q, a in zip(questions, answers, strict=True)
         ]
-        return {"answers": records} | ({} if kv is None else {"context_kv": kv})
+        return {"answers": records} | extra
 
     return app
