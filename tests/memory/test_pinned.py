@@ -158,3 +158,18 @@ def test_a_lease_the_host_cannot_provide_is_refused_with_the_bytes_it_needed(mon
     with pytest.raises(MemoryError, match="needs 4.00 GiB of page-locked host memory"):
         pool.lease(4 << 30, torch.device("cpu"))
     assert pool.locked_bytes == 0
+
+
+def test_trim_unlocks_the_largest_free_blocks_until_the_rest_fit():
+    pool, driver = pool_and_driver()
+    held = pool.lease(100, torch.device("cpu"))
+    blocks = [pool.lease(n, torch.device("cpu")) for n in (5000, 3000, 400)]
+    for b in blocks:
+        b.release()
+    assert pool.free_bytes == 8400
+    assert pool.trim(4000) == 5000  # largest first, until the rest (3400) fit
+    assert pool.trim(400) == 3000
+    assert pool.free_bytes == 400 and sorted(driver.locked.values()) == [100, 400]
+    assert pool.trim(10_000) == 0
+    assert pool.trim(0) == 400 and list(driver.locked.values()) == [100]  # a leased block is never unlocked
+    held.release()

@@ -1,5 +1,6 @@
 """The HTTP server on a tiny random model: OpenAI-shaped answers, LSA accounting, one clear error per bad request."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,34 @@ def test_several_questions_share_one_prefill_and_get_the_answers_they_get_alone(
         assert a["pages_recalled"] == alone["pages_recalled"]
         assert a["kv_bytes_device"] == alone["kv_bytes_device"] and a["context_tokens"] == alone["context_tokens"]
     assert answers[0]["prefill_seconds"] > answers[1]["prefill_seconds"]  # the first pays the context's prefill
+
+
+def test_a_server_with_a_host_cache_cap_trims_the_pool_after_each_request(monkeypatch):
+    from flashmemory.memory.pinned import PinnedPool
+
+    pool = PinnedPool(register=lambda data: 0, unregister=lambda data: None)
+    monkeypatch.setattr("flashmemory.serve.engine.HOST_POOL", pool)
+    pool.lease(6000, torch.device("cpu")).release()  # a long request's mirror, kept locked for reuse
+    pool.lease(500, torch.device("cpu")).release()
+    engine = Engine(
+        tiny_model("llama"), BatchCharTokenizer(chat_template="tiny"), "tiny", lsa=LSA, host_cache_bytes=1000
+    )
+    body = {"context": CONTEXT, "question": "which?", "max_new_tokens": 4}
+    with TestClient(create_app(engine)) as client:
+        assert client.post("/v1/ask", json=body).status_code == 200
+    deadline = time.monotonic() + 30
+    while engine.busy and time.monotonic() < deadline:  # the answer goes out before the pool is trimmed
+        time.sleep(0.01)
+    assert pool.free_bytes == 500 and pool.locked_bytes == 500
+
+
+def test_serve_refuses_a_negative_host_cache():
+    from typer.testing import CliRunner
+
+    from flashmemory.cli import app
+
+    out = CliRunner().invoke(app, ["serve", "--host-cache-gib", "-1"])
+    assert out.exit_code == 2 and "--host-cache-gib must be >= 0" in out.output
 
 
 def test_a_server_with_a_kv_cache_reads_a_context_it_saved_for_an_earlier_request(tmp_path):

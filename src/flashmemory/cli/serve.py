@@ -31,6 +31,10 @@ def serve(
     ),
     batch_wait_ms: float = typer.Option(5.0, help="How long a batch waits for more requests after its first."),
     lsa: list[str] = typer.Option([], "--lsa", help="LSA setting KEY=VALUE (repeatable), e.g. follow_chunks=1."),
+    host_cache_gib: float = typer.Option(
+        None,
+        help="Page-locked host memory kept for later requests' KV mirrors after each request, GiB (unset: all).",
+    ),
     kv_cache: Path = typer.Option(
         None, help="Folder of saved contexts for /v1/ask with several questions: read if saved there, else saved."
     ),
@@ -54,6 +58,8 @@ def serve(
         raise ValueError(f"--port must be in 1..65535, got {port}")
     if max_batch < 1 or batch_wait_ms < 0:
         raise ValueError(f"--max-batch must be >= 1 and --batch-wait-ms >= 0, got {max_batch} and {batch_wait_ms}")
+    if host_cache_gib is not None and host_cache_gib < 0:
+        raise ValueError(f"--host-cache-gib must be >= 0, got {host_cache_gib}")
     generic = with_overrides(LSAConfig(budget=budget), lsa)  # checked before the model loads
     api_key = None
     if api_key_env is not None:
@@ -80,6 +86,7 @@ def serve(
         max_batch=max_batch,
         batch_wait=batch_wait_ms / 1000,
         kv_cache=kv_cache,
+        host_cache_bytes=None if host_cache_gib is None else int(host_cache_gib * 2**30),
     )
     OUT.print(f"serving {model} on {backbone.device} at http://{host}:{port} (budget {budget:g}, indexer {indexer})")
     uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level="info")

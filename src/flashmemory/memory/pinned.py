@@ -113,6 +113,23 @@ class PinnedPool:
             self._unlock(b)
         return sum(b.data.numel() for b in free)
 
+    def trim(self, max_free_bytes: int) -> int:
+        """Unlock free blocks, largest first, until the free ones hold at most ``max_free_bytes``; returns the bytes
+        unlocked. Page-locked memory is memory the rest of the machine cannot have: a server that served one very
+        long request need not keep its mirror locked while it serves short ones."""
+        with self._lock:
+            free = sorted(self._free, key=lambda b: -b.data.numel())
+            drop, total = [], sum(b.data.numel() for b in free)
+            for b in free:
+                if total <= max_free_bytes:
+                    break
+                drop.append(b)
+                total -= b.data.numel()
+            self._free = [b for b in self._free if all(b is not d for d in drop)]
+        for b in drop:
+            self._unlock(b)
+        return sum(b.data.numel() for b in drop)
+
     @property
     def free_bytes(self) -> int:
         with self._lock:
@@ -161,6 +178,8 @@ class PinnedPool:
         return block
 
     def _unlock(self, block: _Block) -> None:
+        if block.device is not None and block.device.type == "cuda":
+            torch.cuda.synchronize(block.device)  # its last owner's copies may still be in flight
         if block.registered:
             self._unregister(block.data)
         with self._lock:

@@ -10,6 +10,7 @@ With every page resident the answers are the same. One at a time (``max_batch`` 
 
 from __future__ import annotations
 
+import gc
 import queue
 import threading
 import time
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
+from ..memory.pinned import HOST_POOL
 from ..runtime.generate import decode_result, generate_ids
 from ..runtime.session import Session
 from ..runtime.stats import GenerationStats
@@ -88,6 +90,9 @@ class Engine:
         batch_wait: seconds a batch waits for more requests after its first arrives. Default: 0.005.
         kv_cache: a folder of saved contexts for requests with several questions (see :class:`Session`); None
             saves nothing. Default: None.
+        host_cache_bytes: page-locked host memory kept for later requests' KV mirrors after each request, at
+            most; the rest is unlocked. None keeps all of it (the fastest for requests of recurring lengths).
+            Default: None.
     """
 
     model: nn.Module
@@ -99,6 +104,7 @@ class Engine:
     max_batch: int = 1
     batch_wait: float = 0.005
     kv_cache: Path | None = None
+    host_cache_bytes: int | None = None
     _jobs: queue.Queue = field(default_factory=queue.Queue, repr=False, init=False)
     _worker: threading.Thread | None = field(default=None, repr=False, init=False)
     _start: threading.Lock = field(default_factory=threading.Lock, repr=False, init=False)
@@ -221,7 +227,14 @@ class Engine:
                 else:
                     self._decode(batch)
             finally:
+                self._trim_host_cache()
                 self._busy.clear()
+
+    def _trim_host_cache(self) -> None:
+        if self.host_cache_bytes is None:
+            return
+        gc.collect()  # a finished request's cache may sit in a reference cycle, holding its mirror's block
+        HOST_POOL.trim(self.host_cache_bytes)
 
     def _run_session(self, job: _SessionJob) -> None:
         try:
