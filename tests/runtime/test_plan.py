@@ -79,3 +79,29 @@ def test_a_config_json_path_is_read_without_weights(tmp_path):
     cfg.save_pretrained(tmp_path)
     assert load_config(str(tmp_path / "config.json")).num_hidden_layers == cfg.num_hidden_layers
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("context", [1024, 2048])
+def test_the_plan_of_a_deepseek_v4_model_is_what_its_lsa_cache_holds(context):
+    from flashmemory.deepseek_v4.cache import deepseek_v4_lsa_config
+    from flashmemory.deepseek_v4.configs import tiny_deepseek_v4
+    from flashmemory.deepseek_v4.generate import generate_ids as v4_generate_ids
+
+    model = tiny_deepseek_v4()
+    lsa = deepseek_v4_lsa_config(budget=0.8, recent=16, sink=8, interval=16, page_chunks=4)
+    ids = torch.randint(3, 200, (1, context), generator=torch.Generator().manual_seed(context))
+    _, stats = v4_generate_ids(model, ids, lsa=lsa, max_new_tokens=20, eos_token_id=None)
+    plan = plan_memory(model.config, lsa, context=context, max_new_tokens=20, dtype=torch.float32)
+    assert plan.full_device_bytes == stats.kv_bytes_full and plan.host_bytes == stats.kv_bytes_host
+    assert plan.page_slots == stats.page_slots
+    assert 0.95 * plan.lsa_device_bytes <= stats.kv_bytes_device <= plan.lsa_device_bytes
+
+
+def test_the_deepseek_v4_flash_plan_is_the_recorded_accounting():
+    # benchmarks/results/deepseek_v4_kv_accounting.md: budget 0.1, 1024 new tokens, MiB per sequence
+    cfg = load_config("deepseek-v4-flash")
+    mib = 2**20
+    for context, full, lsa, pages in ((131072, 878.0, 86.0, 17), (1 << 20, 6898.0, 687.6, 196)):
+        plan = plan_memory(cfg, LSAConfig(budget=0.1), context=context, max_new_tokens=1024)
+        assert round(plan.full_device_bytes / mib, 1) == full and round(plan.lsa_device_bytes / mib, 1) == lsa
+        assert plan.page_slots == pages

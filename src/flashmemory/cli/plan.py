@@ -51,8 +51,8 @@ def plan(
         "smollm2-135m",
         "--model",
         "-m",
-        help="An architecture (llama3-8b, llama3-70b, qwen2.5-7b, qwen2.5-32b, mistral-7b), a short name, an HF "
-        "folder or its config.json, or a GGUF file. Only its configuration is read.",
+        help="An architecture (llama3-8b, llama3-70b, qwen2.5-7b, qwen2.5-32b, mistral-7b, deepseek-v4-flash), a short "
+        "name, an HF folder or its config.json, or a GGUF file. Only its configuration is read.",
     ),
     context: list[str] = typer.Option(
         ["32K", "128K", "512K", "1M"], "--context", "-c", help="Prompt tokens (repeatable): 131072, 128K, 1M."

@@ -76,11 +76,16 @@ class MemoryPlan:
 
 
 def load_config(model: str) -> PretrainedConfig:
-    """The configuration of ``model``: a name from :data:`~flashmemory.models.shapes.SHAPES`, a packaged model's
+    """The configuration of ``model``: a name from :data:`~flashmemory.models.shapes.SHAPES` or
+    ``deepseek-v4-flash``, a packaged model's
     short name, a ``.gguf`` file, or a Hugging Face folder (or its ``config.json``). No weights are loaded; a
     packaged or GGUF model is converted once into the model cache, as ``flashmemory ask`` would."""
     if model in SHAPES:
         return shape_config(model)
+    if model == "deepseek-v4-flash":
+        from ..deepseek_v4.configs import flash_config
+
+        return flash_config()
     if model.endswith("config.json"):
         model = model[: -len("config.json")] or "."
     try:
@@ -88,7 +93,8 @@ def load_config(model: str) -> PretrainedConfig:
     except ModelLoadError as err:
         if "Unknown model" not in str(err):
             raise
-        raise ModelLoadError(f"{err} Architectures known without files: {', '.join(SHAPES)}.") from None
+        known = ", ".join([*SHAPES, "deepseek-v4-flash"])
+        raise ModelLoadError(f"{err} Architectures known without files: {known}.") from None
     return AutoConfig.from_pretrained(folder)
 
 
@@ -111,6 +117,8 @@ def plan_memory(
     """
     if context < 1 or max_new_tokens < 1 or batch < 1:
         raise ValueError(f"context, max_new_tokens and batch must be >= 1, got {context}, {max_new_tokens}, {batch}")
+    if getattr(config, "model_type", None) == "deepseek_v4":
+        return _plan_deepseek_v4(config, lsa, context, max_new_tokens, batch, dtype)
     spec = backbone_spec(config)
     lsa = spec.resolve_counts(lsa or LSAConfig())
     targets, _ = spec.scorer(lsa.target_layers, None, zero_shot=lsa.target_layers is None)
@@ -148,6 +156,52 @@ def plan_memory(
         weight_bytes=weight_bytes(config, dtype),
         page_slots=0 if layout is None else layout.num_page_slots,
         total_pages=total_pages,
+        error=error,
+    )
+
+
+def _plan_deepseek_v4(
+    config: PretrainedConfig, lsa: LSAConfig | None, context: int, max_new_tokens: int, batch: int, dtype: torch.dtype
+) -> MemoryPlan:
+    """DeepSeek-V4: LSA manages the CSA entries (one per ``csa_rate`` tokens) and their indexer keys; the HCA
+    entries, sliding windows and compressor state stay on the device (:mod:`flashmemory.deepseek_v4.accounting`)."""
+    from ..deepseek_v4.accounting import full_cache_bytes as v4_full
+    from ..deepseek_v4.accounting import lsa_cache_bytes, plan_reserve
+    from ..deepseek_v4.cache import deepseek_v4_lsa_config
+    from ..deepseek_v4.spec import deepseek_v4_spec
+
+    spec = deepseek_v4_spec(config)
+    lsa = lsa or LSAConfig()
+    # settings already in CSA entries are kept; generic ones (chunks of 16 tokens) become V4's defaults
+    cfg = lsa if lsa.chunk_size == spec.csa_rate else deepseek_v4_lsa_config(budget=lsa.budget)
+    targets = len(spec.default_target_layers())
+    elem, max_len = dtype.itemsize, context + max_new_tokens
+    full = v4_full(spec, max_len, elem=elem, batch=batch).total
+    try:
+        layout = plan_reserve(
+            spec, cfg, num_targets=targets, context_tokens=context, max_new_tokens=max_new_tokens, elem=elem
+        )
+    except BudgetError as err:
+        layout, error = None, str(err)
+    else:
+        error = None
+    device = (
+        0
+        if layout is None
+        else lsa_cache_bytes(spec, layout, max_len, num_targets=targets, elem=elem, batch=batch).total
+    )
+    entries = max_len // spec.csa_rate + 1  # the entry mirror's capacity, as the cache allocates it
+    host = batch * entries * len(spec.csa_layers) * (spec.head_dim + spec.index_head_dim) * elem
+    return MemoryPlan(
+        context=context,
+        max_new_tokens=max_new_tokens,
+        batch=batch,
+        full_device_bytes=full,
+        lsa_device_bytes=device,
+        host_bytes=host,
+        weight_bytes=weight_bytes(config, dtype),
+        page_slots=0 if layout is None else layout.num_page_slots,
+        total_pages=math.ceil(entries / cfg.page_chunks),
         error=error,
     )
 
