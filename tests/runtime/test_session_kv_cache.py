@@ -55,8 +55,12 @@ def test_another_context_model_or_method_gets_a_folder_of_its_own(tmp_path):
     d = Session(llama, tok, CONTEXT, kv_cache=tmp_path, **LSA)  # LSA prefills the context's last tokens again
     e = Session(llama.to(torch.bfloat16), tok, CONTEXT, kv_cache=tmp_path, method="full")
     llama.to(torch.float32)
-    folders = {s.kv_folder for s in (a, b, c, d, e)}
-    assert len(folders) == 5 and not any(s.loaded for s in (a, b, c, d, e))
+    tuned = tiny_model("llama")  # a fine-tune of the last layer only: embeddings and layer 0 unchanged
+    with torch.no_grad():
+        tuned.model.layers[-1].mlp.down_proj.weight.add_(0.01)
+    f = Session(tuned, tok, CONTEXT, kv_cache=tmp_path, method="full")
+    folders = {s.kv_folder for s in (a, b, c, d, e, f)}
+    assert len(folders) == 6 and not any(s.loaded for s in (a, b, c, d, e, f))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f.name for f in folders)  # no temporary left
 
 

@@ -730,3 +730,17 @@ def model_fingerprint(model: PreTrainedModel) -> str:
             digest.update(_tensor_digest_bytes(param))
             break
     return digest.hexdigest()[:16]
+
+
+def weights_digest(model: PreTrainedModel) -> str:
+    """Hex digest of the first rows of every parameter, with its name and shape, on top of the fingerprint.
+
+    :func:`model_fingerprint` samples the embeddings and one projection, enough to match an indexer checkpoint to
+    its backbone. Keys and values saved for reuse must not be read by a fine-tune that changed only later layers,
+    so they are keyed by this digest. Like the fingerprint, it does not depend on dtype or device.
+    """
+    digest = hashlib.sha256(model_fingerprint(model).encode())
+    for name, param in model.named_parameters():
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(_tensor_digest_bytes(param))
+    return digest.hexdigest()[:16]

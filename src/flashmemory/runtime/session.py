@@ -27,7 +27,7 @@ from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
 from ..memory.kv_files import saved_name
-from ..models.loader import model_fingerprint
+from ..models.loader import weights_digest
 from .generate import METHODS, GenerationResult, decode_result, encode_prompts, generate_ids
 from .graph_step import check_graph_replay
 
@@ -53,8 +53,9 @@ class Session:
         cuda_graph: replay each answer's decode steps from a captured CUDA graph (see :func:`generate_ids`).
             Default: False.
         kv_cache: a folder of saved contexts. The context's keys and values are read from it when it holds them
-            for this model, dtype and context, and written into it after the prefill otherwise, so that a later
-            session (another process, another day) skips the prefill. Default: None (nothing saved).
+            for this model (a digest of every weight tensor), dtype and context, and written into it after the
+            prefill otherwise, so that a later session (another process, another day) skips the prefill.
+            Default: None (nothing saved).
 
     The context's keys and values stay in host memory for the session's life (``prefix.host_bytes``); the device
     holds them only while a question is prefilled, one layer at a time, and then each answer's own cache.
@@ -108,7 +109,7 @@ class Session:
             return PrefixKV.capture(self.model, ids.to(self.device))  # waits for the device's copies
         dtype = next(self.model.parameters()).dtype
         expect = {
-            "fingerprint": model_fingerprint(self.model),
+            "fingerprint": weights_digest(self.model),
             "dtype": str(dtype).removeprefix("torch."),
             "prompt_sha256": hashlib.sha256(ids[0].to(torch.int64).numpy().tobytes()).hexdigest(),
             "window": layer_windows(self.model),
