@@ -21,6 +21,9 @@ _EXPORTS = {
     "generate_ids": ".runtime.generate",
     "GenerationStats": ".runtime.stats",
     "Session": ".runtime.session",
+    "MemoryPlan": ".runtime.plan",
+    "plan_memory": ".runtime.plan",
+    "load_config": ".runtime.plan",
 }
 
 __all__ = sorted(_EXPORTS)

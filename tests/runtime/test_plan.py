@@ -105,3 +105,12 @@ def test_the_deepseek_v4_flash_plan_is_the_recorded_accounting():
         plan = plan_memory(cfg, LSAConfig(budget=0.1), context=context, max_new_tokens=1024)
         assert round(plan.full_device_bytes / mib, 1) == full and round(plan.lsa_device_bytes / mib, 1) == lsa
         assert plan.page_slots == pages
+
+
+def test_the_package_exports_every_name_it_lists():
+    import flashmemory as fm
+
+    for name in fm.__all__:
+        assert getattr(fm, name) is not None, name
+    plan = fm.plan_memory(fm.load_config("llama3-8b"), fm.LSAConfig(budget=0.15), context=1 << 20)
+    assert isinstance(plan, fm.MemoryPlan) and plan.host_bytes == plan.full_device_bytes
