@@ -13,7 +13,13 @@ from ..config import LSAConfig
 from ..indexer.chunk_keys import ChunkKeys
 from ..indexer.feedback import logit_of
 from ..indexer.memory_indexer import MemoryIndexer
-from ..memory.layout import SequenceBytes, plan_layout
+from ..memory.layout import (
+    SequenceBytes,
+    backbone_sequence_bytes,
+    full_cache_bytes,
+    plan_layout,
+    sliding_layers_bytes,
+)
 from ..memory.store import KVStore
 from ..models.adapter import backbone_spec
 from .cycle import CycleStats, LSACycle
@@ -253,17 +259,10 @@ class LSACache(LSACycle, Cache):
 
     def sequence_bytes(self, elem: int) -> SequenceBytes:
         """Per-sequence byte sizes for element size ``elem`` (used to plan and to report)."""
-        per_head_token = self.spec.num_kv_heads * self.spec.head_dim * elem
-        return SequenceBytes(
-            per_token=2 * per_head_token * len(self.lsa_layers),
-            per_chunk_key=per_head_token * len(self.targets),
-            other_layers=self._other_bytes(self.spec.sliding_window or 0, elem),
-        )
+        return backbone_sequence_bytes(self.spec, len(self.targets), elem)
 
     def _other_bytes(self, num_tokens: int, elem: int) -> int:
-        window = self.spec.sliding_window or 0
-        num_sliding = self.spec.num_layers - len(self.lsa_layers)
-        return 2 * num_sliding * min(num_tokens, window) * self.spec.num_kv_heads * self.spec.head_dim * elem
+        return sliding_layers_bytes(self.spec, num_tokens, elem)
 
     def _extend_chunk_keys(self) -> None:
         store, c = self.store, self.lsa.chunk_size
@@ -388,8 +387,7 @@ class LSACache(LSACycle, Cache):
         store = self.store
         n = store.seq_len if num_tokens is None else num_tokens
         elem = store.reserve_k[self.first_lsa_layer].element_size()
-        seq = self.sequence_bytes(elem)
-        return store.batch * (seq.per_token * n + self._other_bytes(n, elem))
+        return store.batch * full_cache_bytes(self.sequence_bytes(elem), n, self._other_bytes(n, elem))
 
     def sync_stats(self) -> None:
         """Bring counters that live on the device into :attr:`stats` (a no-op here; see the fast path)."""

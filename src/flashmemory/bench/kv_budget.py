@@ -12,31 +12,27 @@ from torch import nn
 
 from ..config import LSAConfig
 from ..indexer.shipped import shipped_target_layers
-from ..memory.layout import BudgetError, SequenceBytes, plan_layout
+from ..memory.layout import (
+    BudgetError,
+    SequenceBytes,
+    backbone_sequence_bytes,
+    full_cache_bytes,
+    plan_layout,
+    sliding_layers_bytes,
+)
 from ..models.adapter import backbone_spec
 
 
-def _token_bytes(model: nn.Module, elem: int) -> tuple[int, int]:
-    spec = backbone_spec(model)
-    return spec.num_kv_heads * spec.head_dim * elem, spec.num_layers - len(spec.full_layers)
-
-
 def sequence_bytes(model: nn.Module, lsa: LSAConfig, elem: int) -> SequenceBytes:
-    """Per-sequence byte sizes of the ``lsa`` method on ``model`` (mirrors ``LSACache.sequence_bytes``).
+    """Per-sequence byte sizes of the ``lsa`` method on ``model`` (as ``LSACache.sequence_bytes``).
 
     Its chunk keys are those of the indexer ``lsa`` uses: a shipped checkpoint's layers when one matches the
     model, else the zero-shot default; so peers match ``lsa``'s reserve (``lsa-zeroshot``'s may differ by a page).
     """
     spec = backbone_spec(model)
-    per_head_token, num_sliding = _token_bytes(model, elem)
     # the layers `lsa` keys: a shipped checkpoint reads its own, which may differ from the zero-shot default
     targets = lsa.target_layers or shipped_target_layers(model) or spec.default_target_layers()
-    window = spec.sliding_window or 0
-    return SequenceBytes(
-        per_token=2 * per_head_token * len(spec.full_layers),
-        per_chunk_key=per_head_token * len(targets),
-        other_layers=2 * num_sliding * window * per_head_token,
-    )
+    return backbone_sequence_bytes(spec, len(targets), elem)
 
 
 def full_kv_bytes(model: nn.Module, batch: int, num_tokens: int, elem: int) -> int:
@@ -45,10 +41,8 @@ def full_kv_bytes(model: nn.Module, batch: int, num_tokens: int, elem: int) -> i
     Sliding-window layers hold at most their window.
     """
     spec = backbone_spec(model)
-    per_head_token, num_sliding = _token_bytes(model, elem)
-    window = min(num_tokens, spec.sliding_window or 0)
-    per_seq = 2 * per_head_token * (len(spec.full_layers) * num_tokens + num_sliding * window)
-    return batch * per_seq
+    seq = backbone_sequence_bytes(spec, 0, elem)
+    return batch * full_cache_bytes(seq, num_tokens, sliding_layers_bytes(spec, num_tokens, elem))
 
 
 def lsa_page_tokens(model: nn.Module, lsa: LSAConfig, context_len: int, max_new_tokens: int, elem: int) -> int:
@@ -66,14 +60,12 @@ def lsa_page_tokens(model: nn.Module, lsa: LSAConfig, context_len: int, max_new_
     """
     spec = backbone_spec(model)
     lsa = lsa.with_page_chunks(spec.default_page_chunks())
-    per_head_token, num_sliding = _token_bytes(model, elem)
-    other_full = 2 * num_sliding * min(context_len, spec.sliding_window or 0) * per_head_token
     layout = plan_layout(
         lsa,
         sequence_bytes(model, lsa, elem),
         context_len=context_len,
         max_len=context_len + max_new_tokens,
-        other_layers_full=other_full,
+        other_layers_full=sliding_layers_bytes(spec, context_len, elem),
     )
     return layout.num_page_slots * layout.page_size
 

@@ -56,6 +56,36 @@ class SequenceBytes:
     other_layers: int = 0
 
 
+def sliding_layers_bytes(spec, num_tokens: int, elem: int) -> int:
+    """K+V bytes that a backbone's sliding-window layers (which LSA leaves alone) hold at ``num_tokens`` tokens.
+
+    Args:
+        spec: the backbone's :class:`~flashmemory.models.adapter.BackboneSpec`.
+        num_tokens: tokens of the sequence; a layer holds at most its window of them.
+        elem: bytes per element.
+    """
+    num_sliding = spec.num_layers - len(spec.full_layers)
+    window = min(num_tokens, spec.sliding_window or 0)
+    return 2 * num_sliding * window * spec.num_kv_heads * spec.head_dim * elem
+
+
+def backbone_sequence_bytes(spec, num_targets: int, elem: int) -> SequenceBytes:
+    """Per-sequence byte sizes of LSA on a backbone: its full-attention layers are the store's, ``num_targets``
+    layers keep chunk keys, and the sliding-window layers hold their whole window.
+
+    Args:
+        spec: the backbone's :class:`~flashmemory.models.adapter.BackboneSpec`.
+        num_targets: layers whose chunk keys the indexer scores.
+        elem: bytes per element.
+    """
+    per_head_token = spec.num_kv_heads * spec.head_dim * elem
+    return SequenceBytes(
+        per_token=2 * per_head_token * len(spec.full_layers),
+        per_chunk_key=per_head_token * num_targets,
+        other_layers=sliding_layers_bytes(spec, spec.sliding_window or 0, elem),
+    )
+
+
 def full_cache_bytes(seq: SequenceBytes, num_tokens: int, other_layers_full: int) -> int:
     """Bytes a plain full cache holds for ``num_tokens`` tokens of one sequence."""
     return seq.per_token * num_tokens + other_layers_full

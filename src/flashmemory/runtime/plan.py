@@ -16,7 +16,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from ..config import LSAConfig
-from ..memory.layout import BudgetError, SequenceBytes, full_cache_bytes, plan_layout, reserve_bytes
+from ..memory.layout import (
+    BudgetError,
+    backbone_sequence_bytes,
+    full_cache_bytes,
+    plan_layout,
+    reserve_bytes,
+    sliding_layers_bytes,
+)
 from ..models.adapter import backbone_spec
 from ..models.loader import ModelLoadError, prepare_model_folder
 from ..models.shapes import SHAPES, shape_config
@@ -123,24 +130,14 @@ def plan_memory(
     lsa = spec.resolve_counts(lsa or LSAConfig())
     targets, _ = spec.scorer(lsa.target_layers, None, zero_shot=lsa.target_layers is None)
     elem = dtype.itemsize
-    per_head_token = spec.num_kv_heads * spec.head_dim * elem
-    lsa_layers = spec.full_layers
-    window = spec.sliding_window or 0
-    num_sliding = spec.num_layers - len(lsa_layers)
-
-    def other(tokens: int) -> int:  # the sliding-window layers' keys and values, which LSA leaves alone
-        return 2 * num_sliding * min(tokens, window) * per_head_token
-
-    seq = SequenceBytes(
-        per_token=2 * per_head_token * len(lsa_layers), per_chunk_key=per_head_token * len(targets), other_layers=0
-    )
+    seq = backbone_sequence_bytes(spec, len(targets), elem)
     max_len = context + max_new_tokens
-    full = full_cache_bytes(seq, max_len, other(max_len))
-    seq = SequenceBytes(seq.per_token, seq.per_chunk_key, other(window))
+    full = full_cache_bytes(seq, max_len, sliding_layers_bytes(spec, max_len, elem))
     host = seq.per_token * max_len
     total_pages = math.ceil(max_len / lsa.page_size)
+    other = sliding_layers_bytes(spec, context, elem)
     try:
-        layout = plan_layout(lsa, seq, context_len=context, max_len=max_len, other_layers_full=other(context))
+        layout = plan_layout(lsa, seq, context_len=context, max_len=max_len, other_layers_full=other)
     except BudgetError as err:
         layout, error = None, str(err)
     else:
