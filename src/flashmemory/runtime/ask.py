@@ -118,8 +118,8 @@ def ask_questions(
     else:
         session = Session(model, tokenizer, context, kv_cache=kv_cache, **options)
         results = [session.ask(q, max_new_tokens=max_new_tokens) for q in questions]
-        if kv_cache is not None:
-            extra = {"context_kv": {"folder": str(session.kv_folder), "loaded": session.loaded}}
+        if session.saved_context is not None:
+            extra = {"context_kv": session.saved_context}
     return [
         {"question": q, **stats_record(r.text.strip(), r.stats), **extra}
         for q, r in zip(questions, results, strict=True)

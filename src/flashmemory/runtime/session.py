@@ -103,6 +103,11 @@ class Session:
         self.prefill_seconds = time.perf_counter() - t0 - self.save_seconds
         self.answered = 0
 
+    @property
+    def saved_context(self) -> dict | None:
+        """With ``kv_cache``: the folder of the context's keys and values and whether they were read from it."""
+        return None if self.kv_folder is None else {"folder": str(self.kv_folder), "loaded": self.loaded}
+
     def _context_kv(self, ids: torch.Tensor, kv_cache: str | Path | None) -> PrefixKV:
         """The context's keys and values: read from ``kv_cache`` when saved there, else computed (and saved)."""
         if kv_cache is None:

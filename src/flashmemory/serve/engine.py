@@ -154,7 +154,11 @@ class Engine:
                 f"the prompt is {n} tokens and {max_new_tokens} more were asked for, but the model handles at most "
                 f"{self.window} tokens; shorten the prompt or ask for fewer tokens"
             )
-        return self.lsa if choice.budget is None else replace(self.lsa, budget=choice.budget)  # validated by replace
+        return self.request_lsa(choice)
+
+    def request_lsa(self, choice: LSAChoice) -> LSAConfig:
+        """The server's LSA settings with the request's budget, if it gives one (validated by ``replace``)."""
+        return self.lsa if choice.budget is None else replace(self.lsa, budget=choice.budget)
 
     def answer(
         self,
@@ -183,8 +187,7 @@ class Engine:
         request, in the decode thread. Also returns, with :attr:`kv_cache`, the context's folder and whether it was
         read from there (else None).
         """
-        lsa = self.lsa if choice.budget is None else replace(self.lsa, budget=choice.budget)
-        job = _SessionJob(context, list(questions), choice.method, lsa, max_new_tokens)
+        job = _SessionJob(context, list(questions), choice.method, self.request_lsa(choice), max_new_tokens)
         self._submit(job)
         return job.result.result()
 
@@ -256,8 +259,7 @@ class Engine:
         except BaseException as exc:  # the request hears of it; the thread serves the next one
             job.result.set_exception(exc)
             return
-        kv = None if session.kv_folder is None else {"folder": str(session.kv_folder), "loaded": session.loaded}
-        job.result.set_result((answers, kv))
+        job.result.set_result((answers, session.saved_context))
 
     def _decode(self, batch: list[_Job]) -> None:
         eos = self.tokenizer.eos_token_id
