@@ -79,6 +79,7 @@ def plan(
     contexts = [parse_tokens(c) for c in context]
     config = load_config(model)
     limit = getattr(config, "max_position_embeddings", None)
+    beyond = {c for c in contexts if limit and c + max_new_tokens > limit}  # past the model's window
     device_bytes = device_gib * GiB if device_gib is not None else _cuda_total_bytes()
     host_bytes = host_gib * GiB if host_gib is not None else available_host_bytes()
     plans = [
@@ -99,7 +100,7 @@ def plan(
             row |= {
                 "full_max_batch": fits[0],
                 "lsa_max_batch": fits[1],
-                "beyond_window": bool(limit and p.context + max_new_tokens > limit),
+                "beyond_window": p.context in beyond,
             }
             print(json.dumps(row))
         return
@@ -111,7 +112,7 @@ def plan(
         table.add_column("fit: full/LSA", justify="right")
     for p in plans:
         cells = [
-            _tokens(p.context) + (" *" if limit and p.context + max_new_tokens > limit else ""),
+            _tokens(p.context) + (" *" if p.context in beyond else ""),
             _gib(p.full_device_bytes),
             "over budget" if p.error else _gib(p.lsa_device_bytes),
             "" if p.error else f"{p.kv_ratio:.1%}",
@@ -128,7 +129,7 @@ def plan(
         if host_bytes is not None:
             where += f" and {host_bytes / GiB:.1f} GiB of host memory for the mirrors"
         notes.append(f"fit: most sequences in {where}; weights and KV only (a prefill's activations come on top)")
-    if any(limit and p.context + max_new_tokens > limit for p in plans):
+    if beyond:
         notes.append(f"* past the model's window of {limit:,} tokens")
     for p in plans:
         if p.error:
