@@ -23,7 +23,7 @@ from pathlib import Path
 
 from flashmemory import LSAConfig, Session
 from flashmemory.bench.planted_fact import planted_facts
-from flashmemory.bench.record import provenance
+from flashmemory.bench.record import provenance, provenance_lines
 from flashmemory.runtime.ask import load_on
 
 
@@ -106,9 +106,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# A document's keys and values read from disk against prefilling it again",
         "",
-        f"- command: `{report['command']}`",
-        f"- commit: `{report['commit']}`",
-        f"- machine: {report['machine']}",
+        *provenance_lines(report),
         "",
         "| doc | method | context tokens | prefill s | first answer: prefilled / read | all answers: prefilled / read "
         "| save s | folder MiB | same answers (saving / read) | correct |",

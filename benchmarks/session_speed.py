@@ -29,7 +29,7 @@ from decode_speed import SHAPES
 from transformers import AutoModelForCausalLM
 
 from flashmemory import LSAConfig, Session, generate
-from flashmemory.bench.record import provenance
+from flashmemory.bench.record import provenance, provenance_lines
 from flashmemory.runtime.session import build_prompt
 
 WORDS = "the of river lamp seven copper window north quiet market garden under letter bright station".split()
@@ -111,9 +111,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Several questions over one long context: separate requests vs one Session (random weights, real shape)",
         "",
-        f"- command: `{report['command']}`",
-        f"- commit: `{report['commit']}`",
-        f"- machine: {report['machine']}",
+        *provenance_lines(report),
         "",
         "| context | method | round | first | questions | separate s | session s | separate / session "
         "| context prefill s | per question s (session / separate) | same tokens | device KV |",

@@ -52,3 +52,8 @@ def command_line(script: str, args: dict) -> str:
 def provenance(script: str, args: dict) -> dict[str, str]:
     """``command``, ``commit`` and ``machine`` of a benchmark script's run, to head its recorded JSON."""
     return {"command": command_line(script, args), "commit": git_commit(), "machine": machine_description()}
+
+
+def provenance_lines(report: dict) -> list[str]:
+    """The markdown bullets of a report's :func:`provenance`, to head its recorded table."""
+    return [f"- command: `{report['command']}`", f"- commit: `{report['commit']}`", f"- machine: {report['machine']}"]
