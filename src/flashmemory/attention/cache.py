@@ -5,6 +5,8 @@ This is the one module that knows the transformers Cache API (tested on 5.17 and
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
@@ -12,7 +14,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from ..config import LSAConfig
 from ..indexer.chunk_keys import ChunkKeys
 from ..indexer.feedback import logit_of
-from ..indexer.memory_indexer import MemoryIndexer
+from ..indexer.memory_indexer import MemoryIndexer, zero_shot_indexer
 from ..memory.layout import (
     SequenceBytes,
     backbone_sequence_bytes,
@@ -39,7 +41,9 @@ class LSALayer(CacheLayerMixin):
 
     def __init__(self, owner: LSACache, layer_idx: int) -> None:
         super().__init__()
-        self.owner = owner
+        # a proxy: owner -> layers -> owner would be a cycle that only the collector frees, holding a finished
+        # request's device and page-locked memory until it runs (a full collection cost 0.2-0.3 s per request)
+        self.owner = weakref.proxy(owner)
         self.layer_idx = layer_idx
         self.num_seen = 0
 
@@ -142,11 +146,11 @@ class LSACache(LSACycle, Cache):
         if impl not in ("sdpa", "eager"):
             raise ValueError(f"LSACache needs attn_implementation 'sdpa' or 'eager', the model uses {impl!r}")
         self.attn_impl = impl
-        # a checkpoint scores with the reduction it was trained with unless the config names one
-        reduce = self.lsa.layer_reduce or (indexer.spec.layer_reduce if indexer is not None else None)
-        targets, self.layer_reduce = self.spec.scorer(self.lsa.target_layers, reduce, zero_shot=indexer is None)
         if indexer is None:
-            indexer = MemoryIndexer.from_model(model, targets, chunk_size=self.lsa.chunk_size)
+            indexer = zero_shot_indexer(model, self.lsa)
+        # a checkpoint scores with the reduction it was trained with unless the config names one
+        reduce = self.lsa.layer_reduce or indexer.spec.layer_reduce
+        targets, self.layer_reduce = self.spec.scorer(self.lsa.target_layers, reduce, zero_shot=False)
         if self.lsa.target_layers is not None and tuple(indexer.target_layers) != tuple(targets):
             raise ValueError(f"indexer reads layers {indexer.target_layers} but LSAConfig asks for {targets}")
         if indexer.spec.chunk_size != self.lsa.chunk_size:

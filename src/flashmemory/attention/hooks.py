@@ -31,6 +31,7 @@ class CacheHooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.cache = None  # the cache holds these hooks: without this the pair is a cycle
 
     def _on_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         cache = self.cache

@@ -9,6 +9,8 @@ Memory Indexer scores all entries with the lookahead query and the densest/best 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
@@ -77,7 +79,7 @@ class LSACSALayer(CompactState, DeepseekV4CSACache):
 
     def __init__(self, owner: DeepseekV4LSACache, config, layer_idx: int) -> None:
         super().__init__(config)
-        self.owner, self.layer_idx = owner, layer_idx
+        self.owner, self.layer_idx = weakref.proxy(owner), layer_idx  # as LSALayer's owner: no cycle
 
     def update_compressor_states(self, name: str, compressed: torch.Tensor) -> torch.Tensor:
         self.entry_count[name] += compressed.shape[1]

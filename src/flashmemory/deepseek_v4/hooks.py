@@ -44,6 +44,7 @@ class DeepseekV4Hooks:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.cache = None  # the cache holds these hooks: without this the pair is a cycle
 
     def _carries(self, kwargs: dict) -> bool:
         return kwargs.get("past_key_values") is self.cache

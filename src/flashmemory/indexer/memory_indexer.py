@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..config import LAYER_REDUCTIONS
+from ..config import LAYER_REDUCTIONS, LSAConfig
 from ..models.adapter import apply_rope, attention_module, backbone_spec, rope_parameters
 from .feedback import FeedbackHead, FeedbackSpec
 from .query_tower import QueryTower
@@ -94,9 +94,12 @@ class MemoryIndexer(nn.Module):
     Args:
         spec: shapes and provenance.
         inv_freq: rotary inverse frequencies per target layer. # [L, D/2]
+        device: where the parameters are made. Default: the CPU.
     """
 
-    def __init__(self, spec: IndexerSpec, inv_freq: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, spec: IndexerSpec, inv_freq: torch.Tensor | None = None, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         self.spec = spec
         n = len(spec.target_layers)
@@ -108,16 +111,17 @@ class MemoryIndexer(nn.Module):
             use_bias=spec.use_bias,
             use_q_norm=spec.use_q_norm,
             rms_eps=spec.rms_eps,
+            device=device,
         )
         if inv_freq is None:
             inv_freq = torch.zeros(n, spec.head_dim // 2)
-        self.register_buffer("inv_freq", inv_freq.float().clone())
+        self.register_buffer("inv_freq", inv_freq.to(device=device, dtype=torch.float32, copy=True))
         # A learned prior on how far back a chunk lies (log2 buckets of token distance); zero = no prior, so the
         # zero-shot indexer scores like attention alone.
-        self.distance_bias = nn.Parameter(torch.zeros(n, NUM_DISTANCE_BUCKETS))
+        self.distance_bias = nn.Parameter(torch.zeros(n, NUM_DISTANCE_BUCKETS, device=device))
         if spec.rope_scaling is None:
             spec.rope_scaling = [1.0] * n
-        self.feedback = None if spec.feedback is None else FeedbackHead(FeedbackSpec(**spec.feedback))
+        self.feedback = None if spec.feedback is None else FeedbackHead(FeedbackSpec(**spec.feedback)).to(device)
 
     @property
     def feedback_spec(self) -> FeedbackSpec | None:
@@ -168,7 +172,10 @@ class MemoryIndexer(nn.Module):
             rms_eps=float(getattr(q_norm, "eps", getattr(q_norm, "variance_epsilon", 1e-6))) if q_norm else 1e-6,
             rope_scaling=[scale for _, scale in ropes],
         )
-        indexer = cls(spec, torch.stack([inv for inv, _ in ropes]))
+        # made where the backbone lives: built on the host, the projections crossed the bus twice (about 0.25 s per
+        # request on a Llama-3-8B shape on an H200)
+        param = next(model.parameters())
+        indexer = cls(spec, torch.stack([inv for inv, _ in ropes]), device=param.device)
         with torch.no_grad():
             for j, layer in enumerate(target_layers):
                 attn = attention_module(model, layer)
@@ -177,8 +184,7 @@ class MemoryIndexer(nn.Module):
                     indexer.tower.q_proj[j].bias.copy_(attn.q_proj.bias.float())
                 if spec.use_q_norm:
                     indexer.tower.q_norm[j].copy_(_effective_norm_weight(attn.q_norm, spec.head_dim))
-        param = next(model.parameters())
-        return indexer.to(device=param.device)
+        return indexer
 
     def layer_logits(
         self,
@@ -279,6 +285,17 @@ class MemoryIndexer(nn.Module):
             ]
         )
         return probs.amax(0) if reduce == "max" else probs.mean(0)
+
+
+def zero_shot_indexer(model: nn.Module, lsa: LSAConfig) -> MemoryIndexer:
+    """The indexer an LSA cache builds when given none: the backbone's ``q_proj`` on the layers ``lsa`` names (else
+    the model's defaults), recording the reduction it scores with."""
+    spec = backbone_spec(model)
+    lsa = spec.resolve_counts(lsa)
+    targets, reduce = spec.scorer(lsa.target_layers, lsa.layer_reduce, zero_shot=True)
+    indexer = MemoryIndexer.from_model(model, targets, chunk_size=lsa.chunk_size)
+    indexer.spec.layer_reduce = reduce
+    return indexer
 
 
 def _effective_norm_weight(norm: nn.Module, dim: int) -> torch.Tensor:

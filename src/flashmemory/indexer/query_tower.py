@@ -21,6 +21,7 @@ class QueryTower(nn.Module):
         use_bias: whether the query projection has a bias (Qwen2 does).
         use_q_norm: whether queries are RMS-normed per head before RoPE (Qwen3, Gemma3 do).
         rms_eps: epsilon of that norm.
+        device: where the parameters are made. Default: the CPU.
     """
 
     def __init__(
@@ -33,23 +34,28 @@ class QueryTower(nn.Module):
         use_bias: bool = False,
         use_q_norm: bool = False,
         rms_eps: float = 1e-6,
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
+        device = torch.device("cpu") if device is None else device  # skip_init leaves a None device on meta
         self.num_heads, self.head_dim, self.rms_eps = num_heads, head_dim, rms_eps
         # every caller overwrites the projections (from the backbone's q_proj or a checkpoint): a random init of
         # them cost 1.3 s per request on a Llama-3-8B shape, so they start at zero instead (the head weights start
         # uniform, set below)
         self.q_proj = nn.ModuleList(
-            skip_init(nn.Linear, hidden_size, num_heads * head_dim, bias=use_bias) for _ in range(num_layers)
+            skip_init(nn.Linear, hidden_size, num_heads * head_dim, bias=use_bias, device=device)
+            for _ in range(num_layers)
         )
         with torch.no_grad():
             for proj in self.q_proj:
                 proj.weight.zero_()
                 if proj.bias is not None:
                     proj.bias.zero_()
-        self.head_weight = nn.ModuleList(skip_init(nn.Linear, hidden_size, num_heads) for _ in range(num_layers))
-        self.q_norm = nn.Parameter(torch.ones(num_layers, head_dim)) if use_q_norm else None
-        self.score_bias = nn.Parameter(torch.zeros(num_layers))
+        self.head_weight = nn.ModuleList(
+            skip_init(nn.Linear, hidden_size, num_heads, device=device) for _ in range(num_layers)
+        )
+        self.q_norm = nn.Parameter(torch.ones(num_layers, head_dim, device=device)) if use_q_norm else None
+        self.score_bias = nn.Parameter(torch.zeros(num_layers, device=device))
         for head in self.head_weight:
             nn.init.zeros_(head.weight)
             nn.init.constant_(head.bias, 1.0 / num_heads)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..attention.prefix import PrefixKV, layer_windows
 from ..config import LSAConfig
-from ..indexer.memory_indexer import MemoryIndexer
+from ..indexer.memory_indexer import MemoryIndexer, zero_shot_indexer
 from ..indexer.shipped import resolve_indexer
 from ..memory.kv_files import saved_name
 from ..models.loader import weights_digest
@@ -86,6 +86,9 @@ class Session:
         self.cuda_graph = cuda_graph
         self.context = context
         self.indexer = resolve_indexer(model, indexer) if method == "lsa" else None
+        if method == "lsa" and self.indexer is None:
+            # made once for every question: each question's cache would otherwise copy the projections again
+            self.indexer = zero_shot_indexer(model, lsa or LSAConfig())
         self.limit = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         keep = self._prefix_len() - (self._redo_tokens(lsa or LSAConfig()) if method == "lsa" else 0)
