@@ -251,6 +251,8 @@ class LSACache(LSACycle, Cache):
             other_layers_full=self._other_bytes(seq_len, elem),
         )
         self.store = self.store_class(self.lsa_layers, layout, self.lsa.recent)
+        # a context captured with room after it lends its host tensors: its tokens need not be written again
+        lent = None if self.prefix is None else self.prefix.lend_mirror(self.lsa_layers, max_len, keys.dtype)
         self.store.allocate(
             batch,
             heads,
@@ -259,6 +261,7 @@ class LSACache(LSACycle, Cache):
             device=keys.device,
             capacity=max_len,
             pad_len=self.pad_len,
+            prefilled=lent,
         )
 
     def sequence_bytes(self, elem: int) -> SequenceBytes:

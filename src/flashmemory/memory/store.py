@@ -33,6 +33,27 @@ class TransferLog:
     copy_steps: list[int] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class PrefilledMirror:
+    """Host tensors that already hold a prompt's first ``length`` tokens, lent to one store as its mirror.
+
+    A context captured once (a session's) keeps each full-attention layer's keys and values in host tensors with
+    room after them; a store that adopts them writes only the tokens after ``length``, and holds no mirror of its
+    own. The lender knows it is free again once this object is gone.
+
+    Attributes:
+        keys: per managed layer, ``[B, H, capacity, D]`` host tensors whose first ``length`` tokens are filled.
+        values: the same for values.
+        length: tokens already in place.
+        owner: what the tensors belong to, kept alive while the store uses them.
+    """
+
+    keys: dict[int, torch.Tensor] = field(repr=False)
+    values: dict[int, torch.Tensor] = field(repr=False)
+    length: int
+    owner: object = field(default=None, repr=False)
+
+
 class KVStore:
     """Host mirror + device reserve for the LSA-managed layers of one batch of sequences.
 
@@ -61,6 +82,8 @@ class KVStore:
         self._copy_stream = None
         self._flush_writer = StagedWriter()
         self._mirror_block: HostBlock | None = None
+        self._prefilled: PrefilledMirror | None = None  # the mirror lent by a captured context, if adopted
+        self._in_place = 0  # leading tokens of the mirror that the prefill need not write (already there)
 
     def allocate(
         self,
@@ -72,13 +95,21 @@ class KVStore:
         device: torch.device,
         capacity: int,
         pad_len: torch.Tensor,
+        prefilled: PrefilledMirror | None = None,
     ) -> None:
-        """Create the mirror (``capacity`` tokens) and the reserve; called once before prefill writes."""
+        """Create the mirror (``capacity`` tokens) and the reserve; called once before prefill writes.
+
+        With ``prefilled`` (holding at least ``capacity`` tokens per row) the store uses those host tensors as its
+        mirror and the prefill writes only the tokens after the ones already there.
+        """
         self.device = torch.device(device)
         pin = self.device.type == "cuda"
         mirror_shape = (batch, num_heads, capacity, head_dim)
         reserve_shape = (batch, num_heads, self.layout.num_slots, head_dim)
-        self.set_mirrors(mirror_shape, mirror_shape, dtype)
+        if prefilled is not None:
+            self._adopt(prefilled, mirror_shape, dtype)
+        else:
+            self.set_mirrors(mirror_shape, mirror_shape, dtype)
         for layer in self.layers:
             for reserve in (self.reserve_k, self.reserve_v):
                 reserve[layer] = torch.zeros(reserve_shape, dtype=dtype, device=self.device)
@@ -98,6 +129,16 @@ class KVStore:
         for i, layer in enumerate(self.layers):
             self.mirror_k[layer] = tensors[i]
             self.mirror_v[layer] = tensors[len(self.layers) + i]
+
+    def _adopt(self, prefilled: PrefilledMirror, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        for layer in self.layers:
+            for t in (prefilled.keys[layer], prefilled.values[layer]):
+                if (t.shape[:2], t.shape[3], t.dtype) != (shape[:2], shape[3], dtype) or t.shape[2] < shape[2]:
+                    raise ValueError(
+                        f"a prefilled mirror of shape {tuple(t.shape)} ({t.dtype}) cannot hold {shape} ({dtype})"
+                    )
+            self.mirror_k[layer], self.mirror_v[layer] = prefilled.keys[layer], prefilled.values[layer]
+        self._prefilled, self._in_place = prefilled, prefilled.length
 
     def _host_tensors(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
         """Host tensors for the mirror, leasing their block and giving back the one the store held before."""
@@ -140,9 +181,10 @@ class KVStore:
         """
         seq_len = keys.shape[2]
         self._ensure_capacity(seq_len)
-        copy_to_host_slice(keys, self.mirror_k[layer][:, :, :seq_len])
-        copy_to_host_slice(values, self.mirror_v[layer][:, :, :seq_len])
-        self.log.d2h_bytes += 2 * keys.numel() * keys.element_size()
+        start = min(self._in_place, seq_len)
+        copy_to_host_slice(keys[:, :, start:], self.mirror_k[layer][:, :, start:seq_len])
+        copy_to_host_slice(values[:, :, start:], self.mirror_v[layer][:, :, start:seq_len])
+        self.log.d2h_bytes += 2 * keys[:, :, start:].numel() * keys.element_size()
         if layer == self.layers[0]:
             self.seq_len = self.flushed_len = seq_len
             self.tail_start = page_aligned_tail_start(seq_len, self.recent, self.layout.page_size)
@@ -321,6 +363,7 @@ class KVStore:
             m[layer] = dst
         if keep is not None:
             keep.release()
+        self._prefilled = None  # a lent mirror is copied and given back
 
     def device_tensors(self) -> list[torch.Tensor]:
         """Every tensor the store keeps on the device (for physical byte counts)."""

@@ -33,6 +33,11 @@ from .graph_step import check_graph_replay
 
 INSTRUCTION = "Answer from the text above."
 
+QUESTION_ROOM = 4096
+"""Tokens an LSA session leaves after the context in its host copy, for each question's own tokens and its answer:
+a question's cache writes them there and uses the whole as its host mirror, instead of copying the context into a
+mirror of its own. A longer question and answer still work, through a mirror of their own."""
+
 
 def build_prompt(context: str, question: str) -> str:
     """The user turn that asks ``question`` about ``context`` (what ``flashmemory ask`` sends)."""
@@ -58,7 +63,10 @@ class Session:
             Default: None (nothing saved).
 
     The context's keys and values stay in host memory for the session's life (``prefix.host_bytes``); the device
-    holds them only while a question is prefilled, one layer at a time, and then each answer's own cache.
+    holds them only while a question is prefilled, one layer at a time, and then each answer's own cache. Under LSA
+    each full-attention layer's host copy has room for :data:`QUESTION_ROOM` more tokens and serves as the question's
+    host mirror: the question's cache writes only its own tokens there and locks no mirror of its own (one that
+    needs more room gets its own mirror, as a separate request would). Questions are answered one at a time.
     """
 
     def __init__(
@@ -113,8 +121,9 @@ class Session:
 
     def _context_kv(self, ids: torch.Tensor, kv_cache: str | Path | None) -> PrefixKV:
         """The context's keys and values: read from ``kv_cache`` when saved there, else computed (and saved)."""
+        room = QUESTION_ROOM if self.method == "lsa" else 0
         if kv_cache is None:
-            return PrefixKV.capture(self.model, ids.to(self.device))  # waits for the device's copies
+            return PrefixKV.capture(self.model, ids.to(self.device), room=room)  # waits for the device's copies
         dtype = next(self.model.parameters()).dtype
         expect = {
             "fingerprint": weights_digest(self.model),
@@ -126,8 +135,8 @@ class Session:
         self.kv_folder = Path(kv_cache).expanduser() / name
         if self.kv_folder.exists():
             self.loaded = True
-            return PrefixKV.load(self.kv_folder, expect, self.device)
-        prefix = PrefixKV.capture(self.model, ids.to(self.device))
+            return PrefixKV.load(self.kv_folder, expect, self.device, room=room)
+        prefix = PrefixKV.capture(self.model, ids.to(self.device), room=room)
         t0 = time.perf_counter()
         prefix.save(self.kv_folder, {**expect, "tokens": int(ids.shape[1])})
         self.save_seconds = time.perf_counter() - t0
@@ -202,4 +211,4 @@ class Session:
         return int(ids.shape[1])
 
 
-__all__ = ["INSTRUCTION", "Session", "build_prompt"]
+__all__ = ["INSTRUCTION", "QUESTION_ROOM", "Session", "build_prompt"]
