@@ -55,6 +55,18 @@ class ByteTokenizer:
         return bytes(i - 3 for i in ids if 3 <= i < 259).decode(errors="replace")
 
 
+def random_weight_model(shape: str, layers: int | None = None):
+    """A bf16 model of a real shape on the GPU, with random weights (time does not depend on their values)."""
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(
+            SHAPES[shape](layers), dtype=torch.bfloat16, attn_implementation="sdpa"
+        ).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.02)
+    return model
+
+
 def text_of(tokens: int, rng: random.Random) -> str:
     words, size = [], 0
     while size < tokens:
@@ -145,12 +157,7 @@ def main() -> None:
         raise SystemExit("this benchmark times a GPU; run it on a machine with CUDA")
     report = {**provenance("benchmarks/session_speed.py", vars(args) | {"out": str(args.out)}), "rows": []}
     torch.manual_seed(args.seed)
-    cfg = SHAPES[args.shape](args.layers)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0, 0.02)
+    model = random_weight_model(args.shape, args.layers)
     tok, rng = ByteTokenizer(), random.Random(args.seed)
     lsa = LSAConfig(budget=args.budget)
     args.out.mkdir(parents=True, exist_ok=True)
