@@ -20,6 +20,7 @@ _EXPORTS = {
     "generate": ".runtime.generate",
     "generate_ids": ".runtime.generate",
     "GenerationStats": ".runtime.stats",
+    "Sampling": ".runtime.sampling",
     "Session": ".runtime.session",
     "MemoryPlan": ".runtime.plan",
     "plan_memory": ".runtime.plan",

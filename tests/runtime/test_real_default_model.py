@@ -116,3 +116,18 @@ def test_cli_ask_with_a_kv_cache_reads_the_saved_context_the_second_time(smollm2
     assert first["answer"] == second["answer"] and first["pages_recalled"] == second["pages_recalled"]
     text = CliRunner().invoke(app, args)
     assert text.exit_code == 0 and "were read from" in text.output, text.output
+
+
+def test_real_model_samples_with_a_seed_and_stops_at_a_stop_string(smollm2):
+    from flashmemory import Sampling
+
+    model, tok = smollm2
+    prompt = "Write three short facts about the moon, one per line."
+    kw = dict(method="full", max_new_tokens=40)  # a prompt this short is below what LSA takes; tiny tests cover it
+    whole = generate(model, tok, prompt, **kw)
+    assert "\n" in whole.text  # greedy: three numbered lines
+    first_line = generate(model, tok, prompt, stop="\n", **kw)
+    assert first_line.text == whole.text.split("\n")[0] and first_line.stats.new_tokens < whole.stats.new_tokens
+    seeded = Sampling(temperature=0.7, top_p=0.9, seed=1)
+    a, b = (generate(model, tok, prompt, sampling=seeded, **kw) for _ in range(2))
+    assert a.token_ids == b.token_ids and a.text.strip()

@@ -197,9 +197,13 @@ def test_greedy_answers_do_not_depend_on_the_endpoint_run_before(served):
         ("/v1/ask", {"context": CONTEXT, "question": "q?", "method": "sparse"}, 400, "method"),
         ("/v1/ask", {"context": CONTEXT, "question": "q?", "max_new_tokens": 41}, 400, "at most 40 new tokens"),
         ("/v1/ask", {"context": "x" * 8190, "question": "q?", "max_new_tokens": 8}, 400, "handles at most 8192"),
-        ("/v1/completions", {"prompt": "abc", "temperature": 0.7}, 400, "only greedy decoding"),
+        ("/v1/completions", {"prompt": "abc", "temperature": 2.5}, 400, "temperature"),
+        ("/v1/completions", {"prompt": "abc", "top_p": 0}, 400, "top_p"),
+        ("/v1/completions", {"prompt": "abc", "n": 2}, 400, "one completion per request"),
+        ("/v1/completions", {"prompt": "abc", "presence_penalty": 0.5}, 400, "penalties are not supported"),
         ("/v1/completions", {"prompt": "abc", "stream": True, "max_tokens": 41}, 400, "at most 40 new tokens"),
-        ("/v1/completions", {"prompt": "abc", "stop": ["\n"]}, 400, "stop sequences are not supported"),
+        ("/v1/completions", {"prompt": "abc", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 strings"),
+        ("/v1/completions", {"prompt": "abc", "stop": ""}, 400, "none of them empty"),
         ("/v1/completions", {"prompt": "abc", "model": "gpt-4"}, 404, "this server serves 'tiny'"),
         ("/v1/completions", {"prompt": "abc", "max_tokens": 0}, 400, "max_tokens"),
         ("/v1/completions", {"prompt": "abc", "logit_bias": {}}, 400, "logit_bias"),
@@ -369,6 +373,35 @@ def test_requests_that_arrive_together_are_decoded_together_and_answered_as_alon
         assert gone.result().stats.batch_size == 2  # it was decoded with the other, which went on without it
 
 
+def test_a_batch_ends_each_answer_at_its_own_stop_strings_and_seeded_requests_decode_alone():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flashmemory.runtime.sampling import Sampling
+
+    model, tok = tiny_model("llama"), BatchCharTokenizer()
+    every = LSAConfig(budget=None, max_pages=1000, **SMALL_LSA)
+    alone = Engine(model, tok, "tiny", lsa=every, max_new_tokens=40)
+    together = Engine(model, tok, "tiny", lsa=every, max_new_tokens=40, max_batch=3, batch_wait=0.5)
+    prompts = [tok(CONTEXT[: 300 + 150 * i])["input_ids"] for i in range(3)]
+    free = [alone.answer(p, LSAChoice(), 20).text for p in prompts]
+    stops = [[free[0][6:8]], [], [free[2][3:5], "\x00"]]
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda i: together.answer(prompts[i], LSAChoice(), 20, stop=stops[i]), range(3)))
+    assert max(g.stats.batch_size for g in got) > 1
+    for text, stop, g in zip(free, stops, got, strict=True):
+        want = text[: min([text.find(s) for s in stop if s in text], default=len(text))]
+        assert g.text == want
+        assert g.finish_reason == ("stop" if want != text else "length")
+
+    seeded = Sampling(temperature=1.0, seed=5)
+    want = alone.answer(prompts[0], LSAChoice(), 12, sampling=seeded)
+    with ThreadPoolExecutor(2) as pool:
+        a = pool.submit(together.answer, prompts[0], LSAChoice(), 12, sampling=seeded)
+        b = pool.submit(together.answer, prompts[1], LSAChoice(), 12, sampling=seeded)
+        assert a.result().text == want.text  # not batched with b, whose draws would come from the same generator
+        assert a.result().stats.batch_size == b.result().stats.batch_size == 1
+
+
 def test_engine_settings_out_of_range_are_refused():
     with pytest.raises(ValueError, match="max_batch"):
         Engine(tiny_model("llama"), BatchCharTokenizer(), "tiny", max_batch=0)
@@ -421,3 +454,37 @@ def test_a_missing_server_extra_is_named_with_its_install_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if it were not installed
     got = CliRunner().invoke(app, ["serve", "--model", "no-such-model"])
     assert got.exit_code == 2 and "pip install 'flashmemory[serve]'" in got.output  # brackets survive the printing
+
+
+def test_stop_strings_end_answers_streamed_or_not_without_sending_any_part_of_them(served):
+    client, _, _ = served
+    body = {"prompt": CONTEXT[:500], "max_tokens": 30}
+    text = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert len(text) >= 20
+    stop = text[10:13]
+    cut = text[: text.find(stop)]
+    done = client.post("/v1/completions", json={**body, "stop": [stop, "\x00"]}).json()
+    assert done["choices"][0]["text"] == cut and done["choices"][0]["finish_reason"] == "stop"
+    assert done["usage"]["completion_tokens"] == text.find(stop) + len(stop)
+    events = _events(client.post("/v1/completions", json={**body, "stop": stop, "stream": True}))
+    pieces = [e["choices"][0]["text"] for e in events]
+    # pieces are only ever appended: their sum being the cut text means no character of the stop string went out
+    assert "".join(pieces) == cut and events[-1]["choices"][0]["finish_reason"] == "stop"
+    messages = [{"role": "user", "content": CONTEXT[:500]}]
+    chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 30}).json()
+    reply = chat["choices"][0]["message"]["content"]
+    stop = reply[5:7]
+    stopped = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 30, "stop": stop}).json()
+    assert stopped["choices"][0]["message"]["content"] == reply[: reply.find(stop)]
+
+
+def test_sampled_answers_repeat_with_a_seed(served):
+    client, _, _ = served
+    body = {"prompt": CONTEXT[:500], "max_tokens": 16, "temperature": 1.0, "top_p": 0.95, "top_k": 50}
+    a = client.post("/v1/completions", json={**body, "seed": 11}).json()["choices"][0]["text"]
+    b = client.post("/v1/completions", json={**body, "seed": 11}).json()["choices"][0]["text"]
+    c = client.post("/v1/completions", json={**body, "seed": 12}).json()["choices"][0]["text"]
+    greedy = client.post("/v1/completions", json={"prompt": CONTEXT[:500], "max_tokens": 16}).json()
+    assert a == b and a != c and a != greedy["choices"][0]["text"]
+    unseeded = client.post("/v1/completions", json=body)
+    assert unseeded.status_code == 200 and unseeded.json()["usage"]["completion_tokens"] >= 1

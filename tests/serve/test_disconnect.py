@@ -22,14 +22,14 @@ class SlowEngine(Engine):
 
     decoded = 0
 
-    def answer(self, ids, choice, max_new_tokens, on_token=None):
+    def answer(self, ids, choice, max_new_tokens, on_token=None, **decoding):
         def slow(tok):
             SlowEngine.decoded += 1
             time.sleep(0.05)
             if on_token is not None:
                 on_token(tok)
 
-        return super().answer(ids, choice, max_new_tokens, on_token=slow)
+        return super().answer(ids, choice, max_new_tokens, on_token=slow, **decoding)
 
 
 def test_a_client_that_leaves_a_stream_stops_the_decoding():

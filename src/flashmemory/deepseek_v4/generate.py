@@ -10,6 +10,7 @@ from ..config import LSAConfig
 from ..memory.accounting import storage_bytes
 from ..runtime.generate import GenerationResult, copy_cycle_stats, decode_result, encode_prompts, prompt_list
 from ..runtime.generate import generate_ids as generic_generate_ids
+from ..runtime.sampling import Sampling, StopText
 from ..runtime.stats import GenerationStats
 from .accounting import layer_state_tensors
 from .cache import DeepseekV4LSACache
@@ -35,8 +36,10 @@ def generate_ids(
     eos_token_id: int | list[int] | None = None,
     forced_pages=None,
     on_token=None,
+    sampling: Sampling | None = None,
+    stop: StopText | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
-    """Greedy decoding of a DeepSeek-V4 model with LSA on its CSA layers, or with transformers' own cache.
+    """Decoding of a DeepSeek-V4 model with LSA on its CSA layers, or with transformers' own cache.
 
     Args:
         model: a ``DeepseekV4ForCausalLM``.
@@ -48,6 +51,8 @@ def generate_ids(
         eos_token_id: stop ids.
         forced_pages: ``(cache) -> [B, K]`` page ids instead of the indexer (tests, oracles).
         on_token: called with each step's tokens as they are chosen (see the generic ``generate_ids``).
+        sampling: how each token is chosen (greedy by default), and ``stop``: stop strings per row, as in the
+            generic ``generate_ids``.
 
     Returns:
         Generated ids ``[B, N]`` and the accounting (``kv_bytes_device``: peak storage of the device KV state,
@@ -75,6 +80,8 @@ def generate_ids(
             eos_token_id=eos_token_id,
             cache_factory=factory,
             on_token=on_token,
+            sampling=sampling,
+            stop=stop,
         )
     finally:
         if isinstance(holder.get("cache"), DeepseekV4LSACache):

@@ -21,6 +21,7 @@ from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
 from ..memory.accounting import storage_bytes
 from .graph_step import GraphDecodeStep
+from .sampling import Sampling, StopText
 from .stats import GenerationStats
 
 METHODS = ("lsa", "full")
@@ -105,8 +106,10 @@ def generate_ids(
     cuda_graph: bool = False,
     on_token: Callable[[torch.Tensor], None] | None = None,
     prefix: PrefixKV | None = None,
+    sampling: Sampling | None = None,
+    stop: StopText | None = None,
 ) -> tuple[torch.Tensor, GenerationStats]:
-    """Greedy decoding from token ids with LSA or a full cache.
+    """Decoding from token ids with LSA or a full cache (greedy unless ``sampling`` says otherwise).
 
     Args:
         model: causal LM.
@@ -131,6 +134,9 @@ def generate_ids(
         prefix: keys and values of the prompt's first tokens, captured before (:class:`PrefixKV`); ``input_ids``
             are then the rest of the prompt, prefilled against it, and the answer is the one the whole prompt
             gives. Unpadded prompts only.
+        sampling: how each token is chosen (:class:`~flashmemory.runtime.sampling.Sampling`). Default: greedy.
+        stop: stop strings per row (:class:`~flashmemory.runtime.sampling.StopText`): a row whose text reaches one
+            ends there, as at an EOS; ``stop.cut`` then gives its tokens and text. Default: None.
 
     Returns:
         Generated ids ``[B, N]`` and the accounting.
@@ -200,14 +206,17 @@ def generate_ids(
             )
             next_pos = next_pos + 1
         logits = out.logits[:, -1]
+        choose = (sampling or Sampling()).chooser(device)
         tokens, done = [], torch.zeros(batch, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
-            tok = logits.argmax(-1)
+            tok = choose(logits)
             if tokens:
                 tok = torch.where(done, tokens[-1], tok)
             tokens.append(tok)
             if on_token is not None:
                 on_token(tok)
+            if stop is not None:
+                done |= stop.update(tok, finished=done)
             done |= torch.isin(tok, stops)
             if bool(done.all()):
                 break
@@ -300,6 +309,8 @@ def generate(
     max_new_tokens: int = 64,
     chat: bool = True,
     cuda_graph: bool = False,
+    sampling: Sampling | None = None,
+    stop: str | list[str] | None = None,
 ) -> GenerationResult:
     """Answer one prompt or a batch of prompts with LSA (or full attention for comparison).
 
@@ -314,6 +325,9 @@ def generate(
         max_new_tokens: most tokens to generate. Default: 64.
         chat: wrap prompts in the tokenizer's chat template when it has one. Default: True.
         cuda_graph: replay decode steps from a captured CUDA graph (see :func:`generate_ids`). Default: False.
+        sampling: temperature, top-p, top-k and seed (:class:`~flashmemory.runtime.sampling.Sampling`).
+            Default: greedy.
+        stop: a string or strings that end an answer; the text ends before the first one reached. Default: None.
 
     Returns:
         Texts, token ids and :class:`GenerationStats`.
@@ -322,6 +336,9 @@ def generate(
     eos = tokenizer.eos_token_id
     if method == "lsa":
         indexer = resolve_indexer(model, indexer)
+    stop_text = None
+    if stop:
+        stop_text = StopText(tokenizer, [[stop] if isinstance(stop, str) else list(stop)] * enc["input_ids"].shape[0])
     ids, stats = generate_ids(
         model,
         enc["input_ids"],
@@ -332,15 +349,23 @@ def generate(
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         cuda_graph=cuda_graph,
+        sampling=sampling,
+        stop=stop_text,
     )
-    return decode_result(tokenizer, ids, stats)
+    return decode_result(tokenizer, ids, stats, stop_text)
 
 
-def decode_result(tokenizer, ids: torch.Tensor, stats: GenerationStats) -> GenerationResult:
-    """Texts and token ids of generated ``ids [B, N]``, each row cut before its first EOS."""
+def decode_result(
+    tokenizer, ids: torch.Tensor, stats: GenerationStats, stop: StopText | None = None
+) -> GenerationResult:
+    """Texts and token ids of generated ``ids [B, N]``, each row cut before its first EOS, or at its stop string
+    (the tokens through the one that completed it, the text before it)."""
     stops = _as_list(tokenizer.eos_token_id)
     token_ids = [_until_eos(row.tolist(), stops) for row in ids.cpu()]
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+    if stop is not None:
+        for b in range(len(token_ids)):
+            token_ids[b], texts[b], _ = stop.cut(b, token_ids[b], texts[b])
     return GenerationResult(texts=texts, token_ids=token_ids, stats=stats)
 
 

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..memory.pinned import HOST_POOL
 from ..runtime.ask import stats_record
 from ..runtime.generate import encode_prompts
+from ..runtime.sampling import Sampling, cut_at_stop, held_back
 from ..runtime.session import build_prompt
 from .engine import Answer, ClientGone, Engine, ModelNotServed
 from .schemas import AskRequest, ChatRequest, CompletionRequest, LSAChoice
@@ -30,10 +31,16 @@ def stream_answer(
     max_new_tokens: int,
     chunk: Callable[..., dict],
     request: Request | None = None,
+    *,
+    sampling: Sampling | None = None,
+    stop: list[str] | None = None,
 ) -> StreamingResponse:
     """The answer as server-sent events: ``chunk(text)`` for each new piece, ``chunk("", answer)`` last, then
     ``[DONE]``. Bad settings are refused before the stream starts, so they still get status 400. When the client
-    goes away (``request`` reports it, or the stream is closed) decoding stops at its next token."""
+    goes away (``request`` reports it, or the stream is closed) decoding stops at its next token. Text that could
+    still begin one of the ``stop`` strings is held back until the next token tells, so no piece of a stop string
+    is ever sent."""
+    stop = list(stop or [])
     engine.settings(ids, choice, max_new_tokens)
     gone = threading.Event()
 
@@ -51,7 +58,9 @@ def stream_answer(
 
         def work() -> None:
             try:
-                result: object = engine.answer(ids, choice, max_new_tokens, on_token=on_token)
+                result: object = engine.answer(
+                    ids, choice, max_new_tokens, on_token=on_token, sampling=sampling, stop=stop
+                )
             except BaseException as exc:  # handed to the stream, which reports it; nothing else would see it
                 result = exc
             if not gone.is_set():
@@ -66,6 +75,8 @@ def stream_answer(
                 if request is not None and await request.is_disconnected():
                     return
                 if isinstance(item, Answer):
+                    if len(item.text) > len(sent):  # what was held back and is not part of a stop string
+                        yield sse(chunk(item.text[len(sent) :]))
                     yield sse(chunk("", item))
                     yield sse("[DONE]")
                     return
@@ -77,6 +88,9 @@ def stream_answer(
                 text = engine.tokenizer.decode(produced, skip_special_tokens=True)
                 if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
                     continue
+                if stop:
+                    cut = cut_at_stop(text, stop)
+                    text = cut if len(cut) < len(text) else text[: len(text) - held_back(text, stop)]
                 if len(text) > len(sent):
                     yield sse(chunk(text[len(sent) :]))
                     sent = text
@@ -180,9 +194,10 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             return {**head, "choices": [choice]} | ({} if a is None else _accounting(a))
 
         ids = engine.text_ids(req.prompt)
+        decoding = dict(sampling=req.sampling, stop=req.stop_strings)
         if req.stream:
-            return stream_answer(engine, ids, req, req.new_tokens, reply, request)
-        a = engine.answer(ids, req, req.new_tokens)
+            return stream_answer(engine, ids, req, req.new_tokens, reply, request, **decoding)
+        a = engine.answer(ids, req, req.new_tokens, **decoding)
         return reply(a.text, a)
 
     @app.post("/v1/chat/completions")
@@ -192,6 +207,7 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             raise ValueError("messages: every message is empty")
         ids = engine.chat_ids([m.model_dump() for m in req.messages])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.name}
+        decoding = dict(sampling=req.sampling, stop=req.stop_strings)
         if req.stream:
             first = [True]
 
@@ -202,8 +218,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
                 out = {**head, "object": "chat.completion.chunk", "choices": [choice]}
                 return out | ({} if a is None else _accounting(a))
 
-            return stream_answer(engine, ids, req, req.new_tokens, piece, request)
-        a = engine.answer(ids, req, req.new_tokens)
+            return stream_answer(engine, ids, req, req.new_tokens, piece, request, **decoding)
+        a = engine.answer(ids, req, req.new_tokens, **decoding)
         message = {"role": "assistant", "content": a.text}
         choice = {"index": 0, "message": message, "finish_reason": a.finish_reason}
         return {**head, "object": "chat.completion", "choices": [choice]} | _accounting(a)

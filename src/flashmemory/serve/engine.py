@@ -26,6 +26,7 @@ from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..memory.pinned import HOST_POOL
 from ..runtime.generate import decode_result, generate_ids
+from ..runtime.sampling import Sampling, StopText
 from ..runtime.session import Session
 from ..runtime.stats import GenerationStats
 from .schemas import LSAChoice
@@ -44,7 +45,7 @@ class Answer:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end-of-text) or "length" (max tokens reached)
+    finish_reason: str  # "stop" (end-of-text or a stop string) or "length" (max tokens reached)
     stats: GenerationStats  # of the batch the request was decoded in (``stats.batch_size`` sequences)
 
 
@@ -55,9 +56,11 @@ class _Job:
     lsa: LSAConfig
     max_new_tokens: int
     on_token: Callable[[int], None] | None
+    sampling: Sampling = field(default_factory=Sampling)
+    stop: list[str] = field(default_factory=list)  # strings that end the answer (before them)
     result: Future = field(default_factory=Future)
     gone: bool = False  # its client left
-    ended: bool = False  # its answer reached end-of-text
+    ended: bool = False  # its answer reached end-of-text or a stop string
 
 
 @dataclass(slots=True)
@@ -165,14 +168,26 @@ class Engine:
         choice: LSAChoice,
         max_new_tokens: int,
         on_token: Callable[[int], None] | None = None,
+        *,
+        sampling: Sampling | None = None,
+        stop: list[str] | None = None,
     ) -> Answer:
-        """Greedy answer to one tokenised prompt, decoded with the requests that arrive with it.
+        """The answer to one tokenised prompt, decoded with the requests that arrive with it.
 
-        ``on_token`` sees each token id of the answer as it is chosen (not the end-of-text token, nor anything
-        after it); raising :class:`ClientGone` drops the request (its batch goes on for the others, and stops when
-        none is left).
+        ``sampling`` chooses the tokens (greedy by default); the answer ends before the first of ``stop`` its text
+        reaches. ``on_token`` sees each token id of the answer as it is chosen (through the one that completes a
+        stop string; not the end-of-text token, nor anything after either); raising :class:`ClientGone` drops the
+        request (its batch goes on for the others, and stops when none is left).
         """
-        job = _Job(ids, choice.method, self.settings(ids, choice, max_new_tokens), max_new_tokens, on_token)
+        job = _Job(
+            ids,
+            choice.method,
+            self.settings(ids, choice, max_new_tokens),
+            max_new_tokens,
+            on_token,
+            sampling or Sampling(),
+            list(stop or []),
+        )
         self._submit(job)
         return job.result.result()
 
@@ -202,8 +217,11 @@ class Engine:
     def _fits(self, first: _Job | _SessionJob, job: _Job | _SessionJob) -> bool:
         if isinstance(first, _SessionJob) or isinstance(job, _SessionJob):
             return False  # a session owns its prefix and its caches: it decodes alone
-        # one cache config per batch; DeepSeek-V4's compressors cannot skip padding, so its batches share a length
-        same = job.method == first.method and job.lsa == first.lsa
+        # one cache config and one sampler per batch (a seeded request is decoded alone: others would take draws
+        # from its generator); DeepSeek-V4's compressors cannot skip padding, so its batches share a length
+        if first.sampling.seed is not None or job.sampling.seed is not None:
+            return False
+        same = job.method == first.method and job.lsa == first.lsa and job.sampling == first.sampling
         return same and (not self.is_deepseek_v4 or job.ids.shape[1] == first.ids.shape[1])
 
     def _serve(self) -> None:
@@ -272,10 +290,13 @@ class Engine:
             ids[b, width - job.ids.shape[1] :] = job.ids[0]
             mask[b, width - job.ids.shape[1] :] = 1
         steps = [0]
+        stop = StopText(self.tokenizer, [job.stop for job in batch]) if any(job.stop for job in batch) else None
 
         def on_token(tok: torch.Tensor) -> None:
             steps[0] += 1
             for b, job in enumerate(batch):
+                if stop is not None and stop.ended_at[b] is not None:
+                    job.ended = True  # the token that completed its stop string went out last step
                 if job.gone or job.ended or job.on_token is None or steps[0] > job.max_new_tokens:
                     continue
                 token = int(tok[b])
@@ -296,6 +317,8 @@ class Engine:
             max_new_tokens=max(job.max_new_tokens for job in batch),
             eos_token_id=eos,
             on_token=on_token,
+            sampling=first.sampling,
+            stop=stop,
         )
         try:
             if self.is_deepseek_v4:  # its own backend: LSA over the CSA entries, the native indexer's query path
@@ -311,6 +334,8 @@ class Engine:
         for b, job in enumerate(batch):
             row = out[b : b + 1, : job.max_new_tokens]
             result = decode_result(self.tokenizer, row, stats)  # cut at the first end-of-text token
-            tokens = result.token_ids[0]
-            reason = "stop" if len(tokens) < row.shape[1] else "length"
-            job.result.set_result(Answer(result.text, int(job.ids.shape[1]), len(tokens), reason, stats))
+            tokens, text, stopped = result.token_ids[0], result.text, False
+            if stop is not None:
+                tokens, text, stopped = stop.cut(b, tokens, text)
+            reason = "stop" if stopped or len(tokens) < row.shape[1] else "length"
+            job.result.set_result(Answer(text, int(job.ids.shape[1]), len(tokens), reason, stats))

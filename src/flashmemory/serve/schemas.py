@@ -1,7 +1,9 @@
 """Request bodies of the HTTP server: the OpenAI-style completion endpoints and flashmemory's own ``/v1/ask``.
 
-Only greedy decoding runs here, so sampling fields are accepted only at values that mean greedy; anything else is
-refused rather than quietly ignored. ``stream`` sends the answer as server-sent events, as OpenAI's API does.
+The completion endpoints sample as OpenAI's do (``temperature``, ``top_p``, ``seed``, and ``top_k`` as an extra
+field) and end answers at ``stop`` strings, except that an unset temperature means greedy decoding here, so that a
+request without one is reproducible. What is not supported (penalties, ``n`` > 1) is refused rather than quietly
+ignored. ``stream`` sends the answer as server-sent events, as OpenAI's API does.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..runtime.sampling import Sampling
 
 
 class LSAChoice(BaseModel):
@@ -26,14 +30,15 @@ class _Sampling(LSAChoice):
     model: str | None = None
     max_tokens: int = Field(16, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins when set.")
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: float | None = Field(None, ge=0, le=2, description="0 or unset: greedy.")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="Sample among the k most likely tokens; 0 or unset: all.")
     n: int | None = None
     stream: bool | None = None
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, description="Up to 4 strings; the answer ends before the first one.")
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    seed: int | None = Field(None, description="Accepted; greedy decoding does not sample.")
+    seed: int | None = Field(None, description="Seed of the draws; a request with one is decoded alone.")
     stream_options: dict | None = Field(None, description="Accepted; a stream's last chunk always has the usage.")
     user: str | None = None
 
@@ -41,18 +46,27 @@ class _Sampling(LSAChoice):
     def new_tokens(self) -> int:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(
+            temperature=self.temperature or 0.0,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            seed=self.seed,
+        )
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
     @model_validator(mode="after")
-    def _greedy_only(self):
+    def _supported(self):
         if self.presence_penalty not in (None, 0) or self.frequency_penalty not in (None, 0):
             raise ValueError("penalties are not supported: presence_penalty and frequency_penalty must be 0")
-        if self.temperature not in (None, 0):
-            raise ValueError("only greedy decoding runs here: temperature must be 0 or left out")
-        if self.top_p not in (None, 1):
-            raise ValueError("only greedy decoding runs here: top_p must be 1 or left out")
         if self.n not in (None, 1):
             raise ValueError("one completion per request: n must be 1 or left out")
-        if self.stop:
-            raise ValueError("stop sequences are not supported: the answer ends at the model's end-of-text token")
+        if len(self.stop_strings) > 4 or "" in self.stop_strings:
+            raise ValueError("stop: at most 4 strings, none of them empty")
         return self
 
 
