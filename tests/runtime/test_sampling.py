@@ -113,3 +113,21 @@ def test_text_a_stream_must_hold_back():
     assert held_back("hello", ["world"]) == 0
     assert held_back("abcab", ["abcabd"]) == 5
     assert held_back("", ["a"]) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "graph"])
+def test_sampling_and_stop_strings_on_the_cuda_fast_path_cuda(cuda_graph):
+    model = tiny_model("llama").cuda()
+    tok = BatchCharTokenizer()
+    lsa = LSAConfig(budget=0.3, **SMALL_LSA)
+    kw = dict(method="lsa", indexer=None, lsa=lsa, max_new_tokens=40, chat=False, cuda_graph=cuda_graph)
+    seeded = Sampling(temperature=1.0, top_k=40, seed=3)
+    a = generate(model, tok, PROMPT * 4, sampling=seeded, **kw)
+    b = generate(model, tok, PROMPT * 4, sampling=seeded, **kw)
+    assert a.token_ids == b.token_ids and a.stats.boundaries >= 2
+    assert a.stats.kv_ratio <= 0.3
+    text = generate(model, tok, PROMPT * 4, **kw).text
+    stop = text[12:14]
+    got = generate(model, tok, PROMPT * 4, stop=stop, **kw)
+    assert got.text == text[: text.find(stop)]
