@@ -140,3 +140,18 @@ def test_a_store_refuses_a_prefilled_mirror_of_another_shape():
             pad_len=torch.zeros(1, dtype=torch.long),
             prefilled=bad,
         )
+
+
+def test_a_session_samples_and_stops_as_a_request_of_its_own():
+    from flashmemory.runtime.sampling import Sampling
+
+    model = tiny_model("llama")
+    tok = BatchCharTokenizer(chat_template="tiny")
+    session = Session(model, tok, CONTEXT, method="lsa", indexer=None, lsa=LSA)
+    kw = dict(max_new_tokens=16, sampling=Sampling(temperature=1.0, seed=4))
+    got = session.ask(QUESTIONS[0], **kw)
+    want = generate(model, tok, build_prompt(CONTEXT, QUESTIONS[0]), method="lsa", indexer=None, lsa=LSA, **kw)
+    assert got.token_ids == want.token_ids
+    stop = want.text[4:6]
+    stopped = session.ask(QUESTIONS[0], stop=stop, **kw)
+    assert stopped.text == want.text[: want.text.find(stop)]

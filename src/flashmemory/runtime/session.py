@@ -30,6 +30,7 @@ from ..memory.kv_files import saved_name
 from ..models.loader import weights_digest
 from .generate import METHODS, GenerationResult, decode_result, encode_prompts, generate_ids
 from .graph_step import check_graph_replay
+from .sampling import Sampling, StopText
 
 INSTRUCTION = "Answer from the text above."
 
@@ -142,13 +143,23 @@ class Session:
         self.save_seconds = time.perf_counter() - t0
         return prefix
 
-    def ask(self, question: str, *, max_new_tokens: int = 64, on_token=None) -> GenerationResult:
+    def ask(
+        self,
+        question: str,
+        *,
+        max_new_tokens: int = 64,
+        on_token=None,
+        sampling: Sampling | None = None,
+        stop: str | list[str] | None = None,
+    ) -> GenerationResult:
         """Answer one question about the context, as a request of its own would.
 
         Args:
             question: the question.
             max_new_tokens: most tokens of the answer. Default: 64.
             on_token: called with each answer token as it is chosen (for streaming).
+            sampling: how each token is chosen (:class:`~flashmemory.runtime.sampling.Sampling`). Default: greedy.
+            stop: a string or strings that end the answer; its text ends before the first one reached.
 
         Returns:
             The answer and its accounting. ``prefill_seconds`` is the question's own prefill, plus the context's
@@ -168,6 +179,7 @@ class Session:
         # the question's text could join the context's last token into another one; then the whole prompt is
         # prefilled, as one request would be, rather than answering from a prefix the prompt does not start with
         shared = ids[0, :n].tolist() == self.prefix_ids
+        stop_text = StopText(self.tokenizer, [[stop] if isinstance(stop, str) else list(stop)]) if stop else None
         tokens, stats = generate_ids(
             self.model,
             ids[:, n:] if shared else ids,
@@ -179,11 +191,13 @@ class Session:
             on_token=on_token,
             cuda_graph=self.cuda_graph,
             prefix=self.prefix if shared else None,
+            sampling=sampling,
+            stop=stop_text,
         )
         if self.answered == 0:
             stats.prefill_seconds += self.prefill_seconds
         self.answered += 1
-        return decode_result(self.tokenizer, tokens, stats)
+        return decode_result(self.tokenizer, tokens, stats, stop_text)
 
     def _redo_tokens(self, lsa: LSAConfig) -> int:
         """Context tokens every question prefills again under LSA.
