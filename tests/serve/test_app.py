@@ -488,3 +488,35 @@ def test_sampled_answers_repeat_with_a_seed(served):
     assert a == b and a != c and a != greedy["choices"][0]["text"]
     unseeded = client.post("/v1/completions", json=body)
     assert unseeded.status_code == 200 and unseeded.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_a_prompt_too_short_for_lsa_is_answered_with_full_attention(served):
+    client, _, _ = served
+    body = {"messages": [{"role": "user", "content": "hi there"}], "max_tokens": 6}
+    short = client.post("/v1/chat/completions", json=body)
+    assert short.status_code == 200, short.text
+    full = client.post("/v1/chat/completions", json={**body, "method": "full"}).json()
+    got = short.json()
+    assert got["flashmemory"]["method"] == "full" and got["flashmemory"]["kv_ratio"] == 1.0
+    assert got["choices"][0]["message"]["content"] == full["choices"][0]["message"]["content"]
+    streamed = _events(client.post("/v1/chat/completions", json={**body, "stream": True}))
+    assert (
+        "".join(e["choices"][0]["delta"].get("content", "") for e in streamed)
+        == full["choices"][0]["message"]["content"]
+    )
+    # several questions about a short context: one full-attention session
+    asked = client.post("/v1/ask", json={"context": "abc def", "questions": ["a?", "b?"], "max_new_tokens": 4})
+    assert asked.status_code == 200, asked.text
+    assert all(a["method"] == "full" for a in asked.json()["answers"])
+    # a budget the request gives itself is held to
+    own = client.post("/v1/chat/completions", json={**body, "budget": 0.5})
+    assert own.status_code == 400 and "cannot hold the always-resident part" in own.json()["error"]["message"]
+    own = client.post("/v1/ask", json={"context": "abc def", "questions": ["a?"], "max_new_tokens": 4, "budget": 0.5})
+    assert own.status_code == 400 and "cannot hold the always-resident part" in own.json()["error"]["message"]
+
+
+def test_a_server_budget_in_bytes_is_held_to_even_for_a_short_prompt():
+    model, tok = tiny_model("llama"), BatchCharTokenizer()
+    engine = Engine(model, tok, "tiny", lsa=LSAConfig(budget=2_000, **SMALL_LSA), max_new_tokens=8)
+    with pytest.raises(ValueError, match="cannot hold the always-resident part"):
+        engine.answer(tok("hi there")["input_ids"], LSAChoice(), 4)

@@ -21,6 +21,11 @@ def call(method: str, path: str, body: dict | None) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+MOON = {
+    "messages": [{"role": "user", "content": "Write three short facts about the moon, one per line."}],
+    "max_tokens": 40,
+}
+
 CALLS = [
     ("GET", "/health", None),
     ("GET", "/v1/models", None),
@@ -37,7 +42,10 @@ CALLS = [
     ),
     ("POST", "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 8, "method": "full"}),
     ("POST", "/v1/ask", {"context": DOC, "question": " ", "max_new_tokens": 16}),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 0.7}),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 3.0}),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}),
+    *[("POST", "/v1/chat/completions", {**MOON, "temperature": 0.7, "top_p": 0.9, "seed": s}) for s in (1, 1, 2)],
+    ("POST", "/v1/chat/completions", {**MOON, "stop": "\n"}),
     ("POST", "/v1/ask", {"context": DOC * 5, "question": Q}),
 ]
 

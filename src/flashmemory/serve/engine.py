@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
+from ..memory.layout import BudgetError
 from ..memory.pinned import HOST_POOL
 from ..runtime.generate import decode_result, generate_ids
 from ..runtime.sampling import Sampling, StopText
@@ -58,6 +59,7 @@ class _Job:
     on_token: Callable[[int], None] | None
     sampling: Sampling = field(default_factory=Sampling)
     stop: list[str] = field(default_factory=list)  # strings that end the answer (before them)
+    own_budget: bool = False  # the request gave its budget (held to), rather than taking the server's
     result: Future = field(default_factory=Future)
     gone: bool = False  # its client left
     ended: bool = False  # its answer reached end-of-text or a stop string
@@ -72,6 +74,7 @@ class _SessionJob:
     method: str
     lsa: LSAConfig
     max_new_tokens: int
+    own_budget: bool = False
     result: Future = field(default_factory=Future)
 
 
@@ -187,6 +190,7 @@ class Engine:
             on_token,
             sampling or Sampling(),
             list(stop or []),
+            own_budget=choice.budget is not None,
         )
         self._submit(job)
         return job.result.result()
@@ -201,7 +205,14 @@ class Engine:
         request, in the decode thread. Also returns, with :attr:`kv_cache`, the context's folder and whether it was
         read from there (else None).
         """
-        job = _SessionJob(context, list(questions), choice.method, self.request_lsa(choice), max_new_tokens)
+        job = _SessionJob(
+            context,
+            list(questions),
+            choice.method,
+            self.request_lsa(choice),
+            max_new_tokens,
+            own_budget=choice.budget is not None,
+        )
         self._submit(job)
         return job.result.result()
 
@@ -221,7 +232,12 @@ class Engine:
         # from its generator); DeepSeek-V4's compressors cannot skip padding, so its batches share a length
         if first.sampling.seed is not None or job.sampling.seed is not None:
             return False
-        same = job.method == first.method and job.lsa == first.lsa and job.sampling == first.sampling
+        same = (job.method, job.lsa, job.sampling, job.own_budget) == (
+            first.method,
+            first.lsa,
+            first.sampling,
+            first.own_budget,
+        )
         return same and (not self.is_deepseek_v4 or job.ids.shape[1] == first.ids.shape[1])
 
     def _serve(self) -> None:
@@ -258,18 +274,16 @@ class Engine:
 
     def _run_session(self, job: _SessionJob) -> None:
         try:
-            session = Session(
-                self.model,
-                self.tokenizer,
-                job.context,
-                method=job.method,
-                lsa=job.lsa,
-                indexer=self.indexer,
-                kv_cache=self.kv_cache,
-            )
+            session = self._session(job, job.method)
             answers = []
             for q in job.questions:
-                r = session.ask(q, max_new_tokens=job.max_new_tokens)
+                try:
+                    r = session.ask(q, max_new_tokens=job.max_new_tokens)
+                except BudgetError:
+                    if not (_falls_back(job) and session.method == "lsa"):
+                        raise
+                    session = self._session(job, "full")
+                    r = session.ask(q, max_new_tokens=job.max_new_tokens)
                 tokens = r.token_ids[0]
                 reason = "stop" if len(tokens) < job.max_new_tokens else "length"
                 answers.append(Answer(r.text, r.stats.context_tokens, len(tokens), reason, r.stats))
@@ -277,6 +291,17 @@ class Engine:
             job.result.set_exception(exc)
             return
         job.result.set_result((answers, session.saved_context))
+
+    def _session(self, job: _SessionJob, method: str) -> Session:
+        return Session(
+            self.model,
+            self.tokenizer,
+            job.context,
+            method=method,
+            lsa=job.lsa,
+            indexer=self.indexer if method == "lsa" else None,
+            kv_cache=self.kv_cache,
+        )
 
     def _decode(self, batch: list[_Job]) -> None:
         eos = self.tokenizer.eos_token_id
@@ -310,23 +335,32 @@ class Engine:
                 raise ClientGone
 
         first = batch[0]
-        common = dict(
-            method=first.method,
-            lsa=first.lsa,
-            indexer=self.indexer if first.method == "lsa" else None,
-            max_new_tokens=max(job.max_new_tokens for job in batch),
-            eos_token_id=eos,
-            on_token=on_token,
-            sampling=first.sampling,
-            stop=stop,
-        )
-        try:
+
+        def run(method: str):
+            common = dict(
+                method=method,
+                lsa=first.lsa,
+                indexer=self.indexer if method == "lsa" else None,
+                max_new_tokens=max(job.max_new_tokens for job in batch),
+                eos_token_id=eos,
+                on_token=on_token,
+                sampling=first.sampling,
+                stop=stop,
+            )
             if self.is_deepseek_v4:  # its own backend: LSA over the CSA entries, the native indexer's query path
                 from ..deepseek_v4.generate import generate_ids as v4_generate_ids
 
-                out, stats = v4_generate_ids(self.model, ids, **common)
-            else:
-                out, stats = generate_ids(self.model, ids, mask, **common)
+                return v4_generate_ids(self.model, ids, **common)
+            return generate_ids(self.model, ids, mask, **common)
+
+        try:
+            try:
+                out, stats = run(first.method)
+            except BudgetError:
+                if not _falls_back(first):
+                    raise
+                steps[0] = 0  # refused at the prefill, before any token went out
+                out, stats = run("full")
         except BaseException as exc:  # every request of the batch hears of it; the thread serves the next one
             for job in batch:
                 job.result.set_exception(exc)
@@ -339,3 +373,16 @@ class Engine:
                 tokens, text, stopped = stop.cut(b, tokens, text)
             reason = "stop" if stopped or len(tokens) < row.shape[1] else "length"
             job.result.set_result(Answer(text, int(job.ids.shape[1]), len(tokens), reason, stats))
+
+
+def _falls_back(job: _Job | _SessionJob) -> bool:
+    """Whether a request LSA refused for its budget is answered with full attention instead.
+
+    The server's budget is a share of each request's full cache, chosen for long prompts; LSA's always-resident
+    part (sink, recent tail, chunk keys) is about the same size at any length, so a short prompt outgrows the share
+    (under about 1000 tokens at budget 0.2 on SmolLM2-135M; ``flashmemory plan`` shows where). Its whole cache is
+    small, and full attention serves it. A budget the request gives itself is held to, and so is a budget in bytes
+    (a byte cap that LSA cannot keep, full attention would not keep either): those refusals stand.
+    """
+    budget = job.lsa.budget
+    return job.method == "lsa" and not job.own_budget and budget is not None and budget <= 1.0
