@@ -1,4 +1,7 @@
-"""Where an LSA question of a Session spends its time (random-weight Llama-3-8B shape, H200)."""
+"""Where an LSA question of a Session spends its time (random-weight Llama-3-8B shape, H200).
+
+python session_prof.py CONTEXTS [METHODS]     # METHODS: lsa,full (default); lsa-graph replays decode steps
+"""
 
 import collections
 import json
@@ -51,7 +54,9 @@ lsa = LSAConfig(budget=0.15)
 rows = []
 for ctx in [int(c) for c in sys.argv[1].split(",")]:
     text = text_of(ctx, rng)
-    for method in ("lsa", "full"):
+    # "lsa-graph": LSA with each answer's decode steps replayed from a CUDA graph
+    for name in sys.argv[2].split(",") if len(sys.argv) > 2 else ("lsa", "full"):
+        method = "lsa" if name.startswith("lsa") else "full"
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         s = Session(
@@ -62,6 +67,7 @@ for ctx in [int(c) for c in sys.argv[1].split(",")]:
             lsa=lsa if method == "lsa" else None,
             indexer="zero-shot" if method == "lsa" else None,
             chat=False,
+            cuda_graph=name.endswith("graph"),
         )
         torch.cuda.synchronize()
         t_ctx = time.perf_counter() - t0
@@ -75,7 +81,7 @@ for ctx in [int(c) for c in sys.argv[1].split(",")]:
             dt = time.perf_counter() - t0
             row = dict(
                 context=ctx,
-                method=method,
+                method=name,
                 question=q,
                 seconds=dt,
                 context_seconds=t_ctx,
