@@ -319,6 +319,45 @@ def test_the_server_on_cuda_answers_as_the_library_does():
     assert "".join(e["choices"][0]["text"] for e in _events(streamed)) == got["choices"][0]["text"]
 
 
+@pytest.mark.cuda
+def test_graph_replay_in_the_server_answers_as_eager_decoding_cuda():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flashmemory.runtime.sampling import Sampling
+
+    model = tiny_model("llama").cuda()
+    tok = BatchCharTokenizer(chat_template="tiny")
+    lsa = LSAConfig(budget=0.3, **SMALL_LSA)
+    eager = Engine(model, tok, "tiny", lsa=lsa, max_new_tokens=40, max_batch=2, batch_wait=0.5)
+    graph = Engine(model, tok, "tiny", lsa=lsa, max_new_tokens=40, max_batch=2, batch_wait=0.5, cuda_graph=True)
+    prompts = [tok(CONTEXT * 3)["input_ids"], tok(CONTEXT[:600] * 3)["input_ids"]]
+
+    def one_by_one(engine, **kw):
+        return [engine.answer(p, LSAChoice(), 30, **kw) for p in prompts]
+
+    def together(engine):  # a batch of two, each sequence with its own pages
+        with ThreadPoolExecutor(2) as pool:
+            return [f.result() for f in [pool.submit(engine.answer, p, LSAChoice(), 30) for p in prompts]]
+
+    want, got = one_by_one(eager), one_by_one(graph)
+    assert [g.text for g in got] == [w.text for w in want]
+    assert [g.stats.kv_bytes_device for g in got] == [w.stats.kv_bytes_device for w in want]
+    assert all(g.stats.boundaries >= 2 for g in got)
+    sampled = dict(sampling=Sampling(temperature=1.0, seed=2), stop=["zz"])
+    assert [g.text for g in one_by_one(graph, **sampled)] == [w.text for w in one_by_one(eager, **sampled)]
+    want, got = together(eager), together(graph)
+    assert [g.text for g in got] == [w.text for w in want] and got[0].stats.batch_size == 2
+    questions = ["which letter?", "what comes last?"]
+    want, _ = eager.answer_questions(CONTEXT * 3, questions, LSAChoice(), 12)
+    got, _ = graph.answer_questions(CONTEXT * 3, questions, LSAChoice(), 12)
+    assert [g.text for g in got] == [w.text for w in want]
+
+
+def test_graph_replay_the_model_cannot_run_is_refused_when_the_engine_is_made():
+    with pytest.raises(ValueError, match="CUDA device"):
+        Engine(tiny_model("llama"), BatchCharTokenizer(), "tiny", lsa=LSA, cuda_graph=True)
+
+
 def test_a_deepseek_v4_model_is_served_through_its_own_backend():
     from flashmemory.deepseek_v4.cache import deepseek_v4_lsa_config
     from flashmemory.deepseek_v4.configs import tiny_deepseek_v4

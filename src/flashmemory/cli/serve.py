@@ -41,6 +41,9 @@ def serve(
     api_key_env: str = typer.Option(
         None, help="Name of an environment variable holding an API key that /v1/ requests must send as a Bearer token."
     ),
+    cuda_graph: bool = typer.Option(
+        False, "--cuda-graph", help="Replay LSA decode steps between boundaries from a captured CUDA graph."
+    ),
 ) -> None:
     """Serve OpenAI-style /v1/completions and /v1/chat/completions, and /v1/ask, with LSA (or full attention)."""
     try:
@@ -87,6 +90,7 @@ def serve(
         batch_wait=batch_wait_ms / 1000,
         kv_cache=kv_cache,
         host_cache_bytes=None if host_cache_gib is None else int(host_cache_gib * 2**30),
+        cuda_graph=cuda_graph,
     )
     OUT.print(f"serving {model} on {backbone.device} at http://{host}:{port} (budget {budget:g}, indexer {indexer})")
     uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level="info")

@@ -170,6 +170,7 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
             "indexer": "zero-shot" if engine.indexer is None else "checkpoint",
             "max_new_tokens": engine.max_new_tokens,
             "max_batch": engine.max_batch,
+            "cuda_graph": engine.cuda_graph,
             # page-locked host memory the KV mirrors hold, in use or kept for the next request (CUDA only)
             "host_locked_bytes": HOST_POOL.locked_bytes,
             "host_free_bytes": HOST_POOL.free_bytes,

@@ -27,6 +27,7 @@ from ..indexer.memory_indexer import MemoryIndexer
 from ..memory.layout import BudgetError
 from ..memory.pinned import HOST_POOL
 from ..runtime.generate import decode_result, generate_ids
+from ..runtime.graph_step import check_graph_replay
 from ..runtime.sampling import Sampling, StopText
 from ..runtime.session import Session
 from ..runtime.stats import GenerationStats
@@ -98,6 +99,9 @@ class Engine:
         host_cache_bytes: page-locked host memory kept for later requests' KV mirrors after each request, at
             most; the rest is unlocked. None keeps all of it (the fastest for requests of recurring lengths).
             Default: None.
+        cuda_graph: replay LSA decode steps between boundaries from a captured CUDA graph (see
+            :func:`~flashmemory.runtime.generate.generate_ids`); checked against the model when the engine is made.
+            Full-attention requests decode eagerly. Default: False.
     """
 
     model: nn.Module
@@ -110,6 +114,7 @@ class Engine:
     batch_wait: float = 0.005
     kv_cache: Path | None = None
     host_cache_bytes: int | None = None
+    cuda_graph: bool = False
     _jobs: queue.Queue = field(default_factory=queue.Queue, repr=False, init=False)
     _worker: threading.Thread | None = field(default=None, repr=False, init=False)
     _start: threading.Lock = field(default_factory=threading.Lock, repr=False, init=False)
@@ -120,6 +125,10 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.batch_wait < 0:
             raise ValueError(f"batch_wait must be >= 0, got {self.batch_wait}")
+        if self.cuda_graph:
+            if self.is_deepseek_v4:
+                raise ValueError("graph replay runs on transformers caches; DeepSeek-V4 decodes eagerly")
+            check_graph_replay(self.model, "lsa", self.lsa)  # refused now, not at the first request
 
     @property
     def is_deepseek_v4(self) -> bool:
@@ -301,6 +310,7 @@ class Engine:
             lsa=job.lsa,
             indexer=self.indexer if method == "lsa" else None,
             kv_cache=self.kv_cache,
+            cuda_graph=self.cuda_graph and method == "lsa",
         )
 
     def _decode(self, batch: list[_Job]) -> None:
@@ -351,7 +361,7 @@ class Engine:
                 from ..deepseek_v4.generate import generate_ids as v4_generate_ids
 
                 return v4_generate_ids(self.model, ids, **common)
-            return generate_ids(self.model, ids, mask, **common)
+            return generate_ids(self.model, ids, mask, cuda_graph=self.cuda_graph and method == "lsa", **common)
 
         try:
             try:
