@@ -181,7 +181,8 @@ def test_completions_and_chat_have_openai_shape_and_lsa_accounting(served):
 
 def test_greedy_answers_do_not_depend_on_the_endpoint_run_before(served):
     client, _, _ = served
-    body = {"prompt": CONTEXT[:400], "max_tokens": 10, "temperature": 0}
+    # the fields clients send at their "off" values are accepted
+    body = {"prompt": CONTEXT[:400], "max_tokens": 10, "temperature": 0, "logprobs": None, "top_logprobs": 0}
     first = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
     client.post("/v1/ask", json={"context": CONTEXT, "question": "q?", "max_new_tokens": 5, "method": "full"})
     assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == first
@@ -200,6 +201,8 @@ def test_greedy_answers_do_not_depend_on_the_endpoint_run_before(served):
         ("/v1/completions", {"prompt": "abc", "temperature": 2.5}, 400, "temperature"),
         ("/v1/completions", {"prompt": "abc", "top_p": 0}, 400, "top_p"),
         ("/v1/completions", {"prompt": "abc", "n": 2}, 400, "one completion per request"),
+        ("/v1/completions", {"prompt": "abc", "logprobs": 5}, 400, "log-probabilities are not returned"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
         ("/v1/completions", {"prompt": "abc", "presence_penalty": 0.5}, 400, "penalties are not supported"),
         ("/v1/completions", {"prompt": "abc", "stream": True, "max_tokens": 41}, 400, "at most 40 new tokens"),
         ("/v1/completions", {"prompt": "abc", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 strings"),

@@ -40,6 +40,8 @@ class _Sampling(LSAChoice):
     frequency_penalty: float | None = None
     seed: int | None = Field(None, description="Seed of the draws; a request with one is decoded alone.")
     stream_options: dict | None = Field(None, description="Accepted; a stream's last chunk always has the usage.")
+    logprobs: bool | int | None = Field(None, description="Only false or unset: log-probabilities are not returned.")
+    top_logprobs: int | None = Field(None, description="Only 0 or unset.")
     user: str | None = None
 
     @property
@@ -65,6 +67,8 @@ class _Sampling(LSAChoice):
             raise ValueError("penalties are not supported: presence_penalty and frequency_penalty must be 0")
         if self.n not in (None, 1):
             raise ValueError("one completion per request: n must be 1 or left out")
+        if self.logprobs not in (None, False, 0) or self.top_logprobs not in (None, 0):
+            raise ValueError("log-probabilities are not returned: logprobs must be false (or 0) or left out")
         if len(self.stop_strings) > 4 or "" in self.stop_strings:
             raise ValueError("stop: at most 4 strings, none of them empty")
         return self
