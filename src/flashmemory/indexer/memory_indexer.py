@@ -290,9 +290,7 @@ class MemoryIndexer(nn.Module):
 def zero_shot_indexer(model: nn.Module, lsa: LSAConfig) -> MemoryIndexer:
     """The indexer an LSA cache builds when given none: the backbone's ``q_proj`` on the layers ``lsa`` names (else
     the model's defaults), recording the reduction it scores with."""
-    spec = backbone_spec(model)
-    lsa = spec.resolve_counts(lsa)
-    targets, reduce = spec.scorer(lsa.target_layers, lsa.layer_reduce, zero_shot=True)
+    targets, reduce = backbone_spec(model).scorer(lsa.target_layers, lsa.layer_reduce, zero_shot=True)
     indexer = MemoryIndexer.from_model(model, targets, chunk_size=lsa.chunk_size)
     indexer.spec.layer_reduce = reduce
     return indexer

@@ -336,9 +336,7 @@ def generate(
     eos = tokenizer.eos_token_id
     if method == "lsa":
         indexer = resolve_indexer(model, indexer)
-    stop_text = None
-    if stop:
-        stop_text = StopText(tokenizer, [[stop] if isinstance(stop, str) else list(stop)] * enc["input_ids"].shape[0])
+    stop_text = StopText.same_for_all(tokenizer, stop, enc["input_ids"].shape[0])
     ids, stats = generate_ids(
         model,
         enc["input_ids"],

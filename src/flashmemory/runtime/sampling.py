@@ -88,11 +88,12 @@ class StopText:
         self.stops = [list(row) for row in stops]
         self.ids: list[list[int]] = [[] for _ in stops]
         self.ended_at: list[int | None] = [None] * len(stops)  # tokens up to the one that completed a stop
+        self.longest = max((len(s) for row in self.stops for s in row), default=0)  # longest stop string of any row
 
-    @property
-    def longest(self) -> int:
-        """Length of the longest stop string of any row (text that streaming must hold back, less one)."""
-        return max((len(s) for row in self.stops for s in row), default=0)
+    @classmethod
+    def same_for_all(cls, tokenizer, stop: str | list[str] | None, rows: int) -> StopText | None:
+        """The same stop string or strings for every one of ``rows``; None when there are none."""
+        return cls(tokenizer, [stop_list(stop)] * rows) if stop else None
 
     def update(self, tokens: torch.Tensor, finished: torch.Tensor | None = None) -> torch.Tensor:
         """Take one step's tokens ``[B]``; returns which rows end now. # [B] bool
@@ -123,6 +124,11 @@ class StopText:
         return token_ids, cut_at_stop(text, self.stops[b]), True
 
 
+def stop_list(stop: str | list[str] | None) -> list[str]:
+    """Stop strings as a list, from one string, several, or none (as OpenAI's ``stop`` takes them)."""
+    return [stop] if isinstance(stop, str) else list(stop or [])
+
+
 def cut_at_stop(text: str, stops: list[str]) -> str:
     """``text`` up to the earliest occurrence of any of ``stops`` (all of it when none occurs)."""
     at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
@@ -137,4 +143,4 @@ def held_back(text: str, stops: list[str]) -> int:
     return 0
 
 
-__all__ = ["Sampling", "StopText", "cut_at_stop", "held_back", "sample"]
+__all__ = ["Sampling", "StopText", "cut_at_stop", "held_back", "sample", "stop_list"]

@@ -179,7 +179,7 @@ class Session:
         # the question's text could join the context's last token into another one; then the whole prompt is
         # prefilled, as one request would be, rather than answering from a prefix the prompt does not start with
         shared = ids[0, :n].tolist() == self.prefix_ids
-        stop_text = StopText(self.tokenizer, [[stop] if isinstance(stop, str) else list(stop)]) if stop else None
+        stop_text = StopText.same_for_all(self.tokenizer, stop, 1)
         tokens, stats = generate_ids(
             self.model,
             ids[:, n:] if shared else ids,

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..runtime.sampling import Sampling
+from ..runtime.sampling import Sampling, stop_list
 
 
 class LSAChoice(BaseModel):
@@ -59,7 +59,7 @@ class _Sampling(LSAChoice):
 
     @property
     def stop_strings(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return stop_list(self.stop)
 
     @model_validator(mode="after")
     def _supported(self):
