@@ -390,7 +390,7 @@ def _falls_back(job: _Job | _SessionJob) -> bool:
 
     The server's budget is a share of each request's full cache, chosen for long prompts; LSA's always-resident
     part (sink, recent tail, chunk keys) is about the same size at any length, so a short prompt outgrows the share
-    (under about 1000 tokens at budget 0.2 on SmolLM2-135M; ``flashmemory plan`` shows where). Its whole cache is
+    (under about 950 tokens at budget 0.2 on SmolLM2-135M; ``flashmemory plan`` shows where). Its whole cache is
     small, and full attention serves it. A budget the request gives itself is held to, and so is a budget in bytes
     (a byte cap that LSA cannot keep, full attention would not keep either): those refusals stand.
     """
