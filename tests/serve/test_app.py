@@ -88,6 +88,23 @@ def test_several_questions_share_one_prefill_and_get_the_answers_they_get_alone(
     assert answers[0]["prefill_seconds"] > answers[1]["prefill_seconds"]  # the first pays the context's prefill
 
 
+def test_several_questions_tokenise_the_context_once_each_plus_the_sessions_two(served, monkeypatch):
+    client, _, tok = served
+    calls = []
+    real = type(tok).__call__
+
+    def counting(self, text, **kw):
+        calls.extend(t for t in ([text] if isinstance(text, str) else text) if CONTEXT in t)
+        return real(self, text, **kw)
+
+    monkeypatch.setattr(type(tok), "__call__", counting)
+    questions = ["which letter?", "what comes last?", "and first?"]
+    got = client.post("/v1/ask", json={"context": CONTEXT, "questions": questions, "max_new_tokens": 4})
+    assert got.status_code == 200, got.text
+    # each prompt once, checked and then answered; the session's context prefix and its length once each
+    assert len(calls) == len(questions) + 2
+
+
 def test_a_server_with_a_host_cache_cap_trims_the_pool_after_each_request(monkeypatch):
     from flashmemory.memory.pinned import PinnedPool
 

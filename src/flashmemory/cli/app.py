@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -47,7 +48,12 @@ def ask(
     context_file: Path = typer.Option(..., "--context-file", "-c", help="Text file with the long context."),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Short name, HF folder or GGUF file."),
     method: str = typer.Option("lsa", help="lsa or full."),
-    budget: float = typer.Option(DEFAULTS.budget, help="Device KV cap: fraction of the full cache, or bytes."),
+    budget: float | None = typer.Option(
+        None,
+        help=f"Device KV cap: fraction of the full cache, or bytes. Unset: {DEFAULTS.budget}, and a context too "
+        "short for it is answered with full attention; set, LSA holds to it or refuses.",
+        show_default=False,
+    ),
     max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
     interval: int = typer.Option(DEFAULTS.interval, help="Decode steps per recall cycle."),
     chunk_size: int = typer.Option(DEFAULTS.chunk_size, help="Tokens per scored chunk."),
@@ -74,7 +80,7 @@ def ask(
     """
     from ..runtime.ask import ask_questions
 
-    cfg = lsa_config(budget, interval, chunk_size, page_chunks, recent, sink)
+    cfg = lsa_config(DEFAULTS.budget if budget is None else budget, interval, chunk_size, page_chunks, recent, sink)
     results = ask_questions(
         model,
         context_file,
@@ -87,7 +93,15 @@ def ask(
         indexer=indexer,
         cuda_graph=cuda_graph,
         kv_cache=kv_cache,
+        budget_given=budget is not None,
     )
+    if method == "lsa" and any(r["method"] == "full" for r in results):
+        print(
+            f"note: LSA cannot keep this context within the default budget {DEFAULTS.budget} (the always-resident "
+            "sink, tail and chunk keys outgrow a share of so short a cache); answered with full attention. "
+            "Give --budget to hold LSA to a budget.",
+            file=sys.stderr,
+        )
     for result in results:
         if as_json:
             print(json.dumps(result))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ..config import LSAConfig
+from ..memory.layout import BudgetError
 from ..models import load_model
-from .generate import METHODS, encode_prompts, generate
-from .session import Session, build_prompt
+from .generate import METHODS, GenerationResult, encode_prompts, generate_encoded
+from .session import Session, question_ids
 from .stats import GenerationStats
 
 
@@ -46,7 +48,12 @@ def read_context(path: str | Path) -> str:
 
 def check_fits(model, tokenizer, prompt: str, max_new_tokens: int) -> int:
     """Prompt tokens; raises when prompt + new tokens exceed the model's context window."""
-    n = int(encode_prompts(tokenizer, [prompt], chat=True)["input_ids"].shape[1])
+    return check_length(model, encode_prompts(tokenizer, [prompt], chat=True)["input_ids"], max_new_tokens)
+
+
+def check_length(model, ids: torch.Tensor, max_new_tokens: int) -> int:
+    """Tokens of the prompt ``ids [1, T]``; raises when they and the new tokens exceed the model's window."""
+    n = int(ids.shape[1])
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and n + max_new_tokens > limit:
         raise ValueError(
@@ -95,10 +102,15 @@ def ask_questions(
     indexer: str = "auto",
     cuda_graph: bool = False,
     kv_cache: str | Path | None = None,
+    budget_given: bool | None = None,
 ) -> list[dict]:
     """Answer questions about the text in ``context_file``: one request for one question, one :class:`Session`
     (one prefill of the context) for several, or for any number with ``kv_cache`` (a folder the session reads the
     context's keys and values from, or saves them into).
+
+    A context too short for LSA's default budget is answered with full attention (:func:`falls_back`; the
+    record's ``method`` says so); ``budget_given`` (default: whether ``lsa`` was given) holds LSA to its budget
+    instead, refusing such a context.
 
     Returns one record per question: its ``question``, the ``answer`` and the accounting (with ``kv_cache``,
     also ``context_kv``: the folder and whether the context was read from it).
@@ -108,19 +120,81 @@ def ask_questions(
     check_options(method, max_new_tokens, cuda_graph, device)
     context = read_context(context_file)
     model, tokenizer = load_on(model_name, device, progress=progress)
-    for q in questions:  # every question is checked before the context's prefill is spent
-        check_fits(model, tokenizer, build_prompt(context, q), max_new_tokens)
-    options = dict(method=method, lsa=lsa, indexer=indexer, cuda_graph=cuda_graph)
+    # every question is checked before the context's prefill is spent; the ids checked are the ids answered
+    prompts = [question_ids(tokenizer, context, q) for q in questions]
+    for ids in prompts:
+        check_length(model, ids, max_new_tokens)
+    if budget_given is None:
+        budget_given = lsa is not None
+    lsa = lsa or LSAConfig()
+    fallback = falls_back(method, lsa, budget_given=budget_given)
     extra = {}
     if len(questions) == 1 and kv_cache is None:
-        prompt = build_prompt(context, questions[0])
-        results = [generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **options)]
+
+        def answer(how: str) -> GenerationResult:
+            options = dict(method=how, lsa=lsa, indexer=indexer, cuda_graph=cuda_graph and how == "lsa")
+            return generate_encoded(model, tokenizer, prompts[0], max_new_tokens=max_new_tokens, **options)
+
+        results = [_with_fallback(answer, method, fallback)]
     else:
-        session = Session(model, tokenizer, context, kv_cache=kv_cache, **options)
-        results = [session.ask(q, max_new_tokens=max_new_tokens) for q in questions]
+
+        def session_for(how: str) -> Session:
+            options = dict(method=how, lsa=lsa, indexer=indexer, cuda_graph=cuda_graph and how == "lsa")
+            return Session(model, tokenizer, context, kv_cache=kv_cache, **options)
+
+        results, session = session_answers(session_for, method, questions, prompts, max_new_tokens, fall_back=fallback)
         if session.saved_context is not None:
             extra = {"context_kv": session.saved_context}
     return [
         {"question": q, **stats_record(r.text.strip(), r.stats), **extra}
         for q, r in zip(questions, results, strict=True)
     ]
+
+
+def falls_back(method: str, lsa: LSAConfig, *, budget_given: bool) -> bool:
+    """Whether a prompt LSA refuses for its budget is answered with full attention instead.
+
+    A default budget is a share of each prompt's full cache, chosen for long prompts; LSA's always-resident part
+    (sink, recent tail, chunk keys) is about the same size at any length, so a short prompt outgrows the share
+    (under about 950 tokens at budget 0.2 on SmolLM2-135M; ``flashmemory plan`` shows where). Its whole cache is
+    small, and full attention serves it. A budget the caller gives is held to, and so is a budget in bytes (a
+    byte cap that LSA cannot keep, full attention would not keep either): those refusals stand.
+    """
+    return method == "lsa" and not budget_given and lsa.budget is not None and lsa.budget <= 1.0
+
+
+def _with_fallback(answer, method: str, fall_back: bool):
+    """``answer(method)``, or ``answer("full")`` when LSA refuses the budget and ``fall_back`` allows it."""
+    try:
+        return answer(method)
+    except BudgetError:
+        if not (fall_back and method == "lsa"):
+            raise
+        return answer("full")
+
+
+def session_answers(
+    make_session: Callable[[str], Session],
+    method: str,
+    questions: list[str],
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    fall_back: bool = False,
+) -> tuple[list[GenerationResult], Session]:
+    """Greedy answers to ``questions``, whose prompts (:func:`question_ids`) are ``prompts``, from one session
+    (``make_session(method)``); returns them and the session. When LSA refuses a question for its budget and
+    ``fall_back`` allows it (:func:`falls_back`), that question and the rest are answered by a full-attention
+    session instead."""
+    session = make_session(method)
+    results = []
+    for question, ids in zip(questions, prompts, strict=True):
+
+        def answer(how: str, question: str = question, ids: torch.Tensor = ids) -> GenerationResult:
+            nonlocal session
+            if session.method != how:
+                session = make_session(how)
+            return session.ask(question, max_new_tokens=max_new_tokens, prompt_ids=ids)
+
+        results.append(_with_fallback(answer, session.method, fall_back))
+    return results, session

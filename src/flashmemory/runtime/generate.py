@@ -333,14 +333,45 @@ def generate(
         Texts, token ids and :class:`GenerationStats`.
     """
     enc = encode_prompts(tokenizer, prompt_list(prompt), chat=chat)
+    return generate_encoded(
+        model,
+        tokenizer,
+        enc["input_ids"],
+        enc["attention_mask"],
+        method=method,
+        lsa=lsa,
+        indexer=indexer,
+        max_new_tokens=max_new_tokens,
+        cuda_graph=cuda_graph,
+        sampling=sampling,
+        stop=stop,
+    )
+
+
+def generate_encoded(
+    model: nn.Module,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    method: str = "lsa",
+    lsa: LSAConfig | None = None,
+    indexer: MemoryIndexer | str | None = "auto",
+    max_new_tokens: int = 64,
+    cuda_graph: bool = False,
+    sampling: Sampling | None = None,
+    stop: str | list[str] | None = None,
+) -> GenerationResult:
+    """:func:`generate` for prompts already tokenised (by :func:`encode_prompts`, left-padded): a caller that
+    tokenised a long prompt to check its length need not tokenise it again. # input_ids, attention_mask: [B, T]"""
     eos = tokenizer.eos_token_id
     if method == "lsa":
         indexer = resolve_indexer(model, indexer)
-    stop_text = StopText.same_for_all(tokenizer, stop, enc["input_ids"].shape[0])
+    stop_text = StopText.same_for_all(tokenizer, stop, input_ids.shape[0])
     ids, stats = generate_ids(
         model,
-        enc["input_ids"],
-        enc["attention_mask"],
+        input_ids,
+        attention_mask,
         method=method,
         lsa=lsa,
         indexer=indexer,

@@ -17,9 +17,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..memory.pinned import HOST_POOL
 from ..runtime.ask import stats_record
-from ..runtime.generate import encode_prompts
 from ..runtime.sampling import Sampling, cut_at_stop, held_back
-from ..runtime.session import build_prompt
+from ..runtime.session import question_ids
 from .engine import Answer, ClientGone, Engine, ModelNotServed
 from .schemas import AskRequest, ChatRequest, CompletionRequest, LSAChoice
 
@@ -235,14 +234,15 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
         max_new = req.max_new_tokens or min(64, engine.max_new_tokens)
         # tokenised exactly as ``flashmemory ask`` does, so both give the same answer; every question is checked
         # before a session spends the context's prefill
-        prompts = [encode_prompts(engine.tokenizer, [build_prompt(req.context, q)], chat=True) for q in questions]
-        for enc in prompts:
-            engine.settings(enc["input_ids"], req, max_new)
+        prompts = [question_ids(engine.tokenizer, req.context, q) for q in questions]
+        for ids in prompts:
+            engine.settings(ids, req, max_new)
         if req.questions is None and engine.kv_cache is None:
-            a = engine.answer(prompts[0]["input_ids"], req, max_new)
+            a = engine.answer(prompts[0], req, max_new)
             return stats_record(a.text.strip(), a.stats)
-        # several questions, or a server that saves contexts: one session over the context
-        answers, kv = engine.answer_questions(req.context, questions, req, max_new)
+        # several questions, or a server that saves contexts: one session over the context, which is not
+        # tokenised again
+        answers, kv = engine.answer_questions(req.context, questions, req, max_new, prompts)
         extra = {} if kv is None else {"context_kv": kv}
         if req.questions is None:
             return stats_record(answers[0].text.strip(), answers[0].stats) | extra

@@ -26,10 +26,11 @@ from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..memory.layout import BudgetError
 from ..memory.pinned import HOST_POOL
+from ..runtime.ask import falls_back, session_answers
 from ..runtime.generate import decode_result, generate_ids
 from ..runtime.graph_step import check_graph_replay
 from ..runtime.sampling import Sampling, StopText
-from ..runtime.session import Session
+from ..runtime.session import Session, question_ids
 from ..runtime.stats import GenerationStats
 from .schemas import LSAChoice
 
@@ -72,6 +73,7 @@ class _SessionJob:
 
     context: str
     questions: list[str]
+    prompts: list[torch.Tensor]  # each question's prompt ids [1, T], as checked
     method: str
     lsa: LSAConfig
     max_new_tokens: int
@@ -205,18 +207,27 @@ class Engine:
         return job.result.result()
 
     def answer_questions(
-        self, context: str, questions: list[str], choice: LSAChoice, max_new_tokens: int
+        self,
+        context: str,
+        questions: list[str],
+        choice: LSAChoice,
+        max_new_tokens: int,
+        prompts: list[torch.Tensor] | None = None,
     ) -> tuple[list[Answer], dict | None]:
         """Greedy answers to several questions about ``context``, from one prefill of it (a :class:`Session`).
 
         Each answer is the one :meth:`answer` gives for that question's prompt alone (decoded by itself). The
-        caller checks every question's prompt with :meth:`settings` first; the session is decoded with no other
-        request, in the decode thread. Also returns, with :attr:`kv_cache`, the context's folder and whether it was
-        read from there (else None).
+        caller checks every question's prompt with :meth:`settings` first and may hand the prompts it checked
+        (:func:`~flashmemory.runtime.session.question_ids`) on in ``prompts``, so that the context is not tokenised
+        again; the session is decoded with no other request, in the decode thread. Also returns, with
+        :attr:`kv_cache`, the context's folder and whether it was read from there (else None).
         """
+        if prompts is None:
+            prompts = [question_ids(self.tokenizer, context, q) for q in questions]
         job = _SessionJob(
             context,
             list(questions),
+            list(prompts),
             choice.method,
             self.request_lsa(choice),
             max_new_tokens,
@@ -283,16 +294,16 @@ class Engine:
 
     def _run_session(self, job: _SessionJob) -> None:
         try:
-            session = self._session(job, job.method)
+            results, session = session_answers(
+                lambda method: self._session(job, method),
+                job.method,
+                job.questions,
+                job.prompts,
+                job.max_new_tokens,
+                fall_back=falls_back(job.method, job.lsa, budget_given=job.own_budget),
+            )
             answers = []
-            for q in job.questions:
-                try:
-                    r = session.ask(q, max_new_tokens=job.max_new_tokens)
-                except BudgetError:
-                    if not (_falls_back(job) and session.method == "lsa"):
-                        raise
-                    session = self._session(job, "full")
-                    r = session.ask(q, max_new_tokens=job.max_new_tokens)
+            for r in results:
                 tokens = r.token_ids[0]
                 reason = "stop" if len(tokens) < job.max_new_tokens else "length"
                 answers.append(Answer(r.text, r.stats.context_tokens, len(tokens), reason, r.stats))
@@ -367,7 +378,7 @@ class Engine:
             try:
                 out, stats = run(first.method)
             except BudgetError:
-                if not _falls_back(first):
+                if not falls_back(first.method, first.lsa, budget_given=first.own_budget):
                     raise
                 steps[0] = 0  # refused at the prefill, before any token went out
                 out, stats = run("full")
@@ -383,16 +394,3 @@ class Engine:
                 tokens, text, stopped = stop.cut(b, tokens, text)
             reason = "stop" if stopped or len(tokens) < row.shape[1] else "length"
             job.result.set_result(Answer(text, int(job.ids.shape[1]), len(tokens), reason, stats))
-
-
-def _falls_back(job: _Job | _SessionJob) -> bool:
-    """Whether a request LSA refused for its budget is answered with full attention instead.
-
-    The server's budget is a share of each request's full cache, chosen for long prompts; LSA's always-resident
-    part (sink, recent tail, chunk keys) is about the same size at any length, so a short prompt outgrows the share
-    (under about 950 tokens at budget 0.2 on SmolLM2-135M; ``flashmemory plan`` shows where). Its whole cache is
-    small, and full attention serves it. A budget the request gives itself is held to, and so is a budget in bytes
-    (a byte cap that LSA cannot keep, full attention would not keep either): those refusals stand.
-    """
-    budget = job.lsa.budget
-    return job.method == "lsa" and not job.own_budget and budget is not None and budget <= 1.0

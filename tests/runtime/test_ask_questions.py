@@ -1,0 +1,101 @@
+"""``flashmemory ask`` on a tiny model: the context is tokenised once per question, and a context too short for
+LSA's default budget is answered with full attention (a budget the user gives is held to)."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flashmemory.cli import app
+from flashmemory.config import LSAConfig
+from flashmemory.memory.layout import BudgetError
+from flashmemory.models.tiny import tiny_model
+from flashmemory.runtime import ask as ask_module
+from flashmemory.runtime.ask import ask_questions
+from flashmemory.runtime.generate import generate
+from flashmemory.runtime.session import Session, build_prompt
+
+from ..bench.fake_tokenizers import BatchCharTokenizer
+from ..conftest import SMALL_LSA
+
+LONG = "".join(chr(97 + (i * 5) % 26) for i in range(900))
+SHORT = "the code is 42"
+
+
+class CountingTokenizer(BatchCharTokenizer):
+    """Counts the calls that tokenise a text holding ``marker`` (the context)."""
+
+    def __init__(self, marker: str):
+        super().__init__(chat_template="tiny")
+        self.marker, self.calls = marker, 0
+
+    def __call__(self, text, **kw):
+        texts = [text] if isinstance(text, str) else text
+        self.calls += sum(self.marker in t for t in texts)
+        return super().__call__(text, **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def _loaded(monkeypatch, model, tok):
+    monkeypatch.setattr(ask_module, "load_on", lambda *a, **k: (model, tok))
+
+
+def _file(tmp_path, text):
+    path = tmp_path / "context.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("questions", [["which letter?"], ["which letter?", "what comes last?", "and first?"]])
+def test_the_context_is_tokenised_once_per_question_and_twice_for_a_session(tmp_path, monkeypatch, model, questions):
+    tok = CountingTokenizer(LONG[:200])
+    _loaded(monkeypatch, model, tok)
+    lsa = LSAConfig(budget=0.5, **SMALL_LSA)
+    got = ask_questions("tiny", _file(tmp_path, LONG), questions, lsa=lsa, max_new_tokens=6, indexer="zero-shot")
+    # each question's prompt once (checked, then answered); a session adds the context's prefix and its length
+    assert tok.calls == len(questions) + (2 if len(questions) > 1 else 0)
+    want = [
+        generate(model, BatchCharTokenizer("tiny"), build_prompt(LONG, q), lsa=lsa, max_new_tokens=6, indexer=None)
+        for q in questions
+    ]
+    assert [r["answer"] for r in got] == [w.text.strip() for w in want]
+    assert all(r["method"] == "lsa" for r in got)
+
+
+@pytest.mark.parametrize("questions", [["what is the code?"], ["what is the code?", "which code?"]])
+def test_a_context_too_short_for_the_default_budget_is_answered_with_full_attention(
+    tmp_path, monkeypatch, model, questions
+):
+    tok = BatchCharTokenizer(chat_template="tiny")
+    _loaded(monkeypatch, model, tok)
+    path = _file(tmp_path, SHORT)
+    got = ask_questions("tiny", path, questions, max_new_tokens=5)
+    full = ask_questions("tiny", path, questions, method="full", max_new_tokens=5)
+    assert [r["method"] for r in got] == ["full"] * len(questions)
+    assert [r["answer"] for r in got] == [r["answer"] for r in full]
+    # the same budget, given: held to
+    with pytest.raises(BudgetError, match="cannot hold the always-resident part"):
+        ask_questions("tiny", path, questions, lsa=LSAConfig(), max_new_tokens=5)
+    with pytest.raises(BudgetError):
+        ask_questions("tiny", path, questions, max_new_tokens=5, budget_given=True)
+
+
+def test_the_cli_says_when_it_answered_with_full_attention_and_refuses_a_given_budget(tmp_path, monkeypatch, model):
+    _loaded(monkeypatch, model, BatchCharTokenizer(chat_template="tiny"))
+    args = ["ask", "-c", str(_file(tmp_path, SHORT)), "-q", "what is the code?", "--device", "cpu", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "answered with full attention" in res.stderr and '"method": "full"' in res.stdout
+    res = CliRunner().invoke(app, [*args, "--budget", "0.25"])
+    assert res.exit_code != 0 and "cannot hold the always-resident part" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_a_prompt_handed_to_a_session_must_be_one_row(model):
+    tok = BatchCharTokenizer(chat_template="tiny")
+    session = Session(model, tok, LONG, method="full")
+    with pytest.raises(ValueError, match=r"shaped \[1, T\]"):
+        session.ask("which letter?", prompt_ids=torch.zeros(2, 5, dtype=torch.long))
