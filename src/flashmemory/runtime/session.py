@@ -48,7 +48,7 @@ def build_prompt(context: str, question: str) -> str:
 def question_ids(tokenizer, context: str, question: str, *, chat: bool = True) -> torch.Tensor:
     """The ids ``flashmemory ask`` prefills for ``question`` about ``context``. # [1, T]
 
-    Each call tokenises the whole context (0.43 s for 128K tokens of Python source on a 2-core x86_64 host), so a
+    Each call tokenises the whole context (0.41 s for 128K tokens of Python source on a 2-core x86_64 host), so a
     caller that checks a prompt's length first hands these ids on to :meth:`Session.ask` or
     :func:`~flashmemory.runtime.generate.generate_encoded` rather than having them tokenised again.
     """
