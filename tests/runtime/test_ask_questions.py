@@ -1,6 +1,8 @@
 """``flashmemory ask`` on a tiny model: the context is tokenised once per question, and a context too short for
 LSA's default budget is answered with full attention (a budget the user gives is held to)."""
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -99,3 +101,16 @@ def test_a_prompt_handed_to_a_session_must_be_one_row(model):
     session = Session(model, tok, LONG, method="full")
     with pytest.raises(ValueError, match=r"shaped \[1, T\]"):
         session.ask("which letter?", prompt_ids=torch.zeros(2, 5, dtype=torch.long))
+
+
+def test_the_context_may_come_on_standard_input(tmp_path, monkeypatch, model):
+    _loaded(monkeypatch, model, BatchCharTokenizer(chat_template="tiny"))
+    args = ["-q", "which letter?", "--device", "cpu", "--json", "--method", "full"]
+    piped = CliRunner().invoke(app, ["ask", "-c", "-", *args], input=LONG)
+    from_file = CliRunner().invoke(app, ["ask", "-c", str(_file(tmp_path, LONG)), *args])
+    assert piped.exit_code == 0 and from_file.exit_code == 0, piped.output
+    same = ("answer", "context_tokens", "new_tokens", "kv_bytes_device")
+    got, want = json.loads(piped.stdout), json.loads(from_file.stdout)
+    assert {k: got[k] for k in same} == {k: want[k] for k in same}
+    empty = CliRunner().invoke(app, ["ask", "-c", "-", *args], input="  \n")
+    assert empty.exit_code == 2 and "standard input is empty" in empty.output

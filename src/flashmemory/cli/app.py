@@ -45,7 +45,9 @@ def ask(
     question: list[str] = typer.Option(
         ..., "--question", "-q", help="Question about the context; repeat it to ask several over one prefill."
     ),
-    context_file: Path = typer.Option(..., "--context-file", "-c", help="Text file with the long context."),
+    context_file: Path = typer.Option(
+        ..., "--context-file", "-c", help="Text file with the long context; - reads it from standard input."
+    ),
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Short name, HF folder or GGUF file."),
     method: str = typer.Option("lsa", help="lsa or full."),
     budget: float | None = typer.Option(

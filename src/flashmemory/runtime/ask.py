@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +34,15 @@ def load_on(model_name: str, device: str = "auto", *, progress: bool = True):
 
 
 def read_context(path: str | Path) -> str:
-    """The text of a context file, refusing missing, unreadable and empty files."""
+    """The text of a context file (``-``: standard input), refusing missing, unreadable and empty files."""
+    if str(path) == "-":
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"the context on standard input is not UTF-8 text ({exc.reason})") from None
+        if not text.strip():
+            raise ValueError("the context on standard input is empty")
+        return text
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"context file not found: {path}")
