@@ -28,6 +28,7 @@ def context(tmp_path):
         pytest.param(["-q", "first?", "-q", " "], "a question is empty", id="one-of-several-empty"),
         pytest.param(["-q", "a?", "-q", "b?", "--method", "magic"], "unknown method", id="several-bad-method"),
         pytest.param(["-q", "a?", "-q", "b?", "--cuda-graph", "--method", "full"], "needs --method lsa", id="graph"),
+        pytest.param(["-q", "a?", "--cuda-graph", "--device", "cpu"], "needs a CUDA device", id="graph-on-cpu"),
     ],
 )
 def test_ask_rejects_bad_input(context, args, message):

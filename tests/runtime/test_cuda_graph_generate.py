@@ -9,6 +9,7 @@ from flashmemory.config import LSAConfig
 from flashmemory.models.tiny import tiny_model
 from flashmemory.runtime.ask import ask_file
 from flashmemory.runtime.generate import generate_ids
+from flashmemory.runtime.graph_step import choose_graph_replay
 
 from ..conftest import SMALL_LSA
 
@@ -98,3 +99,26 @@ def test_cuda_graph_decoding_equals_eager_decoding_on_a_padded_batch_cuda(family
     assert torch.equal(replayed, eager)
     assert replayed_stats.boundaries == eager_stats.boundaries >= 3 + len(warmup)  # it outlived several recalls
     assert replayed_stats.kv_bytes_device == eager_stats.kv_bytes_device
+
+
+def test_unset_graph_replay_is_chosen_only_where_it_can_run():
+    model = tiny_model("llama")
+    lsa = LSAConfig(**SMALL_LSA)
+    assert choose_graph_replay(model, lsa, None) is False  # on the CPU
+    assert choose_graph_replay(model, lsa, False) is False
+    with pytest.raises(ValueError, match="CUDA device"):
+        choose_graph_replay(model, lsa, True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "family, backend, chosen",
+    [("llama", "auto", True), ("qwen2", "triton", True), ("llama", "mask", False), ("gemma3", "auto", False)],
+)
+def test_unset_graph_replay_on_cuda_is_chosen_for_full_attention_layers_on_the_fast_path_cuda(family, backend, chosen):
+    model = tiny_model(family).cuda()
+    lsa = LSAConfig(attention_backend=backend, **SMALL_LSA)
+    assert choose_graph_replay(model, lsa, None) is chosen
+    if not chosen:
+        with pytest.raises(ValueError, match="graph replay needs"):
+            choose_graph_replay(model, lsa, True)

@@ -349,7 +349,9 @@ def test_graph_replay_in_the_server_answers_as_eager_decoding_cuda():
     tok = BatchCharTokenizer(chat_template="tiny")
     lsa = LSAConfig(budget=0.3, **SMALL_LSA)
     eager = Engine(model, tok, "tiny", lsa=lsa, max_new_tokens=40, max_batch=2, batch_wait=0.5)
-    graph = Engine(model, tok, "tiny", lsa=lsa, max_new_tokens=40, max_batch=2, batch_wait=0.5, cuda_graph=True)
+    # unset, as ``flashmemory serve`` leaves it: chosen, since this model and device can replay
+    graph = Engine(model, tok, "tiny", lsa=lsa, max_new_tokens=40, max_batch=2, batch_wait=0.5, cuda_graph=None)
+    assert graph.cuda_graph is True and eager.cuda_graph is False
     prompts = [tok(CONTEXT * 3)["input_ids"], tok(CONTEXT[:600] * 3)["input_ids"]]
 
     def one_by_one(engine, **kw):
@@ -376,6 +378,11 @@ def test_graph_replay_in_the_server_answers_as_eager_decoding_cuda():
 def test_graph_replay_the_model_cannot_run_is_refused_when_the_engine_is_made():
     with pytest.raises(ValueError, match="CUDA device"):
         Engine(tiny_model("llama"), BatchCharTokenizer(), "tiny", lsa=LSA, cuda_graph=True)
+    # unset, it is not chosen here, and the server says so
+    engine = Engine(tiny_model("llama"), BatchCharTokenizer(), "tiny", lsa=LSA, cuda_graph=None)
+    assert engine.cuda_graph is False
+    with TestClient(create_app(engine)) as client:
+        assert client.get("/health").json()["cuda_graph"] is False
 
 
 def test_a_deepseek_v4_model_is_served_through_its_own_backend():

@@ -14,6 +14,7 @@ from rich.table import Table
 from ..config import LSAConfig
 from .bench import bench, bench_compare, bench_report
 from .errors import friendly_errors
+from .graph_option import cuda_graph_option
 from .kv_cache import kv_cache
 from .pipeline import blend, dump, indexer_eval, train, train_feedback
 from .plan import plan
@@ -66,9 +67,7 @@ def ask(
     sink: int = typer.Option(DEFAULTS.sink, help="First tokens always resident."),
     device: str = typer.Option("auto", help="cpu, cuda or auto."),
     indexer: str = typer.Option("auto", help="auto (shipped checkpoint if it matches), zero-shot, or a folder."),
-    cuda_graph: bool = typer.Option(
-        False, "--cuda-graph", help="Replay LSA decode steps between boundaries from a captured CUDA graph."
-    ),
+    cuda_graph: bool | None = cuda_graph_option(),
     kv_cache: Path = typer.Option(
         None,
         "--kv-cache",

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from ..config import LSAConfig, with_overrides
 from .errors import friendly_errors
+from .graph_option import cuda_graph_option
 
 OUT = Console(stderr=True)
 SERVE_EXTRA = "pip install 'flashmemory[serve]'"
@@ -41,9 +42,7 @@ def serve(
     api_key_env: str = typer.Option(
         None, help="Name of an environment variable holding an API key that /v1/ requests must send as a Bearer token."
     ),
-    cuda_graph: bool = typer.Option(
-        False, "--cuda-graph", help="Replay LSA decode steps between boundaries from a captured CUDA graph."
-    ),
+    cuda_graph: bool | None = cuda_graph_option(),
 ) -> None:
     """Serve OpenAI-style /v1/completions and /v1/chat/completions, and /v1/ask, with LSA (or full attention)."""
     try:
@@ -92,5 +91,9 @@ def serve(
         host_cache_bytes=None if host_cache_gib is None else int(host_cache_gib * 2**30),
         cuda_graph=cuda_graph,
     )
-    OUT.print(f"serving {model} on {backbone.device} at http://{host}:{port} (budget {budget:g}, indexer {indexer})")
+    decode = "CUDA-graph replay" if engine.cuda_graph else "eager"
+    OUT.print(
+        f"serving {model} on {backbone.device} at http://{host}:{port} (budget {budget:g}, indexer {indexer}, "
+        f"{decode} LSA decode)"
+    )
     uvicorn.run(create_app(engine, api_key=api_key), host=host, port=port, log_level="info")

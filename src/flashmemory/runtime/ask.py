@@ -12,6 +12,7 @@ from ..config import LSAConfig
 from ..memory.layout import BudgetError
 from ..models import load_model
 from .generate import METHODS, GenerationResult, encode_prompts, generate_encoded
+from .graph_step import choose_graph_replay
 from .session import Session, question_ids
 from .stats import GenerationStats
 
@@ -78,7 +79,7 @@ def stats_record(answer: str, stats: GenerationStats) -> dict:
     return record
 
 
-def check_options(method: str, max_new_tokens: int, cuda_graph: bool, device: str) -> None:
+def check_options(method: str, max_new_tokens: int, cuda_graph: bool | None, device: str) -> None:
     """Refuse bad options before the model is loaded."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -109,7 +110,7 @@ def ask_questions(
     device: str = "auto",
     progress: bool = True,
     indexer: str = "auto",
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     kv_cache: str | Path | None = None,
     budget_given: bool | None = None,
 ) -> list[dict]:
@@ -117,6 +118,8 @@ def ask_questions(
     (one prefill of the context) for several, or for any number with ``kv_cache`` (a folder the session reads the
     context's keys and values from, or saves them into).
 
+    ``cuda_graph`` None replays LSA's decode steps from a CUDA graph whenever the model and device allow
+    (:func:`~flashmemory.runtime.graph_step.choose_graph_replay`); True requires it, False decodes eagerly.
     A context too short for LSA's default budget is answered with full attention (:func:`falls_back`; the
     record's ``method`` says so); ``budget_given`` (default: whether ``lsa`` was given) holds LSA to its budget
     instead, refusing such a context.
@@ -137,6 +140,7 @@ def ask_questions(
         budget_given = lsa is not None
     lsa = lsa or LSAConfig()
     fallback = falls_back(method, lsa, budget_given=budget_given)
+    cuda_graph = method == "lsa" and choose_graph_replay(model, lsa, cuda_graph)
     extra = {}
     if len(questions) == 1 and kv_cache is None:
 

@@ -28,7 +28,7 @@ from ..memory.layout import BudgetError
 from ..memory.pinned import HOST_POOL
 from ..runtime.ask import falls_back, session_answers
 from ..runtime.generate import decode_result, generate_ids
-from ..runtime.graph_step import check_graph_replay
+from ..runtime.graph_step import choose_graph_replay
 from ..runtime.sampling import Sampling, StopText
 from ..runtime.session import Session, question_ids
 from ..runtime.stats import GenerationStats
@@ -102,7 +102,9 @@ class Engine:
             most; the rest is unlocked. None keeps all of it (the fastest for requests of recurring lengths).
             Default: None.
         cuda_graph: replay LSA decode steps between boundaries from a captured CUDA graph (see
-            :func:`~flashmemory.runtime.generate.generate_ids`); checked against the model when the engine is made.
+            :func:`~flashmemory.runtime.generate.generate_ids`): True requires it (checked against the model when
+            the engine is made), False decodes eagerly, None replays whenever the model and device allow
+            (:func:`~flashmemory.runtime.graph_step.choose_graph_replay`); the engine holds the choice made.
             Full-attention requests decode eagerly. Default: False.
     """
 
@@ -116,7 +118,7 @@ class Engine:
     batch_wait: float = 0.005
     kv_cache: Path | None = None
     host_cache_bytes: int | None = None
-    cuda_graph: bool = False
+    cuda_graph: bool | None = False
     _jobs: queue.Queue = field(default_factory=queue.Queue, repr=False, init=False)
     _worker: threading.Thread | None = field(default=None, repr=False, init=False)
     _start: threading.Lock = field(default_factory=threading.Lock, repr=False, init=False)
@@ -127,10 +129,8 @@ class Engine:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.batch_wait < 0:
             raise ValueError(f"batch_wait must be >= 0, got {self.batch_wait}")
-        if self.cuda_graph:
-            if self.is_deepseek_v4:
-                raise ValueError("graph replay runs on transformers caches; DeepSeek-V4 decodes eagerly")
-            check_graph_replay(self.model, "lsa", self.lsa)  # refused now, not at the first request
+        # chosen (or refused) now, not at the first request
+        self.cuda_graph = choose_graph_replay(self.model, self.lsa, self.cuda_graph)
 
     @property
     def is_deepseek_v4(self) -> bool:
