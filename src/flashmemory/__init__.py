@@ -21,6 +21,7 @@ _EXPORTS = {
     "generate_ids": ".runtime.generate",
     "GenerationStats": ".runtime.stats",
     "Sampling": ".runtime.sampling",
+    "TextStream": ".runtime.sampling",
     "Session": ".runtime.session",
     "MemoryPlan": ".runtime.plan",
     "plan_memory": ".runtime.plan",

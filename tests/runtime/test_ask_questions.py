@@ -114,3 +114,23 @@ def test_the_context_may_come_on_standard_input(tmp_path, monkeypatch, model):
     assert {k: got[k] for k in same} == {k: want[k] for k in same}
     empty = CliRunner().invoke(app, ["ask", "-c", "-", *args], input="  \n")
     assert empty.exit_code == 2 and "standard input is empty" in empty.output
+
+
+@pytest.mark.parametrize("questions", [["which letter?"], ["which letter?", "what comes last?"]])
+def test_answers_are_shown_as_they_are_decoded(tmp_path, monkeypatch, model, questions):
+    _loaded(monkeypatch, model, BatchCharTokenizer(chat_template="tiny"))
+    pieces = {i: [] for i in range(len(questions))}
+    lsa = LSAConfig(budget=0.5, **SMALL_LSA)
+    got = ask_questions(
+        "tiny", _file(tmp_path, LONG), questions, lsa=lsa, max_new_tokens=8, on_text=lambda i, p: pieces[i].append(p)
+    )
+    assert all(len(pieces[i]) > 1 for i in pieces)  # piece by piece, not whole at the end
+    assert ["".join(pieces[i]).strip() for i in pieces] == [r["answer"] for r in got]
+    args = ["ask", "-c", str(_file(tmp_path, LONG)), "--device", "cpu", "--budget", "0.5", "--max-new-tokens", "8"]
+    args += [a for q in questions for a in ("-q", q)]
+    streamed = CliRunner().invoke(app, [*args, "--stream"])
+    whole = CliRunner().invoke(app, [*args, "--no-stream"])
+    assert streamed.exit_code == 0 and whole.exit_code == 0, streamed.output
+    shown = [line for line in streamed.stdout.splitlines() if line.startswith("answer: ")]
+    assert shown == [line for line in whole.stdout.splitlines() if line.startswith("answer: ")]
+    assert len(shown) == len(questions)

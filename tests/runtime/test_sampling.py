@@ -6,7 +6,7 @@ import torch
 from flashmemory.config import LSAConfig
 from flashmemory.models.tiny import tiny_model
 from flashmemory.runtime.generate import generate
-from flashmemory.runtime.sampling import Sampling, StopText, cut_at_stop, held_back, sample
+from flashmemory.runtime.sampling import Sampling, StopText, TextStream, cut_at_stop, held_back, sample
 
 from ..bench.fake_tokenizers import BatchCharTokenizer
 from ..conftest import SMALL_LSA
@@ -113,6 +113,26 @@ def test_text_a_stream_must_hold_back():
     assert held_back("hello", ["world"]) == 0
     assert held_back("abcab", ["abcabd"]) == 5
     assert held_back("", ["a"]) == 0
+
+
+class _Utf8Bytes:
+    """One token per UTF-8 byte, so a character can be split across tokens."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_a_text_stream_never_shows_half_a_character_nor_part_of_a_stop_string():
+    tokens = list("naïve END tail".encode())
+    stream = TextStream(_Utf8Bytes(), ["END"])
+    pieces = [stream.push(t) for t in tokens]
+    assert "".join(pieces) == "naïve "  # "E", "EN" were held back, and after "END" nothing more comes
+    assert all("\ufffd" not in p for p in pieces) and pieces[2] == "" and pieces[3] == "ï"
+    assert stream.finish("naïve ") == ""
+    # text held back at the end that turned out not to be a stop string is shown when the answer is whole
+    stream = TextStream(_Utf8Bytes(), ["END"])
+    assert "".join(stream.push(t) for t in b"so EN") == "so "
+    assert stream.finish("so EN") == "EN"
 
 
 @pytest.mark.cuda

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ..config import LSAConfig
+from .answer_view import AnswerView
 from .bench import bench, bench_compare, bench_report
 from .errors import friendly_errors
 from .graph_option import cuda_graph_option
@@ -74,6 +73,12 @@ def ask(
         help="Folder of saved contexts: read this context's keys and values from it if saved, else save them there.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON: one object per question, one per line."),
+    stream: bool | None = typer.Option(
+        None,
+        "--stream/--no-stream",
+        help="Show each answer as it is decoded. Unset: when the output is a terminal and not --json.",
+        show_default=False,
+    ),
 ) -> None:
     """Answer questions about a long text file with LSA (or full attention).
 
@@ -82,6 +87,7 @@ def ask(
     from ..runtime.ask import ask_questions
 
     cfg = lsa_config(DEFAULTS.budget if budget is None else budget, interval, chunk_size, page_chunks, recent, sink)
+    view = AnswerView(OUT, question, stream=sys.stdout.isatty() if stream is None else stream, as_json=as_json)
     results = ask_questions(
         model,
         context_file,
@@ -95,6 +101,7 @@ def ask(
         cuda_graph=cuda_graph,
         kv_cache=kv_cache,
         budget_given=budget is not None,
+        on_text=view.piece if view.stream else None,
     )
     if method == "lsa" and any(r["method"] == "full" for r in results):
         print(
@@ -103,23 +110,7 @@ def ask(
             "Give --budget to hold LSA to a budget.",
             file=sys.stderr,
         )
-    for result in results:
-        if as_json:
-            print(json.dumps(result))
-            continue
-        if len(results) > 1:
-            OUT.print(f"[bold]question:[/] {escape(result['question'])}")
-        OUT.print(f"[bold]answer:[/] {escape(result['answer'])}")
-        OUT.print(
-            f"[dim]{result['method']} · {result['context_tokens']} context tokens · device KV "
-            f"{result['kv_bytes_device'] / 2**20:.2f} MiB of {result['kv_bytes_full'] / 2**20:.2f} MiB "
-            f"({result['kv_ratio']:.1%}) · prefill {result['prefill_seconds']:.2f} s · "
-            f"decode {result['decode_seconds']:.2f} s[/]"
-        )
-    if results and "context_kv" in results[0] and not as_json:
-        kv = results[0]["context_kv"]
-        how = "read from" if kv["loaded"] else "computed and saved in"
-        OUT.print(f"[dim]the context's keys and values were {how} {escape(kv['folder'])}[/]")
+    view.records(results)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from ..memory.layout import BudgetError
 from ..models import load_model
 from .generate import METHODS, GenerationResult, encode_prompts, generate_encoded
 from .graph_step import choose_graph_replay
+from .sampling import TextStream
 from .session import Session, question_ids
 from .stats import GenerationStats
 
@@ -113,6 +114,7 @@ def ask_questions(
     cuda_graph: bool | None = None,
     kv_cache: str | Path | None = None,
     budget_given: bool | None = None,
+    on_text: Callable[[int, str], None] | None = None,
 ) -> list[dict]:
     """Answer questions about the text in ``context_file``: one request for one question, one :class:`Session`
     (one prefill of the context) for several, or for any number with ``kv_cache`` (a folder the session reads the
@@ -123,6 +125,9 @@ def ask_questions(
     A context too short for LSA's default budget is answered with full attention (:func:`falls_back`; the
     record's ``method`` says so); ``budget_given`` (default: whether ``lsa`` was given) holds LSA to its budget
     instead, refusing such a context.
+
+    ``on_text(i, piece)`` sees the answer to question ``i`` as it is decoded, in pieces safe to show
+    (:class:`~flashmemory.runtime.sampling.TextStream`); the records hold the whole answers.
 
     Returns one record per question: its ``question``, the ``answer`` and the accounting (with ``kv_cache``,
     also ``context_kv``: the folder and whether the context was read from it).
@@ -142,11 +147,15 @@ def ask_questions(
     fallback = falls_back(method, lsa, budget_given=budget_given)
     cuda_graph = method == "lsa" and choose_graph_replay(model, lsa, cuda_graph)
     extra = {}
+    shown = None if on_text is None else _Shown(tokenizer, len(questions), on_text)
     if len(questions) == 1 and kv_cache is None:
 
         def answer(how: str) -> GenerationResult:
             options = dict(method=how, lsa=lsa, indexer=indexer, cuda_graph=cuda_graph and how == "lsa")
-            return generate_encoded(model, tokenizer, prompts[0], max_new_tokens=max_new_tokens, **options)
+            seen = None if shown is None else lambda tok: shown(0, tok)
+            return generate_encoded(
+                model, tokenizer, prompts[0], max_new_tokens=max_new_tokens, on_token=seen, **options
+            )
 
         results = [_with_fallback(answer, method, fallback)]
     else:
@@ -155,9 +164,13 @@ def ask_questions(
             options = dict(method=how, lsa=lsa, indexer=indexer, cuda_graph=cuda_graph and how == "lsa")
             return Session(model, tokenizer, context, kv_cache=kv_cache, **options)
 
-        results, session = session_answers(session_for, method, questions, prompts, max_new_tokens, fall_back=fallback)
+        results, session = session_answers(
+            session_for, method, questions, prompts, max_new_tokens, fall_back=fallback, on_token=shown
+        )
         if session.saved_context is not None:
             extra = {"context_kv": session.saved_context}
+    if shown is not None:
+        shown.finish([r.text for r in results])
     return [
         {"question": q, **stats_record(r.text.strip(), r.stats), **extra}
         for q, r in zip(questions, results, strict=True)
@@ -194,20 +207,40 @@ def session_answers(
     max_new_tokens: int,
     *,
     fall_back: bool = False,
+    on_token: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[list[GenerationResult], Session]:
     """Greedy answers to ``questions``, whose prompts (:func:`question_ids`) are ``prompts``, from one session
     (``make_session(method)``); returns them and the session. When LSA refuses a question for its budget and
     ``fall_back`` allows it (:func:`falls_back`), that question and the rest are answered by a full-attention
-    session instead."""
+    session instead. ``on_token(i, tokens)`` sees question ``i``'s answer tokens as they are chosen."""
     session = make_session(method)
     results = []
-    for question, ids in zip(questions, prompts, strict=True):
+    for i, (question, ids) in enumerate(zip(questions, prompts, strict=True)):
+        seen = None if on_token is None else lambda tok, i=i: on_token(i, tok)
 
-        def answer(how: str, question: str = question, ids: torch.Tensor = ids) -> GenerationResult:
+        def answer(how: str, question: str = question, ids: torch.Tensor = ids, seen=seen) -> GenerationResult:
             nonlocal session
             if session.method != how:
                 session = make_session(how)
-            return session.ask(question, max_new_tokens=max_new_tokens, prompt_ids=ids)
+            return session.ask(question, max_new_tokens=max_new_tokens, prompt_ids=ids, on_token=seen)
 
         results.append(_with_fallback(answer, session.method, fall_back))
     return results, session
+
+
+class _Shown:
+    """Each question's answer tokens turned into text pieces for ``on_text(i, piece)``."""
+
+    def __init__(self, tokenizer, questions: int, on_text: Callable[[int, str], None]) -> None:
+        self.streams = [TextStream(tokenizer) for _ in range(questions)]
+        self.on_text = on_text
+
+    def __call__(self, i: int, tokens: torch.Tensor) -> None:
+        if piece := self.streams[i].push(int(tokens[0])):
+            self.on_text(i, piece)
+
+    def finish(self, texts: list[str]) -> None:
+        """Shows what the final answers add (text a character split across tokens held back at the end)."""
+        for i, text in enumerate(texts):
+            if rest := self.streams[i].finish(text):
+                self.on_text(i, rest)

@@ -311,6 +311,7 @@ def generate(
     cuda_graph: bool = False,
     sampling: Sampling | None = None,
     stop: str | list[str] | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> GenerationResult:
     """Answer one prompt or a batch of prompts with LSA (or full attention for comparison).
 
@@ -328,6 +329,8 @@ def generate(
         sampling: temperature, top-p, top-k and seed (:class:`~flashmemory.runtime.sampling.Sampling`).
             Default: greedy.
         stop: a string or strings that end an answer; the text ends before the first one reached. Default: None.
+        on_token: called with each step's tokens as they are chosen, for streaming
+            (:class:`~flashmemory.runtime.sampling.TextStream` turns them into text). # [B]
 
     Returns:
         Texts, token ids and :class:`GenerationStats`.
@@ -345,6 +348,7 @@ def generate(
         cuda_graph=cuda_graph,
         sampling=sampling,
         stop=stop,
+        on_token=on_token,
     )
 
 
@@ -361,6 +365,7 @@ def generate_encoded(
     cuda_graph: bool = False,
     sampling: Sampling | None = None,
     stop: str | list[str] | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> GenerationResult:
     """:func:`generate` for prompts already tokenised (by :func:`encode_prompts`, left-padded): a caller that
     tokenised a long prompt to check its length need not tokenise it again. # input_ids, attention_mask: [B, T]"""
@@ -380,6 +385,7 @@ def generate_encoded(
         cuda_graph=cuda_graph,
         sampling=sampling,
         stop=stop_text,
+        on_token=on_token,
     )
     return decode_result(tokenizer, ids, stats, stop_text)
 

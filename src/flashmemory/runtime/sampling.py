@@ -143,4 +143,36 @@ def held_back(text: str, stops: list[str]) -> int:
     return 0
 
 
-__all__ = ["Sampling", "StopText", "cut_at_stop", "held_back", "sample", "stop_list"]
+class TextStream:
+    """An answer's text as its tokens come, in pieces safe to show: never the first part of a character split
+    across tokens, and never text that could still begin one of ``stops`` (held back until the next token tells,
+    so no part of a stop string is ever shown)."""
+
+    def __init__(self, tokenizer, stops: list[str] | None = None) -> None:
+        self.tokenizer, self.stops = tokenizer, list(stops or [])
+        self.tokens: list[int] = []
+        self.shown = ""
+
+    def push(self, token: int) -> str:
+        """The piece ``token`` adds to what was shown ("" when nothing new can be shown yet)."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
+            return ""
+        if self.stops:
+            cut = cut_at_stop(text, self.stops)
+            text = cut if len(cut) < len(text) else text[: len(text) - held_back(text, self.stops)]
+        return self._advance(text)
+
+    def finish(self, text: str) -> str:
+        """What the final answer ``text`` adds to what was shown: text held back that is not part of a stop string."""
+        return self._advance(text)
+
+    def _advance(self, text: str) -> str:
+        if len(text) <= len(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
+
+
+__all__ = ["Sampling", "StopText", "TextStream", "cut_at_stop", "held_back", "sample", "stop_list"]

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..memory.pinned import HOST_POOL
 from ..runtime.ask import stats_record
-from ..runtime.sampling import Sampling, cut_at_stop, held_back
+from ..runtime.sampling import Sampling, TextStream
 from ..runtime.session import question_ids
 from .engine import Answer, ClientGone, Engine, ModelNotServed
 from .schemas import AskRequest, ChatRequest, CompletionRequest, LSAChoice
@@ -66,16 +66,15 @@ def stream_answer(
                 loop.call_soon_threadsafe(events.put_nowait, result)
 
         threading.Thread(target=work, daemon=True).start()
-        produced: list[int] = []
-        sent = ""
+        text = TextStream(engine.tokenizer, stop)
         try:
             while True:
                 item = await events.get()
                 if request is not None and await request.is_disconnected():
                     return
                 if isinstance(item, Answer):
-                    if len(item.text) > len(sent):  # what was held back and is not part of a stop string
-                        yield sse(chunk(item.text[len(sent) :]))
+                    if rest := text.finish(item.text):  # what was held back and is not part of a stop string
+                        yield sse(chunk(rest))
                     yield sse(chunk("", item))
                     yield sse("[DONE]")
                     return
@@ -83,16 +82,8 @@ def stream_answer(
                     kind = "invalid_request_error" if isinstance(item, ValueError) else "server_error"
                     yield sse({"error": {"message": str(item), "type": kind}})
                     return
-                produced.append(item)
-                text = engine.tokenizer.decode(produced, skip_special_tokens=True)
-                if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest of it
-                    continue
-                if stop:
-                    cut = cut_at_stop(text, stop)
-                    text = cut if len(cut) < len(text) else text[: len(text) - held_back(text, stop)]
-                if len(text) > len(sent):
-                    yield sse(chunk(text[len(sent) :]))
-                    sent = text
+                if piece := text.push(item):
+                    yield sse(chunk(piece))
         finally:
             gone.set()
 

@@ -1,0 +1,68 @@
+"""How ``flashmemory ask`` shows its answers: streamed as they are decoded, or whole, each with its accounting."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.control import strip_control_codes
+from rich.markup import escape
+
+
+class AnswerView:
+    """Prints answers to ``questions``: with ``stream``, each answer's text as it comes (:meth:`piece`), then the
+    accounting of every answer (:meth:`records`); else each answer whole with its accounting, or JSON lines."""
+
+    def __init__(self, console: Console, questions: list[str], *, stream: bool, as_json: bool) -> None:
+        self.console, self.questions = console, questions
+        self.stream, self.as_json = stream and not as_json, as_json
+        self.current: int | None = None  # the answer being streamed
+        self.shown: set[int] = set()
+
+    def piece(self, i: int, text: str) -> None:
+        """A piece of answer ``i``'s text, as the decode produced it."""
+        if i != self.current:
+            self._end_line()
+            self._head(i)
+            self.console.print("[bold]answer:[/] ", end="")
+            self.current = i
+        if i not in self.shown:
+            text = text.lstrip()  # the records strip the answer; so does what is shown
+            if not text:
+                return
+            self.shown.add(i)
+        sys.stdout.write(strip_control_codes(text))  # as the console shows a whole answer: no cursor movement
+        sys.stdout.flush()
+
+    def records(self, results: list[dict]) -> None:
+        """Every answer's record: the accounting after streamed answers, or the answers whole."""
+        self._end_line()
+        for i, result in enumerate(results):
+            if self.as_json:
+                print(json.dumps(result))
+                continue
+            if not self.stream:
+                self._head(i)
+                self.console.print(f"[bold]answer:[/] {escape(result['answer'])}")
+            where = f"question {i + 1}: " if self.stream and len(results) > 1 else ""
+            self.console.print(
+                f"[dim]{where}{result['method']} · {result['context_tokens']} context tokens · device KV "
+                f"{result['kv_bytes_device'] / 2**20:.2f} MiB of {result['kv_bytes_full'] / 2**20:.2f} MiB "
+                f"({result['kv_ratio']:.1%}) · prefill {result['prefill_seconds']:.2f} s · "
+                f"decode {result['decode_seconds']:.2f} s[/]"
+            )
+        if results and "context_kv" in results[0] and not self.as_json:
+            kv = results[0]["context_kv"]
+            how = "read from" if kv["loaded"] else "computed and saved in"
+            self.console.print(f"[dim]the context's keys and values were {how} {escape(kv['folder'])}[/]")
+
+    def _head(self, i: int) -> None:
+        if len(self.questions) > 1:
+            self.console.print(f"[bold]question:[/] {escape(self.questions[i])}")
+
+    def _end_line(self) -> None:
+        if self.current is not None:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.current = None
