@@ -134,3 +134,44 @@ def test_answers_are_shown_as_they_are_decoded(tmp_path, monkeypatch, model, que
     shown = [line for line in streamed.stdout.splitlines() if line.startswith("answer: ")]
     assert shown == [line for line in whole.stdout.splitlines() if line.startswith("answer: ")]
     assert len(shown) == len(questions)
+
+
+def test_questions_piped_in_are_answered_as_they_come_as_if_given_with_q(tmp_path, monkeypatch, model):
+    _loaded(monkeypatch, model, BatchCharTokenizer(chat_template="tiny"))
+    path = str(_file(tmp_path, LONG))
+    args = ["ask", "-c", path, "--device", "cpu", "--budget", "0.5", "--max-new-tokens", "6", "--json"]
+    piped = CliRunner().invoke(app, args, input="which letter?\n\n  \nwhat comes last?\n")
+    given = CliRunner().invoke(app, [*args, "-q", "which letter?", "-q", "what comes last?"])
+    assert piped.exit_code == 0 and given.exit_code == 0, piped.output
+    got = [json.loads(line) for line in piped.stdout.splitlines()]
+    want = [json.loads(line) for line in given.stdout.splitlines()]
+    assert [(r["question"], r["answer"]) for r in got] == [(r["question"], r["answer"]) for r in want]
+    text = CliRunner().invoke(app, args[:-1] + ["--no-stream"], input="which letter?\nwhat comes last?\n")
+    assert text.stdout.count("question: ") == 2 and text.stdout.count("answer: ") == 2
+    no_questions = CliRunner().invoke(app, ["ask", "-c", "-", "--device", "cpu"], input=LONG)
+    assert no_questions.exit_code == 2 and "give --question" in no_questions.output
+
+
+def test_a_question_that_cannot_be_answered_is_reported_and_the_next_one_answered(tmp_path, monkeypatch, model):
+    from flashmemory.runtime.ask import ask_as_they_come
+
+    tok = CountingTokenizer(LONG[:200])
+    _loaded(monkeypatch, model, tok)
+    refused = []
+    too_long = "why " * 2100  # the prompt would pass the tiny model's 8192-token window
+    records = ask_as_they_come(
+        "tiny",
+        _file(tmp_path, LONG),
+        iter(["which letter?", too_long, "what comes last?"]),
+        lsa=LSAConfig(budget=0.5, **SMALL_LSA),
+        max_new_tokens=6,
+        on_refused=lambda q, message: refused.append((q, message)),
+    )
+    first = next(records)
+    assert first["question"] == "which letter?" and tok.calls == 3  # the session's two passes, then the question's
+    rest = list(records)
+    assert [r["question"] for r in rest] == ["what comes last?"]
+    assert refused and refused[0][0] == too_long and "handles at most 8192" in refused[0][1]
+    # without somewhere to report it, the refusal is raised
+    with pytest.raises(ValueError, match="handles at most"):
+        list(ask_as_they_come("tiny", _file(tmp_path, LONG), iter([too_long]), max_new_tokens=6))

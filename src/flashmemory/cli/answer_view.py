@@ -11,11 +11,14 @@ from rich.markup import escape
 
 
 class AnswerView:
-    """Prints answers to ``questions``: with ``stream``, each answer's text as it comes (:meth:`piece`), then the
-    accounting of every answer (:meth:`records`); else each answer whole with its accounting, or JSON lines."""
+    """Prints the answers to ``questions`` (a list the caller may extend as questions come).
 
-    def __init__(self, console: Console, questions: list[str], *, stream: bool, as_json: bool) -> None:
-        self.console, self.questions = console, questions
+    With ``stream``, each answer's text is shown as it comes (:meth:`piece`) and its accounting after it; else each
+    answer whole with its accounting, or one JSON line each. ``headers`` prints each question before its answer.
+    """
+
+    def __init__(self, console: Console, questions: list[str], *, stream: bool, as_json: bool, headers: bool) -> None:
+        self.console, self.questions, self.headers = console, questions, headers
         self.stream, self.as_json = stream and not as_json, as_json
         self.current: int | None = None  # the answer being streamed
         self.shown: set[int] = set()
@@ -36,29 +39,38 @@ class AnswerView:
         sys.stdout.flush()
 
     def records(self, results: list[dict]) -> None:
-        """Every answer's record: the accounting after streamed answers, or the answers whole."""
-        self._end_line()
+        """Every answer's record at once, after all were decoded (streamed accounting lines name their question)."""
         for i, result in enumerate(results):
-            if self.as_json:
-                print(json.dumps(result))
-                continue
-            if not self.stream:
-                self._head(i)
-                self.console.print(f"[bold]answer:[/] {escape(result['answer'])}")
-            where = f"question {i + 1}: " if self.stream and len(results) > 1 else ""
-            self.console.print(
-                f"[dim]{where}{result['method']} · {result['context_tokens']} context tokens · device KV "
-                f"{result['kv_bytes_device'] / 2**20:.2f} MiB of {result['kv_bytes_full'] / 2**20:.2f} MiB "
-                f"({result['kv_ratio']:.1%}) · prefill {result['prefill_seconds']:.2f} s · "
-                f"decode {result['decode_seconds']:.2f} s[/]"
-            )
-        if results and "context_kv" in results[0] and not self.as_json:
-            kv = results[0]["context_kv"]
+            self.record(i, result, numbered=len(results) > 1)
+        if results:
+            self.context_kv(results[0])
+
+    def record(self, i: int, result: dict, *, numbered: bool = False) -> None:
+        """Answer ``i``'s record: the answer unless it was streamed, and its accounting."""
+        self._end_line()
+        if self.as_json:
+            print(json.dumps(result), flush=True)
+            return
+        if not self.stream:
+            self._head(i)
+            self.console.print(f"[bold]answer:[/] {escape(result['answer'])}")
+        where = f"question {i + 1}: " if self.stream and numbered else ""
+        self.console.print(
+            f"[dim]{where}{result['method']} · {result['context_tokens']} context tokens · device KV "
+            f"{result['kv_bytes_device'] / 2**20:.2f} MiB of {result['kv_bytes_full'] / 2**20:.2f} MiB "
+            f"({result['kv_ratio']:.1%}) · prefill {result['prefill_seconds']:.2f} s · "
+            f"decode {result['decode_seconds']:.2f} s[/]"
+        )
+
+    def context_kv(self, result: dict) -> None:
+        """Where the context's keys and values came from, with a folder of saved contexts."""
+        if "context_kv" in result and not self.as_json:
+            kv = result["context_kv"]
             how = "read from" if kv["loaded"] else "computed and saved in"
             self.console.print(f"[dim]the context's keys and values were {how} {escape(kv['folder'])}[/]")
 
     def _head(self, i: int) -> None:
-        if len(self.questions) > 1:
+        if self.headers:
             self.console.print(f"[bold]question:[/] {escape(self.questions[i])}")
 
     def _end_line(self) -> None:

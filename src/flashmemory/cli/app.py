@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -43,7 +44,12 @@ def lsa_config(
 @friendly_errors
 def ask(
     question: list[str] = typer.Option(
-        ..., "--question", "-q", help="Question about the context; repeat it to ask several over one prefill."
+        None,
+        "--question",
+        "-q",
+        help="Question about the context; repeat it to ask several over one prefill. None: read them from standard "
+        "input, one a line (typed at a prompt, or piped), each answered as it comes.",
+        show_default=False,
     ),
     context_file: Path = typer.Option(
         ..., "--context-file", "-c", help="Text file with the long context; - reads it from standard input."
@@ -84,14 +90,13 @@ def ask(
 
     Several questions share one prefill of the context; each is answered as if it were asked alone.
     """
-    from ..runtime.ask import ask_questions
+    from ..runtime.ask import ask_as_they_come, ask_questions
 
+    if not question and str(context_file) == "-":
+        raise ValueError("give --question when the context comes on standard input (else questions are read there)")
     cfg = lsa_config(DEFAULTS.budget if budget is None else budget, interval, chunk_size, page_chunks, recent, sink)
-    view = AnswerView(OUT, question, stream=sys.stdout.isatty() if stream is None else stream, as_json=as_json)
-    results = ask_questions(
-        model,
-        context_file,
-        question,
+    streaming = sys.stdout.isatty() if stream is None else stream
+    options = dict(
         method=method,
         lsa=cfg,
         max_new_tokens=max_new_tokens,
@@ -101,8 +106,56 @@ def ask(
         cuda_graph=cuda_graph,
         kv_cache=kv_cache,
         budget_given=budget is not None,
-        on_text=view.piece if view.stream else None,
     )
+    if question:
+        view = AnswerView(OUT, question, stream=streaming, as_json=as_json, headers=len(question) > 1)
+        results = ask_questions(model, context_file, question, on_text=view.piece if view.stream else None, **options)
+        _note_fallback(method, results)
+        view.records(results)
+        return
+    typed = sys.stdin.isatty()
+    asked: list[str] = []  # the questions answered, in order (a refused one is taken out again)
+    view = AnswerView(OUT, asked, stream=streaming, as_json=as_json, headers=not typed)
+
+    def refused(q: str, message: str) -> None:
+        asked.pop()
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+    records = ask_as_they_come(
+        model,
+        context_file,
+        _read_questions(asked, typed),
+        on_text=view.piece if view.stream else None,
+        on_refused=refused,
+        **options,
+    )
+    noted = False
+    for i, record in enumerate(records):
+        noted = noted or _note_fallback(method, [record])
+        view.record(i, record)
+        if i == 0:
+            view.context_kv(record)
+
+
+def _read_questions(asked: list[str], typed: bool) -> Iterator[str]:
+    """Questions from standard input, one a line, each added to ``asked`` as it is read; a prompt when typed.
+    Ends at the end of the input (Ctrl-D) or Ctrl-C."""
+    if typed:
+        OUT.print("[dim]the context is ready: type a question and Enter; Ctrl-D ends[/]")
+    while True:
+        try:
+            line = OUT.input("[bold]question>[/] ") if typed else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if not typed and not line:
+            return
+        if line.strip():
+            asked.append(line.strip())
+            yield line.strip()
+
+
+def _note_fallback(method: str, results: list[dict]) -> bool:
+    """Says so when LSA's default budget could not hold the context and full attention answered."""
     if method == "lsa" and any(r["method"] == "full" for r in results):
         print(
             f"note: LSA cannot keep this context within the default budget {DEFAULTS.budget} (the always-resident "
@@ -110,7 +163,8 @@ def ask(
             "Give --budget to hold LSA to a budget.",
             file=sys.stderr,
         )
-    view.records(results)
+        return True
+    return False
 
 
 @app.command()

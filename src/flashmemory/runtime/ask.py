@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -134,47 +134,135 @@ def ask_questions(
     """
     if not questions or any(not q.strip() for q in questions):
         raise ValueError("the question is empty" if len(questions) == 1 else "a question is empty")
-    check_options(method, max_new_tokens, cuda_graph, device)
-    context = read_context(context_file)
-    model, tokenizer = load_on(model_name, device, progress=progress)
+    setup = _Setup(
+        model_name,
+        context_file,
+        method=method,
+        lsa=lsa,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        progress=progress,
+        indexer=indexer,
+        cuda_graph=cuda_graph,
+    )
+    setup.budget_held(budget_given, lsa)
     # every question is checked before the context's prefill is spent; the ids checked are the ids answered
-    prompts = [question_ids(tokenizer, context, q) for q in questions]
-    for ids in prompts:
-        check_length(model, ids, max_new_tokens)
-    if budget_given is None:
-        budget_given = lsa is not None
-    lsa = lsa or LSAConfig()
-    fallback = falls_back(method, lsa, budget_given=budget_given)
-    cuda_graph = method == "lsa" and choose_graph_replay(model, lsa, cuda_graph)
+    prompts = [setup.prompt(q) for q in questions]
+    shown = None if on_text is None else _Shown(setup.tokenizer, on_text)
     extra = {}
-    shown = None if on_text is None else _Shown(tokenizer, len(questions), on_text)
     if len(questions) == 1 and kv_cache is None:
-
-        def answer(how: str) -> GenerationResult:
-            options = dict(method=how, lsa=lsa, indexer=indexer, cuda_graph=cuda_graph and how == "lsa")
-            seen = None if shown is None else lambda tok: shown(0, tok)
-            return generate_encoded(
-                model, tokenizer, prompts[0], max_new_tokens=max_new_tokens, on_token=seen, **options
-            )
-
-        results = [_with_fallback(answer, method, fallback)]
+        results = [setup.answer_alone(prompts[0], None if shown is None else shown.for_question(0))]
     else:
-
-        def session_for(how: str) -> Session:
-            options = dict(method=how, lsa=lsa, indexer=indexer, cuda_graph=cuda_graph and how == "lsa")
-            return Session(model, tokenizer, context, kv_cache=kv_cache, **options)
-
-        results, session = session_answers(
-            session_for, method, questions, prompts, max_new_tokens, fall_back=fallback, on_token=shown
-        )
-        if session.saved_context is not None:
-            extra = {"context_kv": session.saved_context}
+        answering = AnsweringSession(setup.session_maker(kv_cache), method, fall_back=setup.fall_back)
+        results = []
+        for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
+            seen = None if shown is None else shown.for_question(i)
+            results.append(answering.ask(q, ids, max_new_tokens, on_token=seen))
+        extra = answering.context_kv()
     if shown is not None:
         shown.finish([r.text for r in results])
     return [
         {"question": q, **stats_record(r.text.strip(), r.stats), **extra}
         for q, r in zip(questions, results, strict=True)
     ]
+
+
+def ask_as_they_come(
+    model_name: str,
+    context_file: str | Path,
+    questions: Iterable[str],
+    *,
+    on_text: Callable[[int, str], None] | None = None,
+    on_refused: Callable[[str, str], None] | None = None,
+    kv_cache: str | Path | None = None,
+    budget_given: bool | None = None,
+    **options,
+) -> Iterator[dict]:
+    """Answer questions about the text in ``context_file`` as they come (typed at a prompt, or lines piped in),
+    through one :class:`Session`: the context is prefilled before the first question is read, and each record is
+    yielded as soon as its answer is whole. Blank questions are skipped. A question that cannot be answered (too
+    long for the model's window, or refused by a budget given) goes to ``on_refused(question, message)`` and the
+    next one is read; nothing computed is lost. The other options are :func:`ask_questions`'s; ``on_text(i,
+    piece)`` counts the answered questions from 0.
+    """
+    setup = _Setup(model_name, context_file, **options)
+    setup.budget_held(budget_given, options.get("lsa"))
+    answering = AnsweringSession(setup.session_maker(kv_cache), setup.method, fall_back=setup.fall_back)
+    shown = None if on_text is None else _Shown(setup.tokenizer, on_text)
+    answered = 0
+    for question in questions:
+        if not question.strip():
+            continue
+        try:
+            ids = setup.prompt(question)
+            seen = None if shown is None else shown.for_question(answered)
+            result = answering.ask(question, ids, setup.max_new_tokens, on_token=seen)
+        except ValueError as exc:  # BudgetError is one
+            if on_refused is None:
+                raise
+            on_refused(question, str(exc))
+            continue
+        if shown is not None:
+            shown.finish_one(answered, result.text)
+        answered += 1
+        yield {"question": question, **stats_record(result.text.strip(), result.stats), **answering.context_kv()}
+
+
+class _Setup:
+    """What answering needs before any question: options checked, the context read, the model loaded, the LSA
+    settings and graph replay chosen."""
+
+    def __init__(
+        self,
+        model_name: str,
+        context_file: str | Path,
+        *,
+        method: str = "lsa",
+        lsa: LSAConfig | None = None,
+        max_new_tokens: int = 64,
+        device: str = "auto",
+        progress: bool = True,
+        indexer: str = "auto",
+        cuda_graph: bool | None = None,
+    ) -> None:
+        check_options(method, max_new_tokens, cuda_graph, device)
+        self.context = read_context(context_file)
+        self.model, self.tokenizer = load_on(model_name, device, progress=progress)
+        self.method, self.lsa, self.max_new_tokens, self.indexer = method, lsa or LSAConfig(), max_new_tokens, indexer
+        self.cuda_graph = method == "lsa" and choose_graph_replay(self.model, self.lsa, cuda_graph)
+        self.fall_back = False
+
+    def budget_held(self, budget_given: bool | None, lsa: LSAConfig | None) -> None:
+        """Whether LSA holds to its budget (default: when ``lsa`` was given) or falls back (:func:`falls_back`)."""
+        given = lsa is not None if budget_given is None else budget_given
+        self.fall_back = falls_back(self.method, self.lsa, budget_given=given)
+
+    def prompt(self, question: str) -> torch.Tensor:
+        """The question's prompt ids, refused when it and the answer would not fit the model's window."""
+        ids = question_ids(self.tokenizer, self.context, question)
+        check_length(self.model, ids, self.max_new_tokens)
+        return ids
+
+    def options(self, how: str) -> dict:
+        return dict(method=how, lsa=self.lsa, indexer=self.indexer, cuda_graph=self.cuda_graph and how == "lsa")
+
+    def answer_alone(self, ids: torch.Tensor, on_token) -> GenerationResult:
+        """One question as one request: no session, no host copy of the context kept."""
+
+        def answer(how: str) -> GenerationResult:
+            return generate_encoded(
+                self.model,
+                self.tokenizer,
+                ids,
+                max_new_tokens=self.max_new_tokens,
+                on_token=on_token,
+                **self.options(how),
+            )
+
+        return _with_fallback(answer, self.method, self.fall_back)
+
+    def session_maker(self, kv_cache: str | Path | None) -> Callable[[str], Session]:
+        return lambda how: Session(self.model, self.tokenizer, self.context, kv_cache=kv_cache, **self.options(how))
 
 
 def falls_back(method: str, lsa: LSAConfig, *, budget_given: bool) -> bool:
@@ -199,48 +287,59 @@ def _with_fallback(answer, method: str, fall_back: bool):
         return answer("full")
 
 
-def session_answers(
-    make_session: Callable[[str], Session],
-    method: str,
-    questions: list[str],
-    prompts: list[torch.Tensor],
-    max_new_tokens: int,
-    *,
-    fall_back: bool = False,
-    on_token: Callable[[int, torch.Tensor], None] | None = None,
-) -> tuple[list[GenerationResult], Session]:
-    """Greedy answers to ``questions``, whose prompts (:func:`question_ids`) are ``prompts``, from one session
-    (``make_session(method)``); returns them and the session. When LSA refuses a question for its budget and
-    ``fall_back`` allows it (:func:`falls_back`), that question and the rest are answered by a full-attention
-    session instead. ``on_token(i, tokens)`` sees question ``i``'s answer tokens as they are chosen."""
-    session = make_session(method)
-    results = []
-    for i, (question, ids) in enumerate(zip(questions, prompts, strict=True)):
-        seen = None if on_token is None else lambda tok, i=i: on_token(i, tok)
+class AnsweringSession:
+    """Questions about one context answered one after another by a :class:`Session` (``make_session(method)``).
+    When LSA refuses a question for its budget and ``fall_back`` allows it (:func:`falls_back`), that question and
+    the rest are answered by a full-attention session instead."""
 
-        def answer(how: str, question: str = question, ids: torch.Tensor = ids, seen=seen) -> GenerationResult:
-            nonlocal session
-            if session.method != how:
-                session = make_session(how)
-            return session.ask(question, max_new_tokens=max_new_tokens, prompt_ids=ids, on_token=seen)
+    def __init__(self, make_session: Callable[[str], Session], method: str, *, fall_back: bool = False) -> None:
+        self._make, self.fall_back = make_session, fall_back
+        self.session = make_session(method)
 
-        results.append(_with_fallback(answer, session.method, fall_back))
-    return results, session
+    def ask(
+        self,
+        question: str,
+        ids: torch.Tensor,
+        max_new_tokens: int,
+        on_token: Callable[[torch.Tensor], None] | None = None,
+    ) -> GenerationResult:
+        """The greedy answer to ``question``, whose prompt (:func:`question_ids`) is ``ids``."""
+
+        def answer(how: str) -> GenerationResult:
+            if self.session.method != how:
+                self.session = self._make(how)
+            return self.session.ask(question, max_new_tokens=max_new_tokens, prompt_ids=ids, on_token=on_token)
+
+        return _with_fallback(answer, self.session.method, self.fall_back)
+
+    def context_kv(self) -> dict:
+        """``{"context_kv": ...}`` when the session saves contexts (:attr:`Session.saved_context`), else ``{}``."""
+        saved = self.session.saved_context
+        return {} if saved is None else {"context_kv": saved}
 
 
 class _Shown:
     """Each question's answer tokens turned into text pieces for ``on_text(i, piece)``."""
 
-    def __init__(self, tokenizer, questions: int, on_text: Callable[[int, str], None]) -> None:
-        self.streams = [TextStream(tokenizer) for _ in range(questions)]
-        self.on_text = on_text
+    def __init__(self, tokenizer, on_text: Callable[[int, str], None]) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.streams: dict[int, TextStream] = {}
 
-    def __call__(self, i: int, tokens: torch.Tensor) -> None:
-        if piece := self.streams[i].push(int(tokens[0])):
-            self.on_text(i, piece)
+    def for_question(self, i: int) -> Callable[[torch.Tensor], None]:
+        """The ``on_token`` of question ``i``'s answer (a new stream: an answer started again starts afresh)."""
+        self.streams[i] = stream = TextStream(self.tokenizer)
+
+        def seen(tokens: torch.Tensor) -> None:
+            if piece := stream.push(int(tokens[0])):
+                self.on_text(i, piece)
+
+        return seen
+
+    def finish_one(self, i: int, text: str) -> None:
+        """Shows what the final answer adds (text a character split across tokens held back at the end)."""
+        if rest := self.streams[i].finish(text):
+            self.on_text(i, rest)
 
     def finish(self, texts: list[str]) -> None:
-        """Shows what the final answers add (text a character split across tokens held back at the end)."""
         for i, text in enumerate(texts):
-            if rest := self.streams[i].finish(text):
-                self.on_text(i, rest)
+            self.finish_one(i, text)

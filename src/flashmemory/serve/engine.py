@@ -26,7 +26,7 @@ from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..memory.layout import BudgetError
 from ..memory.pinned import HOST_POOL
-from ..runtime.ask import falls_back, session_answers
+from ..runtime.ask import AnsweringSession, falls_back
 from ..runtime.generate import decode_result, generate_ids
 from ..runtime.graph_step import choose_graph_replay
 from ..runtime.sampling import Sampling, StopText
@@ -294,23 +294,21 @@ class Engine:
 
     def _run_session(self, job: _SessionJob) -> None:
         try:
-            results, session = session_answers(
+            answering = AnsweringSession(
                 lambda method: self._session(job, method),
                 job.method,
-                job.questions,
-                job.prompts,
-                job.max_new_tokens,
                 fall_back=falls_back(job.method, job.lsa, budget_given=job.own_budget),
             )
             answers = []
-            for r in results:
+            for q, ids in zip(job.questions, job.prompts, strict=True):
+                r = answering.ask(q, ids, job.max_new_tokens)
                 tokens = r.token_ids[0]
                 reason = "stop" if len(tokens) < job.max_new_tokens else "length"
                 answers.append(Answer(r.text, r.stats.context_tokens, len(tokens), reason, r.stats))
         except BaseException as exc:  # the request hears of it; the thread serves the next one
             job.result.set_exception(exc)
             return
-        job.result.set_result((answers, session.saved_context))
+        job.result.set_result((answers, answering.session.saved_context))
 
     def _session(self, job: _SessionJob, method: str) -> Session:
         return Session(
