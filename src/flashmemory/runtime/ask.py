@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from ..memory.layout import BudgetError
 from ..models import load_model
 from .generate import METHODS, GenerationResult, encode_prompts, generate_encoded
 from .graph_step import choose_graph_replay
+from .prefill_progress import PrefillProgress
 from .sampling import TextStream
 from .session import Session, question_ids
 from .stats import GenerationStats
@@ -150,15 +152,16 @@ def ask_questions(
     prompts = [setup.prompt(q) for q in questions]
     shown = None if on_text is None else _Shown(setup.tokenizer, on_text)
     extra = {}
-    if len(questions) == 1 and kv_cache is None:
-        results = [setup.answer_alone(prompts[0], None if shown is None else shown.for_question(0))]
-    else:
-        answering = AnsweringSession(setup.session_maker(kv_cache), method, fall_back=setup.fall_back)
-        results = []
-        for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
-            seen = None if shown is None else shown.for_question(i)
-            results.append(answering.ask(q, ids, max_new_tokens, on_token=seen))
-        extra = answering.context_kv()
+    with setup.prefill_bar():
+        if len(questions) == 1 and kv_cache is None:
+            results = [setup.answer_alone(prompts[0], None if shown is None else shown.for_question(0))]
+        else:
+            answering = AnsweringSession(setup.session_maker(kv_cache), method, fall_back=setup.fall_back)
+            results = []
+            for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
+                seen = None if shown is None else shown.for_question(i)
+                results.append(answering.ask(q, ids, max_new_tokens, on_token=seen))
+            extra = answering.context_kv()
     if shown is not None:
         shown.finish([r.text for r in results])
     return [
@@ -187,6 +190,17 @@ def ask_as_they_come(
     """
     setup = _Setup(model_name, context_file, **options)
     setup.budget_held(budget_given, options.get("lsa"))
+    with setup.prefill_bar():
+        yield from _answer_as_they_come(setup, questions, kv_cache, on_text, on_refused)
+
+
+def _answer_as_they_come(
+    setup: _Setup,
+    questions: Iterable[str],
+    kv_cache: str | Path | None,
+    on_text: Callable[[int, str], None] | None,
+    on_refused: Callable[[str, str], None] | None,
+) -> Iterator[dict]:
     answering = AnsweringSession(setup.session_maker(kv_cache), setup.method, fall_back=setup.fall_back)
     shown = None if on_text is None else _Shown(setup.tokenizer, on_text)
     answered = 0
@@ -231,6 +245,11 @@ class _Setup:
         self.method, self.lsa, self.max_new_tokens, self.indexer = method, lsa or LSAConfig(), max_new_tokens, indexer
         self.cuda_graph = method == "lsa" and choose_graph_replay(self.model, self.lsa, cuda_graph)
         self.fall_back = False
+        self.progress = progress
+
+    def prefill_bar(self) -> contextlib.AbstractContextManager:
+        """A bar over the layers while a long context is prefilled, when ``progress`` is on."""
+        return PrefillProgress(self.model) if self.progress else contextlib.nullcontext()
 
     def budget_held(self, budget_given: bool | None, lsa: LSAConfig | None) -> None:
         """Whether LSA holds to its budget (default: when ``lsa`` was given) or falls back (:func:`falls_back`)."""
