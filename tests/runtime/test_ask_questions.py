@@ -175,3 +175,25 @@ def test_a_question_that_cannot_be_answered_is_reported_and_the_next_one_answere
     # without somewhere to report it, the refusal is raised
     with pytest.raises(ValueError, match="handles at most"):
         list(ask_as_they_come("tiny", _file(tmp_path, LONG), iter([too_long]), max_new_tokens=6))
+
+
+def test_the_demo_refuses_a_budget_lsa_cannot_keep_before_full_attention_answers(monkeypatch, model):
+    from flashmemory.cli import demo as demo_module
+
+    class Sized(BatchCharTokenizer):  # a plain string is one row of ids, as a Hugging Face tokenizer gives it
+        def __call__(self, text, **kw):
+            out = super().__call__(text, **kw)
+            return out if isinstance(text, list) or kw.get("return_tensors") else {"input_ids": self._encode(text)}
+
+    tok = Sized(chat_template="tiny")
+    monkeypatch.setattr(demo_module, "load_on", lambda *a, **k: (model, tok))
+    methods = []
+    real = demo_module.generate
+    monkeypatch.setattr(demo_module, "generate", lambda *a, **k: methods.append(k["method"]) or real(*a, **k))
+    with pytest.raises(BudgetError, match="cannot hold the always-resident part"):
+        demo_module.run_demo("tiny", context_tokens=300, lsa=LSAConfig(), seed=0, device="cpu", indexer="zero-shot")
+    assert methods == ["lsa"]  # nothing computed and thrown away
+    got = demo_module.run_demo(
+        "tiny", context_tokens=600, lsa=LSAConfig(budget=0.6, **SMALL_LSA), seed=0, device="cpu", indexer="zero-shot"
+    )
+    assert [row["method"] for row in got["rows"]] == ["full", "lsa"]
