@@ -345,7 +345,7 @@ class _Shown:
         self.streams: dict[int, TextStream] = {}
 
     def for_question(self, i: int) -> Callable[[torch.Tensor], None]:
-        """The ``on_token`` of question ``i``'s answer (a new stream: an answer started again starts afresh)."""
+        """The ``on_token`` of question ``i``'s answer, with a text stream of its own."""
         self.streams[i] = stream = TextStream(self.tokenizer)
 
         def seen(tokens: torch.Tensor) -> None:
