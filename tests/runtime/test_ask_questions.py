@@ -197,3 +197,20 @@ def test_the_demo_refuses_a_budget_lsa_cannot_keep_before_full_attention_answers
         "tiny", context_tokens=600, lsa=LSAConfig(budget=0.6, **SMALL_LSA), seed=0, device="cpu", indexer="zero-shot"
     )
     assert [row["method"] for row in got["rows"]] == ["full", "lsa"]
+
+
+def test_each_record_goes_out_as_soon_as_its_answer_is_whole(tmp_path, monkeypatch, model):
+    _loaded(monkeypatch, model, BatchCharTokenizer(chat_template="tiny"))
+    real, calls = ask_module.AnsweringSession.ask, []
+
+    def fails_second(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("the host cannot hold this")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ask_module.AnsweringSession, "ask", fails_second)
+    args = ["ask", "-c", str(_file(tmp_path, LONG)), "--device", "cpu", "--budget", "0.5", "--json"]
+    res = CliRunner().invoke(app, [*args, "-q", "which letter?", "-q", "what comes last?"])
+    assert res.exit_code != 0 and "cannot hold" in res.output
+    assert json.loads(res.stdout.splitlines()[0])["question"] == "which letter?"  # the first answer was kept

@@ -14,7 +14,8 @@ class AnswerView:
     """Prints the answers to ``questions`` (a list the caller may extend as questions come).
 
     With ``stream``, each answer's text is shown as it comes (:meth:`piece`) and its accounting after it; else each
-    answer whole with its accounting, or one JSON line each. ``headers`` prints each question before its answer.
+    answer whole with its accounting, or one JSON line each; every record as soon as its answer is whole.
+    ``headers`` prints each question before its answer.
     """
 
     def __init__(self, console: Console, questions: list[str], *, stream: bool, as_json: bool, headers: bool) -> None:
@@ -38,15 +39,8 @@ class AnswerView:
         sys.stdout.write(strip_control_codes(text))  # as the console shows a whole answer: no cursor movement
         sys.stdout.flush()
 
-    def records(self, results: list[dict]) -> None:
-        """Every answer's record at once, after all were decoded (streamed accounting lines name their question)."""
-        for i, result in enumerate(results):
-            self.record(i, result, numbered=len(results) > 1)
-        if results:
-            self.context_kv(results[0])
-
-    def record(self, i: int, result: dict, *, numbered: bool = False) -> None:
-        """Answer ``i``'s record: the answer unless it was streamed, and its accounting."""
+    def record(self, i: int, result: dict) -> None:
+        """Answer ``i``'s record, as soon as it is whole: the answer unless it was streamed, and its accounting."""
         self._end_line()
         if self.as_json:
             print(json.dumps(result), flush=True)
@@ -54,9 +48,8 @@ class AnswerView:
         if not self.stream:
             self._head(i)
             self.console.print(f"[bold]answer:[/] {escape(result['answer'])}")
-        where = f"question {i + 1}: " if self.stream and numbered else ""
         self.console.print(
-            f"[dim]{where}{result['method']} · {result['context_tokens']} context tokens · device KV "
+            f"[dim]{result['method']} · {result['context_tokens']} context tokens · device KV "
             f"{result['kv_bytes_device'] / 2**20:.2f} MiB of {result['kv_bytes_full'] / 2**20:.2f} MiB "
             f"({result['kv_ratio']:.1%}) · prefill {result['prefill_seconds']:.2f} s · "
             f"decode {result['decode_seconds']:.2f} s[/]"

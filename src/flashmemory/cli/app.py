@@ -109,9 +109,10 @@ def ask(
     )
     if question:
         view = AnswerView(OUT, question, stream=streaming, as_json=as_json, headers=len(question) > 1)
-        results = ask_questions(model, context_file, question, on_text=view.piece if view.stream else None, **options)
+        shown = view.piece if view.stream else None
+        results = ask_questions(model, context_file, question, on_text=shown, on_answer=view.record, **options)
         _note_fallback(method, results)
-        view.records(results)
+        view.context_kv(results[0])
         return
     typed = sys.stdin.isatty()
     asked: list[str] = []  # the questions answered, in order (a refused one is taken out again)

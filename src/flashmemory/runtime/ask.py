@@ -117,6 +117,7 @@ def ask_questions(
     kv_cache: str | Path | None = None,
     budget_given: bool | None = None,
     on_text: Callable[[int, str], None] | None = None,
+    on_answer: Callable[[int, dict], None] | None = None,
 ) -> list[dict]:
     """Answer questions about the text in ``context_file``: one request for one question, one :class:`Session`
     (one prefill of the context) for several, or for any number with ``kv_cache`` (a folder the session reads the
@@ -129,7 +130,8 @@ def ask_questions(
     instead, refusing such a context.
 
     ``on_text(i, piece)`` sees the answer to question ``i`` as it is decoded, in pieces safe to show
-    (:class:`~flashmemory.runtime.sampling.TextStream`); the records hold the whole answers.
+    (:class:`~flashmemory.runtime.sampling.TextStream`); the records hold the whole answers. ``on_answer(i,
+    record)`` sees each record as soon as its answer is whole, so that a failure at a later question loses none.
 
     Returns one record per question: its ``question``, the ``answer`` and the accounting (with ``kv_cache``,
     also ``context_kv``: the folder and whether the context was read from it).
@@ -151,23 +153,25 @@ def ask_questions(
     # every question is checked before the context's prefill is spent; the ids checked are the ids answered
     prompts = [setup.prompt(q) for q in questions]
     shown = None if on_text is None else _Shown(setup.tokenizer, on_text)
-    extra = {}
+    records: list[dict] = []
+
+    def done(question: str, result: GenerationResult, extra: dict) -> None:
+        i = len(records)
+        if shown is not None:
+            shown.finish_one(i, result.text)
+        records.append({"question": question, **stats_record(result.text.strip(), result.stats), **extra})
+        if on_answer is not None:
+            on_answer(i, records[-1])
+
     with setup.prefill_bar():
         if len(questions) == 1 and kv_cache is None:
-            results = [setup.answer_alone(prompts[0], None if shown is None else shown.for_question(0))]
+            done(questions[0], setup.answer_alone(prompts[0], shown and shown.for_question(0)), {})
         else:
             answering = AnsweringSession(setup.session_maker(kv_cache), method, fall_back=setup.fall_back)
-            results = []
             for i, (q, ids) in enumerate(zip(questions, prompts, strict=True)):
-                seen = None if shown is None else shown.for_question(i)
-                results.append(answering.ask(q, ids, max_new_tokens, on_token=seen))
-            extra = answering.context_kv()
-    if shown is not None:
-        shown.finish([r.text for r in results])
-    return [
-        {"question": q, **stats_record(r.text.strip(), r.stats), **extra}
-        for q, r in zip(questions, results, strict=True)
-    ]
+                result = answering.ask(q, ids, max_new_tokens, on_token=shown and shown.for_question(i))
+                done(q, result, answering.context_kv())
+    return records
 
 
 def ask_as_they_come(
@@ -358,7 +362,3 @@ class _Shown:
         """Shows what the final answer adds (text a character split across tokens held back at the end)."""
         if rest := self.streams[i].finish(text):
             self.on_text(i, rest)
-
-    def finish(self, texts: list[str]) -> None:
-        for i, text in enumerate(texts):
-            self.finish_one(i, text)
