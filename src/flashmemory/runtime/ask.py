@@ -6,6 +6,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -18,6 +19,8 @@ from .prefill_progress import PrefillProgress
 from .sampling import TextStream
 from .session import Session, question_ids
 from .stats import GenerationStats
+
+T = TypeVar("T")
 
 
 def pick_device(device: str) -> torch.device:
@@ -282,7 +285,7 @@ class _Setup:
                 **self.options(how),
             )
 
-        return _with_fallback(answer, self.method, self.fall_back)
+        return with_fallback(answer, self.method, self.fall_back)
 
     def session_maker(self, kv_cache: str | Path | None) -> Callable[[str], Session]:
         return lambda how: Session(self.model, self.tokenizer, self.context, kv_cache=kv_cache, **self.options(how))
@@ -300,8 +303,9 @@ def falls_back(method: str, lsa: LSAConfig, *, budget_given: bool) -> bool:
     return method == "lsa" and not budget_given and lsa.budget is not None and lsa.budget <= 1.0
 
 
-def _with_fallback(answer, method: str, fall_back: bool):
-    """``answer(method)``, or ``answer("full")`` when LSA refuses the budget and ``fall_back`` allows it."""
+def with_fallback(answer: Callable[[str], T], method: str, fall_back: bool) -> T:
+    """``answer(method)``, or ``answer("full")`` when LSA refuses the budget and ``fall_back`` allows it
+    (:func:`falls_back`); LSA refuses at the prefill, before any token is chosen."""
     try:
         return answer(method)
     except BudgetError:
@@ -333,7 +337,7 @@ class AnsweringSession:
                 self.session = self._make(how)
             return self.session.ask(question, max_new_tokens=max_new_tokens, prompt_ids=ids, on_token=on_token)
 
-        return _with_fallback(answer, self.session.method, self.fall_back)
+        return with_fallback(answer, self.session.method, self.fall_back)
 
     def context_kv(self) -> dict:
         """``{"context_kv": ...}`` when the session saves contexts (:attr:`Session.saved_context`), else ``{}``."""

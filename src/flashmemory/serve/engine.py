@@ -24,9 +24,8 @@ from torch import nn
 
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
-from ..memory.layout import BudgetError
 from ..memory.pinned import HOST_POOL
-from ..runtime.ask import AnsweringSession, falls_back
+from ..runtime.ask import AnsweringSession, falls_back, with_fallback
 from ..runtime.generate import decode_result, generate_ids
 from ..runtime.graph_step import choose_graph_replay
 from ..runtime.sampling import Sampling, StopText
@@ -356,6 +355,7 @@ class Engine:
         first = batch[0]
 
         def run(method: str):
+            steps[0] = 0  # a run refused for its budget was refused at the prefill, before any token went out
             common = dict(
                 method=method,
                 lsa=first.lsa,
@@ -373,13 +373,8 @@ class Engine:
             return generate_ids(self.model, ids, mask, cuda_graph=self.cuda_graph and method == "lsa", **common)
 
         try:
-            try:
-                out, stats = run(first.method)
-            except BudgetError:
-                if not falls_back(first.method, first.lsa, budget_given=first.own_budget):
-                    raise
-                steps[0] = 0  # refused at the prefill, before any token went out
-                out, stats = run("full")
+            fall_back = falls_back(first.method, first.lsa, budget_given=first.own_budget)
+            out, stats = with_fallback(run, first.method, fall_back)
         except BaseException as exc:  # every request of the batch hears of it; the thread serves the next one
             for job in batch:
                 job.result.set_exception(exc)
