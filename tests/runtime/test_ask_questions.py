@@ -188,8 +188,8 @@ def test_the_demo_refuses_a_budget_lsa_cannot_keep_before_full_attention_answers
     tok = Sized(chat_template="tiny")
     monkeypatch.setattr(demo_module, "load_on", lambda *a, **k: (model, tok))
     methods = []
-    real = demo_module.generate
-    monkeypatch.setattr(demo_module, "generate", lambda *a, **k: methods.append(k["method"]) or real(*a, **k))
+    real = demo_module.generate_encoded
+    monkeypatch.setattr(demo_module, "generate_encoded", lambda *a, **k: methods.append(k["method"]) or real(*a, **k))
     with pytest.raises(BudgetError, match="cannot hold the always-resident part"):
         demo_module.run_demo("tiny", context_tokens=300, lsa=LSAConfig(), seed=0, device="cpu", indexer="zero-shot")
     assert methods == ["lsa"]  # nothing computed and thrown away

@@ -6,8 +6,8 @@ from rich.console import Console
 
 from ..bench.planted_fact import planted_fact
 from ..config import LSAConfig
-from ..runtime.ask import check_fits, load_on, stats_record
-from ..runtime.generate import generate
+from ..runtime.ask import check_length, load_on, stats_record
+from ..runtime.generate import encode_prompts, generate_encoded
 
 
 def run_demo(
@@ -25,13 +25,14 @@ def run_demo(
         raise ValueError(f"--context-tokens must be >= 256, got {context_tokens}")
     model, tokenizer = load_on(model_name, device)
     task = planted_fact(tokenizer, context_tokens, seed=seed)
-    n = check_fits(model, tokenizer, task.prompt, 32)
+    ids = encode_prompts(tokenizer, [task.prompt], chat=True)["input_ids"]  # checked, then answered both ways
+    n = check_length(model, ids, 32)
     rows = {}
     # LSA first: a budget it cannot keep is refused before full attention's answer is computed and lost
     for method in ("lsa", "full"):
         if console is not None:
             console.log(f"answering with {method}...")
-        result = generate(model, tokenizer, task.prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=32)
+        result = generate_encoded(model, tokenizer, ids, method=method, lsa=lsa, indexer=indexer, max_new_tokens=32)
         rows[method] = stats_record(result.text.strip(), result.stats)
         rows[method]["correct"] = task.is_correct(result.text)
     return {

@@ -13,7 +13,7 @@ import torch
 from ..config import LSAConfig
 from ..memory.layout import BudgetError
 from ..models import load_model
-from .generate import METHODS, GenerationResult, encode_prompts, generate_encoded
+from .generate import METHODS, GenerationResult, generate_encoded
 from .graph_step import choose_graph_replay
 from .prefill_progress import PrefillProgress
 from .sampling import TextStream
@@ -60,11 +60,6 @@ def read_context(path: str | Path) -> str:
     if not text.strip():
         raise ValueError(f"context file {path} is empty")
     return text
-
-
-def check_fits(model, tokenizer, prompt: str, max_new_tokens: int) -> int:
-    """Prompt tokens; raises when prompt + new tokens exceed the model's context window."""
-    return check_length(model, encode_prompts(tokenizer, [prompt], chat=True)["input_ids"], max_new_tokens)
 
 
 def check_length(model, ids: torch.Tensor, max_new_tokens: int) -> int:
