@@ -41,7 +41,7 @@ def meminfo_available() -> int:
 
 
 def one(model, tok, prompt: str, method: str, lsa: LSAConfig, max_new: int) -> dict:
-    kw = dict(method=method, lsa=lsa if method == "lsa" else None, chat=False)
+    kw = dict(method=method, lsa=lsa if method == "lsa" else None, chat=False, cuda_graph=False)
     if method == "lsa":
         kw["indexer"] = "zero-shot"
     torch.cuda.synchronize()

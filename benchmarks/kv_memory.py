@@ -39,7 +39,14 @@ def main() -> None:
             for name, method, indexer in runs:
                 t0 = time.perf_counter()
                 res = generate(
-                    model, tok, task.prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=args.max_new_tokens
+                    model,
+                    tok,
+                    task.prompt,
+                    method=method,
+                    lsa=lsa,
+                    indexer=indexer,
+                    max_new_tokens=args.max_new_tokens,
+                    cuda_graph=False,
                 )
                 row = {
                     **res.stats.to_dict(),

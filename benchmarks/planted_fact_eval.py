@@ -120,7 +120,14 @@ def run(
                     method, indexer = methods[name]
                     t0 = time.perf_counter()
                     res = generate(
-                        model, tok, task.prompt, method=method, lsa=lsa, indexer=indexer, max_new_tokens=max_new_tokens
+                        model,
+                        tok,
+                        task.prompt,
+                        method=method,
+                        lsa=lsa,
+                        indexer=indexer,
+                        max_new_tokens=max_new_tokens,
+                        cuda_graph=False,
                     )
                     row = {
                         **res.stats.to_dict(),

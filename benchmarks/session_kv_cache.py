@@ -43,7 +43,7 @@ def timed_session(model, tok, document, items, max_new_tokens: int, **kw) -> tup
 
 def run_doc(model, tok, items, method: str, lsa: LSAConfig | None, max_new_tokens: int, cache: Path) -> dict:
     document = items[0].document
-    kw = dict(method=method, lsa=lsa)
+    kw = dict(method=method, lsa=lsa, cuda_graph=False)
     plain, want, plain_first, plain_all = timed_session(model, tok, document, items, max_new_tokens, **kw)
     saving, saved, _, _ = timed_session(model, tok, document, items, max_new_tokens, kv_cache=cache, **kw)
     reading, read, read_first, read_all = timed_session(

@@ -34,13 +34,19 @@ def run_doc(
     def separately():
         return [
             generate(
-                model, tok, build_prompt(document, it.question), method=method, lsa=lsa, max_new_tokens=max_new_tokens
+                model,
+                tok,
+                build_prompt(document, it.question),
+                method=method,
+                lsa=lsa,
+                max_new_tokens=max_new_tokens,
+                cuda_graph=False,
             )
             for it in items
         ]
 
     def in_session():
-        session = Session(model, tok, document, method=method, lsa=lsa)
+        session = Session(model, tok, document, method=method, lsa=lsa, cuda_graph=False)
         return [session.ask(it.question, max_new_tokens=max_new_tokens) for it in items]
 
     timed = {}

@@ -84,7 +84,7 @@ def timed(fn):
 
 
 def run(model, tok, context: str, questions: list[str], method: str, lsa, max_new: int, session_first: bool) -> dict:
-    kw = dict(method=method, lsa=lsa, indexer="zero-shot" if method == "lsa" else None, chat=False)
+    kw = dict(method=method, lsa=lsa, indexer="zero-shot" if method == "lsa" else None, chat=False, cuda_graph=False)
 
     def separately():
         return [generate(model, tok, build_prompt(context, q), max_new_tokens=max_new, **kw) for q in questions]

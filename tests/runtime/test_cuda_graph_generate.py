@@ -122,3 +122,86 @@ def test_unset_graph_replay_on_cuda_is_chosen_for_full_attention_layers_on_the_f
     if not chosen:
         with pytest.raises(ValueError, match="graph replay needs"):
             choose_graph_replay(model, lsa, True)
+
+
+def _spy_steps(monkeypatch, refusal=None) -> list:
+    """Replace the graph step with :class:`_UncapturedStep` (recorded) and the refusal with ``refusal``, so the
+    loop's choice can be seen off CUDA."""
+    steps = []
+    gen = sys.modules["flashmemory.runtime.generate"]
+    monkeypatch.setattr(
+        gen, "GraphDecodeStep", lambda model, cache: steps.append(_UncapturedStep(model, cache)) or steps[-1]
+    )
+    if refusal is not None:
+        monkeypatch.setattr(gen, "graph_replay_refusal", refusal)
+    return steps
+
+
+def test_unset_graph_replay_decodes_eagerly_where_it_cannot_run(monkeypatch):
+    steps = _spy_steps(monkeypatch)  # the real refusal: this is a CPU
+    model = tiny_model("llama")
+    ids = torch.randint(3, 250, (1, 96))
+    lsa = LSAConfig(budget=None, max_pages=2, attention_backend="torch", **SMALL_LSA)
+    generate_ids(model, ids, lsa=lsa, max_new_tokens=6)
+    generate_ids(model, ids, method="full", max_new_tokens=6)
+    assert steps == []
+
+
+def test_unset_graph_replay_is_taken_for_a_fast_path_cache_only(monkeypatch):
+    # as if on CUDA: the refusal has nothing to say, so only the cache's kind decides
+    steps = _spy_steps(monkeypatch, refusal=lambda *args: None)
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    ids = torch.randint(3, 250, (1, 200))
+    base = dict(budget=None, max_pages=3, **SMALL_LSA)
+    eager, _ = generate_ids(
+        model, ids, lsa=LSAConfig(attention_backend="torch", **base), max_new_tokens=30, cuda_graph=False
+    )
+    assert steps == []
+    chosen, _ = generate_ids(model, ids, lsa=LSAConfig(attention_backend="torch", **base), max_new_tokens=30)
+    assert len(steps) == 1 and steps[0].calls == 30 and torch.equal(chosen, eager)
+    generate_ids(model, ids, lsa=LSAConfig(attention_backend="mask", **base), max_new_tokens=6)
+    generate_ids(model, ids, method="full", max_new_tokens=6)
+    assert len(steps) == 1  # the masked path and a full cache decode eagerly
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_the_python_api_replays_by_default_on_cuda_with_the_eager_answers_cuda(family, monkeypatch):
+    gen = sys.modules["flashmemory.runtime.generate"]
+    built = []
+    real = gen.GraphDecodeStep
+    monkeypatch.setattr(gen, "GraphDecodeStep", lambda model, cache: built.append(real(model, cache)) or built[-1])
+    torch.manual_seed(0)
+    model = tiny_model(family).cuda()
+    ids = torch.randint(3, 250, (2, 240), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :29] = 0
+    lsa = LSAConfig(budget=None, max_pages=5, **SMALL_LSA)
+    eager, eager_stats = generate_ids(model, ids, mask, lsa=lsa, max_new_tokens=40, cuda_graph=False)
+    assert built == []
+    default, default_stats = generate_ids(model, ids, mask, lsa=lsa, max_new_tokens=40)
+    assert len(built) == 1 and built[0].replays > 0
+    assert torch.equal(default, eager) and default_stats.boundaries == eager_stats.boundaries
+    generate_ids(model, ids, mask, method="full", max_new_tokens=4)
+    generate_ids(
+        model,
+        ids,
+        mask,
+        lsa=LSAConfig(budget=None, max_pages=5, attention_backend="mask", **SMALL_LSA),
+        max_new_tokens=4,
+    )
+    assert len(built) == 1  # full attention and the masked path stay eager unasked
+
+
+@pytest.mark.cuda
+def test_unset_graph_replay_is_not_chosen_where_feedback_sends_auto_to_the_masked_path_cuda():
+    from ..attention.test_attention_feedback import feedback_indexer
+
+    model = tiny_model("llama").cuda()
+    indexer = feedback_indexer(model).cuda()
+    lsa = LSAConfig(attention_feedback=True, target_layers=(1,), **SMALL_LSA)
+    assert choose_graph_replay(model, lsa, None, indexer) is False
+    with pytest.raises(ValueError, match="attention_feedback=True"):
+        choose_graph_replay(model, lsa, True, indexer)
+    assert choose_graph_replay(model, LSAConfig(target_layers=(1,), **SMALL_LSA), None, indexer) is True

@@ -145,3 +145,10 @@ def test_graph_replay_off_cuda_is_refused_before_the_context_prefill(model, meth
     finally:
         hook.remove()
     assert not calls
+
+
+@pytest.mark.parametrize("method", ["lsa", "full"])
+def test_unset_graph_replay_off_cuda_decodes_eagerly(model, method):
+    session = Session(model, BatchCharTokenizer(chat_template="tiny"), CONTEXT, method=method, indexer=None)
+    assert session.cuda_graph is False
+    assert session.ask("ab?", max_new_tokens=4).stats.new_tokens >= 1

@@ -253,8 +253,19 @@ def build_lsa_cache(
         **kwargs: passed to the cache (``max_new_tokens``, ``forced_pages``).
     """
     lsa = lsa or LSAConfig()
-    device = next(model.parameters()).device
-    backend = resolve_attention_backend(lsa, device)
+    backend = lsa_cache_backend(model, lsa, indexer)
+    if backend == "mask":
+        return LSACache(model, lsa, indexer, **kwargs)
+    return FastLSACache(model, lsa, indexer, backend=backend, **kwargs)
+
+
+def lsa_cache_backend(model: nn.Module, lsa: LSAConfig | None = None, indexer: MemoryIndexer | None = None) -> str:
+    """The attention backend :func:`build_lsa_cache` builds for these settings: ``"mask"`` (an :class:`LSACache`),
+    or ``"triton"`` / ``"torch"`` (a :class:`FastLSACache`). ``"auto"`` falls back to ``"mask"`` where the fast path
+    cannot run: no Triton or no CUDA, an attention implementation it does not wrap, or attention feedback asked for
+    an indexer with a feedback head (counted on the masked path only)."""
+    lsa = lsa or LSAConfig()
+    backend = resolve_attention_backend(lsa, next(model.parameters()).device)
     if backend != "mask" and getattr(model.config, "_attn_implementation", "sdpa") not in _BASES:
         backend = "mask" if lsa.attention_backend == "auto" else backend
     if backend != "mask" and lsa.attention_feedback is True and getattr(indexer, "feedback", None) is not None:
@@ -265,6 +276,4 @@ def build_lsa_cache(
                 f"head is then left out)"
             )
         backend = "mask"
-    if backend == "mask":
-        return LSACache(model, lsa, indexer, **kwargs)
-    return FastLSACache(model, lsa, indexer, backend=backend, **kwargs)
+    return backend

@@ -90,6 +90,8 @@ class LSAMethod(Method):
             max_new_tokens=max_new_tokens,
             eos_token_id=stops,
             cache_factory=lambda m: bench_cache(m, lsa, indexer, steps, forced),
+            # every page method decodes on the eager path its recorded results were made on
+            cuda_graph=False,
             followup_ids=followup,
         )
         return until_eos(ids, stops), stats

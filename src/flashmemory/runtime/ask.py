@@ -11,6 +11,7 @@ from typing import TypeVar
 import torch
 
 from ..config import LSAConfig
+from ..indexer.shipped import resolve_indexer
 from ..memory.layout import BudgetError
 from ..models import load_model
 from .generate import METHODS, GenerationResult, generate_encoded
@@ -244,8 +245,10 @@ class _Setup:
         check_options(method, max_new_tokens, cuda_graph, device)
         self.context = read_context(context_file)
         self.model, self.tokenizer = load_on(model_name, device, progress=progress)
-        self.method, self.lsa, self.max_new_tokens, self.indexer = method, lsa or LSAConfig(), max_new_tokens, indexer
-        self.cuda_graph = method == "lsa" and choose_graph_replay(self.model, self.lsa, cuda_graph)
+        self.method, self.lsa, self.max_new_tokens = method, lsa or LSAConfig(), max_new_tokens
+        # resolved once: every question's answer uses it, and whether graph replay can run may depend on it
+        self.indexer = resolve_indexer(self.model, indexer) if method == "lsa" else None
+        self.cuda_graph = method == "lsa" and choose_graph_replay(self.model, self.lsa, cuda_graph, self.indexer)
         self.fall_back = False
         self.progress = progress
 

@@ -14,13 +14,13 @@ from transformers.cache_utils import DynamicCache
 
 from ..attention.cache import LSACache
 from ..attention.cycle import LSACycle
-from ..attention.fast_path import build_lsa_cache
+from ..attention.fast_path import FastLSACache, build_lsa_cache
 from ..attention.prefix import PrefixKV
 from ..config import LSAConfig
 from ..indexer.memory_indexer import MemoryIndexer
 from ..indexer.shipped import resolve_indexer
 from ..memory.accounting import storage_bytes
-from .graph_step import GraphDecodeStep
+from .graph_step import GraphDecodeStep, graph_replay_refusal
 from .sampling import Sampling, StopText
 from .stats import GenerationStats
 
@@ -103,7 +103,7 @@ def generate_ids(
     eos_token_id: int | list[int] | None = None,
     cache_factory=None,
     followup_ids: torch.Tensor | None = None,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
     prefix: PrefixKV | None = None,
     sampling: Sampling | None = None,
@@ -128,7 +128,8 @@ def generate_ids(
             read with pages chosen for the turn. Without left padding only. # [B, F]
         cuda_graph: replay the decode steps between boundaries from one captured CUDA graph
             (:class:`GraphDecodeStep`); needs ``method="lsa"`` on the fast path on a CUDA device, with every decoder
-            layer full attention. Boundary steps run eagerly. Default: False.
+            layer full attention. Boundary steps run eagerly. True requires it (refused before the prefill), False
+            decodes eagerly, None replays whenever it can run (a fast-path LSA cache on CUDA). Default: None.
         on_token: called with each step's tokens as they are chosen (for streaming); an exception it raises stops
             decoding and is raised from here, with the cache closed. # [B]
         prefix: keys and values of the prompt's first tokens, captured before (:class:`PrefixKV`); ``input_ids``
@@ -172,7 +173,7 @@ def generate_ids(
         cache = prefix.dynamic_cache(model)
     else:
         cache = DynamicCache(config=model.config)
-    graph = GraphDecodeStep(model, cache) if cuda_graph else None  # refused before the prefill is spent
+    graph = GraphDecodeStep(model, cache) if _replays(model, cache, method, cuda_graph) else None
     stops = torch.tensor(_as_list(eos_token_id), device=device, dtype=torch.long)
     # with a prefix the mask's first columns are tokens the cache already holds
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
@@ -247,6 +248,15 @@ def generate_ids(
     return torch.stack(tokens, dim=1), stats
 
 
+def _replays(model: nn.Module, cache, method: str, asked: bool | None) -> bool:
+    """Whether the decode loop replays a graph; True is checked by :class:`GraphDecodeStep` itself, before the
+    prefill is spent. A cache given by a ``cache_factory`` is replayed unasked only on the fast path."""
+    if asked is None:
+        # a fast-path cache is built already: what is left to ask is the device and the layers
+        return isinstance(cache, FastLSACache) and graph_replay_refusal(model, method, cache.lsa) is None
+    return asked
+
+
 def _followup(followup_ids: torch.Tensor | None, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The follow-up turn on the prompt's device (an empty ``[B, 0]`` without one), checked against the prompt."""
     if followup_ids is None:
@@ -308,7 +318,7 @@ def generate(
     indexer: MemoryIndexer | str | None = "auto",
     max_new_tokens: int = 64,
     chat: bool = True,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     sampling: Sampling | None = None,
     stop: str | list[str] | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
@@ -325,7 +335,8 @@ def generate(
             a checkpoint folder, or a :class:`MemoryIndexer`. Default: "auto".
         max_new_tokens: most tokens to generate. Default: 64.
         chat: wrap prompts in the tokenizer's chat template when it has one. Default: True.
-        cuda_graph: replay decode steps from a captured CUDA graph (see :func:`generate_ids`). Default: False.
+        cuda_graph: replay LSA's decode steps from a captured CUDA graph (see :func:`generate_ids`): None whenever
+            the model and device allow, True requires it, False decodes eagerly. Default: None.
         sampling: temperature, top-p, top-k and seed (:class:`~flashmemory.runtime.sampling.Sampling`).
             Default: greedy.
         stop: a string or strings that end an answer; the text ends before the first one reached. Default: None.
@@ -362,7 +373,7 @@ def generate_encoded(
     lsa: LSAConfig | None = None,
     indexer: MemoryIndexer | str | None = "auto",
     max_new_tokens: int = 64,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     sampling: Sampling | None = None,
     stop: str | list[str] | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,

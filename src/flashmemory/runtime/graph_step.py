@@ -13,24 +13,30 @@ import torch
 from torch import nn
 
 from ..attention.cache import LSALayer
-from ..attention.fast_path import FastLSACache
+from ..attention.fast_path import FastLSACache, lsa_cache_backend
 from ..config import LSAConfig
+from ..indexer.memory_indexer import MemoryIndexer
 from ..models.adapter import backbone_spec
 
 
-def check_graph_replay(model: nn.Module, method: str, lsa: LSAConfig | None) -> None:
+def check_graph_replay(
+    model: nn.Module, method: str, lsa: LSAConfig | None, indexer: MemoryIndexer | None = None
+) -> None:
     """Refuse graph replay from what the model and settings say, before any prefill is spent on them.
 
     :class:`GraphDecodeStep` checks the built cache itself; this is for callers that prefill before they build it
     (a :class:`~flashmemory.runtime.session.Session` prefills the context once, then a cache per question).
     """
-    reason = graph_replay_refusal(model, method, lsa)
+    reason = graph_replay_refusal(model, method, lsa, indexer)
     if reason is not None:
         raise ValueError(reason)
 
 
-def graph_replay_refusal(model: nn.Module, method: str, lsa: LSAConfig | None) -> str | None:
-    """Why graph replay cannot run ``model`` with these settings, or None when it can."""
+def graph_replay_refusal(
+    model: nn.Module, method: str, lsa: LSAConfig | None, indexer: MemoryIndexer | None = None
+) -> str | None:
+    """Why graph replay cannot run ``model`` with these settings (and ``indexer``, whose feedback head can send
+    ``"auto"`` to the masked path), or None when it can."""
     device = next(model.parameters()).device
     if device.type != "cuda":
         return f"graph replay needs the model on a CUDA device; it is on {device}"
@@ -38,19 +44,27 @@ def graph_replay_refusal(model: nn.Module, method: str, lsa: LSAConfig | None) -
         return "graph replay runs on transformers caches; DeepSeek-V4 decodes eagerly"
     if method != "lsa" or (lsa is not None and lsa.attention_backend == "mask"):
         return "graph replay needs method 'lsa' on the fast path (attention_backend 'auto', 'triton' or 'torch')"
+    if lsa_cache_backend(model, lsa, indexer) == "mask":
+        return (
+            "graph replay needs the fast path, which attention_backend 'auto' leaves here for the masked one (no "
+            "Triton, an attention implementation other than sdpa or eager, or attention_feedback=True)"
+        )
     if any(kind != "full_attention" for kind in backbone_spec(model).layer_types):
         return "graph replay needs every decoder layer to be a full-attention LSA layer"
     return None
 
 
-def choose_graph_replay(model: nn.Module, lsa: LSAConfig | None, asked: bool | None) -> bool:
+def choose_graph_replay(
+    model: nn.Module, lsa: LSAConfig | None, asked: bool | None, indexer: MemoryIndexer | None = None
+) -> bool:
     """Whether LSA answers replay their decode steps: ``asked`` True requires it (refused with the reason when it
-    cannot run), False never, None (what ``ask`` and ``serve`` default to) whenever it can: on a CUDA device every
-    answer measured was 1.3–5.4x faster whole with the same tokens (``graph_replay_requests_h200/``)."""
+    cannot run), False never, None (every entry point's default) whenever it can: on a CUDA device every answer
+    measured was faster whole with the same tokens, 1.3–5.4x on an 8B shape (``graph_replay_requests_h200/``) and
+    2.5–8.2x with the real default model (``graph_replay_real_smollm2_h200/``)."""
     if asked is None:
-        return graph_replay_refusal(model, "lsa", lsa) is None
+        return graph_replay_refusal(model, "lsa", lsa, indexer) is None
     if asked:
-        check_graph_replay(model, "lsa", lsa)
+        check_graph_replay(model, "lsa", lsa, indexer)
     return asked
 
 

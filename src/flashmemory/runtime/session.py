@@ -29,7 +29,7 @@ from ..indexer.shipped import resolve_indexer
 from ..memory.kv_files import saved_name
 from ..models.loader import weights_digest
 from .generate import METHODS, GenerationResult, decode_result, encode_prompts, generate_ids
-from .graph_step import check_graph_replay
+from .graph_step import check_graph_replay, choose_graph_replay
 from .sampling import Sampling, StopText
 
 INSTRUCTION = "Answer from the text above."
@@ -66,8 +66,9 @@ class Session:
         lsa: LSA settings. Default: ``LSAConfig()``.
         indexer: as in :func:`flashmemory.generate`. Default: "auto".
         chat: use the tokenizer's chat template when it has one. Default: True.
-        cuda_graph: replay each answer's decode steps from a captured CUDA graph (see :func:`generate_ids`).
-            Default: False.
+        cuda_graph: replay each LSA answer's decode steps from a captured CUDA graph (see :func:`generate_ids`):
+            None whenever the model and device allow, True requires it, False decodes eagerly; the session holds
+            the choice made. Default: None.
         kv_cache: a folder of saved contexts. The context's keys and values are read from it when it holds them
             for this model (a digest of every weight tensor), dtype and context, and written into it after the
             prefill otherwise, so that a later session (another process, another day) skips the prefill.
@@ -90,7 +91,7 @@ class Session:
         lsa: LSAConfig | None = None,
         indexer: MemoryIndexer | str | None = "auto",
         chat: bool = True,
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
         kv_cache: str | Path | None = None,
     ) -> None:
         if method not in METHODS:
@@ -102,12 +103,12 @@ class Session:
         if cuda_graph:
             check_graph_replay(model, method, lsa)
         self.model, self.tokenizer, self.method, self.lsa, self.chat = model, tokenizer, method, lsa, chat
-        self.cuda_graph = cuda_graph
         self.context = context
         self.indexer = resolve_indexer(model, indexer) if method == "lsa" else None
         if method == "lsa" and self.indexer is None:
             # made once for every question: each question's cache would otherwise copy the projections again
             self.indexer = zero_shot_indexer(model, lsa or LSAConfig())
+        self.cuda_graph = method == "lsa" and choose_graph_replay(model, lsa, cuda_graph, self.indexer)
         self.limit = getattr(model.config, "max_position_embeddings", None)
         self.device = next(model.parameters()).device
         keep = self._prefix_len() - (self._redo_tokens(lsa or LSAConfig()) if method == "lsa" else 0)

@@ -104,7 +104,7 @@ class Engine:
             :func:`~flashmemory.runtime.generate.generate_ids`): True requires it (checked against the model when
             the engine is made), False decodes eagerly, None replays whenever the model and device allow
             (:func:`~flashmemory.runtime.graph_step.choose_graph_replay`); the engine holds the choice made.
-            Full-attention requests decode eagerly. Default: False.
+            Full-attention requests decode eagerly. Default: None.
     """
 
     model: nn.Module
@@ -117,7 +117,7 @@ class Engine:
     batch_wait: float = 0.005
     kv_cache: Path | None = None
     host_cache_bytes: int | None = None
-    cuda_graph: bool | None = False
+    cuda_graph: bool | None = None
     _jobs: queue.Queue = field(default_factory=queue.Queue, repr=False, init=False)
     _worker: threading.Thread | None = field(default=None, repr=False, init=False)
     _start: threading.Lock = field(default_factory=threading.Lock, repr=False, init=False)
@@ -129,7 +129,7 @@ class Engine:
         if self.batch_wait < 0:
             raise ValueError(f"batch_wait must be >= 0, got {self.batch_wait}")
         # chosen (or refused) now, not at the first request
-        self.cuda_graph = choose_graph_replay(self.model, self.lsa, self.cuda_graph)
+        self.cuda_graph = choose_graph_replay(self.model, self.lsa, self.cuda_graph, self.indexer)
 
     @property
     def is_deepseek_v4(self) -> bool:
