@@ -348,9 +348,9 @@ def test_graph_replay_in_the_server_answers_as_eager_decoding_cuda():
     model = tiny_model("llama").cuda()
     tok = BatchCharTokenizer(chat_template="tiny")
     lsa = LSAConfig(budget=0.3, **SMALL_LSA)
-    eager = Engine(model, tok, "tiny", lsa=lsa, max_new_tokens=40, max_batch=2, batch_wait=0.5)
-    # unset, as ``flashmemory serve`` leaves it: chosen, since this model and device can replay
-    graph = Engine(model, tok, "tiny", lsa=lsa, max_new_tokens=40, max_batch=2, batch_wait=0.5, cuda_graph=None)
+    eager = Engine(model, tok, "tiny", lsa=lsa, max_new_tokens=40, max_batch=2, batch_wait=0.5, cuda_graph=False)
+    # unset, as ``flashmemory serve`` and the Engine's default leave it: chosen, since this model and device can replay
+    graph = Engine(model, tok, "tiny", lsa=lsa, max_new_tokens=40, max_batch=2, batch_wait=0.5)
     assert graph.cuda_graph is True and eager.cuda_graph is False
     prompts = [tok(CONTEXT * 3)["input_ids"], tok(CONTEXT[:600] * 3)["input_ids"]]
 

@@ -164,6 +164,8 @@ def generate_ids(
     allocated_before = None
     if device.type == "cuda":
         allocated_before = torch.cuda.memory_allocated(device)
+    # asked before the cache exists: a fast-path cache swaps the model's attention implementation while it lives
+    replayable = cuda_graph is None and graph_replay_refusal(model, method, lsa) is None
     if cache_factory is not None:
         cache = cache_factory(model)
     elif method == "lsa":
@@ -173,7 +175,9 @@ def generate_ids(
         cache = prefix.dynamic_cache(model)
     else:
         cache = DynamicCache(config=model.config)
-    graph = GraphDecodeStep(model, cache) if _replays(model, cache, method, cuda_graph) else None
+    # unasked, only a fast-path cache is replayed (a cache_factory's may be another); True is checked by the step
+    replays = cuda_graph if cuda_graph is not None else replayable and isinstance(cache, FastLSACache)
+    graph = GraphDecodeStep(model, cache) if replays else None
     stops = torch.tensor(_as_list(eos_token_id), device=device, dtype=torch.long)
     # with a prefix the mask's first columns are tokens the cache already holds
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
@@ -246,15 +250,6 @@ def generate_ids(
         if isinstance(cache, LSACache):
             cache.close()
     return torch.stack(tokens, dim=1), stats
-
-
-def _replays(model: nn.Module, cache, method: str, asked: bool | None) -> bool:
-    """Whether the decode loop replays a graph; True is checked by :class:`GraphDecodeStep` itself, before the
-    prefill is spent. A cache given by a ``cache_factory`` is replayed unasked only on the fast path."""
-    if asked is None:
-        # a fast-path cache is built already: what is left to ask is the device and the layers
-        return isinstance(cache, FastLSACache) and graph_replay_refusal(model, method, cache.lsa) is None
-    return asked
 
 
 def _followup(followup_ids: torch.Tensor | None, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
