@@ -164,3 +164,22 @@ def test_plan_prints_device_and_host_memory_for_an_architecture():
 def test_plan_rejects_bad_input(args, message):
     out = CliRunner().invoke(app, ["plan", "-m", "llama3-8b", *args])
     assert out.exit_code == 2 and message in out.output, out.output
+
+
+def test_an_answer_record_says_when_a_cuda_graph_replayed_its_steps():
+    import io
+
+    from rich.console import Console
+
+    from flashmemory.cli.answer_view import AnswerView
+
+    base = dict(answer="7890", method="lsa", context_tokens=4000, kv_bytes_device=2**20, kv_bytes_full=2**23)
+    base |= dict(kv_ratio=0.125, prefill_seconds=0.5, decode_seconds=0.2, new_tokens=16)
+    lines = []
+    for replayed in (0, 14):
+        out = io.StringIO()
+        view = AnswerView(Console(file=out, width=300), ["q?"], stream=False, as_json=False, headers=False)
+        view.record(0, base | {"replayed_steps": replayed})
+        lines.append(out.getvalue())
+    assert "replayed" not in lines[0] and "decode 0.20 s" in lines[0]
+    assert "14 of 16 steps replayed from a CUDA graph" in lines[1]

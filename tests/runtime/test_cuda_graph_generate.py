@@ -43,6 +43,10 @@ class _UncapturedStep:
     def __init__(self, model, cache):
         self.model, self.cache, self.calls = model, cache, 0
 
+    @property
+    def replays(self) -> int:
+        return self.calls
+
     def __call__(self, input_ids, position_ids):
         self.calls += 1
         out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
@@ -154,12 +158,13 @@ def test_unset_graph_replay_is_taken_for_a_fast_path_cache_only(monkeypatch):
     model = tiny_model("llama")
     ids = torch.randint(3, 250, (1, 200))
     base = dict(budget=None, max_pages=3, **SMALL_LSA)
-    eager, _ = generate_ids(
+    eager, eager_stats = generate_ids(
         model, ids, lsa=LSAConfig(attention_backend="torch", **base), max_new_tokens=30, cuda_graph=False
     )
-    assert steps == []
-    chosen, _ = generate_ids(model, ids, lsa=LSAConfig(attention_backend="torch", **base), max_new_tokens=30)
+    assert steps == [] and eager_stats.replayed_steps == 0
+    chosen, stats = generate_ids(model, ids, lsa=LSAConfig(attention_backend="torch", **base), max_new_tokens=30)
     assert len(steps) == 1 and steps[0].calls == 30 and torch.equal(chosen, eager)
+    assert stats.replayed_steps == 30 and stats.to_dict()["replayed_steps"] == 30
     generate_ids(model, ids, lsa=LSAConfig(attention_backend="mask", **base), max_new_tokens=6)
     generate_ids(model, ids, method="full", max_new_tokens=6)
     assert len(steps) == 1  # the masked path and a full cache decode eagerly
@@ -181,7 +186,7 @@ def test_the_python_api_replays_by_default_on_cuda_with_the_eager_answers_cuda(f
     eager, eager_stats = generate_ids(model, ids, mask, lsa=lsa, max_new_tokens=40, cuda_graph=False)
     assert built == []
     default, default_stats = generate_ids(model, ids, mask, lsa=lsa, max_new_tokens=40)
-    assert len(built) == 1 and built[0].replays > 0
+    assert len(built) == 1 and default_stats.replayed_steps == built[0].replays > 0 == eager_stats.replayed_steps
     assert torch.equal(default, eager) and default_stats.boundaries == eager_stats.boundaries
     generate_ids(model, ids, mask, method="full", max_new_tokens=4)
     generate_ids(

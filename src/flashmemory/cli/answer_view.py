@@ -52,7 +52,7 @@ class AnswerView:
             f"[dim]{result['method']} · {result['context_tokens']} context tokens · device KV "
             f"{result['kv_bytes_device'] / 2**20:.2f} MiB of {result['kv_bytes_full'] / 2**20:.2f} MiB "
             f"({result['kv_ratio']:.1%}) · prefill {result['prefill_seconds']:.2f} s · "
-            f"decode {result['decode_seconds']:.2f} s[/]"
+            f"decode {result['decode_seconds']:.2f} s{_replayed(result)}[/]"
         )
 
     def context_kv(self, result: dict) -> None:
@@ -71,3 +71,9 @@ class AnswerView:
             sys.stdout.write("\n")
             sys.stdout.flush()
             self.current = None
+
+
+def _replayed(result: dict) -> str:
+    """How many decode steps a CUDA graph replayed, when any did (older records lack the field)."""
+    steps = result.get("replayed_steps", 0)
+    return f" ({steps} of {result['new_tokens']} steps replayed from a CUDA graph)" if steps else ""

@@ -245,6 +245,7 @@ def generate_ids(
         if allocated_before is not None:
             stats.allocator_decode_peak_bytes = torch.cuda.max_memory_allocated(device) - allocated_before
         stats.new_tokens = len(tokens)
+        stats.replayed_steps = graph.replays if graph is not None else 0
         _fill_cache_stats(stats, cache, context + followup.shape[1] + len(tokens))
     finally:
         if isinstance(cache, LSACache):

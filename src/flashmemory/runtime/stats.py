@@ -31,6 +31,8 @@ class GenerationStats:
         allocator_kv_bytes: on CUDA, allocator bytes held after prefill minus before (cross-check).
         allocator_decode_peak_bytes: on CUDA, peak allocator bytes during decode minus before prefill
             (KV plus decode-time temporaries).
+        replayed_steps: decode steps replayed from a CUDA graph; the others (boundaries, and every step when
+            graph replay is off or cannot run) ran eagerly.
     """
 
     method: str
@@ -50,6 +52,7 @@ class GenerationStats:
     above_threshold: list[float] = field(default_factory=list)
     allocator_kv_bytes: int | None = None
     allocator_decode_peak_bytes: int | None = None
+    replayed_steps: int = 0
 
     @property
     def kv_ratio(self) -> float:
